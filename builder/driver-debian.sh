@@ -1,0 +1,36 @@
+# Driver from Debian's module source package (nvidia-kernel-source, nvidia-tesla-*-kernel-source,
+# nvidia-open-kernel-source): a tarball /usr/src/nvidia-*kernel.tar.xz with modules/<name>/.
+# In:  DRIVER_DEB, WORK   Out: DRIVER_DIR (the directory to run make in)
+extract_driver() {
+    step "extract driver source"
+    mkdir -p "$WORK/driver-deb" "$WORK/driver"
+    dpkg-deb -x "$DRIVER_DEB" "$WORK/driver-deb"
+    set -- "$WORK"/driver-deb/usr/src/nvidia*kernel*.tar.xz
+    [ -f "$1" ] || die "no nvidia*kernel*.tar.xz in the driver package"
+    tar -xJf "$1" -C "$WORK/driver"
+    rm -rf "$WORK/driver-deb"
+    DRIVER_DIR=$(dirname "$(find "$WORK/driver" -maxdepth 3 -name Kbuild -print | head -n 1)")
+    [ -f "$DRIVER_DIR/Makefile" ] || die "no Kbuild tree found in the driver source"
+    echo "driver tree: $DRIVER_DIR"
+}
+
+# The userspace packages, flattened into userspace/{lib,bin,firmware}: the libraries with their
+# SONAME links as the packages ship them, nvidia-smi, and the GSP firmware where there is one.
+# In: USERSPACE_DEBS, WORK, OUT
+collect_userspace() {
+    step "collect userspace driver"
+    root="$WORK/userspace-root"
+    mkdir -p "$root" "$OUT/userspace/lib" "$OUT/userspace/bin"
+    for deb in $USERSPACE_DEBS; do
+        dpkg-deb -x "$deb" "$root"
+    done
+    find "$root" \( -type f -o -type l \) -name 'lib*.so*' -exec cp -a {} "$OUT/userspace/lib/" \;
+    find "$root" -type f -name 'nvidia-smi' -exec cp -a {} "$OUT/userspace/bin/" \;
+    for fw in "$root/lib/firmware" "$root/usr/lib/firmware"; do
+        if [ -d "$fw" ]; then
+            mkdir -p "$OUT/userspace/firmware"
+            cp -a "$fw/." "$OUT/userspace/firmware/"
+        fi
+    done
+    rm -rf "$root"
+}

@@ -1,0 +1,3 @@
+from cudabuild.cli import main
+
+main()

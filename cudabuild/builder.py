@@ -1,0 +1,157 @@
+"""The builder: its image (rendered from dockerfiles/builder.Dockerfile.j2, built once per
+toolchain and tagged by content) and the container that runs builder/build.sh."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from cudabuild.engine import LABEL_PREFIX, Engine, Mount
+from cudabuild.errors import BuildError, EngineError
+from cudabuild.resources import resource_dir
+from cudabuild.ui import Reporter, Step, format_seconds
+
+TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
+             "git", "binutils", "ca-certificates", "patch"]
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+# A builder base with each gcc major: the kernel's own compiler must build its modules.
+BASE_BY_GCC = {12: ("debian:bookworm", "bookworm"), 14: ("debian:trixie", "trixie")}
+LOG_TAIL_LINES = 30
+STEP_MARK = "::cudabuild-step::"
+CACHED_MARK = "::cudabuild-cached::"
+
+
+def render_template(name: str, **slots) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("dockerfiles"))),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(name).render(**slots)
+
+
+def apt_sources(distribution: str, mirror: str, security_mirror: str) -> str | None:
+    """A deb822 sources file for a non-default mirror; None keeps the base image's own."""
+    if mirror == DEFAULT_MIRROR and security_mirror == DEFAULT_SECURITY_MIRROR:
+        return None
+    return (f"Types: deb\nURIs: {mirror}\nSuites: {distribution} {distribution}-updates\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+            f"Types: deb\nURIs: {security_mirror}\nSuites: {distribution}-security\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+def tar_context(files: Mapping[str, bytes], directory: Path | None = None, exclude: tuple[str, ...] = ()):
+    """A deterministic tar build context (fixed owner and times), in a temporary file."""
+    import tempfile
+
+    out = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            return info
+
+        for name, data in sorted(files.items()):
+            info = normalise(tarfile.TarInfo(name))
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+        if directory is not None:
+            for path in sorted(directory.rglob("*")):
+                if path.relative_to(directory).parts[0] in exclude:
+                    continue
+                tar.add(path, arcname=str(path.relative_to(directory)), recursive=False, filter=normalise)
+    out.seek(0)
+    return out
+
+
+@dataclass(frozen=True)
+class BuilderImage:
+    base: str
+    dockerfile: str
+    tag: str
+
+
+def plan_builder(engine: Engine, *, base: str, distribution: str, gcc_major: int | None, mirror: str,
+                 security_mirror: str) -> BuilderImage:
+    """Render the builder and name it by the hash of its Dockerfile and its base image's id."""
+    base_id = engine.image_id(base) or engine.pull(base)
+    if base_id is None:
+        raise EngineError(f"the builder base image {base} is not in the engine and cannot be pulled",
+                          hint=f"pull or load {base} (`docker pull {base}`), run `bash scripts/setup` to make "
+                          "a stand-in, or pass another base with --builder-base")
+    packages = TOOLCHAIN + ([f"gcc-{gcc_major}"] if gcc_major else [])
+    dockerfile = render_template("builder.Dockerfile.j2", base=base, packages=packages,
+                                 apt_sources=apt_sources(distribution, mirror, security_mirror))
+    digest = hashlib.sha256((dockerfile + base_id).encode()).hexdigest()[:16]
+    return BuilderImage(base=base, dockerfile=dockerfile, tag=f"cudabuild/builder:{digest}")
+
+
+def ensure_builder(engine: Engine, builder: BuilderImage, reporter: Reporter, *, verbose: bool) -> str:
+    """The builder image's id, building it first when the engine does not have it."""
+    image_id = engine.image_id(builder.tag)
+    if image_id:
+        reporter.cached("builder image", f"{builder.tag} (from {builder.base})")
+        return image_id
+    with reporter.step(f"build builder image {builder.tag} from {builder.base}"):
+        context = tar_context({"Dockerfile": builder.dockerfile.encode()})
+        on_line = (lambda line: print(f"    {line}", file=reporter.stream)) if verbose else (lambda line: None)
+        return engine.build(context=context, tag=builder.tag, on_line=on_line,
+                            labels={f"{LABEL_PREFIX}.role": "builder", f"{LABEL_PREFIX}.base": builder.base})
+
+
+def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
+              log_path: Path, reporter: Reporter, verbose: bool) -> None:
+    """Run builder/build.sh; its step markers become named steps with durations, its whole output
+    goes to `log_path`. A failure raises BuildError with the log's last lines."""
+    mounts = [Mount(str(resource_dir("builder")), "/cudabuild/builder"), *mounts]
+    user = f"{os.getuid()}:{os.getgid()}"
+    current: Step | None = None
+    started = 0.0
+    tail: list[str] = []
+
+    def finish() -> None:
+        if current is not None:
+            reporter.finish(current, time.monotonic() - started)
+
+    with open(log_path, "w") as log, engine.container(
+            image=image, command=["sh", "/cudabuild/builder/build.sh"], mounts=mounts,
+            environment=environment, user=user, name_prefix="cudabuild-builder") as container:
+        reporter.note(f"builder container {container.name}; log: {log_path}")
+        for line in container.lines():
+            log.write(line + "\n")
+            if line.startswith(STEP_MARK):
+                finish()
+                name = line[len(STEP_MARK):]
+                current, started = (reporter.start(name), time.monotonic()) if name != "done" else (None, 0.0)
+                continue
+            if line.startswith(CACHED_MARK):
+                finish()
+                current = None
+                name, _, why = line[len(CACHED_MARK):].partition("::")
+                reporter.cached(name, why)
+                continue
+            tail = (tail + [line])[-LOG_TAIL_LINES:]
+            if verbose:
+                print(f"    {line}", file=reporter.stream)
+        code = container.wait()
+    if code != 0:
+        if current is not None:
+            current.status = "failed"
+        raise BuildError(
+            f"the build failed in step {current.name!r} (exit code {code})" if current
+            else f"the builder exited with code {code}",
+            log_tail="\n".join(tail), log_path=str(log_path),
+            hint="read the compiler's lines above: a kernel newer than the driver supports fails here; "
+            "try a newer --driver, or an older kernel",
+        )
+    finish()
+    reporter.note(f"build finished ({format_seconds(sum(s.seconds for s in reporter.steps))} so far)")

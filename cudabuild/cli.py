@@ -1,0 +1,115 @@
+"""The command line: click turns arguments into frozen options and calls the library; `main()`
+turns cudabuild's errors into their exit codes. Results go to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+import cudabuild
+from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
+from cudabuild.spec import DRIVER_SOURCES, FLAVORS, KERNEL_SOURCES, ModulesOptions
+from cudabuild.ui import Reporter, format_seconds
+
+EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
+
+
+@click.group(epilog=EXIT_CODE_HELP, context_settings={"help_option_names": ["-h", "--help"],
+                                                      "max_content_width": 100})
+@click.version_option(cudabuild.__version__, prog_name="cudabuild")
+def cli() -> None:
+    """Build NVIDIA kernel modules for one exact kernel in a disposable container, verify them,
+    and bake them into GPU container images that load the driver at start.
+
+    \b
+      cudabuild modules --kernel 6.1.0-56-amd64 --driver 535    # phase 1: verified modules
+    """
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.option("--kernel", metavar="RELEASE",
+              help="The target kernel's `uname -r` (e.g. 6.1.0-56-amd64), or `latest` for the newest the "
+                   "kernel source has. Default: this host's release.")
+@click.option("--driver", metavar="VERSION",
+              help="NVIDIA driver version (535.309.01) or branch (535: its newest release). Default: the "
+                   "newest driver known to support the kernel.")
+@click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES), default="debian", show_default=True,
+              help="Where the kernel comes from. debian: the linux-headers-RELEASE packages "
+                   "(e.g. --kernel 6.1.0-56-amd64).")
+@click.option("--driver-source", type=click.Choice(DRIVER_SOURCES), default="debian", show_default=True,
+              help="Where the driver comes from. debian: non-free nvidia-kernel-source / "
+                   "nvidia-tesla-BRANCH-kernel-source and the userspace packages of the same version.")
+@click.option("--flavor", type=click.Choice(FLAVORS), default="proprietary", show_default=True,
+              help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open).")
+@click.option("--output", metavar="DIR", type=click.Path(file_okay=False),
+              help="Also copy modules/, userspace/ and manifest.json into DIR (e.g. --output ./nvidia).")
+@click.option("--jobs", "-j", type=int, default=lambda: os.cpu_count() or 1, show_default="CPU count",
+              help="Parallel compile jobs (e.g. -j 4).")
+@click.option("--no-cache", is_flag=True, help="Build again even when the cache has the result.")
+@click.option("--refresh", is_flag=True, help="Re-read the package index now (it is re-read every 6 hours).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
+@click.option("--distribution", default="bookworm", show_default=True, envvar="CUDABUILD_DISTRIBUTION",
+              help="Debian release whose packages to use (e.g. trixie). Env: CUDABUILD_DISTRIBUTION.")
+@click.option("--apt-mirror", metavar="URL", default="http://deb.debian.org/debian", show_default=True,
+              envvar="CUDABUILD_APT_MIRROR", help="Debian mirror. Env: CUDABUILD_APT_MIRROR.")
+@click.option("--apt-security-mirror", metavar="URL", default="http://deb.debian.org/debian-security",
+              show_default=True, envvar="CUDABUILD_APT_SECURITY_MIRROR",
+              help="Debian security mirror. Env: CUDABUILD_APT_SECURITY_MIRROR.")
+@click.option("--builder-base", metavar="IMAGE", envvar="CUDABUILD_BUILDER_BASE",
+              help="Base image of the builder (default: chosen by the kernel's gcc, e.g. debian:bookworm "
+                   "for gcc 12). Env: CUDABUILD_BUILDER_BASE.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the whole build log as it runs.")
+def modules(as_json: bool, **flags) -> None:
+    """Build, verify and cache the NVIDIA kernel modules for one kernel.
+
+    Packages are downloaded on the host (cached by content), the modules are compiled in a
+    builder container with no privileges and no network, then checked on the host: every module
+    present, vermagic for the target release, version equal to the driver, symbol CRCs equal to
+    the kernel's Module.symvers. The result lands in the cache (CUDABUILD_CACHE) and in a
+    one-layer image cudabuild/modules:DRIVER-RELEASE.
+
+    \b
+    Examples:
+      cudabuild modules --kernel latest --driver 535
+      cudabuild modules --kernel 6.1.0-56-amd64 --driver 470 --output ./nvidia --json
+    """
+    from cudabuild.modules import build_modules
+
+    options = ModulesOptions(use_cache=not flags.pop("no_cache"), refresh_index=flags.pop("refresh"), **flags)
+    reporter = Reporter()
+    result = build_modules(options, env=os.environ, reporter=reporter)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+        return
+    origin = "from the cache" if result.cache_hit else "built and verified"
+    click.echo(f"NVIDIA {result.driver_version} ({result.flavor}) for Linux {result.kernel_release}: {origin}")
+    for m in result.manifest["modules"]:
+        click.echo(f"  {m['file']:<20} {m['size'] / 1024**2:7.1f} MiB  version {m['version'] or '-':<12} "
+                   f"vermagic {m['vermagic']}")
+    click.echo(f"modules image: {result.modules_image}")
+    click.echo(f"cache:         {result.result_dir}")
+    if result.output_dir:
+        click.echo(f"output:        {result.output_dir}")
+    if not result.cache_hit:
+        click.echo(f"build time:    {format_seconds(result.manifest['build_seconds'])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="cudabuild", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CudabuildError as exc:
+        print(exc.render(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the builder container was removed; nothing was published", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

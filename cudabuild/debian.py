@@ -1,0 +1,260 @@
+"""Debian's archive as a source of kernel headers, NVIDIA module sources and their userspace.
+
+The host reads the archive's Packages indices (kept, filtered, in the cache and refreshed when
+older than a few hours), resolves what to fetch, and downloads the .debs by content. Nothing
+here needs apt or a Debian host."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import re
+import time
+from dataclasses import dataclass
+
+from debian.deb822 import Packages, PkgRelation
+from debian.debian_support import version_compare
+
+from cudabuild.cache import Cache, key_of
+from cudabuild.errors import FetchError, InputError
+from cudabuild.fetch import Fetcher
+from cudabuild.spec import Package, version_tuple
+from cudabuild.ui import Reporter
+
+COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
+ARCH = "amd64"
+INDEX_MAX_AGE = 6 * 3600
+_KEEP = re.compile(rb"^Package: (linux-headers-|linux-kbuild-|nvidia-|libnvidia-|libcuda|firmware-nvidia)",
+                   re.M)
+
+# Gentoo's tested ceilings (FACTS.md): the newest kernel (major, minor) each driver release builds for.
+DRIVER_KERNEL_CEILING: list[tuple[tuple[int, ...], tuple[int, int]]] = [
+    ((352, 79), (4, 3)),
+    ((367, 57), (4, 7)),
+    ((384, 111), (4, 14)),
+    ((390, 157), (6, 1)),
+    ((440, 100), (5, 7)),
+    ((450, 119, 3), (5, 12)),
+    ((470, 256, 2), (6, 9)),
+    ((535, 216, 1), (6, 11)),
+    ((550, 144, 3), (6, 13)),
+]
+
+
+def kernel_supported(driver: str, kernel_release: str) -> bool:
+    """Whether a driver is known to build for a kernel; drivers newer than the table are assumed to."""
+    dv, kv = version_tuple(driver), version_tuple(kernel_release)[:2]
+    same_branch = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version[0] == dv[0]]
+    if same_branch:
+        return kv <= max(same_branch)
+    older = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version < dv]
+    return not older or kv <= max(older) or dv > max(v for v, _ in DRIVER_KERNEL_CEILING)
+
+
+@dataclass(frozen=True)
+class DriverNames:
+    """Package names of one driver flavour in Debian: `prefix` is '' or 'tesla-470-'."""
+
+    prefix: str
+    source: str
+
+    @property
+    def required_userspace(self) -> list[str]:
+        p = self.prefix
+        return ["libcuda1" if not p else f"libnvidia-{p}cuda1", f"libnvidia-{p}ml1",
+                f"libnvidia-{p}ptxjitcompiler1", f"nvidia-{p}smi"]
+
+    @property
+    def optional_userspace(self) -> list[str]:
+        p = self.prefix
+        names = [f"libnvidia-{p}nvvm4", f"libnvidia-{p}cfg1", f"libnvidia-{p}allocator1",
+                 f"firmware-nvidia-{p}gsp"]
+        return names + (["libnvidia-pkcs11-openssl3"] if not p else [])
+
+
+_SOURCE_RE = {
+    "proprietary": re.compile(r"nvidia-(tesla-\d+-)?kernel-source"),
+    "open": re.compile(r"nvidia-(tesla-\d+-)?open-kernel-source"),
+}
+_HEADERS_RE = re.compile(r"linux-headers-(\d+\.\d+\.\d+-\d+-[a-z0-9-]+)")
+_ARCH_FLAVOURS = ("-amd64", "-cloud-amd64", "-rt-amd64")
+
+
+class DebianArchive:
+    def __init__(self, *, cache: Cache, fetcher: Fetcher, reporter: Reporter, mirror: str,
+                 security_mirror: str, distribution: str, refresh: bool = False) -> None:
+        self.cache = cache
+        self.fetcher = fetcher
+        self.reporter = reporter
+        self.distribution = distribution
+        self.sources = [(mirror, distribution), (mirror, f"{distribution}-updates"),
+                        (security_mirror, f"{distribution}-security")]
+        self.refresh = refresh
+        self._packages: dict[str, list[Package]] | None = None
+
+    # ---- the index -------------------------------------------------------------------------
+    @property
+    def _index_path(self):
+        return self.cache.index / f"debian-{key_of(self.sources)[:16]}.json"
+
+    def packages(self) -> dict[str, list[Package]]:
+        if self._packages is None:
+            path = self._index_path
+            fresh = path.is_file() and time.time() - path.stat().st_mtime < INDEX_MAX_AGE
+            if self.refresh or not fresh:
+                try:
+                    self._download_index(path)
+                except FetchError as exc:
+                    if not path.is_file():
+                        raise
+                    self.reporter.warn(f"could not refresh Debian's package index ({exc.message}); "
+                                       "using the copy in the cache")
+            raw = json.loads(path.read_text())
+            by_name: dict[str, list[Package]] = {}
+            for entry in raw["packages"]:
+                by_name.setdefault(entry["name"], []).append(Package(**entry))
+            self._packages = by_name
+        return self._packages
+
+    def _download_index(self, path) -> None:
+        self.reporter.note(f"reading Debian's package index ({', '.join(s for _, s in self.sources)})")
+        entries: list[dict] = []
+        found = 0
+        for base, suite in self.sources:
+            for component in COMPONENTS:
+                url = f"{base.rstrip('/')}/dists/{suite}/{component}/binary-{ARCH}/Packages.xz"
+                data = self.fetcher.get_bytes(url)
+                if data is None:
+                    continue
+                found += 1
+                entries.extend(_parse_packages(lzma.decompress(data), base))
+        if not found:
+            raise FetchError(f"no Packages index found for {self.distribution} at {self.sources[0][0]}",
+                             hint="check --apt-mirror and --distribution")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sources": self.sources, "packages": entries}))
+        tmp.replace(path)
+
+    def versions(self, name: str) -> list[Package]:
+        """All versions of a package, newest first."""
+        from functools import cmp_to_key
+
+        found = self.packages().get(name, [])
+        return sorted(found, key=cmp_to_key(lambda a, b: version_compare(b.version, a.version)))
+
+    # ---- kernels ---------------------------------------------------------------------------
+    def kernel_releases(self) -> list[str]:
+        """Kernel releases with a headers package, newest first."""
+        from functools import cmp_to_key
+
+        releases = {}
+        for name, pkgs in self.packages().items():
+            m = _HEADERS_RE.fullmatch(name)
+            if m and m.group(1).endswith(_ARCH_FLAVOURS):
+                releases[m.group(1)] = max((p.version for p in pkgs), key=cmp_to_key(version_compare))
+        return sorted(releases, key=cmp_to_key(lambda a, b: version_compare(releases[b], releases[a])
+                                               or (a > b) - (a < b)))
+
+    def latest_kernel(self) -> str:
+        releases = [r for r in self.kernel_releases() if r.endswith("-amd64") and r.count("-") == 2]
+        if not releases:
+            raise InputError(f"Debian {self.distribution} lists no kernel headers for {ARCH}")
+        return releases[0]
+
+    def kernel_packages(self, release: str) -> tuple[list[Package], int | None]:
+        """The headers package of `release` with the packages it needs; and the gcc major it names."""
+        headers = self.versions(f"linux-headers-{release}")
+        if not headers:
+            available = self.kernel_releases()
+            raise InputError(
+                f"Debian {self.distribution} has no kernel headers for release {release!r}",
+                hint="pass one of the releases it has: " + ", ".join(available[:12])
+                + (f" (and {len(available) - 12} more)" if len(available) > 12 else ""),
+            )
+        top = headers[0]
+        chosen = [top]
+        gcc_major = None
+        for alternatives in PkgRelation.parse_relations(top.depends):
+            rel = alternatives[0]
+            m = re.fullmatch(r"linux-compiler-gcc-(\d+)-x86", rel["name"])
+            if m:
+                gcc_major = int(m.group(1))
+                continue
+            if not rel["name"].startswith(("linux-headers-", "linux-kbuild-")):
+                continue
+            candidates = [p for p in self.versions(rel["name"]) if _satisfies(p.version, rel.get("version"))]
+            if not candidates:
+                raise InputError(f"{top.name} needs {rel['name']}, which Debian's index does not have",
+                                 hint="refresh the index with --refresh, or check the mirror")
+            chosen.append(candidates[0])
+        return chosen, gcc_major
+
+    # ---- drivers ---------------------------------------------------------------------------
+    def driver_sources(self, flavor: str) -> list[tuple[Package, DriverNames]]:
+        """Every module source package of this flavour, newest first."""
+        from functools import cmp_to_key
+
+        found = []
+        for name in self.packages():
+            m = _SOURCE_RE[flavor].fullmatch(name)
+            if m:
+                names = DriverNames(prefix=m.group(1) or "", source=name)
+                found.extend((p, names) for p in self.versions(name))
+        return sorted(found, key=cmp_to_key(lambda a, b: version_compare(b[0].version, a[0].version)))
+
+    def driver_packages(self, request: str | None, flavor: str, kernel_release: str
+                        ) -> tuple[Package, list[Package], str]:
+        """Resolve a driver version or branch to its module source and userspace packages."""
+        sources = self.driver_sources(flavor)
+        available = sorted({p.upstream_version for p, _ in sources}, key=version_tuple, reverse=True)
+        if request is None:
+            matching = [s for s in sources if kernel_supported(s[0].upstream_version, kernel_release)]
+            if not matching:
+                raise InputError(f"no {flavor} driver in Debian {self.distribution} is known to support "
+                                 f"kernel {kernel_release}",
+                                 hint="pass --driver VERSION; available: " + ", ".join(available))
+        else:
+            matching = [s for s in sources
+                        if s[0].upstream_version == request or s[0].upstream_version.startswith(request + ".")]
+            if not matching:
+                raise InputError(
+                    f"Debian {self.distribution} has no {flavor} NVIDIA driver {request}",
+                    hint="pass one of the versions it has: " + ", ".join(available) if available
+                    else "enable the contrib and non-free components of the mirror",
+                )
+        source, names = matching[0]
+        version = source.upstream_version
+        userspace = []
+        for name in names.required_userspace + names.optional_userspace:
+            same = [p for p in self.versions(name) if p.upstream_version == version]
+            exact = [p for p in same if p.version == source.version]
+            if exact or same:
+                userspace.append((exact or same)[0])
+            elif name in names.required_userspace:
+                raise InputError(f"Debian {self.distribution} has {source.name} {version} but no {name} "
+                                 f"of that version (the userspace must match the module exactly)",
+                                 hint="pick another driver version with --driver; available: "
+                                 + ", ".join(available))
+        return source, userspace, version
+
+
+def _satisfies(version: str, constraint: tuple[str, str] | None) -> bool:
+    if not constraint:
+        return True
+    op, wanted = constraint
+    c = version_compare(version, wanted)
+    return {"=": c == 0, ">=": c >= 0, "<=": c <= 0, ">>": c > 0, "<<": c < 0}[op]
+
+
+def _parse_packages(text: bytes, base_url: str) -> list[dict]:
+    """The paragraphs of a Packages file that cudabuild can use, as Package fields."""
+    keep = [para for para in text.split(b"\n\n") if _KEEP.match(para)]
+    out = []
+    for para in Packages.iter_paragraphs(b"\n\n".join(keep).decode("utf-8", "replace").splitlines(True),
+                                         use_apt_pkg=False):
+        if para.get("Architecture") not in (ARCH, "all"):
+            continue
+        out.append({"name": para["Package"], "version": para["Version"], "filename": para["Filename"],
+                    "sha256": para["SHA256"], "size": int(para["Size"]), "base_url": base_url,
+                    "depends": para.get("Depends", "")})
+    return out

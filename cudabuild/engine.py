@@ -1,0 +1,186 @@
+"""The Docker engine behind one small class. Nothing else in cudabuild imports `docker`.
+
+The engine is found the way the docker CLI finds it (DOCKER_HOST, DOCKER_TLS_VERIFY,
+DOCKER_CERT_PATH), so a remote engine needs no flag of ours."""
+
+from __future__ import annotations
+
+import os
+import sys
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+import docker
+import docker.errors
+import requests
+
+from cudabuild.errors import BuildError, EngineError
+
+LABEL_PREFIX = "io.cudabuild"
+KEEP_ENV = "CUDABUILD_KEEP_BUILDER"
+
+ENGINE_HINT = ("start the engine (`sudo dockerd &`, `sudo systemctl start docker`, or `bash scripts/setup`), "
+               "or point DOCKER_HOST at a running one")
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = True
+
+
+class Container:
+    """A started container; the engine removes it when the `with` block ends."""
+
+    def __init__(self, container) -> None:
+        self._container = container
+        self.name = container.name
+
+    def lines(self) -> Iterator[str]:
+        """Its output (stdout and stderr), line by line, until it exits."""
+        buffer = b""
+        for chunk in self._container.logs(stream=True, follow=True):
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                yield line.decode("utf-8", "replace")
+        if buffer:
+            yield buffer.decode("utf-8", "replace")
+
+    def wait(self) -> int:
+        return int(self._container.wait()["StatusCode"])
+
+
+class Engine:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Engine":
+        env = dict(os.environ if env is None else env)
+        where = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        try:
+            client = docker.from_env(environment=env, timeout=600)
+            client.ping()
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise EngineError(f"the Docker engine at {where} does not answer ({_short(exc)})",
+                              hint=ENGINE_HINT) from exc
+        return cls(client)
+
+    # ---- images ----------------------------------------------------------------------------
+    def image_id(self, ref: str) -> str | None:
+        try:
+            return self.client.images.get(ref).id
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+
+    def image(self, ref: str) -> dict:
+        """The engine's inspect data of an image."""
+        try:
+            return self.client.api.inspect_image(ref)
+        except docker.errors.ImageNotFound as exc:
+            raise EngineError(f"image {ref} does not exist in the engine",
+                              hint="build it first, or check the name") from exc
+
+    def pull(self, ref: str) -> str | None:
+        """Pull `ref`; None when no registry has it or none can be reached."""
+        try:
+            self.client.api.pull(ref)  # blocks until done; the repository:tag form pulls one tag
+        except (docker.errors.APIError, requests.RequestException):
+            return None
+        return self.image_id(ref)
+
+    def build(self, *, context: IO[bytes], tag: str, labels: Mapping[str, str] | None = None,
+              on_line: Callable[[str], None] = lambda line: None, network: str = "host") -> str:
+        """Build from a tar context; stream the classic builder's output to `on_line`."""
+        tail: list[str] = []
+        image_id = None
+        try:
+            stream = self.client.api.build(fileobj=context, custom_context=True, tag=tag, rm=True,
+                                           forcerm=True, network_mode=network, labels=dict(labels or {}),
+                                           decode=True)
+            for chunk in stream:
+                if "stream" in chunk:
+                    for line in chunk["stream"].splitlines():
+                        tail = (tail + [line])[-30:]
+                        on_line(line)
+                if "aux" in chunk and "ID" in chunk["aux"]:
+                    image_id = chunk["aux"]["ID"]
+                if "error" in chunk:
+                    raise BuildError(f"building image {tag} failed: {chunk['error'].strip()}",
+                                     log_tail="\n".join(tail),
+                                     hint="read the output above; a package mirror may be unreachable")
+        except docker.errors.APIError as exc:
+            raise EngineError(f"the engine refused to build {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        except requests.RequestException as exc:
+            raise EngineError(f"lost the engine while building {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        return image_id or self.image(tag)["Id"]
+
+    def remove_image(self, ref: str) -> None:
+        try:
+            self.client.images.remove(ref, force=True)
+        except docker.errors.ImageNotFound:
+            pass
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        return self.client.images.get(ref).save(named=False)
+
+    # ---- containers ------------------------------------------------------------------------
+    @contextmanager
+    def container(self, *, image: str, command: list[str], mounts: list[Mount] = (),
+                  environment: Mapping[str, str] | None = None, name_prefix: str = "cudabuild",
+                  user: str | None = None, network: str = "none", labels: Mapping[str, str] | None = None,
+                  keep: bool = False) -> Iterator[Container]:
+        """Create and start a container; remove it when the block ends, however it ends.
+
+        With `keep` (or CUDABUILD_KEEP_BUILDER=1) a container whose block failed is left for
+        debugging, and its name is reported."""
+        name = f"{name_prefix}-{secrets.token_hex(4)}"
+        volumes = {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts}
+        try:
+            container = self.client.containers.create(
+                image, command=command, name=name, volumes=volumes, environment=dict(environment or {}),
+                user=user, network_mode=network, labels={f"{LABEL_PREFIX}.role": "builder", **(labels or {})},
+                working_dir="/", detach=True)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot create a container from {image}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        failed = False
+        try:
+            container.start()
+            yield Container(container)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed and (keep or os.environ.get(KEEP_ENV) == "1"):
+                try:
+                    container.stop(timeout=1)
+                except Exception:  # noqa: BLE001 - best effort: the container may already be gone
+                    pass
+                print(f"kept the failed builder container {name} for debugging "
+                      f"(docker start -ai {name}; docker rm {name} when done)", file=sys.stderr)
+            else:
+                try:
+                    container.remove(force=True)
+                except (docker.errors.APIError, requests.RequestException):
+                    pass
+
+    def containers(self, *, label: str) -> list[str]:
+        """Names of containers (running or not) carrying `label`."""
+        return [c.name for c in self.client.containers.list(all=True, filters={"label": label})]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, docker.errors.APIError) and getattr(exc, "explanation", None):
+        text = str(exc.explanation)
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+__all__ = ["Engine", "Mount", "Container", "LABEL_PREFIX"]

@@ -1,0 +1,84 @@
+"""One exception hierarchy; each class has its own exit code (listed in the README and --help).
+
+Every message says what failed, why, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class CudabuildError(Exception):
+    """Base of every error cudabuild reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None, log_tail: str | None = None,
+                 log_path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+    def render(self) -> str:
+        parts = [f"error: {self.message}"]
+        if self.log_tail:
+            parts.append("--- last lines of the build log ---")
+            parts.append(self.log_tail.rstrip("\n"))
+            parts.append("---")
+        if self.log_path:
+            parts.append(f"whole log: {self.log_path}")
+        if self.hint:
+            parts.append(f"fix: {self.hint}")
+        return "\n".join(parts)
+
+
+class InputError(CudabuildError):
+    """A value given by the user is malformed, or names something that does not exist."""
+
+    exit_code = 3
+
+
+class EngineError(CudabuildError):
+    """The Docker engine cannot be reached or refused an operation."""
+
+    exit_code = 4
+
+
+class FetchError(CudabuildError):
+    """A download or a package index could not be fetched or failed its checksum."""
+
+    exit_code = 5
+
+
+class BuildError(CudabuildError):
+    """The build inside the builder container failed."""
+
+    exit_code = 6
+
+
+class VerifyError(CudabuildError):
+    """Modules were built but are not what was asked for (missing, wrong vermagic, version, CRCs)."""
+
+    exit_code = 7
+
+
+class CacheError(CudabuildError):
+    """The cache cannot be used (no space, not writable, lock not obtained)."""
+
+    exit_code = 8
+
+
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: list[tuple[int, str]] = [
+    (0, "success"),
+    (1, "unexpected error (a bug: please report it with the output)"),
+    (2, "usage error (unknown option, missing argument)"),
+    (InputError.exit_code, "bad input: malformed value, unknown kernel release or driver version"),
+    (EngineError.exit_code, "Docker engine not reachable or failed"),
+    (FetchError.exit_code, "download or package index failed"),
+    (BuildError.exit_code, "module build failed (the log's last lines and its path are shown)"),
+    (VerifyError.exit_code, "built modules failed verification"),
+    (CacheError.exit_code, "cache unusable (space, permissions, lock)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed"),
+]

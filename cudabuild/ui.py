@@ -1,0 +1,89 @@
+"""What cudabuild tells people: named steps with durations and notes on stderr (colour only on a
+terminal without NO_COLOR), download bars from real byte counts. Results for machines (--json)
+go to stdout from the CLI; nothing here writes to stdout."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, TextIO
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float = 0.0
+    status: str = "done"  # done | cached | failed
+
+
+@dataclass
+class Reporter:
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    quiet: bool = False
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def interactive(self) -> bool:
+        return self.stream.isatty() and os.environ.get("CI") is None
+
+    def _colour(self, code: str, text: str) -> str:
+        if not self.stream.isatty() or "NO_COLOR" in os.environ:
+            return text
+        return f"\033[{code}m{text}\033[0m"
+
+    def note(self, message: str) -> None:
+        """A line the user should read: a default taken, a choice made."""
+        if not self.quiet:
+            print(self._colour("2", "    ") + message, file=self.stream, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(self._colour("33", "warning: ") + message, file=self.stream, flush=True)
+
+    def cached(self, name: str, why: str) -> None:
+        """A step that had nothing to do, and why."""
+        self.steps.append(Step(name, 0.0, "cached"))
+        if not self.quiet:
+            print(self._colour("1;34", "==> ") + f"{name}: {why}", file=self.stream, flush=True)
+
+    def start(self, name: str) -> Step:
+        """Announce a step; `finish` it with its duration."""
+        entry = Step(name)
+        self.steps.append(entry)
+        if not self.quiet:
+            print(self._colour("1;34", "==> ") + name, file=self.stream, flush=True)
+        return entry
+
+    def finish(self, entry: Step, seconds: float) -> None:
+        entry.seconds = round(seconds, 2)
+        if not self.quiet:
+            print(self._colour("32", "    done") + f" in {format_seconds(entry.seconds)}",
+                  file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Step]:
+        entry = self.start(name)
+        start = time.monotonic()
+        try:
+            yield entry
+        except BaseException:
+            entry.status = "failed"
+            entry.seconds = round(time.monotonic() - start, 2)
+            raise
+        self.finish(entry, time.monotonic() - start)
+
+    def progress_bar(self, total: int | None, desc: str, initial: int = 0):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
+                    unit_divisor=1024, file=self.stream, leave=False,
+                    disable=self.quiet or not self.interactive)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{rest:02d}s"

@@ -1,0 +1,177 @@
+"""Resolution against a Packages index written here (the archive itself is used in e2e tests)."""
+
+import lzma
+
+import pytest
+
+from cudabuild.cache import Cache
+from cudabuild.debian import DebianArchive, kernel_supported
+from cudabuild.errors import InputError
+from cudabuild.ui import Reporter
+
+INDEX = """\
+Package: linux-headers-6.1.0-56-amd64
+Architecture: amd64
+Version: 6.1.192-2
+Depends: linux-headers-6.1.0-56-common (= 6.1.192-2), linux-kbuild-6.1 (>= 6.1.192-2), linux-compiler-gcc-12-x86
+Filename: pool/main/l/linux/linux-headers-6.1.0-56-amd64_6.1.192-2_amd64.deb
+Size: 100
+SHA256: {h}1
+
+Package: linux-headers-6.1.0-56-common
+Architecture: all
+Version: 6.1.192-2
+Filename: pool/main/l/linux/common.deb
+Size: 100
+SHA256: {h}2
+
+Package: linux-kbuild-6.1
+Architecture: amd64
+Version: 6.1.170-1
+Filename: pool/main/l/linux/kbuild-old.deb
+Size: 100
+SHA256: {h}3
+
+Package: linux-kbuild-6.1
+Architecture: amd64
+Version: 6.1.192-2
+Filename: pool/main/l/linux/kbuild.deb
+Size: 100
+SHA256: {h}4
+
+Package: linux-headers-6.1.0-47-amd64
+Architecture: amd64
+Version: 6.1.170-1
+Depends: linux-headers-6.1.0-47-common (= 6.1.170-1), linux-kbuild-6.1 (>= 6.1.170-1)
+Filename: pool/main/l/linux/h47.deb
+Size: 100
+SHA256: {h}5
+
+Package: nvidia-kernel-source
+Architecture: amd64
+Version: 535.309.01-0+deb12u1
+Filename: pool/non-free/n/nvidia/src.deb
+Size: 100
+SHA256: {h}6
+
+Package: nvidia-tesla-470-kernel-source
+Architecture: amd64
+Version: 470.256.02-1~deb12u1
+Filename: pool/non-free/n/nvidia/src470.deb
+Size: 100
+SHA256: {h}7
+
+Package: bash
+Architecture: amd64
+Version: 5.2
+Filename: pool/main/b/bash.deb
+Size: 100
+SHA256: {h}8
+""".format(h="a" * 63)
+
+USERSPACE = "".join(f"""
+Package: {name}
+Architecture: amd64
+Version: {version}
+Filename: pool/non-free/n/{name}_{version}.deb
+Size: 10
+SHA256: {"b" * 64}
+""" for name, version in [("libcuda1", "535.309.01-0+deb12u1"), ("libnvidia-ml1", "535.309.01-0+deb12u1"),
+                          ("libnvidia-ptxjitcompiler1", "535.309.01-0+deb12u1"),
+                          ("nvidia-smi", "535.309.01-0+deb12u1"),
+                          ("libnvidia-tesla-470-cuda1", "470.256.02-1~deb12u1"),
+                          ("libnvidia-tesla-470-ml1", "470.256.02-1~deb12u1"),
+                          ("libnvidia-tesla-470-ptxjitcompiler1", "470.256.02-1~deb12u1"),
+                          ("nvidia-tesla-470-smi", "470.256.02-1~deb12u1")])
+
+
+class StubFetcher:
+    """Serves one Packages.xz for the main suite; nothing for the others."""
+
+    def __init__(self, text: str):
+        self.data = lzma.compress(text.encode())
+        self.urls = []
+
+    def get_bytes(self, url):
+        self.urls.append(url)
+        return self.data if "/dists/bookworm/main/" in url else None
+
+
+def make_archive(path, text):
+    return DebianArchive(cache=Cache(path), fetcher=StubFetcher(text), reporter=Reporter(quiet=True),
+                         mirror="http://mirror.test/debian", security_mirror="http://mirror.test/security",
+                         distribution="bookworm")
+
+
+@pytest.fixture
+def archive(tmp_path):
+    return make_archive(tmp_path, INDEX + USERSPACE)
+
+
+def test_kernel_packages_follow_the_headers_dependencies(archive):
+    packages, gcc = archive.kernel_packages("6.1.0-56-amd64")
+    assert [(p.name, p.version) for p in packages] == [
+        ("linux-headers-6.1.0-56-amd64", "6.1.192-2"), ("linux-headers-6.1.0-56-common", "6.1.192-2"),
+        ("linux-kbuild-6.1", "6.1.192-2")]
+    assert gcc == 12
+    assert packages[0].url == ("http://mirror.test/debian/pool/main/l/linux/"
+                               "linux-headers-6.1.0-56-amd64_6.1.192-2_amd64.deb")
+
+
+def test_unknown_kernel_lists_what_exists(archive):
+    with pytest.raises(InputError) as info:
+        archive.kernel_packages("9.9.9-amd64")
+    text = info.value.render()
+    assert "9.9.9-amd64" in text and "6.1.0-56-amd64, 6.1.0-47-amd64" in text
+
+
+def test_latest_kernel_is_the_newest_headers(archive):
+    assert archive.latest_kernel() == "6.1.0-56-amd64"
+
+
+def test_driver_branch_resolves_to_its_newest_release_with_matching_userspace(archive):
+    source, userspace, version = archive.driver_packages("535", "proprietary", "6.1.0-56-amd64")
+    assert (source.name, version) == ("nvidia-kernel-source", "535.309.01")
+    assert {p.name for p in userspace} == {"libcuda1", "libnvidia-ml1", "libnvidia-ptxjitcompiler1", "nvidia-smi"}
+    assert all(p.upstream_version == "535.309.01" for p in userspace)
+
+
+def test_tesla_branch_uses_its_own_package_names(archive):
+    source, userspace, version = archive.driver_packages("470.256.02", "proprietary", "6.1.0-56-amd64")
+    assert source.name == "nvidia-tesla-470-kernel-source" and version == "470.256.02"
+    assert {p.name for p in userspace} >= {"libnvidia-tesla-470-cuda1", "libnvidia-tesla-470-ml1"}
+
+
+def test_missing_userspace_of_the_same_version_is_an_error(tmp_path):
+    without_smi = (INDEX + USERSPACE).replace("Package: nvidia-smi\n", "Package: nvidia-smi-other\n")
+    with pytest.raises(InputError, match="no nvidia-smi of that version"):
+        make_archive(tmp_path, without_smi).driver_packages("535", "proprietary", "6.1.0-56-amd64")
+
+
+def test_unknown_driver_lists_the_versions(archive):
+    with pytest.raises(InputError) as info:
+        archive.driver_packages("999.1.1", "proprietary", "6.1.0-56-amd64")
+    assert "535.309.01, 470.256.02" in info.value.render()
+
+
+def test_default_driver_is_the_newest_that_supports_the_kernel(archive):
+    assert archive.driver_packages(None, "proprietary", "6.1.0-56-amd64")[2] == "535.309.01"
+
+
+def test_index_is_cached(archive):
+    archive.packages()
+    fetched = len(archive.fetcher.urls)
+    again = DebianArchive(cache=archive.cache, fetcher=archive.fetcher, reporter=Reporter(quiet=True),
+                          mirror="http://mirror.test/debian", security_mirror="http://mirror.test/security",
+                          distribution="bookworm")
+    assert "nvidia-kernel-source" in again.packages()
+    assert len(archive.fetcher.urls) == fetched
+
+
+def test_support_table():
+    assert kernel_supported("535.309.01", "6.1.0-56-amd64")
+    assert kernel_supported("470.256.02", "6.9.1")
+    assert not kernel_supported("470.256.02", "6.12.117")
+    assert not kernel_supported("352.39", "4.4.0")
+    assert kernel_supported("352.39", "4.3.6-coreos")
+    assert kernel_supported("580.1", "6.14")

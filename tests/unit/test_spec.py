@@ -1,0 +1,46 @@
+import pytest
+
+from cudabuild.errors import InputError
+from cudabuild.spec import ModulesOptions, expected_modules, validate_driver, validate_release
+
+
+@pytest.mark.parametrize("release", ["6.1.0-56-amd64", "4.3.6-coreos", "5.15.0+", "6.12.117+deb13-amd64"])
+def test_real_releases_are_accepted(release):
+    assert validate_release(release) == release
+
+
+@pytest.mark.parametrize("release", ["x;touch /tmp/owned", "../../etc", "", "-rf", "a b", "6.1$(id)", "a/b",
+                                     "x" * 200])
+def test_hostile_or_malformed_releases_are_refused_with_the_fix(release):
+    with pytest.raises(InputError) as info:
+        validate_release(release)
+    assert "uname -r" in info.value.render()
+
+
+@pytest.mark.parametrize("driver", ["535", "535.309", "535.309.01", "470.256.02"])
+def test_driver_versions_and_branches(driver):
+    assert validate_driver(driver) == driver
+
+
+@pytest.mark.parametrize("driver", ["latest", "535;id", "35", "535.309.01.1", "../535"])
+def test_bad_driver_versions(driver):
+    with pytest.raises(InputError, match="not valid"):
+        validate_driver(driver)
+
+
+def test_options_validate_every_field():
+    with pytest.raises(InputError, match="--jobs"):
+        ModulesOptions(jobs=0)
+    with pytest.raises(InputError, match="--apt-mirror"):
+        ModulesOptions(apt_mirror="file:///etc; rm -rf /")
+    with pytest.raises(InputError, match="--flavor"):
+        ModulesOptions(flavor="closed")
+    assert ModulesOptions(kernel="latest", driver="535").kernel == "latest"
+
+
+def test_module_set_follows_the_driver_release():
+    assert expected_modules("535.309.01") == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm",
+                                              "nvidia-peermem"]
+    assert expected_modules("352.39") == ["nvidia", "nvidia-uvm"]
+    assert expected_modules("361.42") == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    assert expected_modules("390.157") == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"]
