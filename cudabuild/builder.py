@@ -17,7 +17,7 @@ import jinja2
 from cudabuild.engine import LABEL_PREFIX, Engine, Mount
 from cudabuild.errors import BuildError, EngineError
 from cudabuild.resources import resource_dir
-from cudabuild.ui import Reporter, Step, format_seconds
+from cudabuild.ui import Reporter, Step
 
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
              "git", "binutils", "ca-certificates", "patch"]
@@ -102,10 +102,10 @@ def ensure_builder(engine: Engine, builder: BuilderImage, reporter: Reporter, *,
         reporter.cached("builder image", f"{builder.tag} (from {builder.base})")
         return image_id
     with reporter.step(f"build builder image {builder.tag} from {builder.base}"):
-        context = tar_context({"Dockerfile": builder.dockerfile.encode()})
         on_line = (lambda line: print(f"    {line}", file=reporter.stream)) if verbose else (lambda line: None)
-        return engine.build(context=context, tag=builder.tag, on_line=on_line,
-                            labels={f"{LABEL_PREFIX}.role": "builder", f"{LABEL_PREFIX}.base": builder.base})
+        with tar_context({"Dockerfile": builder.dockerfile.encode()}) as context:
+            return engine.build(context=context, tag=builder.tag, on_line=on_line,
+                                labels={f"{LABEL_PREFIX}.role": "builder", f"{LABEL_PREFIX}.base": builder.base})
 
 
 def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
@@ -154,4 +154,3 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
             "try a newer --driver, or an older kernel",
         )
     finish()
-    reporter.note(f"build finished ({format_seconds(sum(s.seconds for s in reporter.steps))} so far)")

@@ -13,7 +13,7 @@ import requests
 from cudabuild.errors import FetchError
 from cudabuild.ui import Reporter
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # small enough that a cut connection loses little of what arrived
 
 
 class Fetcher:

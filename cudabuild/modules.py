@@ -239,8 +239,8 @@ def publish_image(engine: Engine, result_dir: Path, manifest: dict, *, tag: str,
     }
     with reporter.step(f"publish modules image {tag}"):
         staging = {"Dockerfile": render_template("modules.Dockerfile.j2").encode()}
-        context = tar_context(staging, directory=result_dir, exclude=("build.log",))
-        engine.build(context=context, tag=tag, labels=labels, network="none")
+        with tar_context(staging, directory=result_dir, exclude=("build.log",)) as context:
+            engine.build(context=context, tag=tag, labels=labels, network="none")
         layers = engine.image(tag)["RootFS"]["Layers"]
         if len(layers) != 1:
             raise VerifyError(f"the modules image {tag} has {len(layers)} layers instead of one")

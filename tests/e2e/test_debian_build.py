@@ -1,0 +1,108 @@
+"""A real build: Debian's newest bookworm kernel headers with Debian's current 535 driver."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = [pytest.mark.engine, pytest.mark.build]
+
+
+@pytest.fixture(scope="session")
+def build(fresh_cache, tmp_path_factory):
+    output = tmp_path_factory.mktemp("out") / "nvidia"
+    result = run_cli("modules", "--kernel", "latest", "--driver", "535", "--output", str(output), "--json",
+                     env={"CUDABUILD_CACHE": str(fresh_cache)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout), output, fresh_cache, result.stderr
+
+
+def symvers_of(cache: Path, release: str) -> Path:
+    [path] = cache.glob(f"kernels/*/usr/src/linux-headers-{release}/Module.symvers")
+    return path
+
+
+def modinfo(field: str, path: str) -> str:
+    return subprocess.run(["/sbin/modinfo", "-F", field, path], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_builds_every_module_of_the_driver(build):
+    data, output, _, stderr = build
+    assert data["cache_hit"] is False
+    assert data["driver_version"].startswith("535.")
+    assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm",
+                                                    "nvidia-peermem"]
+    for step in ("download", "make modules", "verify modules"):
+        assert any(s["name"].startswith(step) and s["status"] == "done" for s in data["steps"]), step
+    # The image is made, or reused when one with the same content key already exists.
+    assert any("modules image" in s["name"] for s in data["steps"])
+    assert "==> make modules" in stderr, "progress is shown as named steps"
+
+
+def test_modinfo_agrees_with_the_request(build):
+    data, output, _, _ = build
+    for module in data["modules"]:
+        for path in (module["path"], str(output / "modules" / Path(module["path"]).name)):
+            assert modinfo("vermagic", path).startswith(data["kernel_release"] + " ")
+            assert modinfo("version", path) == data["driver_version"]
+
+
+def test_symbol_crcs_agree_with_the_kernels_module_symvers(build, tmp_path):
+    data, output, cache, _ = build
+    release = data["kernel_release"]
+    extra = tmp_path / "lib" / "modules" / release / "extra"
+    extra.mkdir(parents=True)
+    for ko in (output / "modules").glob("*.ko"):
+        (extra / ko.name).symlink_to(ko)
+    symvers = symvers_of(cache, release)
+    check = subprocess.run(["/sbin/depmod", "-b", str(tmp_path), "-e", "-E", str(symvers), release],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert "disagrees about version" not in check.stderr
+    exported = {line.split("\t")[1]: line.split("\t")[2] for line in symvers.read_text().splitlines()}
+    unknown = [line.rsplit(" ", 1)[-1] for line in check.stderr.splitlines() if "needs unknown symbol" in line]
+    # depmod only knows vmlinux's symbols and those of the modules beside ours; the rest must be
+    # exports of the kernel's own modules (drm, ...), which the kernel's Module.symvers lists.
+    assert all(exported.get(sym, "vmlinux") != "vmlinux" for sym in unknown), unknown
+
+
+def test_output_directory_holds_modules_userspace_and_manifest(build):
+    data, output, _, _ = build
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["kernel_release"] == data["kernel_release"]
+    assert {m["sha256"] for m in manifest["modules"]} == {m["sha256"] for m in data["modules"]}
+    lib = output / "userspace" / "lib"
+    assert (lib / "libcuda.so.1").resolve().name == f"libcuda.so.{data['driver_version']}"
+    assert (lib / f"libnvidia-ml.so.{data['driver_version']}").is_file()
+    assert (output / "userspace" / "bin" / "nvidia-smi").is_file()
+
+
+def test_modules_image_has_one_layer(build):
+    data, _, _, _ = build
+    image = docker.from_env().images.get(data["modules_image"])
+    assert len(image.attrs["RootFS"]["Layers"]) == 1
+    assert image.labels["io.cudabuild.driver-version"] == data["driver_version"]
+    assert image.labels["io.cudabuild.kernel-release"] == data["kernel_release"]
+
+
+def test_second_run_answers_from_the_cache_without_a_container(build):
+    data, _, cache, _ = build
+    client = docker.from_env()
+    started_ns = time.time_ns()
+    since = started_ns // 10**9 - 1
+    again = run_cli("modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"], "--json",
+                    env={"CUDABUILD_CACHE": str(cache)})
+    until = int(time.time()) + 1
+    assert again.returncode == 0, again.stderr
+    hit = json.loads(again.stdout)
+    assert hit["cache_hit"] is True
+    assert [m["sha256"] for m in hit["modules"]] == [m["sha256"] for m in data["modules"]]
+    events = [e for e in client.events(since=since, until=until, decode=True, filters={"type": "container"})
+              if e["timeNano"] >= started_ns and e["Action"] in ("create", "start")]
+    assert events == [], "a cache hit starts no container"

@@ -1,0 +1,96 @@
+"""Real local servers and helpers shared by the integration and e2e tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Served:
+    data: bytes
+    status: int = 200
+    fail_times: int = 0          # answer 500 this many times first
+    cut_after: int | None = None  # close the connection after this many bytes, once
+    requests: list = field(default_factory=list)
+
+
+class FileServer:
+    """An HTTP server on 127.0.0.1 that serves byte strings with Range support, and can fail on
+    purpose: a status, some 500s before success, a connection cut part-way."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Served] = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                served = files.get(self.path)
+                if served is None:
+                    self.send_error(404)
+                    return
+                served.requests.append(dict(self.headers))
+                if served.status != 200:
+                    self.send_error(served.status)
+                    return
+                if served.fail_times:
+                    served.fail_times -= 1
+                    self.send_error(500)
+                    return
+                start = 0
+                if self.headers.get("Range", "").startswith("bytes="):
+                    start = int(self.headers["Range"][6:].split("-")[0])
+                    if start >= len(served.data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(served.data) - 1}/{len(served.data)}")
+                else:
+                    self.send_response(200)
+                body = served.data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if served.cut_after is not None:
+                    cut, served.cut_after = served.cut_after, None
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def serve(self, path: str, data: bytes, **kw) -> Served:
+        self.files[path] = Served(data, **kw)
+        return self.files[path]
+
+    def __enter__(self) -> "FileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run the installed `cudabuild` as a user would, in a separate process."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("CUDABUILD_KEEP_BUILDER", None)
+    exe = Path(sys.executable).parent / "cudabuild"
+    return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,32 @@
+"""The built wheel, installed into a fresh virtual environment, works away from the checkout."""
+
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True)
+    [wheel] = wheels.glob("cudabuild-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    version = subprocess.run([str(venv / "bin" / "cudabuild"), "--version"], cwd=away, capture_output=True,
+                             text=True, check=True)
+    assert "cudabuild, version" in version.stdout
+    probe = ("from cudabuild.resources import resource_dir\n"
+             "from cudabuild.builder import render_template\n"
+             "for name in ('builder', 'dockerfiles', 'images'):\n"
+             "    print(resource_dir(name))\n"
+             "assert (resource_dir('builder') / 'build.sh').is_file()\n"
+             "assert 'FROM debian:bookworm' in render_template('builder.Dockerfile.j2', base='debian:bookworm',"
+             " packages=['gcc'], apt_sources=None)\n")
+    found = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=away, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    for line in found.stdout.splitlines():
+        assert line.startswith(str(venv)), f"{line} must come from the installed wheel, not the checkout"
