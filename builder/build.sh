@@ -2,7 +2,7 @@
 # Runs inside the builder container, with no privileges and no network.
 # /cudabuild/builder  these scripts (read-only)
 # /cudabuild/inputs   downloaded packages, by content (read-only)
-# /cudabuild/kernels  unpacked kernel trees, shared between builds
+# /cudabuild/kernels  unpacked, cloned and prepared kernel trees, shared between builds
 # /cudabuild/work     this build's scratch space; the result goes to $WORK/out
 set -eu
 here=$(dirname "$0")
@@ -17,9 +17,7 @@ mkdir -p "$OUT/modules"
 prepare_kernel
 extract_driver
 
-step "make modules"
-echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT modules"
-make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_VERBOSE=1 modules
+build_driver
 
 step "strip debug info"
 for name in $MODULES; do

@@ -14,6 +14,12 @@ extract_driver() {
     echo "driver tree: $DRIVER_DIR"
 }
 
+build_driver() {
+    step "make modules"
+    echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT modules"
+    make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_VERBOSE=1 modules
+}
+
 # The userspace packages, flattened into userspace/{lib,bin,firmware}: the libraries with their
 # SONAME links as the packages ship them, nvidia-smi, and the GSP firmware where there is one.
 # In: USERSPACE_DEBS, WORK, OUT

@@ -20,11 +20,9 @@ from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter, Step
 
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
-             "git", "binutils", "ca-certificates", "patch"]
+             "git", "binutils", "ca-certificates", "patch", "python3"]  # python3: resolve_btfids on BTF kernels
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-# A builder base with each gcc major: the kernel's own compiler must build its modules.
-BASE_BY_GCC = {12: ("debian:bookworm", "bookworm"), 14: ("debian:trixie", "trixie")}
 LOG_TAIL_LINES = 30
 STEP_MARK = "::cudabuild-step::"
 CACHED_MARK = "::cudabuild-cached::"
@@ -108,10 +106,23 @@ def ensure_builder(engine: Engine, builder: BuilderImage, reporter: Reporter, *,
                                 labels={f"{LABEL_PREFIX}.role": "builder", f"{LABEL_PREFIX}.base": builder.base})
 
 
+def _failure_hint(step: str) -> str:
+    if step.startswith("make modules"):
+        return ("read the compiler's lines above: a kernel newer than the driver supports fails here; "
+                "try a newer --driver, or an older kernel")
+    if step.startswith("prepare kernel"):
+        return "the kernel tree could not be prepared with this config: check --kernel-config and the log"
+    if step.startswith("fetch kernel"):
+        return "check --kernel-repo and that the server is reachable"
+    return "read the log's last lines above"
+
+
 def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
-              log_path: Path, reporter: Reporter, verbose: bool) -> None:
-    """Run builder/build.sh; its step markers become named steps with durations, its whole output
-    goes to `log_path`. A failure raises BuildError with the log's last lines."""
+              log_path: Path, reporter: Reporter, verbose: bool, script: str = "build.sh",
+              network: str = "none") -> None:
+    """Run a script of builder/ in a container; its step markers become named steps with
+    durations, its whole output goes to `log_path`. A failure raises BuildError with the log's
+    last lines. Only the kernel fetch gets a network."""
     mounts = [Mount(str(resource_dir("builder")), "/cudabuild/builder"), *mounts]
     user = f"{os.getuid()}:{os.getgid()}"
     current: Step | None = None
@@ -123,7 +134,7 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
             reporter.finish(current, time.monotonic() - started)
 
     with open(log_path, "w") as log, engine.container(
-            image=image, command=["sh", "/cudabuild/builder/build.sh"], mounts=mounts,
+            image=image, command=["sh", f"/cudabuild/builder/{script}"], mounts=mounts, network=network,
             environment=environment, user=user, name_prefix="cudabuild-builder") as container:
         reporter.note(f"builder container {container.name}; log: {log_path}")
         for line in container.lines():
@@ -149,8 +160,6 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
         raise BuildError(
             f"the build failed in step {current.name!r} (exit code {code})" if current
             else f"the builder exited with code {code}",
-            log_tail="\n".join(tail), log_path=str(log_path),
-            hint="read the compiler's lines above: a kernel newer than the driver supports fails here; "
-            "try a newer --driver, or an older kernel",
+            log_tail="\n".join(tail), log_path=str(log_path), hint=_failure_hint(current.name if current else ""),
         )
     finish()

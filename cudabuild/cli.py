@@ -11,7 +11,8 @@ import click
 
 import cudabuild
 from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
-from cudabuild.spec import DRIVER_SOURCES, FLAVORS, KERNEL_SOURCES, ModulesOptions
+from cudabuild.spec import (CHECKOUTS, DEFAULT_INSTALLER_URL, DEFAULT_KERNEL_REPO, DRIVER_SOURCES, FLAVORS,
+                            KERNEL_SOURCES, ModulesOptions)
 from cudabuild.ui import Reporter, format_seconds
 
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
@@ -36,12 +37,33 @@ def cli() -> None:
 @click.option("--driver", metavar="VERSION",
               help="NVIDIA driver version (535.309.01) or branch (535: its newest release). Default: the "
                    "newest driver known to support the kernel.")
-@click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES), default="debian", show_default=True,
-              help="Where the kernel comes from. debian: the linux-headers-RELEASE packages "
-                   "(e.g. --kernel 6.1.0-56-amd64).")
+@click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES),
+              help="Where the kernel comes from. debian: the linux-headers-RELEASE packages (e.g. --kernel "
+                   "6.1.0-56-amd64). git: the release's tag of --kernel-repo (4.3.6-coreos -> v4.3.6), prepared "
+                   "with --kernel-config and --symvers. Default: debian for Debian releases, git otherwise.")
+@click.option("--kernel-repo", metavar="URL", default=DEFAULT_KERNEL_REPO, show_default=True,
+              envvar="CUDABUILD_KERNEL_REPO",
+              help="Git repository with linux-stable's tags (e.g. git://mirror/linux-stable.git). "
+                   "Env: CUDABUILD_KERNEL_REPO.")
+@click.option("--kernel-config", metavar="FILE|host",
+              help="The target kernel's .config (git source; e.g. --kernel-config ./config-4.3.6-coreos). host: "
+                   "/proc/config.gz or /boot/config-$(uname -r).")
+@click.option("--symvers", metavar="FILE|host",
+              help="The target kernel's Module.symvers, needed with CONFIG_MODVERSIONS=y (git source; e.g. "
+                   "--symvers ./Module.symvers). host: /lib/modules/$(uname -r)/build/Module.symvers.")
+@click.option("--kernel-checkout", type=click.Choice(CHECKOUTS), default="sparse", show_default=True,
+              help="sparse: a partial clone of the tag with only what module builds read (7x fewer bytes); "
+                   "full: a plain shallow clone.")
 @click.option("--driver-source", type=click.Choice(DRIVER_SOURCES), default="debian", show_default=True,
               help="Where the driver comes from. debian: non-free nvidia-kernel-source / "
-                   "nvidia-tesla-BRANCH-kernel-source and the userspace packages of the same version.")
+                   "nvidia-tesla-BRANCH-kernel-source and the userspace packages of the same version. run: "
+                   "NVIDIA's NVIDIA-Linux-x86_64-VERSION.run installer (see --installer).")
+@click.option("--installer", metavar="URL|PATH",
+              help="The .run installer (run source; e.g. --installer ./NVIDIA-Linux-x86_64-535.309.01.run). "
+                   "Default: NVIDIA's download URL for --driver, or CUDABUILD_INSTALLER_URL.")
+@click.option("--installer-url", "installer_url", default=DEFAULT_INSTALLER_URL, envvar="CUDABUILD_INSTALLER_URL",
+              show_default=True, hidden=True)
+@click.option("--sha256", metavar="HEX", help="Expected sha256 of the installer; a mismatch deletes the download.")
 @click.option("--flavor", type=click.Choice(FLAVORS), default="proprietary", show_default=True,
               help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open).")
 @click.option("--output", metavar="DIR", type=click.Path(file_okay=False),
@@ -75,6 +97,8 @@ def modules(as_json: bool, **flags) -> None:
     Examples:
       cudabuild modules --kernel latest --driver 535
       cudabuild modules --kernel 6.1.0-56-amd64 --driver 470 --output ./nvidia --json
+      cudabuild modules --kernel 4.3.6-coreos --kernel-config ./config --symvers ./Module.symvers \\
+          --driver 352.39 --driver-source run
     """
     from cudabuild.modules import build_modules
 

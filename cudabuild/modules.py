@@ -15,18 +15,46 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cudabuild
-from cudabuild.builder import (BASE_BY_GCC, ensure_builder, plan_builder, render_template, run_build,
-                               tar_context)
+from cudabuild.builder import ensure_builder, plan_builder, render_template, run_build, tar_context
 from cudabuild.cache import Cache, default_cache_dir, key_of
 from cudabuild.debian import DebianArchive
+from cudabuild.driver import resolve_run_driver
 from cudabuild.engine import LABEL_PREFIX, Engine, Mount
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.fetch import Fetcher, sha256_file
-from cudabuild.spec import BuildSpec, ModulesOptions, expected_modules, validate_release
+from cudabuild.kernel import BASE_BY_GCC, check_tag, resolve_git_kernel
+from cudabuild.spec import DEBIAN_RELEASE_RE, BuildSpec, ModulesOptions, Package, expected_modules, validate_release
 from cudabuild.ui import Reporter
 from cudabuild.verify import config_enabled, verify_modules
 
 MODULES_REPO = "cudabuild/modules"
+INPUTS = "/cudabuild/inputs"
+KERNELS = "/cudabuild/kernels"
+
+
+@dataclass
+class KernelPlan:
+    """A kernel source resolved on the host: what it is (for the key), what to download, and how
+    the builder finds it."""
+
+    release: str
+    gcc_major: int | None
+    canonical: dict
+    downloads: list[Package] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+    clone: dict | None = None  # git: what the fetch container clones, when it is not cached yet
+    symvers: Path | None = None  # on the host, for verification; None until the tree exists
+    config: Path | None = None
+    tree_dir: str = ""  # the unpacked or prepared tree under the cache's kernels/
+
+
+@dataclass
+class DriverPlan:
+    version: str
+    canonical: dict
+    description: str
+    downloads: list[Package] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +90,65 @@ def modules_image_tag(driver_version: str, flavor: str, release: str) -> str:
     return f"{MODULES_REPO}:{driver_version}{flavour}-{release}".replace("+", "_")
 
 
+def _pkg(p: Package) -> dict:
+    return {"name": p.name, "version": p.version, "sha256": p.sha256}
+
+
+def _inside(p: Package) -> str:
+    return f"{INPUTS}/{p.sha256}"
+
+
+# ---- kernel sources --------------------------------------------------------------------------
+def plan_debian_kernel(archive: DebianArchive, release: str, cache: Cache) -> KernelPlan:
+    packages, gcc = archive.kernel_packages(release)
+    tree = f"debian-{key_of([p.sha256 for p in packages])[:24]}"
+    headers = cache.kernels / tree / "usr" / "src" / f"linux-headers-{release}"
+    return KernelPlan(
+        release=release, gcc_major=gcc, downloads=packages, tree_dir=tree,
+        canonical={"kind": "debian", "packages": [_pkg(p) for p in packages]},
+        environment={"KERNEL_SOURCE": "debian", "KERNEL_DEBS": " ".join(_inside(p) for p in packages),
+                     "KERNEL_TREE": f"{KERNELS}/{tree}"},
+        symvers=headers / "Module.symvers", config=headers / ".config")
+
+
+def plan_git_kernel(options: ModulesOptions, release: str, cache: Cache, builder_tag_of) -> KernelPlan:
+    kernel = resolve_git_kernel(release=release, repo=options.kernel_repo, config=options.kernel_config,
+                                symvers=options.symvers, checkout=options.kernel_checkout,
+                                for_host=options.kernel is None, store=cache.downloads)
+    clone = f"git-{key_of([kernel.repo, kernel.tag, kernel.checkout])[:24]}"
+    env = {"KERNEL_SOURCE": "git", "KERNEL_CLONE": f"{KERNELS}/{clone}", "KERNEL_SUFFIX": kernel.suffix,
+           "KERNEL_CONFIG": f"{INPUTS}/{kernel.config_sha256}",
+           "KERNEL_SYMVERS": f"{INPUTS}/{kernel.symvers_sha256}" if kernel.symvers_sha256 else ""}
+    return KernelPlan(release=release, gcc_major=kernel.gcc_major, canonical=kernel.canonical(), environment=env,
+                      clone={"repo": kernel.repo, "tag": kernel.tag, "dir": clone, "checkout": kernel.checkout,
+                             "reason": kernel.gcc_reason},
+                      symvers=kernel.symvers, config=kernel.config)
+
+
+# ---- driver sources --------------------------------------------------------------------------
+def plan_debian_driver(archive: DebianArchive, options: ModulesOptions, release: str) -> DriverPlan:
+    source, userspace, version = archive.driver_packages(options.driver, options.flavor, release)
+    how = "the newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
+    return DriverPlan(
+        version=version, downloads=[source, *userspace],
+        description=f"{source.name} {source.version}; {how}",
+        canonical={"kind": "debian", "package": _pkg(source), "userspace": [_pkg(p) for p in userspace]},
+        environment={"DRIVER_SOURCE": "debian", "DRIVER_DEB": _inside(source),
+                     "USERSPACE_DEBS": " ".join(_inside(p) for p in userspace)})
+
+
+def plan_run_driver(options: ModulesOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
+    run = resolve_run_driver(version=options.driver, installer=options.installer, template=options.installer_url,
+                             sha256=options.sha256, store=cache.downloads, fetcher=fetcher)
+    if options.flavor == "open" and run.version.split(".")[0] < "515":
+        raise InputError(f"driver {run.version} has no open kernel modules: they exist from 515 on",
+                         hint="use --flavor proprietary, or a driver of 515 or newer")
+    return DriverPlan(version=run.version, canonical=run.canonical(),
+                      description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
+                      environment={"DRIVER_SOURCE": "run", "DRIVER_INSTALLER": f"{INPUTS}/{run.sha256}"})
+
+
+# ---- the whole ---------------------------------------------------------------------------------
 def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: Reporter,
                   engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
     cache = Cache(default_cache_dir(env))
@@ -80,27 +167,41 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
         reporter.note(f"kernel: {release} (the newest headers in Debian {options.distribution})")
     else:
         release = options.kernel
-    kernel_packages, gcc_major = archive.kernel_packages(release)
-    source, userspace, driver_version = archive.driver_packages(options.driver, options.flavor, release)
-    how = "newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
-    reporter.note(f"driver: {driver_version} {options.flavor} ({source.name} {source.version}; {how})")
+    kernel_source = options.kernel_source
+    if kernel_source is None:
+        kernel_source = "debian" if options.kernel == "latest" or DEBIAN_RELEASE_RE.fullmatch(release) else "git"
+        reporter.note(f"kernel source: {kernel_source} ({'a Debian kernel release' if kernel_source == 'debian' else 'not a Debian release: its tag from ' + options.kernel_repo}; "
+                      "choose with --kernel-source)")
+    if kernel_source == "debian":
+        kernel = plan_debian_kernel(archive, release, cache)
+    else:
+        kernel = plan_git_kernel(options, release, cache, None)
+        reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo}, release suffix "
+                      f"{kernel.environment['KERNEL_SUFFIX']!r}")
+    if options.driver_source == "debian":
+        driver = plan_debian_driver(archive, options, release)
+    else:
+        driver = plan_run_driver(options, cache, fetcher)
+    reporter.note(f"driver: {driver.version} {options.flavor} ({driver.description})")
 
-    base, distribution = BASE_BY_GCC.get(gcc_major, (None, options.distribution))
-    if options.builder_base:
-        base = options.builder_base
-    elif base is None:
-        raise InputError(f"kernel {release} was built with gcc {gcc_major}, and cudabuild knows no builder "
+    base = options.builder_base or BASE_BY_GCC.get(kernel.gcc_major)
+    if base is None:
+        raise InputError(f"kernel {release} was built with gcc {kernel.gcc_major}, and cudabuild knows no builder "
                          "base image with that compiler",
                          hint="pass --builder-base IMAGE naming an image whose gcc has that major version")
-    reporter.note(f"builder base: {base} (gcc {gcc_major}, the kernel's own compiler)")
-    builder = plan_builder(engine, base=base, distribution=distribution, gcc_major=gcc_major,
+    why = "--builder-base" if options.builder_base else f"gcc {kernel.gcc_major}, the kernel's own compiler"
+    reporter.note(f"builder base: {base} ({why})")
+    builder = plan_builder(engine, base=base, distribution=base.split(":", 1)[-1], gcc_major=kernel.gcc_major,
                            mirror=options.apt_mirror, security_mirror=options.apt_security_mirror)
-    spec = BuildSpec(kernel_release=release, driver_version=driver_version, flavor=options.flavor,
-                     kernel_packages=tuple(kernel_packages), driver_package=source,
-                     userspace_packages=tuple(userspace), builder_tag=builder.tag,
-                     modules=tuple(expected_modules(driver_version)), gcc_major=gcc_major)
+    if kernel.clone is not None:
+        prepared = f"prepared-{key_of([kernel.canonical, builder.tag])[:24]}"
+        kernel.environment["KERNEL_PREPARED"] = f"{KERNELS}/{prepared}"
+        kernel.tree_dir = prepared
+    spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
+                     kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
+                     modules=tuple(expected_modules(driver.version)))
     key = key_of(spec.canonical())
-    tag = modules_image_tag(driver_version, options.flavor, release)
+    tag = modules_image_tag(driver.version, options.flavor, release)
 
     # ---- the cache -------------------------------------------------------------------------
     hit = cache.result(key) if options.use_cache else None
@@ -110,8 +211,8 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
         try:
             hit = cache.result(key) if options.use_cache else None  # it may have finished meanwhile
             if hit is None:
-                _build(spec, key, cache=cache, engine=engine, fetcher=fetcher, builder=builder,
-                       options=options, reporter=reporter)
+                _build(spec, key, kernel=kernel, driver=driver, cache=cache, engine=engine, fetcher=fetcher,
+                       builder=builder, options=options, reporter=reporter)
                 result_dir, cache_hit = cache.result_dir(key), False
             else:
                 result_dir, cache_hit = hit, True
@@ -129,54 +230,56 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
     if output:
         copy_result(result_dir, output)
         reporter.note(f"copied the modules, userspace and manifest to {output}")
-    return ModulesResult(kernel_release=release, driver_version=driver_version, flavor=options.flavor,
+    return ModulesResult(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                          cache_hit=cache_hit, result_dir=result_dir, manifest=manifest, modules_image=tag,
                          output_dir=output, steps=list(reporter.steps))
 
 
-def _build(spec: BuildSpec, key: str, *, cache: Cache, engine: Engine, fetcher: Fetcher, builder,
-           options: ModulesOptions, reporter: Reporter) -> None:
+def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan, cache: Cache, engine: Engine,
+           fetcher: Fetcher, builder, options: ModulesOptions, reporter: Reporter) -> None:
     cache.check_space()
     cache.reap_stale()
     started = time.monotonic()
-    packages = [*spec.kernel_packages, spec.driver_package, *spec.userspace_packages]
-    with reporter.step(f"download {len(packages)} packages "
-                       f"({sum(p.size for p in packages) / 1024**2:.0f} MiB, cached by content)"):
-        paths = {p.name: fetcher.fetch(p.url, store=cache.downloads, sha256=p.sha256, size=p.size,
-                                       label=p.filename.rsplit("/", 1)[-1]) for p in packages}
+    packages = kernel.downloads + driver.downloads
+    if packages:
+        with reporter.step(f"download {len(packages)} packages "
+                           f"({sum(p.size for p in packages) / 1024**2:.0f} MiB, cached by content)"):
+            for p in packages:
+                fetcher.fetch(p.url, store=cache.downloads, sha256=p.sha256, size=p.size,
+                              label=p.filename.rsplit("/", 1)[-1])
     image_id = ensure_builder(engine, builder, reporter, verbose=options.verbose)
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    log_path = cache.logs / f"{key[:16]}-{stamp}.log"
+    inputs = Mount(str(cache.downloads), INPUTS)
+    kernels = Mount(str(cache.kernels), KERNELS, read_only=False)
 
-    def inside(p) -> str:
-        return f"/cudabuild/inputs/{paths[p.name].name}"
-
-    kernel_key = key_of([p.sha256 for p in spec.kernel_packages])[:24]
+    if kernel.clone is not None:
+        clone_dir = cache.kernels / kernel.clone["dir"]
+        if clone_dir.is_dir():
+            reporter.cached("fetch kernel source", f"reusing the clone of {kernel.clone['tag']} ({clone_dir})")
+        else:
+            check_tag(kernel.clone["repo"], kernel.clone["tag"])
+            run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose,
+                      log_path=cache.logs / f"{key[:16]}-{stamp}-fetch.log", script="fetch-kernel-git.sh",
+                      mounts=[kernels], network="host",
+                      environment={"KERNEL_REPO": kernel.clone["repo"], "KERNEL_TAG": kernel.clone["tag"],
+                                   "KERNEL_CLONE": f"{KERNELS}/{kernel.clone['dir']}",
+                                   "KERNEL_CHECKOUT": kernel.clone["checkout"]})
     work = cache.workdir(key[:16])
-    log_path = cache.logs / f"{key[:16]}-{datetime.now().strftime('%Y%m%dT%H%M%S')}.log"
     try:
         run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose, log_path=log_path,
-                  mounts=[Mount(str(cache.downloads), "/cudabuild/inputs"),
-                          Mount(str(cache.kernels), "/cudabuild/kernels", read_only=False),
-                          Mount(str(work), "/cudabuild/work", read_only=False)],
-                  environment={
-                      "KERNEL_SOURCE": options.kernel_source,
-                      "DRIVER_SOURCE": options.driver_source,
-                      "KERNEL_RELEASE": spec.kernel_release,
-                      "KERNEL_DEBS": " ".join(inside(p) for p in spec.kernel_packages),
-                      "KERNEL_TREE": f"/cudabuild/kernels/debian-{kernel_key}",
-                      "DRIVER_DEB": inside(spec.driver_package),
-                      "USERSPACE_DEBS": " ".join(inside(p) for p in spec.userspace_packages),
-                      "MODULES": " ".join(spec.modules),
-                      "JOBS": str(options.jobs),
-                      "WORK": "/cudabuild/work",
-                  })
+                  mounts=[inputs, kernels, Mount(str(work), "/cudabuild/work", read_only=False)],
+                  environment={**kernel.environment, **driver.environment,
+                               "KERNEL_RELEASE": spec.kernel_release, "DRIVER_VERSION": spec.driver_version,
+                               "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),
+                               "JOBS": str(options.jobs), "WORK": "/cudabuild/work"})
         out = work / "out"
-        headers = cache.kernels / f"debian-{kernel_key}" / "usr" / "src" / f"linux-headers-{spec.kernel_release}"
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
-            modversions = config_enabled(headers / ".config", "CONFIG_MODVERSIONS")
+            config = kernel.config or cache.kernels / kernel.tree_dir / ".config"
+            modversions = config_enabled(config, "CONFIG_MODVERSIONS")
             infos = verify_modules(out / "modules", release=spec.kernel_release,
                                    driver_version=spec.driver_version, expected=list(spec.modules),
-                                   symvers=headers / "Module.symvers" if modversions else None,
-                                   modversions=modversions)
+                                   symvers=kernel.symvers if modversions else None, modversions=modversions)
         manifest = {
             "format": 1,
             "cudabuild_version": cudabuild.__version__,
@@ -187,11 +290,10 @@ def _build(spec: BuildSpec, key: str, *, cache: Cache, engine: Engine, fetcher: 
             "flavor": spec.flavor,
             "vermagic": infos[0].vermagic,
             "modversions": modversions,
-            "kernel_source": {"kind": "debian", "packages": [_pkg(p) for p in spec.kernel_packages]},
-            "driver_source": {"kind": "debian", "package": _pkg(spec.driver_package)},
+            "kernel_source": spec.kernel,
+            "driver_source": spec.driver,
             "modules": [i.as_json() for i in infos],
             "userspace": _userspace_listing(out / "userspace"),
-            "userspace_packages": [_pkg(p) for p in spec.userspace_packages],
             "builder_image": {"tag": builder.tag, "id": image_id, "base": builder.base},
             "build_seconds": round(time.monotonic() - started, 1),
         }
@@ -200,10 +302,6 @@ def _build(spec: BuildSpec, key: str, *, cache: Cache, engine: Engine, fetcher: 
         cache.publish(out, key)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _pkg(p) -> dict:
-    return {"name": p.name, "version": p.version, "sha256": p.sha256}
 
 
 def _userspace_listing(root: Path) -> list[dict]:
@@ -215,8 +313,6 @@ def _userspace_listing(root: Path) -> list[dict]:
         elif path.is_file():
             listing.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     return listing
-
-
 def publish_image(engine: Engine, result_dir: Path, manifest: dict, *, tag: str, key: str,
                   reporter: Reporter) -> None:
     """The modules image: FROM scratch, one layer with modules/, userspace/ and manifest.json."""

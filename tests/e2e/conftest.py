@@ -1,7 +1,18 @@
+import functools
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import REPO
+
+STANDINS = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test"))
 
 
 @pytest.fixture(scope="session")
@@ -9,7 +20,86 @@ def fresh_cache(tmp_path_factory) -> Path:
     """A new cache for this run: results must be built, not found. Downloaded packages (checked
     by sha256 against Debian's index) are shared between runs to spare the mirror."""
     cache = tmp_path_factory.mktemp("cache")
-    shared = Path(os.environ.get("CUDABUILD_TEST_DOWNLOADS", Path.home() / ".cache" / "cudabuild-test-downloads"))
+    shared = STANDINS / "downloads"
     shared.mkdir(parents=True, exist_ok=True)
     (cache / "downloads").symlink_to(shared, target_is_directory=True)
     return cache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kernel_repo():
+    """linux-source-6.1 as a linux-stable-like repository, served by git daemon on 127.0.0.1."""
+    made = subprocess.run(["bash", str(REPO / "scripts" / "standin-kernel-repo"), str(STANDINS)],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    tag = made.stdout.strip().splitlines()[-1]
+    port = free_port()
+    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--listen=127.0.0.1", f"--port={port}",
+                               f"--base-path={STANDINS}", "--export-all", "--enable=upload-pack", str(STANDINS)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"git://127.0.0.1:{port}/linux-stable.git"
+    for _ in range(50):
+        if subprocess.run(["git", "ls-remote", url], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.2)
+    yield {"url": url, "tag": tag, "version": tag.lstrip("v")}
+    daemon.terminate()
+    daemon.wait(10)
+
+
+@pytest.fixture(scope="session")
+def installers():
+    """.run stand-ins made from Debian's packages, served over HTTP on 127.0.0.1."""
+    directory = STANDINS / "installers"
+    for version in ("535.309.01", "470.256.02", "535.261.03"):
+        made = subprocess.run([sys.executable, str(REPO / "scripts" / "standin-installer"), version,
+                               str(directory), "--cache", str(STANDINS / "standin-cache")],
+                              capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "dir": directory}
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def target_kernel_files(kernel_repo, tmp_path_factory):
+    """The .config and Module.symvers of Debian's build of the same kernel version, as a user
+    would take them from the target host."""
+    from debian.debfile import DebFile
+
+    from cudabuild.cache import Cache
+    from cudabuild.debian import DebianArchive
+    from cudabuild.fetch import Fetcher
+    from cudabuild.ui import Reporter
+
+    reporter = Reporter(quiet=True)
+    cache = Cache(STANDINS / "standin-cache")
+    fetcher = Fetcher(reporter=reporter)
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror="http://deb.debian.org/debian",
+                            security_mirror="http://deb.debian.org/debian-security", distribution="bookworm")
+    release = next(r for r in archive.kernel_releases()
+                   if r.endswith("-amd64") and r.count("-") == 2
+                   and archive.versions(f"linux-headers-{r}")[0].upstream_version == kernel_repo["version"])
+    headers = archive.versions(f"linux-headers-{release}")[0]
+    deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size)
+    out = tmp_path_factory.mktemp("target")
+    data = DebFile(str(deb)).data.tgz()
+    for name, target in ((".config", "config"), ("Module.symvers", "Module.symvers")):
+        member = next(m for m in data.getmembers() if m.name.endswith(f"linux-headers-{release}/{name}"))
+        (out / target).write_bytes(data.extractfile(member).read())
+    return {"config": out / "config", "symvers": out / "Module.symvers", "debian_release": release}

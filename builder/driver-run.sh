@@ -1,0 +1,59 @@
+# Driver from NVIDIA's .run installer, extracted with its own -x --target.
+# Layouts: 355 and newer have one Kbuild tree kernel/ (and kernel-open/ from 515); up to 352,
+# kernel/ builds nvidia.ko and kernel/uvm/ builds nvidia-uvm.ko separately.
+# In: DRIVER_INSTALLER, DRIVER_VERSION, FLAVOR, WORK    Out: DRIVER_DIR
+extract_driver() {
+    step "extract installer"
+    tree="$WORK/installer"
+    if ! sh "$DRIVER_INSTALLER" -x --target "$tree" >"$WORK/extract.log" 2>&1; then
+        cat "$WORK/extract.log"
+        die "the installer for $DRIVER_VERSION could not be extracted: it is truncated, corrupt, or not an NVIDIA .run installer"
+    fi
+    case "$FLAVOR" in
+        open) DRIVER_DIR="$tree/kernel-open"
+              [ -d "$DRIVER_DIR" ] || die "this installer has no kernel-open/: open modules need a 515 or newer installer" ;;
+        *)    DRIVER_DIR="$tree/kernel" ;;
+    esac
+    [ -f "$DRIVER_DIR/Makefile" ] || die "the installer has no $(basename "$DRIVER_DIR")/Makefile"
+    echo "driver tree: $DRIVER_DIR"
+}
+
+build_driver() {
+    step "make modules"
+    if [ -f "$DRIVER_DIR/Kbuild" ]; then
+        echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT modules"
+        make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_VERBOSE=1 modules
+    else
+        # 352-style: nvidia.ko from kernel/, nvidia-uvm.ko from kernel/uvm/.
+        make -C "$DRIVER_DIR" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" module
+        if [ -d "$DRIVER_DIR/uvm" ]; then
+            make -C "$DRIVER_DIR/uvm" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" module
+            cp "$DRIVER_DIR/uvm/nvidia-uvm.ko" "$DRIVER_DIR/"
+        fi
+    fi
+}
+
+# The userspace files of the installer's .manifest (libraries, nvidia-smi, GSP firmware), with the
+# SONAME links the installer would make.
+collect_userspace() {
+    step "collect userspace driver"
+    tree="$WORK/installer"
+    mkdir -p "$OUT/userspace/lib" "$OUT/userspace/bin"
+    for lib in libcuda libnvidia-ml libnvidia-ptxjitcompiler libnvidia-nvvm libnvidia-cfg libnvidia-allocator \
+               libnvidia-fatbinaryloader libnvidia-compiler libcudadebugger libnvidia-opencl; do
+        file="$tree/$lib.so.$DRIVER_VERSION"
+        [ -f "$file" ] || continue
+        cp "$file" "$OUT/userspace/lib/"
+        soname=$(readelf -d "$file" 2>/dev/null | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+        if [ -n "$soname" ] && [ "$soname" != "$lib.so.$DRIVER_VERSION" ]; then
+            ln -sf "$lib.so.$DRIVER_VERSION" "$OUT/userspace/lib/$soname"
+        fi
+    done
+    [ -f "$OUT/userspace/lib/libcuda.so.$DRIVER_VERSION" ] || die "the installer has no libcuda.so.$DRIVER_VERSION"
+    [ -f "$tree/nvidia-smi" ] && cp "$tree/nvidia-smi" "$OUT/userspace/bin/"
+    if [ -d "$tree/firmware" ]; then
+        mkdir -p "$OUT/userspace/firmware/nvidia/$DRIVER_VERSION"
+        cp "$tree"/firmware/* "$OUT/userspace/firmware/nvidia/$DRIVER_VERSION/"
+    fi
+    return 0
+}
