@@ -4,6 +4,7 @@ turns cudabuild's errors into their exit codes. Results go to stdout, progress t
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import sys
 
@@ -27,6 +28,8 @@ def cli() -> None:
 
     \b
       cudabuild modules --kernel 6.1.0-56-amd64 --driver 535    # phase 1: verified modules
+      cudabuild image device-query                              # phase 2: a runtime image
+      docker run --privileged cudabuild/device-query:535.309.01-6.1.0-56-amd64
     """
 
 
@@ -119,6 +122,100 @@ def modules(as_json: bool, **flags) -> None:
         click.echo(f"output:        {result.output_dir}")
     if not result.cache_hit:
         click.echo(f"build time:    {format_seconds(result.manifest['build_seconds'])}")
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.argument("profile", required=False)
+@click.option("--base", metavar="IMAGE", help="Any base image instead of a profile's (e.g. --base debian:bookworm).")
+@click.option("--modules", "modules_ref", metavar="IMAGE|DIR",
+              help="The modules to bake in: a cudabuild/modules:... image or an --output directory. "
+                   "Default: the most recent build in the cache.")
+@click.option("--kernel", metavar="RELEASE", help="Build (or reuse) modules for this kernel first, as `cudabuild modules`.")
+@click.option("--driver", metavar="VERSION", help="With --kernel: the driver to build (e.g. 535).")
+@click.option("--tag", metavar="TAG", help="Tag of the image (default cudabuild/PROFILE:DRIVER-RELEASE).")
+@click.option("--dry-run", is_flag=True, help="Print the Dockerfile and exit; needs no engine.")
+@click.option("--list", "list_profiles", is_flag=True, help="List the profiles and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
+def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profiles, as_json) -> None:
+    """Make a runtime image that loads the driver when it starts.
+
+    PROFILE is one of images/profiles: cuda, tensorflow, torch, device-query; or give --base IMAGE.
+    The image adds exactly one layer over its base: the modules, the userspace driver of the same
+    version (SONAME links, ldconfig, nvidia-smi on PATH) and the loader, its entrypoint. Run it
+    with `docker run --privileged IMAGE [COMMAND]`.
+
+    \b
+    Examples:
+      cudabuild image device-query
+      cudabuild image tensorflow --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
+      cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
+      cudabuild image torch --dry-run
+    """
+    from cudabuild import image as images
+
+    if list_profiles:
+        for name, p in images.profiles().items():
+            click.echo(f"{name:<14} {p.base:<48} {p.description}")
+        return
+    if profile is None and base is None:
+        raise click.UsageError("name a PROFILE (cuda, tensorflow, torch, device-query) or pass --base IMAGE")
+    chosen = images.load_profile(profile, base)
+    if dry_run:
+        click.echo(images.render_runtime(chosen), nl=False)
+        return
+    from cudabuild.cache import Cache, default_cache_dir
+    from cudabuild.engine import Engine
+
+    reporter = Reporter()
+    engine = Engine.from_env()
+    cache = Cache(default_cache_dir(os.environ))
+    if kernel or driver:
+        from cudabuild.modules import build_modules
+
+        result = build_modules(ModulesOptions(kernel=kernel, driver=driver), env=os.environ, reporter=reporter,
+                               engine_factory=lambda: engine).result_dir
+    else:
+        result = images.find_modules(modules_ref, cache, engine)
+    reporter.note(f"modules: {result}")
+    report = images.build_image(profile=chosen, result=result, engine=engine, cache=cache, tag=tag, reporter=reporter)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['image']}: {report['profile']} on {report['base']}, one layer added")
+    click.echo(f"  NVIDIA {report['driver_version']} for Linux {report['kernel_release']}"
+               + (f"; base CUDA {report['base_cuda']} (driver supports up to {report['max_cuda']})"
+                  if report["base_cuda"] else ""))
+    click.echo(f"  run it: docker run --privileged {report['image']} {shlex.join(report['smoke'])}")
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def inspect(target: str, as_json: bool) -> None:
+    """Show the driver, kernel and modules of a runtime image, a modules image, a directory or a .ko,
+    and whether they match this host's kernel.
+
+    \b
+    Examples:
+      cudabuild inspect cudabuild/device-query:535.309.01-6.1.0-56-amd64
+      cudabuild inspect ./nvidia --json
+      cudabuild inspect ./nvidia/modules/nvidia.ko
+    """
+    from cudabuild import image as images
+    from cudabuild.engine import Engine
+
+    report = images.inspect(target, Engine.from_env)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{target} ({report['kind']})")
+    click.echo(f"  driver:  {report['driver_version']}")
+    click.echo(f"  kernel:  {report['kernel_release']} (vermagic {report['vermagic'].strip()})")
+    match = "yes" if report["matches_host"] else f"no, this host runs {report['host_kernel_release']}"
+    click.echo(f"  matches this host's kernel: {match}")
+    for m in report["modules"]:
+        size = f"{m['size'] / 1024**2:7.1f} MiB  " if "size" in m else ""
+        click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")
 
 
 def main(argv: list[str] | None = None) -> None:

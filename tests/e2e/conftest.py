@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+import json
+
+from tests.helpers import REPO, run_cli
 
 STANDINS = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test"))
 
@@ -98,8 +100,22 @@ def target_kernel_files(kernel_repo, tmp_path_factory):
     headers = archive.versions(f"linux-headers-{release}")[0]
     deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size)
     out = tmp_path_factory.mktemp("target")
-    data = DebFile(str(deb)).data.tgz()
-    for name, target in ((".config", "config"), ("Module.symvers", "Module.symvers")):
-        member = next(m for m in data.getmembers() if m.name.endswith(f"linux-headers-{release}/{name}"))
-        (out / target).write_bytes(data.extractfile(member).read())
+    package = DebFile(str(deb))
+    try:
+        data = package.data.tgz()
+        for name, target in ((".config", "config"), ("Module.symvers", "Module.symvers")):
+            member = next(m for m in data.getmembers() if m.name.endswith(f"linux-headers-{release}/{name}"))
+            (out / target).write_bytes(data.extractfile(member).read())
+    finally:
+        package.close()
     return {"config": out / "config", "symvers": out / "Module.symvers", "debian_release": release}
+
+
+@pytest.fixture(scope="session")
+def build(fresh_cache, tmp_path_factory):
+    """Debian's newest bookworm kernel with Debian's current 535 driver, built once per run."""
+    output = tmp_path_factory.mktemp("out") / "nvidia"
+    result = run_cli("modules", "--kernel", "latest", "--driver", "535", "--output", str(output), "--json",
+                     env={"CUDABUILD_CACHE": str(fresh_cache)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout), output, fresh_cache, result.stderr

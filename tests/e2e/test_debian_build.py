@@ -13,15 +13,6 @@ from tests.helpers import run_cli
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 
 
-@pytest.fixture(scope="session")
-def build(fresh_cache, tmp_path_factory):
-    output = tmp_path_factory.mktemp("out") / "nvidia"
-    result = run_cli("modules", "--kernel", "latest", "--driver", "535", "--output", str(output), "--json",
-                     env={"CUDABUILD_CACHE": str(fresh_cache)})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout), output, fresh_cache, result.stderr
-
-
 def symvers_of(cache: Path, release: str) -> Path:
     [path] = cache.glob(f"kernels/*/usr/src/linux-headers-{release}/Module.symvers")
     return path

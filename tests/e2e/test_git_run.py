@@ -1,0 +1,186 @@
+"""The classic path: a kernel from a git tag (served by git daemon on 127.0.0.1), drivers from
+.run installers (served over HTTP on 127.0.0.1), built for real."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = [pytest.mark.engine, pytest.mark.build]
+RELEASE_SUFFIX = "-test"
+
+
+def modinfo(field: str, path) -> str:
+    return subprocess.run(["/sbin/modinfo", "-F", field, str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def git_build(cache, kernel_repo, files, installer_url, *extra, release=None):
+    release = release or kernel_repo["version"] + RELEASE_SUFFIX
+    return run_cli("modules", "--kernel", release, "--kernel-source", "git", "--kernel-repo", kernel_repo["url"],
+                   "--kernel-config", str(files["config"]), "--symvers", str(files["symvers"]),
+                   "--driver-source", "run", "--installer", installer_url, "--json", *extra,
+                   env={"CUDABUILD_CACHE": str(cache)})
+
+
+def steps(data) -> dict:
+    return {s["name"].split(" (")[0]: s["status"] for s in data["steps"]}
+
+
+def crc_disagreements(modules_dir: Path, release: str, symvers: Path, tmp_path: Path) -> list[str]:
+    extra = tmp_path / "lib" / "modules" / release / "extra"
+    extra.mkdir(parents=True)
+    for ko in modules_dir.glob("*.ko"):
+        (extra / ko.name).symlink_to(ko)
+    check = subprocess.run(["/sbin/depmod", "-b", str(tmp_path), "-e", "-E", str(symvers), release],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    return [line for line in check.stderr.splitlines() if "disagrees about version" in line]
+
+
+@pytest.fixture(scope="session")
+def git_535(fresh_cache, kernel_repo, target_kernel_files, installers):
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+def test_git_tag_and_run_installer_build_the_five_modules(git_535, kernel_repo, target_kernel_files, tmp_path):
+    release = kernel_repo["version"] + RELEASE_SUFFIX
+    assert git_535["kernel_release"] == release
+    assert [m["name"] for m in git_535["modules"]] == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm",
+                                                       "nvidia-peermem"]
+    for m in git_535["modules"]:
+        assert modinfo("vermagic", m["path"]) == f"{release} SMP preempt mod_unload modversions"
+        assert modinfo("version", m["path"]) == "535.309.01"
+    assert modinfo("license", git_535["modules"][0]["path"]) == "NVIDIA"
+    assert steps(git_535)["fetch kernel source"] == "done"
+    assert steps(git_535)["prepare kernel"] == "done"
+    modules_dir = Path(git_535["modules"][0]["path"]).parent
+    assert crc_disagreements(modules_dir, release, target_kernel_files["symvers"], tmp_path) == []
+    lib = modules_dir.parent / "userspace" / "lib"
+    assert (lib / "libcuda.so.1").resolve().name == "libcuda.so.535.309.01"
+
+
+def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_repo, target_kernel_files,
+                                                  installers):
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run")
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(result.stdout)
+    assert steps(data)["fetch kernel source"] == "cached", "no clone for a kernel already fetched"
+    assert steps(data)["prepare kernel"] == "cached", "no modules_prepare for a kernel already prepared"
+    assert data["driver_version"] == "470.256.02"
+    assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm",
+                                                    "nvidia-peermem"]
+    for m in data["modules"]:
+        assert modinfo("vermagic", m["path"]).startswith(data["kernel_release"] + " ")
+
+
+def test_open_flavor_builds_the_open_modules(fresh_cache, installers):
+    # Debian's open 535.261.03 source does not build against 6.1.192 (FACTS.md); it does against 6.1.170.
+    result = run_cli("modules", "--kernel", "6.1.0-47-amd64", "--kernel-source", "debian", "--flavor", "open",
+                     "--driver-source", "run", "--installer",
+                     f"{installers['url']}/NVIDIA-Linux-x86_64-535.261.03.run", "--json",
+                     env={"CUDABUILD_CACHE": str(fresh_cache)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(result.stdout)
+    assert data["flavor"] == "open" and data["modules_image"].endswith("535.261.03-open-6.1.0-47-amd64")
+    for m in data["modules"]:
+        assert modinfo("license", m["path"]) == "Dual MIT/GPL", "the open modules, not the proprietary ones"
+        assert modinfo("version", m["path"]) == "535.261.03"
+
+
+def test_sparse_fetch_is_small_and_builds_the_same_modules(git_535, fresh_cache, kernel_repo,
+                                                           target_kernel_files, installers):
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run", "--kernel-checkout", "full")
+    assert result.returncode == 0, result.stderr[-4000:]
+    full = json.loads(result.stdout)
+    sizes = {}
+    for clone in (fresh_cache / "kernels").glob("git-*"):
+        objects = sum(p.stat().st_size for p in (clone / ".git" / "objects").rglob("*") if p.is_file())
+        kind = "sparse" if (clone / ".git" / "info" / "sparse-checkout").exists() else "full"
+        sizes[kind] = objects
+    assert set(sizes) == {"sparse", "full"}
+    assert sizes["sparse"] <= 0.20 * sizes["full"], sizes
+    for sparse_module, full_module in zip(git_535["modules"], full["modules"], strict=True):
+        fields = [line for line in subprocess.run(["/sbin/modinfo", sparse_module["path"]], capture_output=True,
+                                                  text=True, check=True).stdout.splitlines()
+                  if not line.startswith("filename:")]
+        others = [line for line in subprocess.run(["/sbin/modinfo", full_module["path"]], capture_output=True,
+                                                  text=True, check=True).stdout.splitlines()
+                  if not line.startswith("filename:")]
+        assert fields == others, sparse_module["name"]
+
+
+# ---- what goes wrong ---------------------------------------------------------------------------
+def assert_no_result(cache: Path, before: set):
+    assert set((cache / "results").iterdir()) == before
+    assert list((cache / "tmp").iterdir()) == []
+    assert not list((cache / "kernels").glob("*.partial*"))
+
+
+@pytest.fixture
+def results_before(fresh_cache):
+    (fresh_cache / "results").mkdir(parents=True, exist_ok=True)
+    return set((fresh_cache / "results").iterdir())
+
+
+def test_missing_tag_names_the_tag_the_repository_and_the_nearest(fresh_cache, kernel_repo, target_kernel_files,
+                                                                  installers, results_before):
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run", release="6.1.999-test")
+    assert result.returncode == 3, result.stderr
+    assert f"{kernel_repo['url']} has no tag v6.1.999" in result.stderr
+    assert kernel_repo["tag"] in result.stderr.split("fix:", 1)[1]
+    assert_no_result(fresh_cache, results_before)
+
+
+def test_modversions_config_without_symvers_stops_before_building(fresh_cache, kernel_repo, target_kernel_files,
+                                                                  results_before):
+    result = run_cli("modules", "--kernel", "6.1.192-test", "--kernel-source", "git", "--kernel-repo",
+                     kernel_repo["url"], "--kernel-config", str(target_kernel_files["config"]),
+                     "--driver-source", "run", "--driver", "535.309.01", env={"CUDABUILD_CACHE": str(fresh_cache)})
+    assert result.returncode == 3
+    assert "CONFIG_MODVERSIONS=y" in result.stderr and "--symvers" in result.stderr
+    assert "==>" not in result.stderr, "nothing was started"
+    assert_no_result(fresh_cache, results_before)
+
+
+def test_truncated_installer_is_a_clear_build_error(git_535, fresh_cache, kernel_repo, target_kernel_files,
+                                                    installers, results_before, tmp_path):
+    whole = (installers["dir"] / "NVIDIA-Linux-x86_64-535.309.01.run").read_bytes()
+    truncated = tmp_path / "NVIDIA-Linux-x86_64-535.309.01.run"
+    truncated.write_bytes(whole[: len(whole) // 3])
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files, str(truncated))
+    assert result.returncode == 6, result.stderr[-3000:]
+    assert "could not be extracted" in result.stderr and "truncated" in result.stderr
+    assert_no_result(fresh_cache, results_before)
+
+
+def test_sha256_mismatch_removes_the_download(fresh_cache, kernel_repo, target_kernel_files, installers,
+                                              results_before):
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run", "--sha256", "0" * 64)
+    assert result.returncode == 5
+    assert "expected " + "0" * 64 in result.stderr and "deleted" in result.stderr
+    assert not (fresh_cache / "downloads" / ".partial" / ("0" * 64)).exists()
+    assert not (fresh_cache / "downloads" / ("0" * 64)).exists()
+    assert_no_result(fresh_cache, results_before)
+
+
+@pytest.mark.parametrize("where,fragment", [("/missing/NVIDIA-Linux-x86_64-535.309.01.run", "HTTP 404"),
+                                            ("unreachable", "could not download")])
+def test_http_404_and_unreachable_server(fresh_cache, kernel_repo, target_kernel_files, installers, results_before,
+                                         where, fragment):
+    url = ("http://127.0.0.1:9/NVIDIA-Linux-x86_64-535.309.01.run" if where == "unreachable"
+           else installers["url"] + where)
+    result = git_build(fresh_cache, kernel_repo, target_kernel_files, url)
+    assert result.returncode == 5, result.stderr
+    assert fragment in result.stderr and "fix:" in result.stderr
+    assert_no_result(fresh_cache, results_before)

@@ -1,0 +1,164 @@
+"""`cudabuild image` and `cudabuild inspect` against the real engine, with a small modules result
+made here (gcc-built ELF modules, a stand-in libcuda)."""
+
+import json
+import os
+import stat
+
+import docker
+import pytest
+
+from tests.helpers import run_cli
+from tests.integration.test_loader import STUB_INSMOD
+from tests.integration.test_verify import RELEASE, compile_module
+
+DRIVER = "535.309.01"
+PROFILES = {"cuda": "nvidia/cuda:12.2.2-base-ubuntu22.04", "tensorflow": "tensorflow/tensorflow:2.15.0-gpu",
+            "torch": "pytorch/pytorch:2.1.2-cuda12.1-cudnn8-runtime", "device-query": "python:3.11-slim-bookworm"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("result")
+    (root / "modules").mkdir()
+    modules = []
+    for name in ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"):
+        compile_module(root / "modules", name)
+        ko = root / "modules" / f"{name}.ko"
+        import hashlib
+
+        modules.append({"name": name, "file": ko.name, "size": ko.stat().st_size, "depends": [],
+                        "sha256": hashlib.sha256(ko.read_bytes()).hexdigest(), "version": DRIVER,
+                        "vermagic": f"{RELEASE} SMP preempt mod_unload modversions "})
+    lib = root / "userspace" / "lib"
+    lib.mkdir(parents=True)
+    (lib / f"libcuda.so.{DRIVER}").write_bytes(b"\x7fELF stand-in")
+    (lib / "libcuda.so.1").symlink_to(f"libcuda.so.{DRIVER}")
+    (root / "userspace" / "bin").mkdir()
+    smi = root / "userspace" / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho nvidia-smi stand-in\n")
+    smi.chmod(0o755)
+    manifest = {"key": "k" * 64, "created": "2026-11-22T00:00:00+00:00", "driver_version": DRIVER,
+                "kernel_release": RELEASE, "flavor": "proprietary", "vermagic": modules[0]["vermagic"],
+                "modules": modules}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def client():
+    return docker.from_env()
+
+
+@pytest.fixture(scope="module")
+def made(client):
+    tags = []
+    yield tags
+    for tag in tags:
+        try:
+            client.images.remove(tag, force=True)
+        except docker.errors.ImageNotFound:
+            pass
+
+
+def build(result, made, *args):
+    out = run_cli("image", *args, "--modules", str(result), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    made.append(report["image"])
+    return report
+
+
+@pytest.mark.parametrize("profile", [*PROFILES, "base"])
+def test_each_profile_adds_exactly_one_layer_with_labels(result, made, client, profile):
+    args = ["--base", "debian:bookworm", "--tag", "cudabuild-test/custom:1"] if profile == "base" else [profile]
+    report = build(result, made, *args)
+    base = "debian:bookworm" if profile == "base" else PROFILES[profile]
+    image, base_image = client.images.get(report["image"]), client.images.get(base)
+    assert len(image.attrs["RootFS"]["Layers"]) == len(base_image.attrs["RootFS"]["Layers"]) + 1
+    labels = image.labels
+    assert labels["io.cudabuild.driver-version"] == DRIVER
+    assert labels["io.cudabuild.kernel-release"] == RELEASE
+    assert labels["io.cudabuild.vermagic"].startswith(RELEASE + " ")
+    assert image.attrs["Config"]["Entrypoint"] == ["/opt/cudabuild/loader.sh"]
+
+
+def test_dry_run_prints_the_dockerfile_without_an_engine(tmp_path):
+    out = run_cli("image", "torch", "--dry-run", env={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("# cudabuild runtime image")
+    assert "FROM pytorch/pytorch:2.1.2-cuda12.1-cudnn8-runtime" in out.stdout
+    assert out.stdout.count("COPY") == 1 and "RUN" not in out.stdout
+
+
+def test_a_base_needing_a_newer_cuda_is_refused(result, made, client, tmp_path):
+    import io
+
+    tag = "cudabuild-test/newer-cuda:12.4"
+    client.images.build(fileobj=io.BytesIO(b"FROM debian:bookworm\nENV CUDA_VERSION=12.4.1\n"), tag=tag,
+                        network_mode="host", rm=True)
+    made.append(tag)
+    out = run_cli("image", "--base", tag, "--modules", str(result))
+    assert out.returncode == 3
+    assert "CUDA 12.4.1" in out.stderr and "supports CUDA 12.2 at most" in out.stderr
+    assert "insufficient" in out.stderr and "fix:" in out.stderr
+
+
+def test_inspect_reports_what_the_manifest_says(result, made):
+    report = build(result, made, "cuda")
+    manifest = json.loads((result / "manifest.json").read_text())
+    for target in (report["image"], str(result)):
+        out = run_cli("inspect", target, "--json")
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+        assert seen["driver_version"] == manifest["driver_version"]
+        assert seen["kernel_release"] == manifest["kernel_release"]
+        assert {m["file"]: m["sha256"] for m in seen["modules"]} == {m["file"]: m["sha256"] for m in manifest["modules"]}
+        assert seen["matches_host"] is (os.uname().release == RELEASE)
+    one = run_cli("inspect", str(result / "modules" / "nvidia.ko"))
+    assert one.returncode == 0 and DRIVER in one.stdout and RELEASE in one.stdout
+    assert run_cli("inspect", "no-such-thing:1").returncode == 3
+
+
+def test_loader_inside_the_image_against_a_fake_root(result, made, client, tmp_path):
+    report = build(result, made, "--base", "debian:bookworm", "--tag", "cudabuild-test/loader:1")
+    fake = tmp_path / "fake"
+    for d in ("proc/self", "proc/driver/nvidia/gpus", "sys/module", "dev"):
+        (fake / d).mkdir(parents=True)
+    (fake / "proc/self/status").write_text("CapEff:\t000001ffffffffff\n")
+    (fake / "proc/devices").write_text("Character devices:\n")
+    (fake / "insmod").write_text(STUB_INSMOD)
+    (fake / "insmod").chmod(0o755)
+    logs = client.containers.run(
+        report["image"], ["sh", "-c", "echo the command ran; ls /opt/cudabuild/lib; exit 5"], remove=False,
+        detach=True, network_mode="none", volumes={str(fake): {"bind": "/fake", "mode": "rw"}},
+        environment={"CUDABUILD_ROOT": "/fake", "CUDABUILD_INSMOD": "/fake/insmod", "CUDABUILD_KERNEL_RELEASE": RELEASE,
+                     "FAKE_ROOT": "/fake", "FAKE_GPUS": "2", "FAKE_VERSION": DRIVER, "NVIDIA_VISIBLE_DEVICES": "1"})
+    try:
+        code = logs.wait()["StatusCode"]
+        output = logs.logs().decode()
+    finally:
+        logs.remove(force=True)
+    assert code == 5, output
+    assert "the command ran" in output and f"libcuda.so.{DRIVER}" in output
+    assert (fake / "insmod.log").read_text().split() == ["nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"]
+    assert sorted(p.name for p in (fake / "dev").iterdir()) == ["nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools",
+                                                               "nvidia1", "nvidiactl"]
+    st = (fake / "dev" / "nvidia1").stat()
+    assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (195, 1)
+
+
+def test_without_privileges_the_image_says_privileged(result, made, client):
+    report = build(result, made, "--base", "debian:bookworm", "--tag", "cudabuild-test/noprivs:1")
+    container = client.containers.run(report["image"], ["true"], detach=True, network_mode="none")
+    try:
+        code = container.wait()["StatusCode"]
+        output = container.logs().decode()
+    finally:
+        container.remove(force=True)
+    assert code == 10 and "--privileged" in output
+
+
+def test_unknown_profile_lists_the_profiles():
+    out = run_cli("image", "caffe", "--dry-run")
+    assert out.returncode == 3 and "cuda, device-query, tensorflow, torch" in out.stderr

@@ -1,0 +1,174 @@
+"""The loader, run with sh against a fake root and a stub insmod that imitates the kernel.
+Nothing here loads a real module."""
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+LOADER = REPO / "images" / "loader.sh"
+RELEASE = "6.1.0-56-amd64"
+VERSION = "535.309.01"
+ALL_CAPS = "000001ffffffffff"
+NO_SYS_MODULE = "00000000a80425fb"  # docker's default set: no CAP_SYS_MODULE (bit 16)
+
+STUB_INSMOD = r"""#!/bin/sh
+# Imitates the kernel loading a module: sysfs entry, version, /proc/devices, GPU entries.
+set -eu
+ko=$1
+name=$(basename "$ko" .ko | tr - _)
+echo "$name" >> "$FAKE_ROOT/insmod.log"
+[ "${FAKE_FAIL:-}" = "$name" ] && { echo "insmod: ERROR: could not insert module $ko: Invalid argument" >&2; exit 1; }
+mkdir -p "$FAKE_ROOT/sys/module/$name/holders"
+echo "$FAKE_VERSION" > "$FAKE_ROOT/sys/module/$name/version"
+case "$name" in
+    nvidia)
+        echo "195 nvidia" >> "$FAKE_ROOT/proc/devices"
+        i=0
+        while [ "$i" -lt "$FAKE_GPUS" ]; do
+            d="$FAKE_ROOT/proc/driver/nvidia/gpus/0000:0$((i + 1)):00.0"
+            mkdir -p "$d"
+            printf 'Model: \t\t NVIDIA H100\nDevice Minor: \t %s\nGPU UUID: \t GPU-0000000%s-fake\n' "$i" "$i" > "$d/information"
+            i=$((i + 1))
+        done ;;
+    nvidia_uvm) echo "510 nvidia-uvm" >> "$FAKE_ROOT/proc/devices" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fake root and the image's /opt/cudabuild, for N GPUs."""
+    root = tmp_path / "root"
+    for d in ("proc/self", "proc/driver/nvidia/gpus", "sys/module/firmware_class/parameters", "dev"):
+        (root / d).mkdir(parents=True)
+    (root / "proc/self/status").write_text(f"Name:\tsh\nCapEff:\t{ALL_CAPS}\n")
+    (root / "proc/devices").write_text("Character devices:\n  1 mem\n")
+    (root / "sys/module/firmware_class/parameters/path").write_text("\n")
+    home = tmp_path / "opt"
+    (home / "modules").mkdir(parents=True)
+    (home / "firmware").mkdir()
+    modules = ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"]
+    for m in modules:
+        (home / "modules" / f"{m}.ko").write_bytes(b"\x7fELF")
+    (home / "driver.env").write_text(f'DRIVER_VERSION="{VERSION}"\nKERNEL_RELEASE="{RELEASE}"\n'
+                                     f'MODULES="{" ".join(modules)}"\nNEEDS_IPMI=0\n')
+    insmod = tmp_path / "insmod"
+    insmod.write_text(STUB_INSMOD)
+    insmod.chmod(0o755)
+    return {"root": root, "home": home, "insmod": insmod, "tmp": tmp_path}
+
+
+def run_loader(fake, *command, gpus=2, env=None):
+    full = {"PATH": os.environ["PATH"], "CUDABUILD_ROOT": str(fake["root"]), "CUDABUILD_HOME": str(fake["home"]),
+            "CUDABUILD_INSMOD": str(fake["insmod"]), "CUDABUILD_MODPROBE": "false", "CUDABUILD_LDCONFIG": "true",
+            "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(fake["root"]), "FAKE_GPUS": str(gpus),
+            "FAKE_VERSION": VERSION, **(env or {})}
+    return subprocess.run(["sh", str(LOADER), *command], env=full, capture_output=True, text=True, timeout=60)
+
+
+def loaded(fake) -> list[str]:
+    log = fake["root"] / "insmod.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def char_device(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    assert stat.S_ISCHR(st.st_mode), f"{path} is not a character device"
+    assert stat.S_IMODE(st.st_mode) == 0o666
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+@pytest.fixture(autouse=True)
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.fail("the loader tests make device nodes with mknod and must run as root")
+
+
+def test_loads_in_dependency_order_and_runs_the_command(fake):
+    result = run_loader(fake, "sh", "-c", "echo hello from the command; exit 7")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "hello from the command\n"
+    assert loaded(fake) == ["nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"]
+    assert (fake["root"] / "sys/module/firmware_class/parameters/path").read_text().strip() == str(fake["home"] / "firmware")
+
+
+def test_peermem_only_when_asked(fake):
+    run_loader(fake, "true", env={"NVIDIA_PEERMEM": "1"})
+    assert loaded(fake)[-1] == "nvidia_peermem"
+
+
+def test_device_nodes_for_every_gpu(fake):
+    assert run_loader(fake, "true", gpus=3).returncode == 0
+    dev = fake["root"] / "dev"
+    assert [char_device(dev / f"nvidia{i}") for i in range(3)] == [(195, 0), (195, 1), (195, 2)]
+    assert char_device(dev / "nvidiactl") == (195, 255)
+    assert char_device(dev / "nvidia-modeset") == (195, 254)
+    assert char_device(dev / "nvidia-uvm") == (510, 0)
+    assert char_device(dev / "nvidia-uvm-tools") == (510, 1)
+
+
+@pytest.mark.parametrize("variable", ["NVIDIA_VISIBLE_DEVICES", "NV_GPU"])
+def test_only_the_selected_gpus_by_index_or_uuid(fake, variable):
+    assert run_loader(fake, "true", gpus=4, env={variable: "1,GPU-00000003-fake"}).returncode == 0
+    nodes = sorted(p.name for p in (fake["root"] / "dev").glob("nvidia[0-9]*"))
+    assert nodes == ["nvidia1", "nvidia3"]
+
+
+def test_same_version_already_loaded_is_not_loaded_again(fake):
+    (fake["root"] / "sys/module/nvidia").mkdir(parents=True)
+    (fake["root"] / "sys/module/nvidia/version").write_text(VERSION + "\n")
+    result = run_loader(fake, "echo", "ok")
+    assert result.returncode == 0 and result.stdout == "ok\n"
+    assert loaded(fake) == []
+    assert "already loaded" in result.stderr
+
+
+def test_another_version_loaded_is_refused_naming_both_and_the_holders(fake):
+    module = fake["root"] / "sys/module/nvidia"
+    (module / "holders" / "nvidia_uvm").mkdir(parents=True)
+    (module / "version").write_text("470.256.02\n")
+    (module / "refcnt").write_text("3\n")
+    result = run_loader(fake, "echo", "never")
+    assert result.returncode == 13
+    assert "470.256.02" in result.stderr and VERSION in result.stderr
+    assert "nvidia_uvm" in result.stderr and "refcount 3" in result.stderr
+    assert result.stdout == "" and loaded(fake) == []
+
+
+def test_kernel_mismatch_names_both_releases(fake):
+    result = run_loader(fake, "true", env={"CUDABUILD_KERNEL_RELEASE": "6.1.0-47-amd64"})
+    assert result.returncode == 11
+    assert RELEASE in result.stderr and "6.1.0-47-amd64" in result.stderr
+    assert "cudabuild modules --kernel 6.1.0-47-amd64" in result.stderr
+    assert loaded(fake) == []
+
+
+def test_nouveau_is_refused(fake):
+    (fake["root"] / "sys/module/nouveau").mkdir(parents=True)
+    result = run_loader(fake, "true")
+    assert result.returncode == 12 and "blacklist nouveau" in result.stderr
+    assert loaded(fake) == []
+
+
+def test_without_cap_sys_module_it_says_privileged(fake):
+    (fake["root"] / "proc/self/status").write_text(f"CapEff:\t{NO_SYS_MODULE}\n")
+    result = run_loader(fake, "true")
+    assert result.returncode == 10 and "--privileged" in result.stderr
+    assert loaded(fake) == []
+
+
+def test_a_module_that_fails_to_load_stops_with_the_reason(fake):
+    result = run_loader(fake, "true", env={"FAKE_FAIL": "nvidia_uvm"})
+    assert result.returncode == 14 and "nvidia-uvm.ko failed" in result.stderr and "dmesg" in result.stderr
+    assert loaded(fake) == ["nvidia", "nvidia_uvm"]
+
+
+def test_skip_runs_the_command_without_loading(fake):
+    (fake["root"] / "proc/self/status").write_text(f"CapEff:\t{NO_SYS_MODULE}\n")
+    result = run_loader(fake, "sh", "-c", "exit 3", env={"CUDABUILD_LOADER": "skip"})
+    assert result.returncode == 3 and loaded(fake) == []
