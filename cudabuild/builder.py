@@ -119,7 +119,7 @@ def _failure_hint(step: str) -> str:
 
 def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
               log_path: Path, reporter: Reporter, verbose: bool, script: str = "build.sh",
-              network: str = "none") -> None:
+              network: str = "none", keep: bool = False) -> None:
     """Run a script of builder/ in a container; its step markers become named steps with
     durations, its whole output goes to `log_path`. A failure raises BuildError with the log's
     last lines. Only the kernel fetch gets a network."""
@@ -135,7 +135,7 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
 
     with open(log_path, "w") as log, engine.container(
             image=image, command=["sh", f"/cudabuild/builder/{script}"], mounts=mounts, network=network,
-            environment=environment, user=user, name_prefix="cudabuild-builder") as container:
+            environment=environment, user=user, name_prefix="cudabuild-builder", keep=keep) as container:
         reporter.note(f"builder container {container.name}; log: {log_path}")
         for line in container.lines():
             log.write(line + "\n")

@@ -87,8 +87,9 @@ class Cache:
         return lock
 
     def workdir(self, prefix: str) -> Path:
-        """A fresh temporary directory on the cache's file system (so that rename is atomic)."""
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.root / "tmp"))
+        """A fresh temporary directory on the cache's file system (so that rename is atomic),
+        named with this process's id so that a later run can tell when its owner is gone."""
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-pid{os.getpid()}-", dir=self.root / "tmp"))
 
     def publish(self, staged: Path, key: str) -> Path:
         """Move a complete `staged` directory into place as the result for `key`."""
@@ -106,12 +107,34 @@ class Cache:
                 hint="free space there, or point CUDABUILD_CACHE at a larger file system",
             )
 
-    def reap_stale(self, *, older_than: float = 6 * 3600) -> None:
-        """Remove temporary directories left by a run that was killed."""
+    def reap_stale(self, *, older_than: float = 6 * 3600, builders_running: bool = False) -> list[Path]:
+        """Remove what a killed run left: its temporary directories (owner gone, or old), and,
+        when no builder is running, half-made kernel trees. Results are never half-written."""
+        import re
+
         now = time.time()
+        reaped = []
         for entry in (self.root / "tmp").iterdir():
+            owner = re.search(r"-pid(\d+)-", entry.name)
             try:
-                if now - entry.stat().st_mtime > older_than:
+                dead = owner is not None and not _pid_alive(int(owner.group(1)))
+                if dead or now - entry.stat().st_mtime > older_than:
                     shutil.rmtree(entry, ignore_errors=True)
+                    reaped.append(entry)
             except FileNotFoundError:
                 pass
+        if not builders_running:
+            for partial in self.kernels.glob("*.partial.*"):
+                shutil.rmtree(partial, ignore_errors=True)
+                reaped.append(partial)
+        return reaped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

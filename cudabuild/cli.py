@@ -87,6 +87,9 @@ def cli() -> None:
               help="Base image of the builder (default: chosen by the kernel's gcc, e.g. debian:bookworm "
                    "for gcc 12). Env: CUDABUILD_BUILDER_BASE.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the whole build log as it runs.")
+@click.option("--keep-builder", is_flag=True, envvar="CUDABUILD_KEEP_BUILDER",
+              help="Keep a failed builder container for debugging (docker commit it and look inside). "
+                   "Env: CUDABUILD_KEEP_BUILDER=1.")
 def modules(as_json: bool, **flags) -> None:
     """Build, verify and cache the NVIDIA kernel modules for one kernel.
 

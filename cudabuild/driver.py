@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.errors import InputError
-from cudabuild.fetch import Fetcher, sha256_file
+from cudabuild.fetch import Fetcher, sha256_file, store_local
 from cudabuild.spec import FULL_DRIVER_RE
 
 
@@ -49,12 +49,7 @@ def resolve_run_driver(*, version: str | None, installer: str | None, template: 
         if sha256 and digest != sha256:
             raise InputError(f"{source} has sha256 {digest}, expected {sha256}",
                              hint="the file is not the installer you meant: check it, or the checksum")
-        stored = store / digest
-        if not stored.exists():
-            import shutil
-
-            shutil.copyfile(path, stored.with_suffix(".partial"))
-            stored.with_suffix(".partial").replace(stored)
+        stored, _ = store_local(path, store)
         return RunDriver(version=version, source=str(path.resolve()), path=stored, sha256=digest)
     # A URL: its content is known by its sha256, given or remembered from an earlier download,
     # so a cached build needs no network.

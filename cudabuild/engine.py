@@ -6,8 +6,9 @@ DOCKER_CERT_PATH), so a remote engine needs no flag of ours."""
 from __future__ import annotations
 
 import os
-import sys
 import secrets
+import socket
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,16 +44,28 @@ class Container:
     def lines(self) -> Iterator[str]:
         """Its output (stdout and stderr), line by line, until it exits."""
         buffer = b""
-        for chunk in self._container.logs(stream=True, follow=True):
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                yield line.decode("utf-8", "replace")
+        try:
+            for chunk in self._container.logs(stream=True, follow=True):
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                for line in complete:
+                    yield line.decode("utf-8", "replace")
+        except (docker.errors.APIError, requests.RequestException, OSError) as exc:
+            raise _lost(self.name, exc) from exc
         if buffer:
             yield buffer.decode("utf-8", "replace")
 
     def wait(self) -> int:
-        return int(self._container.wait()["StatusCode"])
+        try:
+            return int(self._container.wait()["StatusCode"])
+        except (docker.errors.APIError, requests.RequestException, OSError) as exc:
+            raise _lost(self.name, exc) from exc
+
+
+def _lost(name: str, exc: BaseException) -> EngineError:
+    return EngineError(f"lost the Docker engine while {name} was running ({_short(exc)}); nothing was published",
+                       hint="check that the engine is running and run again: the build starts over cleanly, and "
+                       "the abandoned builder container is removed by the next run")
 
 
 class Engine:
@@ -142,11 +155,15 @@ class Engine:
         With `keep` (or CUDABUILD_KEEP_BUILDER=1) a container whose block failed is left for
         debugging, and its name is reported."""
         name = f"{name_prefix}-{secrets.token_hex(4)}"
+        keep = keep or os.environ.get(KEEP_ENV) == "1"
+        owner = {f"{LABEL_PREFIX}.pid": str(os.getpid()), f"{LABEL_PREFIX}.host": socket.gethostname(),
+                 f"{LABEL_PREFIX}.kept": "1" if keep else "0"}
         volumes = {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts}
         try:
             container = self.client.containers.create(
                 image, command=command, name=name, volumes=volumes, environment=dict(environment or {}),
-                user=user, network_mode=network, labels={f"{LABEL_PREFIX}.role": "builder", **(labels or {})},
+                user=user, network_mode=network,
+                labels={f"{LABEL_PREFIX}.role": "builder", **owner, **(labels or {})},
                 working_dir="/", detach=True)
         except (docker.errors.APIError, requests.RequestException) as exc:
             raise EngineError(f"cannot create a container from {image}: {_short(exc)}", hint=ENGINE_HINT) from exc
@@ -158,13 +175,13 @@ class Engine:
             failed = True
             raise
         finally:
-            if failed and (keep or os.environ.get(KEEP_ENV) == "1"):
+            if failed and keep:
                 try:
                     container.stop(timeout=1)
                 except Exception:  # noqa: BLE001 - best effort: the container may already be gone
                     pass
-                print(f"kept the failed builder container {name} for debugging "
-                      f"(docker start -ai {name}; docker rm {name} when done)", file=sys.stderr)
+                print(f"kept the failed builder container {name} for debugging: docker commit {name} debug && "
+                      f"docker run -it --rm debug sh; docker rm {name} when done", file=sys.stderr)
             else:
                 try:
                     container.remove(force=True)
@@ -174,6 +191,37 @@ class Engine:
     def containers(self, *, label: str) -> list[str]:
         """Names of containers (running or not) carrying `label`."""
         return [c.name for c in self.client.containers.list(all=True, filters={"label": label})]
+
+    def reap_builders(self) -> tuple[list[str], int]:
+        """Remove builder containers whose cudabuild process on this host is gone (killed, say);
+        return their names and how many builders are still in use by live processes."""
+        reaped, alive = [], 0
+        host = socket.gethostname()
+        for c in self.client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}.role=builder"}):
+            labels = c.labels
+            if labels.get(f"{LABEL_PREFIX}.host") != host or not labels.get(f"{LABEL_PREFIX}.pid", "").isdigit():
+                continue
+            if _pid_alive(int(labels[f"{LABEL_PREFIX}.pid"])):
+                alive += 1
+                continue
+            if labels.get(f"{LABEL_PREFIX}.kept") == "1":
+                continue  # the user asked to keep it for debugging
+            try:
+                c.remove(force=True)
+                reaped.append(c.name)
+            except docker.errors.APIError:
+                pass
+        return reaped, alive
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _short(exc: BaseException) -> str:

@@ -139,3 +139,20 @@ def sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+
+def store_local(source: Path | bytes, store: Path) -> tuple[Path, str]:
+    """Put a local file (or bytes) into the content-addressed store; return its path and sha256."""
+    import shutil
+
+    store.mkdir(parents=True, exist_ok=True)
+    digest = sha256_file(source) if isinstance(source, Path) else hashlib.sha256(source).hexdigest()
+    target = store / digest
+    if not target.exists():
+        partial = store / f"{digest}.partial"
+        if isinstance(source, Path):
+            shutil.copyfile(source, partial)
+        else:
+            partial.write_bytes(source)
+        partial.replace(target)
+    return target, digest

@@ -11,11 +11,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.errors import FetchError, InputError
-from cudabuild.fetch import sha256_file
+from cudabuild.errors import FetchError, InputError, VerifyError
+from cudabuild.fetch import store_local
 from cudabuild.spec import kernel_tag, version_tuple
 from cudabuild.verify import read_symvers
-from cudabuild.errors import VerifyError
 
 # A builder base image with each gcc major; kernels before 5.8 name no compiler in their config,
 # so theirs is chosen by kernel version (a 4.x kernel does not compile with gcc 12).
@@ -45,26 +44,6 @@ class GitKernel:
         return {"kind": "git", "repo": self.repo, "tag": self.tag, "release": self.release,
                 "config_sha256": self.config_sha256, "symvers_sha256": self.symvers_sha256,
                 "checkout": self.checkout}
-
-
-def _store(data_or_path, store: Path) -> tuple[Path, str]:
-    """Put a small input file into the content-addressed store."""
-    store.mkdir(parents=True, exist_ok=True)
-    if isinstance(data_or_path, Path):
-        digest = sha256_file(data_or_path)
-        target = store / digest
-        if not target.exists():
-            shutil.copyfile(data_or_path, target.with_suffix(".partial"))
-            target.with_suffix(".partial").replace(target)
-    else:
-        import hashlib
-
-        digest = hashlib.sha256(data_or_path).hexdigest()
-        target = store / digest
-        if not target.exists():
-            target.with_suffix(".partial").write_bytes(data_or_path)
-            target.with_suffix(".partial").replace(target)
-    return target, digest
 
 
 def host_config() -> bytes:
@@ -117,7 +96,7 @@ def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: 
     if "CONFIG_" not in text:
         raise InputError(f"--kernel-config {config} is not a kernel .config (it sets no CONFIG_ options)",
                          hint="pass the target kernel's .config")
-    config_path, config_sha = _store(data, store)
+    config_path, config_sha = store_local(data, store)
     modversions = "\nCONFIG_MODVERSIONS=y" in "\n" + text
     if symvers == "host":
         symvers = f"/lib/modules/{platform.release()}/build/Module.symvers"
@@ -128,7 +107,7 @@ def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: 
             read_symvers(source)
         except VerifyError as exc:
             raise InputError(exc.message, hint=exc.hint) from exc
-        symvers_path, symvers_sha = _store(source, store)
+        symvers_path, symvers_sha = store_local(source, store)
     elif modversions:
         raise InputError(
             f"the config of {release} has CONFIG_MODVERSIONS=y, so its modules need the kernel's Module.symvers: "

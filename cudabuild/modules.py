@@ -111,7 +111,7 @@ def plan_debian_kernel(archive: DebianArchive, release: str, cache: Cache) -> Ke
         symvers=headers / "Module.symvers", config=headers / ".config")
 
 
-def plan_git_kernel(options: ModulesOptions, release: str, cache: Cache, builder_tag_of) -> KernelPlan:
+def plan_git_kernel(options: ModulesOptions, release: str, cache: Cache) -> KernelPlan:
     kernel = resolve_git_kernel(release=release, repo=options.kernel_repo, config=options.kernel_config,
                                 symvers=options.symvers, checkout=options.kernel_checkout,
                                 for_host=options.kernel is None, store=cache.downloads)
@@ -175,7 +175,7 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
     if kernel_source == "debian":
         kernel = plan_debian_kernel(archive, release, cache)
     else:
-        kernel = plan_git_kernel(options, release, cache, None)
+        kernel = plan_git_kernel(options, release, cache)
         reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo}, release suffix "
                       f"{kernel.environment['KERNEL_SUFFIX']!r}")
     if options.driver_source == "debian":
@@ -238,7 +238,10 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
 def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan, cache: Cache, engine: Engine,
            fetcher: Fetcher, builder, options: ModulesOptions, reporter: Reporter) -> None:
     cache.check_space()
-    cache.reap_stale()
+    reaped, running = engine.reap_builders()
+    if reaped:
+        reporter.note(f"removed builder containers left by killed runs: {', '.join(reaped)}")
+    cache.reap_stale(builders_running=running > 0)
     started = time.monotonic()
     packages = kernel.downloads + driver.downloads
     if packages:
@@ -268,7 +271,7 @@ def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan,
     work = cache.workdir(key[:16])
     try:
         run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose, log_path=log_path,
-                  mounts=[inputs, kernels, Mount(str(work), "/cudabuild/work", read_only=False)],
+                  keep=options.keep_builder, mounts=[inputs, kernels, Mount(str(work), "/cudabuild/work", read_only=False)],
                   environment={**kernel.environment, **driver.environment,
                                "KERNEL_RELEASE": spec.kernel_release, "DRIVER_VERSION": spec.driver_version,
                                "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),

@@ -101,6 +101,7 @@ class ModulesOptions:
     builder_base: str | None = None
     output: str | None = None
     verbose: bool = False
+    keep_builder: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "latest"):

@@ -1,0 +1,237 @@
+"""Faults leave nothing broken: kills, Ctrl-C, races, a lost engine, a full disk, hostile input."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = [pytest.mark.engine, pytest.mark.build]
+ARGS = ["modules", "--kernel", "latest", "--driver", "470"]  # tesla 470: the quickest real build
+
+
+def start(cache: Path, *args, env=None) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "cudabuild"
+    full = {**os.environ, "CUDABUILD_CACHE": str(cache), **(env or {})}
+    full.pop("CUDABUILD_KEEP_BUILDER", None)
+    return subprocess.Popen([str(exe), *(args or ARGS)], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen}")
+
+
+def builders_of(pid: int) -> list:
+    return docker.from_env().containers.list(all=True, filters={"label": f"io.cudabuild.pid={pid}"})
+
+
+def nothing_half_written(cache: Path):
+    results = cache / "results"
+    assert all((entry / "manifest.json").is_file() for entry in results.iterdir()), "only whole results"
+    assert not list((cache / "kernels").glob("*.partial*"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = tmp_path / "cache"
+    c.mkdir()
+    shared = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test")) / "downloads"
+    shared.mkdir(parents=True, exist_ok=True)
+    (c / "downloads").symlink_to(shared)
+    return c
+
+
+def test_sigkill_mid_build_then_the_next_run_rebuilds_cleanly(cache):
+    proc = start(cache)
+    wait_for(proc, "==> make modules")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = builders_of(proc.pid)
+    assert left, "the killed run's builder is still there (it will be reaped)"
+    assert list((cache / "results").iterdir()) == []
+    again = run_cli(*ARGS, "--json", env={"CUDABUILD_CACHE": str(cache)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "removed builder containers left by killed runs" in again.stderr
+    assert builders_of(proc.pid) == []
+    assert json.loads(again.stdout)["cache_hit"] is False
+    assert not [p for p in (cache / "tmp").iterdir() if f"-pid{proc.pid}-" in p.name]
+    nothing_half_written(cache)
+
+
+def test_ctrl_c_removes_the_builder_and_exits_130(cache):
+    proc = start(cache)
+    wait_for(proc, "==> make modules")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert builders_of(proc.pid) == []
+    assert list((cache / "results").iterdir()) == [] and list((cache / "tmp").iterdir()) == []
+
+
+def test_two_identical_builds_at_once_build_once(cache):
+    first, second = start(cache, *ARGS, "--json"), start(cache, *ARGS, "--json")
+    outs = [p.communicate(timeout=1200) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, outs
+    data = [json.loads(out) for out, _ in outs]
+    assert sorted(d["cache_hit"] for d in data) == [False, True]
+    assert "waiting for it" in outs[[d["cache_hit"] for d in data].index(True)][1]
+    assert data[0]["modules"] == data[1]["modules"]
+    nothing_half_written(cache)
+
+
+class EngineProxy:
+    """A unix socket that forwards to the real engine, and can be cut: to its clients, the engine
+    went away in the middle of a build."""
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock"):
+        self.path, self.target, self.conns = path, target, []
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.server.close()
+        os.unlink(self.path)
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+def test_engine_lost_during_a_build_is_a_clear_error(cache, tmp_path):
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proc = start(cache, env={"DOCKER_HOST": f"unix://{tmp_path}/engine.sock"})
+    wait_for(proc, "==> make modules")
+    proxy.cut()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, err
+    assert "lost the Docker engine" in err and "nothing was published" in err
+    assert list((cache / "results").iterdir()) == [] and list((cache / "tmp").iterdir()) == []
+    # The abandoned builder is still on the engine; the next run's reaper removes it.
+    from cudabuild.engine import Engine
+
+    reaped, _ = Engine.from_env().reap_builders()
+    assert builders_of(proc.pid) == [] and reaped
+
+
+def test_too_little_space_is_refused_before_starting(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)]).returncode != 0:
+        pytest.fail("this test mounts a small tmpfs and must run as root")
+    try:
+        result = run_cli(*ARGS, env={"CUDABUILD_CACHE": str(small)})
+        assert result.returncode == 8, result.stderr
+        assert f"free in {small}" in result.stderr and "needs 3.0 GiB" in result.stderr
+        assert "CUDABUILD_CACHE" in result.stderr
+        assert list((small / "results").iterdir()) == [] and list((small / "downloads").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--kernel", "6.1.0;id>/tmp/x", "is not valid"),
+    ("--kernel", "../../../etc/passwd", "is not valid"),
+    ("--driver", "535$(id)", "is not valid"),
+    ("--kernel-repo", "git://x/`id`", "--kernel-repo"),
+    ("--installer", "http://127.0.0.1/a b;id.run", "not a valid URL"),
+    ("--sha256", "../../etc", "--sha256"),
+    ("--apt-mirror", "http://x/$(id)", "--apt-mirror"),
+])
+def test_hostile_strings_are_refused(tmp_path, option, value, fragment):
+    cache = tmp_path / "cache"
+    result = run_cli("modules", "--kernel", "latest", "--driver-source", "run", "--driver", "535.309.01",
+                     option, value, env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 3, result.stderr
+    assert fragment in result.stderr
+    assert not Path("/tmp/x").exists()
+
+
+def test_hostile_image_tag_and_base(tmp_path):
+    for args in (["--base", "debian:bookworm;id", "--dry-run"], ["cuda", "--tag", "../x"]):
+        result = run_cli("image", *args, env={"CUDABUILD_CACHE": str(tmp_path)})
+        assert result.returncode == 3 and "fix:" in result.stderr, result.stderr
+
+
+def test_symvers_that_is_not_one(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("CONFIG_MODVERSIONS=y\n")
+    result = run_cli("modules", "--kernel", "6.1.192-x", "--kernel-source", "git", "--kernel-config", str(config),
+                     "--symvers", "/etc/passwd", "--driver-source", "run", "--driver", "535.309.01",
+                     env={"CUDABUILD_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 3 and "not a Module.symvers line" in result.stderr
+
+
+def test_installer_with_dotdot_paths_writes_nothing_outside_its_directory(cache, tmp_path):
+    """A .run whose payload holds ../ members: extraction keeps them inside its target."""
+    header = (Path(__file__).resolve().parents[2] / "scripts" / "standin-installer").read_text()
+    header = header.split('HEADER = """', 1)[1].split('"""', 1)[0]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in (("../../kernels/evil", b"owned\n"), ("../../../../tmp/cudabuild-evil", b"owned\n"),
+                           ("kernel/Makefile", b"all:\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    import hashlib
+    import lzma
+
+    payload = lzma.compress(raw.getvalue())
+    run = tmp_path / "NVIDIA-Linux-x86_64-535.309.01.run"
+    run.write_bytes(header.format(label="NVIDIA-Linux-x86_64-535.309.01", version="535.309.01",
+                                  sha=hashlib.sha256(payload).hexdigest()).encode() + payload)
+    result = run_cli("modules", "--kernel", "latest", "--driver-source", "run", "--installer", str(run),
+                     env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert not (cache / "kernels" / "evil").exists() and not Path("/tmp/cudabuild-evil").exists()
+    assert not list(cache.rglob("evil")), "nothing lands outside the extraction directory"
+    assert list((cache / "results").iterdir()) == []
