@@ -11,6 +11,7 @@ import lzma
 import re
 import time
 from dataclasses import dataclass
+from functools import cmp_to_key
 
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
@@ -137,16 +138,12 @@ class DebianArchive:
 
     def versions(self, name: str) -> list[Package]:
         """All versions of a package, newest first."""
-        from functools import cmp_to_key
-
         found = self.packages().get(name, [])
         return sorted(found, key=cmp_to_key(lambda a, b: version_compare(b.version, a.version)))
 
     # ---- kernels ---------------------------------------------------------------------------
     def kernel_releases(self) -> list[str]:
         """Kernel releases with a headers package, newest first."""
-        from functools import cmp_to_key
-
         releases = {}
         for name, pkgs in self.packages().items():
             m = _HEADERS_RE.fullmatch(name)
@@ -192,8 +189,6 @@ class DebianArchive:
     # ---- drivers ---------------------------------------------------------------------------
     def driver_sources(self, flavor: str) -> list[tuple[Package, DriverNames]]:
         """Every module source package of this flavour, newest first."""
-        from functools import cmp_to_key
-
         found = []
         for name in self.packages():
             m = _SOURCE_RE[flavor].fullmatch(name)

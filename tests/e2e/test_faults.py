@@ -65,7 +65,7 @@ def test_sigkill_mid_build_then_the_next_run_rebuilds_cleanly(cache):
     proc = start(cache)
     wait_for(proc, "==> make modules")
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     left = builders_of(proc.pid)
     assert left, "the killed run's builder is still there (it will be reaped)"
     assert list((cache / "results").iterdir()) == []
