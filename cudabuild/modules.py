@@ -23,7 +23,8 @@ from cudabuild.engine import LABEL_PREFIX, Engine, Mount
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.fetch import Fetcher, sha256_file
 from cudabuild.kernel import BASE_BY_GCC, check_tag, resolve_git_kernel
-from cudabuild.spec import DEBIAN_RELEASE_RE, BuildSpec, ModulesOptions, Package, expected_modules, validate_release
+from cudabuild.spec import (DEBIAN_RELEASE_RE, OPEN_SINCE, BuildSpec, ModulesOptions, Package, expected_modules,
+                            validate_release, version_tuple)
 from cudabuild.ui import Reporter
 from cudabuild.verify import config_enabled, verify_modules
 
@@ -140,7 +141,7 @@ def plan_debian_driver(archive: DebianArchive, options: ModulesOptions, release:
 def plan_run_driver(options: ModulesOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
     run = resolve_run_driver(version=options.driver, installer=options.installer, template=options.installer_url,
                              sha256=options.sha256, store=cache.downloads, fetcher=fetcher)
-    if options.flavor == "open" and run.version.split(".")[0] < "515":
+    if options.flavor == "open" and version_tuple(run.version) < OPEN_SINCE:
         raise InputError(f"driver {run.version} has no open kernel modules: they exist from 515 on",
                          hint="use --flavor proprietary, or a driver of 515 or newer")
     return DriverPlan(version=run.version, canonical=run.canonical(),
