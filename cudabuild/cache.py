@@ -117,7 +117,7 @@ class Cache:
         for entry in (self.root / "tmp").iterdir():
             owner = re.search(r"-pid(\d+)-", entry.name)
             try:
-                dead = owner is not None and not _pid_alive(int(owner.group(1)))
+                dead = owner is not None and not pid_alive(int(owner.group(1)))
                 if dead or now - entry.stat().st_mtime > older_than:
                     shutil.rmtree(entry, ignore_errors=True)
                     reaped.append(entry)
@@ -130,7 +130,8 @@ class Cache:
         return reaped
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that id exists (owners of builders and temp dirs)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ import docker
 import docker.errors
 import requests
 
+from cudabuild.cache import pid_alive
 from cudabuild.errors import BuildError, EngineError
 
 LABEL_PREFIX = "io.cudabuild"
@@ -201,7 +202,7 @@ class Engine:
             labels = c.labels
             if labels.get(f"{LABEL_PREFIX}.host") != host or not labels.get(f"{LABEL_PREFIX}.pid", "").isdigit():
                 continue
-            if _pid_alive(int(labels[f"{LABEL_PREFIX}.pid"])):
+            if pid_alive(int(labels[f"{LABEL_PREFIX}.pid"])):
                 alive += 1
                 continue
             if labels.get(f"{LABEL_PREFIX}.kept") == "1":
@@ -212,16 +213,6 @@ class Engine:
             except docker.errors.APIError:
                 pass
         return reaped, alive
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _short(exc: BaseException) -> str:
