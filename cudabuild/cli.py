@@ -12,7 +12,7 @@ import click
 
 import cudabuild
 from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
-from cudabuild.spec import (CHECKOUTS, DEFAULT_INSTALLER_URL, DEFAULT_KERNEL_REPO, DRIVER_SOURCES, FLAVORS,
+from cudabuild.options import (CHECKOUTS, DEFAULT_INSTALLER_URL, DEFAULT_KERNEL_REPO, DRIVER_SOURCES, FLAVORS,
                             KERNEL_SOURCES, ModulesOptions)
 from cudabuild.ui import Reporter, format_seconds
 
@@ -106,7 +106,7 @@ def modules(as_json: bool, **flags) -> None:
       cudabuild modules --kernel 4.3.6-coreos --kernel-config ./config --symvers ./Module.symvers \\
           --driver 352.39 --driver-source run
     """
-    from cudabuild.modules import build_modules
+    from cudabuild.build.modules import build_modules
 
     options = ModulesOptions(use_cache=not flags.pop("no_cache"), refresh_index=flags.pop("refresh"), **flags)
     reporter = Reporter()
@@ -154,7 +154,7 @@ def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profile
       cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
       cudabuild image torch --dry-run
     """
-    from cudabuild import image as images
+    from cudabuild.deliver import image as images
 
     if list_profiles:
         for name, p in images.profiles().items():
@@ -166,14 +166,14 @@ def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profile
     if dry_run:
         click.echo(images.render_runtime(chosen), nl=False)
         return
-    from cudabuild.cache import Cache, default_cache_dir
-    from cudabuild.engine import Engine
+    from cudabuild.build.cache import Cache, default_cache_dir
+    from cudabuild.build.engine import Engine
 
     reporter = Reporter()
     engine = Engine.from_env()
     cache = Cache(default_cache_dir(os.environ))
     if kernel or driver:
-        from cudabuild.modules import build_modules
+        from cudabuild.build.modules import build_modules
 
         result = build_modules(ModulesOptions(kernel=kernel, driver=driver), env=os.environ, reporter=reporter,
                                engine_factory=lambda: engine).result_dir
@@ -204,8 +204,8 @@ def inspect(target: str, as_json: bool) -> None:
       cudabuild inspect ./nvidia --json
       cudabuild inspect ./nvidia/modules/nvidia.ko
     """
-    from cudabuild import image as images
-    from cudabuild.engine import Engine
+    from cudabuild.deliver import image as images
+    from cudabuild.build.engine import Engine
 
     report = images.inspect(target, Engine.from_env)
     if as_json:

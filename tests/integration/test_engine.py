@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cudabuild.engine import Engine, Mount
-from cudabuild.modules import publish_image
+from cudabuild.build.engine import Engine, Mount
+from cudabuild.build.modules import publish_image
 from cudabuild.ui import Reporter
 
 
@@ -41,9 +41,9 @@ def test_modules_image_has_exactly_one_layer_and_the_labels(engine, tmp_path):
         info = engine.image(tag)
         assert len(info["RootFS"]["Layers"]) == 1
         labels = info["Config"]["Labels"]
-        assert labels["io.cudabuild.kernel-release"] == "6.1.0-56-amd64"
+        assert labels["io.cudabuild.sources.git-release"] == "6.1.0-56-amd64"
         assert labels["org.opencontainers.image.version"] == "535.309.01"
-        assert labels["io.cudabuild.modules"] == "nvidia.ko@sha256:" + "ab" * 32
+        assert labels["io.cudabuild.build.modules"] == "nvidia.ko@sha256:" + "ab" * 32
         files = set()
         import tarfile, io
         layer_tar = b"".join(engine.save(tag))

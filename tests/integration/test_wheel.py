@@ -20,7 +20,7 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
                              text=True, check=True)
     assert "cudabuild, version" in version.stdout
     probe = ("from cudabuild.resources import resource_dir\n"
-             "from cudabuild.builder import render_template\n"
+             "from cudabuild.build.builder import render_template\n"
              "for name in ('builder', 'dockerfiles', 'images'):\n"
              "    print(resource_dir(name))\n"
              "assert (resource_dir('builder') / 'build.sh').is_file()\n"

@@ -4,8 +4,8 @@ import lzma
 
 import pytest
 
-from cudabuild.cache import Cache
-from cudabuild.debian import DebianArchive, kernel_supported
+from cudabuild.build.cache import Cache
+from cudabuild.sources.debian import DebianArchive, kernel_supported
 from cudabuild.errors import InputError
 from cudabuild.ui import Reporter
 

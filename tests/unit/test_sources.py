@@ -1,10 +1,10 @@
 import pytest
 
-from cudabuild.driver import version_from_name
+from cudabuild.sources.run import version_from_name
 from cudabuild.errors import InputError
-from cudabuild.image import check_cuda, load_profile, max_cuda, profiles
-from cudabuild.kernel import gcc_of
-from cudabuild.spec import ModulesOptions, kernel_tag
+from cudabuild.deliver.image import check_cuda, load_profile, max_cuda, profiles
+from cudabuild.sources.git import gcc_of
+from cudabuild.options import ModulesOptions, kernel_tag
 
 
 @pytest.mark.parametrize("release,tag,suffix", [

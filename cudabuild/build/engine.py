@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import requests
 
-from cudabuild.cache import pid_alive
+from cudabuild.build.cache import pid_alive
 from cudabuild.errors import BuildError, EngineError
 
 LABEL_PREFIX = "io.cudabuild"

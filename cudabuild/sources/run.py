@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.errors import InputError
-from cudabuild.fetch import Fetcher, sha256_file, store_local
-from cudabuild.spec import FULL_DRIVER_RE
+from cudabuild.build.fetch import Fetcher, sha256_file, store_local
+from cudabuild.options import FULL_DRIVER_RE
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jinja2
 
-from cudabuild.engine import LABEL_PREFIX, Engine, Mount
+from cudabuild.build.engine import LABEL_PREFIX, Engine, Mount
 from cudabuild.errors import BuildError, EngineError
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter, Step

@@ -12,12 +12,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.builder import render_template, tar_context
-from cudabuild.cache import Cache
-from cudabuild.engine import LABEL_PREFIX, Engine
+from cudabuild.build.builder import render_template, tar_context
+from cudabuild.build.cache import Cache
+from cudabuild.build.engine import LABEL_PREFIX, Engine
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.resources import resource_dir
-from cudabuild.spec import version_tuple
+from cudabuild.options import version_tuple
 from cudabuild.ui import Reporter
 from cudabuild.verify import read_module
 

@@ -5,7 +5,7 @@ Every string that can reach a shell, a path or an image tag is checked here, onc
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cudabuild.errors import InputError
 
@@ -148,43 +148,3 @@ class ModulesOptions:
         if not re.fullmatch(r"[a-z]+", self.distribution):
             raise InputError(f"distribution {self.distribution!r} is not a Debian code name",
                              hint="pass a code name such as bookworm or trixie")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Package:
-    """One .deb of Debian's archive, as its Packages index describes it."""
-
-    name: str
-    version: str
-    filename: str
-    sha256: str
-    size: int
-    base_url: str
-    depends: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"{self.base_url.rstrip('/')}/{self.filename}"
-
-    @property
-    def upstream_version(self) -> str:
-        version = self.version.split(":", 1)[-1]
-        return version.rsplit("-", 1)[0] if "-" in version else version
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildSpec:
-    """Everything that decides the built modules: the cache key is a hash of `canonical()`."""
-
-    kernel_release: str
-    driver_version: str
-    flavor: str
-    kernel: dict  # the kernel source's own description: packages, or repository/tag/config/symvers
-    driver: dict  # the driver source's: packages, or the installer's sha256
-    builder_tag: str
-    modules: tuple[str, ...] = field(default_factory=tuple)
-
-    def canonical(self) -> dict:
-        return {"format": 2, "kernel_release": self.kernel_release, "driver_version": self.driver_version,
-                "flavor": self.flavor, "kernel": self.kernel, "driver": self.driver, "builder": self.builder_tag,
-                "modules": list(self.modules)}

@@ -1,7 +1,7 @@
 import pytest
 
 from cudabuild.errors import InputError
-from cudabuild.spec import ModulesOptions, expected_modules, validate_driver, validate_release
+from cudabuild.options import ModulesOptions, expected_modules, validate_driver, validate_release
 
 
 @pytest.mark.parametrize("release", ["6.1.0-56-amd64", "4.3.6-coreos", "5.15.0+", "6.12.117+deb13-amd64"])

@@ -15,15 +15,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cudabuild
-from cudabuild.builder import ensure_builder, plan_builder, render_template, run_build, tar_context
-from cudabuild.cache import Cache, default_cache_dir, key_of
-from cudabuild.debian import DebianArchive
-from cudabuild.driver import resolve_run_driver
-from cudabuild.engine import LABEL_PREFIX, Engine, Mount
+from cudabuild.build.builder import ensure_builder, plan_builder, render_template, run_build, tar_context
+from cudabuild.build.cache import Cache, default_cache_dir, key_of
+from cudabuild.sources.debian import DebianArchive, Package
+from cudabuild.sources.run import resolve_run_driver
+from cudabuild.build.engine import LABEL_PREFIX, Engine, Mount
 from cudabuild.errors import InputError, VerifyError
-from cudabuild.fetch import Fetcher, sha256_file
-from cudabuild.kernel import BASE_BY_GCC, check_tag, resolve_git_kernel
-from cudabuild.spec import (DEBIAN_RELEASE_RE, OPEN_SINCE, BuildSpec, ModulesOptions, Package, expected_modules,
+from cudabuild.build.fetch import Fetcher, sha256_file
+from cudabuild.sources.git import BASE_BY_GCC, check_tag, resolve_git_kernel
+from cudabuild.build.spec import BuildSpec
+from cudabuild.options import (DEBIAN_RELEASE_RE, OPEN_SINCE, ModulesOptions, expected_modules,
                             validate_release, version_tuple)
 from cudabuild.ui import Reporter
 from cudabuild.verify import config_enabled, verify_modules

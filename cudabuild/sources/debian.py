@@ -16,11 +16,34 @@ from functools import cmp_to_key
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
 
-from cudabuild.cache import Cache, key_of
+from cudabuild.build.cache import Cache, key_of
 from cudabuild.errors import FetchError, InputError
-from cudabuild.fetch import Fetcher
-from cudabuild.spec import Package, version_tuple
+from cudabuild.build.fetch import Fetcher
+from cudabuild.options import version_tuple
 from cudabuild.ui import Reporter
+
+@dataclass(frozen=True, kw_only=True)
+class Package:
+    """One .deb of Debian's archive, as its Packages index describes it."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    size: int
+    base_url: str
+    depends: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/{self.filename}"
+
+    @property
+    def upstream_version(self) -> str:
+        version = self.version.split(":", 1)[-1]
+        return version.rsplit("-", 1)[0] if "-" in version else version
+
+
 
 COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
 ARCH = "amd64"

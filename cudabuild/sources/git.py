@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.errors import FetchError, InputError, VerifyError
-from cudabuild.fetch import store_local
-from cudabuild.spec import kernel_tag, version_tuple
+from cudabuild.build.fetch import store_local
+from cudabuild.options import kernel_tag, version_tuple
 from cudabuild.verify import read_symvers
 
 # A builder base image with each gcc major; kernels before 5.8 name no compiler in their config,

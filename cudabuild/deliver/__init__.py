@@ -1,0 +1,1 @@
+"""Getting a built driver to containers: runtime images."""
