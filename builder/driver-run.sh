@@ -1,23 +1,16 @@
-# Driver from NVIDIA's .run installer, extracted with its own -x --target.
-# Layouts: 355 and newer have one Kbuild tree kernel/ (and kernel-open/ from 515); up to 352,
-# kernel/ builds nvidia.ko and kernel/uvm/ builds nvidia-uvm.ko separately.
-# In: DRIVER_INSTALLER, DRIVER_VERSION, FLAVOR, WORK    Out: DRIVER_DIR
+# Driver from NVIDIA's .run installer. The host checked the installer's shape and extracted it with
+# no ../, absolute or outward-pointing members (cudabuild/sources/run.py); this copies the module
+# tree it builds from there. Layouts: 355 and newer have one Kbuild tree kernel/ (and kernel-open/
+# from 515); up to 352, kernel/ builds nvidia.ko and kernel/uvm/ builds nvidia-uvm.ko separately.
+# In: DRIVER_TREE (the extracted installer, read-only), DRIVER_SUBDIR (kernel or kernel-open),
+#     DRIVER_VERSION, WORK    Out: DRIVER_DIR
 extract_driver() {
-    step "extract installer"
-    tree="$WORK/installer"
-    if ! sh "$DRIVER_INSTALLER" -x --target "$tree" >"$WORK/extract.log" 2>&1; then
-        cat "$WORK/extract.log"
-        die "the installer for $DRIVER_VERSION could not be extracted: it is truncated, corrupt, or not an NVIDIA .run installer"
-    fi
-    case "$FLAVOR" in
-        open) DRIVER_DIR="$tree/kernel-open"
-              [ -d "$DRIVER_DIR" ] || die "this installer has no kernel-open/: open modules need a 515 or newer installer" ;;
-        *)    DRIVER_DIR="$tree/kernel" ;;
-    esac
-    [ -f "$DRIVER_DIR/Makefile" ] || die "the installer has no $(basename "$DRIVER_DIR")/Makefile"
+    step "copy driver source"
+    DRIVER_DIR="$WORK/$DRIVER_SUBDIR"
+    cp -R "$DRIVER_TREE/$DRIVER_SUBDIR" "$DRIVER_DIR"
+    [ -f "$DRIVER_DIR/Makefile" ] || die "the installer has no $DRIVER_SUBDIR/Makefile"
     echo "driver tree: $DRIVER_DIR"
 }
-
 build_driver() {
     step "make modules"
     if [ -f "$DRIVER_DIR/Kbuild" ]; then
@@ -37,7 +30,7 @@ build_driver() {
 # SONAME links the installer would make.
 collect_userspace() {
     step "collect userspace driver"
-    tree="$WORK/installer"
+    tree="$DRIVER_TREE"
     mkdir -p "$OUT/userspace/lib" "$OUT/userspace/bin"
     for lib in libcuda libnvidia-ml libnvidia-ptxjitcompiler libnvidia-nvvm libnvidia-cfg libnvidia-allocator \
                libnvidia-fatbinaryloader libnvidia-compiler libcudadebugger libnvidia-opencl; do

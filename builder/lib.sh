@@ -1,4 +1,3 @@
 # Helpers for the builder scripts. Step markers on stdout become named steps on the host.
 step() { echo "::cudabuild-step::$1"; }
-cached() { echo "::cudabuild-cached::$1::$2"; }
 die() { echo "error: $*" >&2; exit 1; }

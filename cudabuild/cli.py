@@ -3,17 +3,18 @@ turns cudabuild's errors into their exit codes. Results go to stdout, progress t
 
 from __future__ import annotations
 
+import functools
 import json
-import shlex
 import os
+import shlex
 import sys
 
 import click
 
 import cudabuild
 from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
-from cudabuild.options import (CHECKOUTS, DEFAULT_INSTALLER_URL, DEFAULT_KERNEL_REPO, DRIVER_SOURCES, FLAVORS,
-                            KERNEL_SOURCES, ModulesOptions)
+from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, default_of,
+                               resolve_build_options, validate_image_ref)
 from cudabuild.ui import Reporter, format_seconds
 
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
@@ -33,63 +34,96 @@ def cli() -> None:
     """
 
 
+def _env_help(name: str) -> str:
+    default = default_of(name)
+    parts = [f"Default: {default}." if default not in (None, False, "") else ""]
+    if name in ENVIRONMENT:
+        parts.append(f"Env: {ENVIRONMENT[name]}.")
+    return " ".join(p for p in parts if p)
+
+
+# Every option that decides or steers a build, shared by each command that builds (modules, image).
+# Values are None unless given: defaults and environment are applied by resolve_build_options.
+BUILD_FLAGS = [
+    click.option("--kernel", metavar="RELEASE",
+                 help="The target kernel's `uname -r` (e.g. 6.1.0-56-amd64), or `latest` for the newest the "
+                      "kernel source has. Default: this host's release."),
+    click.option("--driver", metavar="VERSION",
+                 help="NVIDIA driver version (535.309.01) or branch (535: its newest release). Default: the "
+                      "newest driver known to support the kernel."),
+    click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES),
+                 help="Where the kernel comes from. debian: the linux-headers-RELEASE packages (e.g. --kernel "
+                      "6.1.0-56-amd64). git: the release's tag of --kernel-repo (4.3.6-coreos -> v4.3.6), prepared "
+                      "with --kernel-config and --symvers. Default: debian for Debian releases, git otherwise."),
+    click.option("--kernel-repo", metavar="URL",
+                 help="Git repository with linux-stable's tags (e.g. git://mirror/linux-stable.git). "
+                      + _env_help("kernel_repo")),
+    click.option("--kernel-config", metavar="FILE|host",
+                 help="The target kernel's .config (git source; e.g. --kernel-config ./config-4.3.6-coreos). host: "
+                      "/proc/config.gz or /boot/config-$(uname -r)."),
+    click.option("--symvers", metavar="FILE|host",
+                 help="The target kernel's Module.symvers, needed with CONFIG_MODVERSIONS=y (git source; e.g. "
+                      "--symvers ./Module.symvers). host: /lib/modules/$(uname -r)/build/Module.symvers."),
+    click.option("--kernel-checkout", type=click.Choice(CHECKOUTS),
+                 help="sparse: a partial clone of the tag with only what module builds read (7x fewer bytes); "
+                      "full: a plain shallow clone. " + _env_help("kernel_checkout")),
+    click.option("--driver-source", type=click.Choice(DRIVER_SOURCES),
+                 help="Where the driver comes from. debian: non-free nvidia-kernel-source / "
+                      "nvidia-tesla-BRANCH-kernel-source and the userspace packages of the same version. run: "
+                      "NVIDIA's NVIDIA-Linux-x86_64-VERSION.run installer (see --installer). "
+                      + _env_help("driver_source")),
+    click.option("--installer", metavar="URL|PATH",
+                 help="The .run installer (run source; e.g. --installer ./NVIDIA-Linux-x86_64-535.309.01.run). "
+                      "It is checked and unpacked on the host, never run. Default: NVIDIA's download URL for "
+                      "--driver, or CUDABUILD_INSTALLER_URL."),
+    click.option("--installer-url", "installer_url", hidden=True),
+    click.option("--sha256", metavar="HEX", help="Expected sha256 of the installer; a mismatch deletes the download."),
+    click.option("--flavor", type=click.Choice(FLAVORS),
+                 help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open). "
+                      + _env_help("flavor")),
+    click.option("--jobs", "-j", type=int, help="Parallel compile jobs (e.g. -j 4). Default: the CPU count."),
+    click.option("--no-cache", "no_cache", is_flag=True, default=None,
+                 help="Build again even when the cache has the result."),
+    click.option("--refresh", "refresh_index", is_flag=True, default=None,
+                 help="Re-read the package index now (it is re-read every 6 hours)."),
+    click.option("--distribution", help="Debian release whose packages to use (e.g. trixie). "
+                 + _env_help("distribution")),
+    click.option("--apt-mirror", metavar="URL", help="Debian mirror. " + _env_help("apt_mirror")),
+    click.option("--apt-security-mirror", metavar="URL", help="Debian security mirror. "
+                 + _env_help("apt_security_mirror")),
+    click.option("--builder-base", metavar="IMAGE",
+                 help="Base image of the builder (default: chosen by the kernel's gcc, e.g. debian:bookworm "
+                      "for gcc 12). Env: CUDABUILD_BUILDER_BASE."),
+    click.option("--verbose", "-v", is_flag=True, default=None, help="Show the whole build log as it runs."),
+    click.option("--keep-builder", is_flag=True, default=None,
+                 help="Keep a failed builder container for debugging (docker commit it and look inside). "
+                      "Env: CUDABUILD_KEEP_BUILDER=1."),
+]
+
+
+def build_flags(command):
+    for option in reversed(BUILD_FLAGS):
+        command = option(command)
+    return command
+
+
+def _build_options(flags: dict, **more):
+    """Flags as given (None: not given) -> BuildOptions, with the environment, in one place."""
+    no_cache = flags.pop("no_cache", None)
+    if no_cache:
+        flags["use_cache"] = False
+    return resolve_build_options({**flags, **more}, os.environ)
+
+
 @cli.command(epilog=EXIT_CODE_HELP)
-@click.option("--kernel", metavar="RELEASE",
-              help="The target kernel's `uname -r` (e.g. 6.1.0-56-amd64), or `latest` for the newest the "
-                   "kernel source has. Default: this host's release.")
-@click.option("--driver", metavar="VERSION",
-              help="NVIDIA driver version (535.309.01) or branch (535: its newest release). Default: the "
-                   "newest driver known to support the kernel.")
-@click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES),
-              help="Where the kernel comes from. debian: the linux-headers-RELEASE packages (e.g. --kernel "
-                   "6.1.0-56-amd64). git: the release's tag of --kernel-repo (4.3.6-coreos -> v4.3.6), prepared "
-                   "with --kernel-config and --symvers. Default: debian for Debian releases, git otherwise.")
-@click.option("--kernel-repo", metavar="URL", default=DEFAULT_KERNEL_REPO, show_default=True,
-              envvar="CUDABUILD_KERNEL_REPO",
-              help="Git repository with linux-stable's tags (e.g. git://mirror/linux-stable.git). "
-                   "Env: CUDABUILD_KERNEL_REPO.")
-@click.option("--kernel-config", metavar="FILE|host",
-              help="The target kernel's .config (git source; e.g. --kernel-config ./config-4.3.6-coreos). host: "
-                   "/proc/config.gz or /boot/config-$(uname -r).")
-@click.option("--symvers", metavar="FILE|host",
-              help="The target kernel's Module.symvers, needed with CONFIG_MODVERSIONS=y (git source; e.g. "
-                   "--symvers ./Module.symvers). host: /lib/modules/$(uname -r)/build/Module.symvers.")
-@click.option("--kernel-checkout", type=click.Choice(CHECKOUTS), default="sparse", show_default=True,
-              help="sparse: a partial clone of the tag with only what module builds read (7x fewer bytes); "
-                   "full: a plain shallow clone.")
-@click.option("--driver-source", type=click.Choice(DRIVER_SOURCES), default="debian", show_default=True,
-              help="Where the driver comes from. debian: non-free nvidia-kernel-source / "
-                   "nvidia-tesla-BRANCH-kernel-source and the userspace packages of the same version. run: "
-                   "NVIDIA's NVIDIA-Linux-x86_64-VERSION.run installer (see --installer).")
-@click.option("--installer", metavar="URL|PATH",
-              help="The .run installer (run source; e.g. --installer ./NVIDIA-Linux-x86_64-535.309.01.run). "
-                   "Default: NVIDIA's download URL for --driver, or CUDABUILD_INSTALLER_URL.")
-@click.option("--installer-url", "installer_url", default=DEFAULT_INSTALLER_URL, envvar="CUDABUILD_INSTALLER_URL",
-              show_default=True, hidden=True)
-@click.option("--sha256", metavar="HEX", help="Expected sha256 of the installer; a mismatch deletes the download.")
-@click.option("--flavor", type=click.Choice(FLAVORS), default="proprietary", show_default=True,
-              help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open).")
-@click.option("--output", metavar="DIR", type=click.Path(file_okay=False),
-              help="Also copy modules/, userspace/ and manifest.json into DIR (e.g. --output ./nvidia).")
-@click.option("--jobs", "-j", type=int, default=lambda: os.cpu_count() or 1, show_default="CPU count",
-              help="Parallel compile jobs (e.g. -j 4).")
-@click.option("--no-cache", is_flag=True, help="Build again even when the cache has the result.")
-@click.option("--refresh", is_flag=True, help="Re-read the package index now (it is re-read every 6 hours).")
+@build_flags
+@click.option("--output", metavar="DIR",
+              help="Also copy modules/, userspace/ and manifest.json into DIR (e.g. --output ./nvidia): a new or "
+                   "empty directory, or an earlier output. Checked before the build.")
+@click.option("--force", is_flag=True, default=None,
+              help="With --output: add the result to a directory that holds other files (nothing there is "
+                   "replaced that cudabuild did not write).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
-@click.option("--distribution", default="bookworm", show_default=True, envvar="CUDABUILD_DISTRIBUTION",
-              help="Debian release whose packages to use (e.g. trixie). Env: CUDABUILD_DISTRIBUTION.")
-@click.option("--apt-mirror", metavar="URL", default="http://deb.debian.org/debian", show_default=True,
-              envvar="CUDABUILD_APT_MIRROR", help="Debian mirror. Env: CUDABUILD_APT_MIRROR.")
-@click.option("--apt-security-mirror", metavar="URL", default="http://deb.debian.org/debian-security",
-              show_default=True, envvar="CUDABUILD_APT_SECURITY_MIRROR",
-              help="Debian security mirror. Env: CUDABUILD_APT_SECURITY_MIRROR.")
-@click.option("--builder-base", metavar="IMAGE", envvar="CUDABUILD_BUILDER_BASE",
-              help="Base image of the builder (default: chosen by the kernel's gcc, e.g. debian:bookworm "
-                   "for gcc 12). Env: CUDABUILD_BUILDER_BASE.")
-@click.option("--verbose", "-v", is_flag=True, help="Show the whole build log as it runs.")
-@click.option("--keep-builder", is_flag=True, envvar="CUDABUILD_KEEP_BUILDER",
-              help="Keep a failed builder container for debugging (docker commit it and look inside). "
-                   "Env: CUDABUILD_KEEP_BUILDER=1.")
 def modules(as_json: bool, **flags) -> None:
     """Build, verify and cache the NVIDIA kernel modules for one kernel.
 
@@ -97,7 +131,8 @@ def modules(as_json: bool, **flags) -> None:
     builder container with no privileges and no network, then checked on the host: every module
     present, vermagic for the target release, version equal to the driver, symbol CRCs equal to
     the kernel's Module.symvers. The result lands in the cache (CUDABUILD_CACHE) and in a
-    one-layer image cudabuild/modules:DRIVER-RELEASE.
+    one-layer image cudabuild/modules:DRIVER-RELEASE. A cached result is checked again (every
+    file's digest, every module's vermagic and version) before it is used.
 
     \b
     Examples:
@@ -108,23 +143,24 @@ def modules(as_json: bool, **flags) -> None:
     """
     from cudabuild.build.modules import build_modules
 
-    options = ModulesOptions(use_cache=not flags.pop("no_cache"), refresh_index=flags.pop("refresh"), **flags)
+    options = _build_options(flags)
     reporter = Reporter()
     result = build_modules(options, env=os.environ, reporter=reporter)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
+    m = result.manifest
     origin = "from the cache" if result.cache_hit else "built and verified"
-    click.echo(f"NVIDIA {result.driver_version} ({result.flavor}) for Linux {result.kernel_release}: {origin}")
-    for m in result.manifest["modules"]:
-        click.echo(f"  {m['file']:<20} {m['size'] / 1024**2:7.1f} MiB  version {m['version'] or '-':<12} "
-                   f"vermagic {m['vermagic']}")
+    click.echo(f"NVIDIA {m.driver_version} ({m.flavor}) for Linux {m.kernel_release}: {origin}")
+    for e in m.modules:
+        click.echo(f"  {e.file:<20} {e.size / 1024**2:7.1f} MiB  version {e.version or '-':<12} "
+                   f"vermagic {e.vermagic}")
     click.echo(f"modules image: {result.modules_image}")
-    click.echo(f"cache:         {result.result_dir}")
+    click.echo(f"cache:         {result.artifact.root}")
     if result.output_dir:
         click.echo(f"output:        {result.output_dir}")
-    if not result.cache_hit:
-        click.echo(f"build time:    {format_seconds(result.manifest['build_seconds'])}")
+    if not result.cache_hit and m.build_seconds is not None:
+        click.echo(f"build time:    {format_seconds(m.build_seconds)}")
 
 
 @cli.command(epilog=EXIT_CODE_HELP)
@@ -132,20 +168,20 @@ def modules(as_json: bool, **flags) -> None:
 @click.option("--base", metavar="IMAGE", help="Any base image instead of a profile's (e.g. --base debian:bookworm).")
 @click.option("--modules", "modules_ref", metavar="IMAGE|DIR",
               help="The modules to bake in: a cudabuild/modules:... image or an --output directory. "
-                   "Default: the most recent build in the cache.")
-@click.option("--kernel", metavar="RELEASE", help="Build (or reuse) modules for this kernel first, as `cudabuild modules`.")
-@click.option("--driver", metavar="VERSION", help="With --kernel: the driver to build (e.g. 535).")
+                   "Default: the most recent build in the cache; with --kernel/--driver: that build.")
 @click.option("--tag", metavar="TAG", help="Tag of the image (default cudabuild/PROFILE:DRIVER-RELEASE).")
 @click.option("--dry-run", is_flag=True, help="Print the Dockerfile and exit; needs no engine.")
 @click.option("--list", "list_profiles", is_flag=True, help="List the profiles and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
-def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profiles, as_json) -> None:
+@build_flags
+def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **flags) -> None:
     """Make a runtime image that loads the driver when it starts.
 
     PROFILE is one of images/profiles: cuda, tensorflow, torch, device-query; or give --base IMAGE.
     The image adds exactly one layer over its base: the modules, the userspace driver of the same
     version (SONAME links, ldconfig, nvidia-smi on PATH) and the loader, its entrypoint. Run it
-    with `docker run --privileged IMAGE [COMMAND]`.
+    with `docker run --privileged IMAGE [COMMAND]`. With --kernel or --driver the modules are built
+    (or found in the cache) first, with every build option of `cudabuild modules`.
 
     \b
     Examples:
@@ -163,6 +199,12 @@ def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profile
     if profile is None and base is None:
         raise click.UsageError("name a PROFILE (cuda, tensorflow, torch, device-query) or pass --base IMAGE")
     chosen = images.load_profile(profile, base)
+    if tag is not None:
+        validate_image_ref(tag, "--tag")
+    building = flags.get("kernel") is not None or flags.get("driver") is not None
+    if building and modules_ref is not None:
+        raise click.UsageError("pass either --modules or --kernel/--driver, not both")
+    options = _build_options(flags) if building else None
     if dry_run:
         click.echo(images.render_runtime(chosen), nl=False)
         return
@@ -170,17 +212,17 @@ def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profile
     from cudabuild.build.engine import Engine
 
     reporter = Reporter()
-    engine = Engine.from_env()
+    engine = functools.cache(Engine.from_env)  # made when first needed: bad input is refused before
     cache = Cache(default_cache_dir(os.environ))
-    if kernel or driver:
+    if options is not None:
         from cudabuild.build.modules import build_modules
 
-        result = build_modules(ModulesOptions(kernel=kernel, driver=driver), env=os.environ, reporter=reporter,
-                               engine_factory=lambda: engine).result_dir
+        checked = build_modules(options, env=os.environ, reporter=reporter, engine_factory=engine).artifact
     else:
-        result = images.find_modules(modules_ref, cache, engine)
-    reporter.note(f"modules: {result}")
-    report = images.build_image(profile=chosen, result=result, engine=engine, cache=cache, tag=tag, reporter=reporter)
+        checked = images.find_modules(modules_ref, cache, engine)
+    reporter.note(f"modules: {checked.root}")
+    report = images.build_image(profile=chosen, checked=checked, engine=engine(), cache=cache, tag=tag,
+                                reporter=reporter)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -196,7 +238,8 @@ def image(profile, base, modules_ref, kernel, driver, tag, dry_run, list_profile
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def inspect(target: str, as_json: bool) -> None:
     """Show the driver, kernel and modules of a runtime image, a modules image, a directory or a .ko,
-    and whether they match this host's kernel.
+    and whether they match this host's kernel. A directory is checked like every artifact cudabuild
+    reads (every file's digest, every module's vermagic and version).
 
     \b
     Examples:
@@ -204,10 +247,10 @@ def inspect(target: str, as_json: bool) -> None:
       cudabuild inspect ./nvidia --json
       cudabuild inspect ./nvidia/modules/nvidia.ko
     """
-    from cudabuild.deliver import image as images
     from cudabuild.build.engine import Engine
+    from cudabuild.inspection import inspect as inspect_target
 
-    report = images.inspect(target, Engine.from_env)
+    report = inspect_target(target, Engine.from_env)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -5,6 +5,19 @@ Every message says what failed, why, and what to do about it.
 
 from __future__ import annotations
 
+# How many of a failed log's last lines an error shows (build logs, image builds, guest consoles).
+LOG_TAIL_LINES = 30
+# Values longer than this are cut in messages: a 100 kB argument is not echoed whole.
+SHOWN_MAX = 80
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """A user's value as a message shows it: quoted, and cut when it is long."""
+    text = repr(value) if isinstance(value, str) else repr(str(value))
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 1]}...' ({len(str(value))} characters)"
+
 
 class CudabuildError(Exception):
     """Base of every error cudabuild reports to a user."""
@@ -36,6 +49,11 @@ class InputError(CudabuildError):
     """A value given by the user is malformed, or names something that does not exist."""
 
     exit_code = 3
+
+
+class ArtifactError(InputError):
+    """A modules artifact (a directory, an image, a cache entry) is not what its manifest says:
+    a file missing, changed, unlisted or a link; a malformed manifest. It is never used."""
 
 
 class EngineError(CudabuildError):

@@ -1,16 +1,37 @@
-"""Validation of user strings and the frozen objects a build is described by.
+"""What users ask for: flags and environment resolved once, into frozen options, every value checked
+once. Every string that can reach a shell, a path, an image tag or a container is validated here.
 
-Every string that can reach a shell, a path or an image tag is checked here, once."""
+Precedence: the defaults below < `CUDABUILD_*` environment < flags. The environment is a parameter
+(`resolve_build_options(flags, env)`), so tests pass `env={}`."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
-from dataclasses import dataclass
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
 
-from cudabuild.errors import InputError
+from cudabuild.errors import InputError, shown
 
+# ASCII only: Python's \d also matches other scripts' digits (e.g. Arabic-Indic), which no kernel
+# release, driver version or URL contains.
 RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-DRIVER_RE = re.compile(r"\d{3}(\.\d{1,4}){0,2}")
+DRIVER_RE = re.compile(r"[0-9]{3}(\.[0-9]{1,4}){0,2}")
+FULL_DRIVER_RE = re.compile(r"[0-9]{3}\.[0-9]{1,4}(\.[0-9]{1,4})?")
+DEBIAN_RELEASE_RE = re.compile(
+    r"[0-9]+\.[0-9]+\.[0-9]+-[0-9]+-(amd64|cloud-amd64|rt-amd64)|[0-9]+\.[0-9]+\.[0-9]+\+deb[0-9]+-(amd64|cloud-amd64|rt-amd64)")
+URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/%@+=,-]+")
+HTTP_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/%@+=,-]+")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# An image reference as the engine parses it (distribution/reference's grammar): an optional
+# registry host[:port], path components, an optional tag and an optional digest.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?"
+IMAGE_REF_RE = re.compile(rf"(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+                          r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?")
 JOBS_MAX = 256
 
 KERNEL_SOURCES = ("debian", "git")
@@ -20,9 +41,9 @@ CHECKOUTS = ("sparse", "full")
 OPEN_SINCE = (515,)
 DEFAULT_KERNEL_REPO = "https://git.kernel.org/pub/scm/linux/kernel/git/stable/linux.git"
 DEFAULT_INSTALLER_URL = "https://download.nvidia.com/XFree86/Linux-x86_64/{version}/NVIDIA-Linux-x86_64-{version}.run"
-URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/%@+=,-]+")
-FULL_DRIVER_RE = re.compile(r"\d{3}\.\d{1,4}(\.\d{1,4})?")
-DEBIAN_RELEASE_RE = re.compile(r"\d+\.\d+\.\d+-\d+-(amd64|cloud-amd64|rt-amd64)|\d+\.\d+\.\d+\+deb\d+-(amd64|cloud-amd64|rt-amd64)")
+DEFAULT_APT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_APT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+DEFAULT_DISTRIBUTION = "bookworm"
 
 # Which modules a driver release builds, by the first release that had them (FACTS.md).
 _MODULES_SINCE = [
@@ -32,12 +53,13 @@ _MODULES_SINCE = [
     ("nvidia-drm", (364, 12)),
     ("nvidia-peermem", (465,)),
 ]
+MODULE_NAMES = tuple(name for name, _ in _MODULES_SINCE)
 
 
 def validate_release(value: str, *, what: str = "kernel release") -> str:
     if not RELEASE_RE.fullmatch(value or "") or ".." in value:
         raise InputError(
-            f"{what} {value!r} is not valid: a release is what `uname -r` prints, made of letters, "
+            f"{what} {shown(value)} is not valid: a release is what `uname -r` prints, made of letters, "
             "digits and . _ + - (for example 6.1.0-56-amd64 or 4.3.6-coreos)",
             hint="pass the exact `uname -r` of the target host with --kernel, or --kernel latest",
         )
@@ -47,19 +69,35 @@ def validate_release(value: str, *, what: str = "kernel release") -> str:
 def validate_driver(value: str) -> str:
     if not DRIVER_RE.fullmatch(value or ""):
         raise InputError(
-            f"driver version {value!r} is not valid: expected a version like 535.309.01, "
+            f"driver version {shown(value)} is not valid: expected a version like 535.309.01, "
             "or a branch like 535",
             hint="pass --driver VERSION (e.g. 535.309.01) or --driver BRANCH (e.g. 535)",
         )
     return value
 
 
+def validate_image_ref(value: str, what: str) -> str:
+    """An image reference the engine would accept (repository[:tag][@digest], lower-case path)."""
+    if not value or len(value) > 255 or not IMAGE_REF_RE.fullmatch(value):
+        raise InputError(f"{what} {shown(value)} is not a valid image reference",
+                         hint="pass e.g. debian:bookworm, cudabuild/modules:535.309.01-6.1.0-56-amd64 or "
+                         "registry.example:5000/team/image:tag (lower-case name, tag of letters, digits, . _ -)")
+    return value
+
+
+def require_open_support(version: str) -> None:
+    """Open kernel modules exist from 515 on (FACTS.md)."""
+    if version_tuple(version) < OPEN_SINCE:
+        raise InputError(f"driver {version} has no open kernel modules: they exist from 515 on",
+                         hint="use --flavor proprietary, or a driver of 515 or newer")
+
+
 def kernel_tag(release: str) -> tuple[str, str]:
     """linux-stable's tag for a release, and the rest of the release (the suffix):
     4.3.6-coreos -> (v4.3.6, -coreos); 6.1.0-foo -> (v6.1, -foo)."""
-    m = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?(.*)", release)
+    m = re.fullmatch(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?(.*)", release)
     if not m:
-        raise InputError(f"kernel release {release!r} does not start with a kernel version (like 6.1.192)",
+        raise InputError(f"kernel release {shown(release)} does not start with a kernel version (like 6.1.192)",
                          hint="pass the `uname -r` of the target, e.g. --kernel 4.3.6-coreos")
     major, minor, sub, suffix = m.groups()
     tag = f"v{major}.{minor}" + (f".{sub}" if sub and sub != "0" else "")
@@ -67,7 +105,7 @@ def kernel_tag(release: str) -> tuple[str, str]:
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version))
+    return tuple(int(part) for part in re.findall(r"[0-9]+", version))
 
 
 def expected_modules(driver_version: str) -> list[str]:
@@ -76,9 +114,51 @@ def expected_modules(driver_version: str) -> list[str]:
     return [name for name, since in _MODULES_SINCE if v >= since]
 
 
+# ---- paths the user names ----------------------------------------------------------------------
+_PATH_REASONS = {
+    errno.ENOENT: "no such file or directory",
+    errno.ENAMETOOLONG: "a name in the path is too long (a file name has at most 255 bytes)",
+    errno.ELOOP: "the path has a loop of symbolic links",
+    errno.EACCES: "permission denied",
+    errno.ENOTDIR: "a part of the path is not a directory",
+}
+
+
+def _stat(value: str, flag: str, hint: str) -> os.stat_result | None:
+    """The path's stat (following links), None when it does not exist; any other failure is the
+    user's input, said in words."""
+    try:
+        return Path(value).expanduser().stat()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        reason = _PATH_REASONS.get(getattr(exc, "errno", None), str(exc))
+        raise InputError(f"{flag} {shown(value)}: {reason}", hint=hint) from exc
+
+
+def existing_file(value: str, flag: str, what: str) -> Path:
+    """A regular file the user named, or an InputError that says what is wrong with the path."""
+    hint = f"pass the path of {what}"
+    st = _stat(value, flag, hint)
+    if st is None:
+        raise InputError(f"{flag} {shown(value)}: no such file", hint=hint)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{flag} {shown(value)}: not a regular file", hint=hint)
+    return Path(value).expanduser()
+
+
+def path_kind(value: str, flag: str, hint: str) -> str | None:
+    """'file', 'dir' or 'other' for an existing path, None when nothing is there."""
+    st = _stat(value, flag, hint)
+    if st is None:
+        return None
+    return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+# ---- cudabuild modules (and every command that builds) -----------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class ModulesOptions:
-    """What the user asked `cudabuild modules` for, after defaults, environment and flags."""
+class BuildOptions:
+    """What the user asked a build for, after defaults, environment and flags."""
 
     kernel: str | None = None  # a release, "latest", or None for this host's
     driver: str | None = None  # a version, a branch, or None for the newest that supports the kernel
@@ -95,11 +175,12 @@ class ModulesOptions:
     jobs: int = 2
     use_cache: bool = True
     refresh_index: bool = False
-    apt_mirror: str = "http://deb.debian.org/debian"
-    apt_security_mirror: str = "http://deb.debian.org/debian-security"
-    distribution: str = "bookworm"
+    apt_mirror: str = DEFAULT_APT_MIRROR
+    apt_security_mirror: str = DEFAULT_APT_SECURITY_MIRROR
+    distribution: str = DEFAULT_DISTRIBUTION
     builder_base: str | None = None
     output: str | None = None
+    force: bool = False
     verbose: bool = False
     keep_builder: bool = False
 
@@ -115,36 +196,91 @@ class ModulesOptions:
             (self.flavor, FLAVORS, "--flavor"),
         ):
             if value not in allowed:
-                raise InputError(f"{what} {value!r} is not supported",
+                raise InputError(f"{what} {shown(value)} is not supported",
                                  hint=f"choose one of: {', '.join(allowed)}")
         if not 1 <= self.jobs <= JOBS_MAX:
             raise InputError(f"--jobs {self.jobs} is out of range", hint=f"pass 1 to {JOBS_MAX}")
         for url, what in ((self.apt_mirror, "--apt-mirror"), (self.apt_security_mirror, "--apt-security-mirror")):
             if not re.fullmatch(r"https?://[A-Za-z0-9._~:/%@+-]+", url):
-                raise InputError(f"{what} {url!r} is not an http(s) URL",
+                raise InputError(f"{what} {shown(url)} is not an http(s) URL",
                                  hint="pass a Debian mirror such as http://deb.debian.org/debian")
         if not URL_RE.fullmatch(self.kernel_repo):
-            raise InputError(f"--kernel-repo {self.kernel_repo!r} is not a repository URL",
+            raise InputError(f"--kernel-repo {shown(self.kernel_repo)} is not a repository URL",
                              hint="pass a URL such as git://mirror.example/linux-stable.git or https://...")
-        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            raise InputError(f"--sha256 {self.sha256!r} is not a sha256 (64 lower-case hex digits)",
+        if self.sha256 is not None and not SHA256_RE.fullmatch(self.sha256):
+            raise InputError(f"--sha256 {shown(self.sha256)} is not a sha256 (64 lower-case hex digits)",
                              hint="pass the checksum NVIDIA publishes beside the installer")
-        if "{version}" not in self.installer_url or not URL_RE.fullmatch(self.installer_url.replace("{version}", "1")):
-            raise InputError(f"installer URL template {self.installer_url!r} is not a URL with {{version}}",
-                             hint="set CUDABUILD_INSTALLER_URL like https://mirror/{version}/NVIDIA-Linux-x86_64-{version}.run")
-        if self.installer is not None and "://" in self.installer and not URL_RE.fullmatch(self.installer):
-            raise InputError(f"--installer {self.installer!r} is not a valid URL",
-                             hint="pass an http(s) URL or the path of a local .run file")
+        if "{version}" not in self.installer_url \
+                or not HTTP_URL_RE.fullmatch(self.installer_url.replace("{version}", "1")):
+            raise InputError(f"installer URL template {shown(self.installer_url)} is not an http(s) URL with "
+                             "{version}",
+                             hint="set CUDABUILD_INSTALLER_URL like https://mirror/{version}/NVIDIA-Linux-x86_64-"
+                             "{version}.run")
+        if self.installer is not None and "://" in self.installer and not HTTP_URL_RE.fullmatch(self.installer):
+            raise InputError(f"--installer {shown(self.installer)} is not a valid http(s) URL",
+                             hint="pass an http(s) URL, or the path of a local .run file (without file://)")
         if self.driver_source == "run" and self.driver is not None and not FULL_DRIVER_RE.fullmatch(self.driver):
-            raise InputError(f"with --driver-source run, --driver must be a full version, not {self.driver!r}",
+            raise InputError(f"with --driver-source run, --driver must be a full version, not {shown(self.driver)}",
                              hint="pass e.g. --driver 535.309.01 (NVIDIA's installers are named by version)")
         if self.driver_source == "run" and self.driver is None and self.installer is None:
             raise InputError("with --driver-source run, say which driver",
                              hint="pass --driver VERSION (e.g. 535.309.01), and --installer URL|PATH for a mirror")
-        if self.flavor == "open" and self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver) \
-                and version_tuple(self.driver) < OPEN_SINCE:
-            raise InputError(f"driver {self.driver} has no open kernel modules: they exist from 515 on",
-                             hint="use --flavor proprietary, or a driver of 515 or newer")
+        if self.flavor == "open" and self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver):
+            require_open_support(self.driver)
         if not re.fullmatch(r"[a-z]+", self.distribution):
-            raise InputError(f"distribution {self.distribution!r} is not a Debian code name",
+            raise InputError(f"distribution {shown(self.distribution)} is not a Debian code name",
                              hint="pass a code name such as bookworm or trixie")
+        if self.builder_base is not None:
+            validate_image_ref(self.builder_base, "--builder-base")
+        # Files named on the command line exist, now, before anything is fetched or built.
+        if self.installer is not None and "://" not in self.installer:
+            existing_file(self.installer, "--installer", "NVIDIA-Linux-x86_64-VERSION.run, or its URL")
+        if self.kernel_config not in (None, "host"):
+            existing_file(self.kernel_config, "--kernel-config", "the target kernel's .config")
+        if self.symvers not in (None, "host"):
+            existing_file(self.symvers, "--symvers", "the target kernel's Module.symvers")
+
+
+# Which environment variable sets which option; the flag of the same name wins over it.
+ENVIRONMENT = {
+    "kernel_repo": "CUDABUILD_KERNEL_REPO",
+    "installer_url": "CUDABUILD_INSTALLER_URL",
+    "distribution": "CUDABUILD_DISTRIBUTION",
+    "apt_mirror": "CUDABUILD_APT_MIRROR",
+    "apt_security_mirror": "CUDABUILD_APT_SECURITY_MIRROR",
+    "builder_base": "CUDABUILD_BUILDER_BASE",
+    "keep_builder": "CUDABUILD_KEEP_BUILDER",
+}
+_BOOLEAN = {"keep_builder"}
+
+
+def default_of(name: str):
+    """The default of a BuildOptions field (for --help texts)."""
+    return next(f.default for f in fields(BuildOptions) if f.name == name)
+
+
+def resolve_build_options(flags: Mapping[str, object], env: Mapping[str, str]) -> BuildOptions:
+    """Defaults, then the environment, then the flags that were given (None: not given)."""
+    known = {f.name for f in fields(BuildOptions)}
+    unknown = set(flags) - known
+    if unknown:
+        raise TypeError(f"not build options: {sorted(unknown)}")
+    values: dict[str, object] = {"jobs": os.cpu_count() or 1}
+    from_env: dict[str, str] = {}
+    for name, variable in ENVIRONMENT.items():
+        raw = env.get(variable)
+        if raw:
+            values[name] = raw not in ("0", "false", "no") if name in _BOOLEAN else raw
+            from_env[name] = variable
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = value
+            from_env.pop(name, None)
+    try:
+        return BuildOptions(**values)
+    except InputError as exc:
+        for name, variable in from_env.items():
+            if f"--{name.replace('_', '-')} " in exc.message or (name == "installer_url" and "template" in exc.message):
+                exc.message += f" (set by the environment variable {variable})"
+                exc.args = (exc.message,)
+        raise

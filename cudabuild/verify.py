@@ -1,18 +1,31 @@
-"""Verification of built modules, on the host, by reading the ELF files themselves:
+"""Verification of kernel modules, on the host, by reading the ELF files themselves:
 `.modinfo` (vermagic, version, depends) and `__versions` (the CRC of every kernel symbol a module
-imports, which the kernel checks at load time when it has CONFIG_MODVERSIONS)."""
+imports, which the kernel checks at load time when it has CONFIG_MODVERSIONS).
+
+Modules come from builds, caches, directories and images: none is trusted. Sections are read only
+when they lie inside the file and are of a sane size; the file itself is hashed in chunks."""
 
 from __future__ import annotations
 
-import hashlib
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
+from elftools.common.exceptions import ELFError, ELFParseError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
-from cudabuild.errors import VerifyError
+from cudabuild.digests import sha256_file
+from cudabuild.errors import VerifyError, shown
+
+MAX_MODINFO_BYTES = 1 << 20
+MAX_VERSIONS_BYTES = 16 << 20
+MODVERSION_ENTRY = 64  # struct modversion_info: an 8-byte CRC, then a 56-byte name (64-bit)
+_SYMBOL_RE = re.compile(rb"[A-Za-z0-9_.$]+")
+# What a malformed ELF file makes pyelftools raise: never a traceback for the user.
+_MALFORMED = (ELFError, ELFParseError, ConstructError, struct.error, ValueError, OverflowError, MemoryError,
+              UnicodeDecodeError, IndexError, KeyError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -31,35 +44,58 @@ class ModuleInfo:
                 "vermagic": self.vermagic, "version": self.version, "depends": list(self.depends)}
 
 
-def read_module(path: Path) -> ModuleInfo:
-    """Read a kernel module's .modinfo and __versions sections."""
+def _section_bytes(elf: ELFFile, name: str, *, file_size: int, limit: int, path: Path) -> bytes | None:
+    section = elf.get_section_by_name(name)
+    if section is None:
+        return None
+    offset, size = section["sh_offset"], section["sh_size"]
+    if section["sh_type"] != "SHT_PROGBITS":
+        raise VerifyError(f"{path}: its {name} section holds no data ({section['sh_type']}): not a kernel module")
+    if size > limit or offset + size > file_size:
+        raise VerifyError(f"{path}: its {name} section claims {size} bytes at offset {offset}, outside the "
+                          f"{file_size}-byte file: the file is corrupt or not a kernel module")
+    return section.data()
+
+
+def read_module(path: Path, *, digest: bool = True) -> ModuleInfo:
+    """Read a kernel module's .modinfo and __versions sections, with bounds."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             elf = ELFFile(f)
-            modinfo = elf.get_section_by_name(".modinfo")
+            modinfo = _section_bytes(elf, ".modinfo", file_size=size, limit=MAX_MODINFO_BYTES, path=path)
             if modinfo is None:
                 raise VerifyError(f"{path} has no .modinfo section: it is not a kernel module")
             fields: dict[str, str] = {}
-            for item in modinfo.data().split(b"\0"):
-                key, sep, value = item.decode("utf-8", "replace").partition("=")
+            for item in modinfo.split(b"\0"):
+                key, sep, value = item.partition(b"=")
                 if sep:
-                    fields.setdefault(key, value)
+                    fields.setdefault(key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
             crcs: dict[str, int] = {}
-            versions = elf.get_section_by_name("__versions")
+            versions = _section_bytes(elf, "__versions", file_size=size, limit=MAX_VERSIONS_BYTES, path=path)
             if versions is not None:
-                data = versions.data()
                 word = 8 if elf.elfclass == 64 else 4
                 fmt = ("<" if elf.little_endian else ">") + ("Q" if word == 8 else "I")
-                for offset in range(0, len(data) - 63, 64):  # struct modversion_info: crc + name[64 - word]
-                    (crc,) = struct.unpack_from(fmt, data, offset)
-                    name = data[offset + word:offset + 64].split(b"\0", 1)[0].decode()
-                    crcs[name] = crc
-    except (ELFError, OSError) as exc:
-        raise VerifyError(f"cannot read {path} as an ELF kernel module: {exc}") from exc
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                for offset in range(0, len(versions) - MODVERSION_ENTRY + 1, MODVERSION_ENTRY):
+                    (crc,) = struct.unpack_from(fmt, versions, offset)
+                    raw = versions[offset + word:offset + MODVERSION_ENTRY].split(b"\0", 1)[0]
+                    if not _SYMBOL_RE.fullmatch(raw):
+                        raise VerifyError(f"{path}: its __versions section names a symbol that is not a C "
+                                          f"identifier ({shown(raw.decode('utf-8', 'replace'))}): the file is "
+                                          "corrupt or not a kernel module")
+                    crcs[raw.decode("ascii")] = crc
+    except VerifyError:
+        raise
+    except OSError as exc:
+        raise VerifyError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except _MALFORMED as exc:
+        raise VerifyError(f"{path} is not an ELF kernel module ({type(exc).__name__}: {shown(str(exc))})") from exc
+    vermagic = fields.get("vermagic")
+    if not vermagic:
+        raise VerifyError(f"{path} has no vermagic in its .modinfo: it is not a kernel module")
     depends = tuple(d for d in fields.get("depends", "").split(",") if d)
-    return ModuleInfo(name=fields.get("name", path.stem).replace("_", "-"), path=path, size=path.stat().st_size,
-                      sha256=digest, vermagic=fields.get("vermagic", ""), version=fields.get("version"),
+    return ModuleInfo(name=fields.get("name", path.stem).replace("_", "-"), path=path, size=size,
+                      sha256=sha256_file(path) if digest else "", vermagic=vermagic, version=fields.get("version"),
                       depends=depends, crcs=crcs)
 
 
@@ -68,8 +104,8 @@ def read_symvers(path: Path) -> dict[str, int]:
     crcs: dict[str, int] = {}
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         parts = line.split("\t")
-        if len(parts) < 4 or not parts[0].startswith("0x"):
-            raise VerifyError(f"{path} line {number} is not a Module.symvers line: {line[:80]!r}",
+        if len(parts) < 4 or not re.fullmatch(r"0x[0-9a-fA-F]{1,16}", parts[0]):
+            raise VerifyError(f"{path} line {number} is not a Module.symvers line: {shown(line)}",
                               hint="pass the Module.symvers of the kernel build (it has 4 or 5 tab-separated columns)")
         crcs[parts[1]] = int(parts[0], 16)
     return crcs
@@ -87,7 +123,7 @@ def verify_modules(directory: Path, *, release: str, driver_version: str, expect
     kernel_crcs = read_symvers(symvers) if symvers else {}
     for name in expected:
         path = directory / f"{name}.ko"
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             problems.append(f"{name}.ko is missing")
             continue
         info = read_module(path)

@@ -9,6 +9,9 @@
 #   13 another NVIDIA driver version is loaded
 #   14 a module failed to load
 #   15 no command given
+#   16 the GPUs' information in /proc/driver/nvidia cannot be read
+#   17 the image's loader settings are malformed
+# Its settings (loader.conf: KEY=VALUE lines) are read and checked, never executed.
 # Test seams: every /proc, /sys and /dev path is taken under $CUDABUILD_ROOT; modules are loaded
 # with $CUDABUILD_INSMOD; the running release is $CUDABUILD_KERNEL_RELEASE. CUDABUILD_LOADER=skip
 # runs the command without loading anything.
@@ -20,10 +23,29 @@ INSMOD=${CUDABUILD_INSMOD:-insmod}
 MODPROBE=${CUDABUILD_MODPROBE:-modprobe}
 LDCONFIG=${CUDABUILD_LDCONFIG:-ldconfig}
 HOME_DIR=${CUDABUILD_HOME:-/opt/cudabuild}
-. "$HOME_DIR/driver.env"   # DRIVER_VERSION KERNEL_RELEASE MODULES NEEDS_IPMI
 
 say() { echo "cudabuild-loader: $*" >&2; }
 fail() { code=$1; shift; say "$*"; exit "$code"; }
+
+# Settings: each value may hold letters, digits, '.', '_', '+', '-' and spaces, nothing else.
+DRIVER_VERSION= KERNEL_RELEASE= MODULES= KERNEL_DEPENDS=
+settings="$HOME_DIR/loader.conf"
+[ -f "$settings" ] || fail 17 "the image has no $settings; rebuild it with cudabuild image"
+while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in ''|'#'*) continue ;; esac
+    key=${line%%=*}
+    value=${line#*=}
+    case "$value" in *[!A-Za-z0-9._+\ -]*) fail 17 "$settings: the value of $key holds characters a setting may not; rebuild the image with cudabuild image" ;; esac
+    case "$key" in
+        DRIVER_VERSION) DRIVER_VERSION=$value ;;
+        KERNEL_RELEASE) KERNEL_RELEASE=$value ;;
+        MODULES) MODULES=$value ;;
+        KERNEL_DEPENDS) KERNEL_DEPENDS=$value ;;
+        *) fail 17 "$settings: unknown setting $key; rebuild the image with cudabuild image" ;;
+    esac
+done < "$settings"
+[ -n "$DRIVER_VERSION" ] && [ -n "$KERNEL_RELEASE" ] && [ -n "$MODULES" ] \
+    || fail 17 "$settings lacks DRIVER_VERSION, KERNEL_RELEASE or MODULES; rebuild the image with cudabuild image"
 
 [ $# -gt 0 ] || fail 15 "no command given; pass one after the image name"
 
@@ -33,7 +55,8 @@ fi
 
 # 1. Can we load modules at all?
 capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' "$ROOT/proc/self/status" 2>/dev/null || true)
-if [ -z "$capeff" ] || [ $(( 0x$capeff & 0x10000 )) -eq 0 ]; then
+case "$capeff" in ''|*[!0-9a-fA-F]*) capeff=0 ;; esac
+if [ $(( 0x$capeff & 0x10000 )) -eq 0 ]; then
     fail 10 "this image loads the NVIDIA driver; run it with --privileged (it lacks CAP_SYS_MODULE)"
 fi
 
@@ -48,13 +71,12 @@ if [ -d "$ROOT/sys/module/nouveau" ]; then
     fail 12 "the nouveau driver is loaded and holds the GPUs; blacklist it on the host (echo 'blacklist nouveau' > /etc/modprobe.d/blacklist-nouveau.conf; options nouveau modeset=0), then reboot"
 fi
 
-# 4. An NVIDIA driver already loaded: the same version is fine, another one is not.
-skip_load=0
+# 4. An NVIDIA driver already loaded: the same version is fine (what is missing of it is loaded
+#    below), another one is not.
 if [ -d "$ROOT/sys/module/nvidia" ]; then
     loaded=$(cat "$ROOT/sys/module/nvidia/version" 2>/dev/null || echo unknown)
     if [ "$loaded" = "$DRIVER_VERSION" ]; then
-        say "NVIDIA $loaded is already loaded; not loading it again"
-        skip_load=1
+        say "NVIDIA $loaded is already loaded; loading only what is missing of it"
     else
         holders=$(ls "$ROOT/sys/module/nvidia/holders" 2>/dev/null | tr '\n' ' ')
         refcnt=$(cat "$ROOT/sys/module/nvidia/refcnt" 2>/dev/null || echo "?")
@@ -62,25 +84,24 @@ if [ -d "$ROOT/sys/module/nvidia" ]; then
     fi
 fi
 
-# 5. Load in dependency order.
-if [ "$skip_load" -eq 0 ]; then
-    if [ "${NEEDS_IPMI:-0}" = 1 ] && [ ! -d "$ROOT/sys/module/ipmi_msghandler" ]; then
-        $MODPROBE ipmi_msghandler 2>/dev/null || say "could not load ipmi_msghandler (nvidia.ko of this branch uses it); trying anyway"
-    fi
-    if [ -d "$HOME_DIR/firmware" ] && [ -e "$ROOT/sys/module/firmware_class/parameters/path" ]; then
-        echo "$HOME_DIR/firmware" > "$ROOT/sys/module/firmware_class/parameters/path"
-    fi
-    wanted="nvidia nvidia-uvm nvidia-modeset nvidia-drm"
-    if [ "${NVIDIA_PEERMEM:-0}" = 1 ]; then wanted="$wanted nvidia-peermem"; fi
-    for module in $wanted; do
-        case " $MODULES " in *" $module "*) ;; *) continue ;; esac
-        sysname=$(echo "$module" | tr - _)
-        [ -d "$ROOT/sys/module/$sysname" ] && continue
-        if ! $INSMOD "$HOME_DIR/modules/$module.ko"; then
-            fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail)"
-        fi
-    done
+# 5. The kernel's own modules ours need (drm, ipmi_msghandler, ...), then ours in dependency order.
+for dep in $KERNEL_DEPENDS; do
+    [ -d "$ROOT/sys/module/$(echo "$dep" | tr - _)" ] && continue
+    $MODPROBE "$dep" 2>/dev/null || say "could not load the kernel's $dep, which the NVIDIA modules use; trying anyway"
+done
+if [ -d "$HOME_DIR/firmware" ] && [ -e "$ROOT/sys/module/firmware_class/parameters/path" ]; then
+    echo "$HOME_DIR/firmware" > "$ROOT/sys/module/firmware_class/parameters/path"
 fi
+wanted="nvidia nvidia-uvm nvidia-modeset nvidia-drm"
+if [ "${NVIDIA_PEERMEM:-0}" = 1 ]; then wanted="$wanted nvidia-peermem"; fi
+for module in $wanted; do
+    case " $MODULES " in *" $module "*) ;; *) continue ;; esac
+    sysname=$(echo "$module" | tr - _)
+    [ -d "$ROOT/sys/module/$sysname" ] && continue
+    if ! $INSMOD "$HOME_DIR/modules/$module.ko"; then
+        fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail)"
+    fi
+done
 
 # 6. Device nodes for the selected GPUs.
 mknode() { # path major minor
@@ -93,8 +114,12 @@ mkdir -p "$ROOT/dev"
 index=0
 for gpu in $(ls "$ROOT/proc/driver/nvidia/gpus" 2>/dev/null | sort); do
     info="$ROOT/proc/driver/nvidia/gpus/$gpu/information"
-    minor=$(sed -n 's/^Device Minor:[[:space:]]*//p' "$info")
-    uuid=$(sed -n 's/^GPU UUID:[[:space:]]*//p' "$info")
+    if ! fields=$(cat "$info" 2>/dev/null); then
+        fail 16 "cannot read $info, where the driver describes GPU $gpu; check that nvidia.ko loaded (dmesg | tail)"
+    fi
+    minor=$(echo "$fields" | sed -n 's/^Device Minor:[[:space:]]*//p')
+    uuid=$(echo "$fields" | sed -n 's/^GPU UUID:[[:space:]]*//p')
+    case "$minor" in ''|*[!0-9]*) fail 16 "$info names no device minor for GPU $gpu" ;; esac
     selected=0
     case "$selection" in
         all) selected=1 ;;

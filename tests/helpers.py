@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,56 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RELEASE = "6.1.0-56-amd64"
+DRIVER = "535.309.01"
+VERMAGIC = f"{RELEASE} SMP preempt mod_unload modversions "
+MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem")
+
+
+def compile_module(directory, name, *, vermagic=VERMAGIC, version=DRIVER, crcs=None, depends=""):
+    """A real ELF object with the sections a kernel module has (.modinfo, __versions), made by gcc."""
+    crcs = {"module_layout": 0x12345678, "_printk": 0x0BADF00D} if crcs is None else crcs
+    lines = [f'__attribute__((section(".modinfo"), used)) static const char m{i}[] = "{text}";'
+             for i, text in enumerate([f"vermagic={vermagic}", f"name={name.replace('-', '_')}", f"depends={depends}"]
+                                      + ([f"version={version}"] if version else []))]
+    if crcs:
+        lines.append("struct modversion_info { unsigned long crc; char name[56]; };")
+        entries = ", ".join(f'{{{crc:#x}, "{sym}"}}' for sym, crc in crcs.items())
+        lines.append(f'__attribute__((section("__versions"), used)) static const struct modversion_info v[] = {{{entries}}};')
+    source = Path(directory) / f"{name}.c"
+    source.write_text("\n".join(lines) + "\n")
+    subprocess.run(["gcc", "-c", "-o", str(Path(directory) / f"{name}.ko"), str(source)], check=True)
+    source.unlink()
+
+
+def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, modules=MODULES,
+                  key: str | None = None):
+    """A small, valid artifact directory: gcc-built modules, a stand-in libcuda with its SONAME
+    link, nvidia-smi, and the manifest written by cudabuild's own artifact module."""
+    from cudabuild.artifact import Manifest, ModuleEntry, describe_userspace
+    from cudabuild.verify import read_module
+
+    root = Path(root)
+    (root / "modules").mkdir(parents=True)
+    for name in modules:
+        compile_module(root / "modules", name, vermagic=f"{release} SMP preempt mod_unload modversions ",
+                       version=driver, depends="drm" if name == "nvidia" else "")
+    lib = root / "userspace" / "lib"
+    lib.mkdir(parents=True)
+    (lib / f"libcuda.so.{driver}").write_bytes(b"\x7fELF stand-in libcuda")
+    (lib / "libcuda.so.1").symlink_to(f"libcuda.so.{driver}")
+    (root / "userspace" / "bin").mkdir()
+    smi = root / "userspace" / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho nvidia-smi stand-in\n")
+    smi.chmod(0o755)
+    infos = [read_module(root / "modules" / f"{name}.ko") for name in modules]
+    manifest = Manifest(key=key or hashlib.sha256(str(root).encode()).hexdigest(),
+                        created="2026-11-22T00:00:00+00:00", kernel_release=release, driver_version=driver,
+                        flavor="proprietary", vermagic=infos[0].vermagic,
+                        modules=tuple(ModuleEntry.of(i) for i in infos),
+                        userspace=describe_userspace(root / "userspace"))
+    manifest.write(root)
+    return manifest
 
 
 @dataclass

@@ -14,18 +14,23 @@ from pathlib import Path
 
 import jinja2
 
-from cudabuild.build.engine import LABEL_PREFIX, Engine, Mount
-from cudabuild.errors import BuildError, EngineError
+from cudabuild.artifact import LABEL_PREFIX
+from cudabuild.build.engine import Engine, Mount
+from cudabuild.errors import LOG_TAIL_LINES, BuildError
+from cudabuild.options import DEFAULT_APT_MIRROR, DEFAULT_APT_SECURITY_MIRROR
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter, Step
 
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
              "git", "binutils", "ca-certificates", "patch", "python3"]  # python3: resolve_btfids on BTF kernels
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-LOG_TAIL_LINES = 30
 STEP_MARK = "::cudabuild-step::"
-CACHED_MARK = "::cudabuild-cached::"
+# Builds never run as root: when cudabuild does, its containers run as nobody.
+UNPRIVILEGED = (65534, 65534)
+
+
+def builder_user() -> tuple[int, int]:
+    """The uid and gid builder containers run as: the caller's, or nobody's for root."""
+    return UNPRIVILEGED if os.getuid() == 0 else (os.getuid(), os.getgid())
 
 
 def render_template(name: str, **slots) -> str:
@@ -37,7 +42,7 @@ def render_template(name: str, **slots) -> str:
 
 def apt_sources(distribution: str, mirror: str, security_mirror: str) -> str | None:
     """A deb822 sources file for a non-default mirror; None keeps the base image's own."""
-    if mirror == DEFAULT_MIRROR and security_mirror == DEFAULT_SECURITY_MIRROR:
+    if mirror == DEFAULT_APT_MIRROR and security_mirror == DEFAULT_APT_SECURITY_MIRROR:
         return None
     return (f"Types: deb\nURIs: {mirror}\nSuites: {distribution} {distribution}-updates\nComponents: main\n"
             "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
@@ -45,8 +50,9 @@ def apt_sources(distribution: str, mirror: str, security_mirror: str) -> str | N
             "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg")
 
 
-def tar_context(files: Mapping[str, bytes], directory: Path | None = None, exclude: tuple[str, ...] = ()):
-    """A deterministic tar build context (fixed owner and times), in a temporary file."""
+def tar_context(files: Mapping[str, bytes], entries: list[tuple[str, Path]] = ()):
+    """A deterministic tar build context (fixed owner and times), in a temporary file: `files`
+    by content, and `entries` (name in the context, path on the host; links stay links)."""
     import tempfile
 
     out = tempfile.TemporaryFile()
@@ -62,11 +68,8 @@ def tar_context(files: Mapping[str, bytes], directory: Path | None = None, exclu
             info.size = len(data)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
-        if directory is not None:
-            for path in sorted(directory.rglob("*")):
-                if path.relative_to(directory).parts[0] in exclude:
-                    continue
-                tar.add(path, arcname=str(path.relative_to(directory)), recursive=False, filter=normalise)
+        for name, path in sorted(entries):
+            tar.add(path, arcname=name, recursive=False, filter=normalise)
     out.seek(0)
     return out
 
@@ -81,11 +84,9 @@ class BuilderImage:
 def plan_builder(engine: Engine, *, base: str, distribution: str, gcc_major: int | None, mirror: str,
                  security_mirror: str) -> BuilderImage:
     """Render the builder and name it by the hash of its Dockerfile and its base image's id."""
-    base_id = engine.image_id(base) or engine.pull(base)
-    if base_id is None:
-        raise EngineError(f"the builder base image {base} is not in the engine and cannot be pulled",
-                          hint=f"pull or load {base} (`docker pull {base}`), run `bash scripts/setup` to make "
-                          "a stand-in, or pass another base with --builder-base")
+    base_id = engine.ensure_image(base, what="builder base image",
+                                  hint="run `bash scripts/setup` to make a stand-in, or pass another base with "
+                                  "--builder-base")["Id"]
     packages = TOOLCHAIN + ([f"gcc-{gcc_major}"] if gcc_major else [])
     dockerfile = render_template("builder.Dockerfile.j2", base=base, packages=packages,
                                  apt_sources=apt_sources(distribution, mirror, security_mirror))
@@ -110,7 +111,7 @@ def _failure_hint(step: str) -> str:
     if step.startswith("make modules"):
         return ("read the compiler's lines above: a kernel newer than the driver supports fails here; "
                 "try a newer --driver, or an older kernel")
-    if step.startswith("prepare kernel"):
+    if step.startswith(("prepare kernel", "unpack kernel")):
         return "the kernel tree could not be prepared with this config: check --kernel-config and the log"
     if step.startswith("fetch kernel"):
         return "check --kernel-repo and that the server is reachable"
@@ -120,11 +121,11 @@ def _failure_hint(step: str) -> str:
 def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
               log_path: Path, reporter: Reporter, verbose: bool, script: str = "build.sh",
               network: str = "none", keep: bool = False) -> None:
-    """Run a script of builder/ in a container; its step markers become named steps with
-    durations, its whole output goes to `log_path`. A failure raises BuildError with the log's
-    last lines. Only the kernel fetch gets a network."""
+    """Run a script of builder/ in a container, as an unprivileged user; its step markers become
+    named steps with durations, its whole output goes to `log_path`. A failure raises BuildError
+    with the log's last lines. Only the kernel fetch gets a network."""
     mounts = [Mount(str(resource_dir("builder")), "/cudabuild/builder"), *mounts]
-    user = f"{os.getuid()}:{os.getgid()}"
+    uid, gid = builder_user()
     current: Step | None = None
     started = 0.0
     tail: list[str] = []
@@ -133,9 +134,9 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
         if current is not None:
             reporter.finish(current, time.monotonic() - started)
 
-    with open(log_path, "w") as log, engine.container(
+    with open(log_path, "a") as log, engine.container(
             image=image, command=["sh", f"/cudabuild/builder/{script}"], mounts=mounts, network=network,
-            environment=environment, user=user, name_prefix="cudabuild-builder", keep=keep) as container:
+            environment=environment, user=f"{uid}:{gid}", name_prefix="cudabuild-builder", keep=keep) as container:
         reporter.note(f"builder container {container.name}; log: {log_path}")
         for line in container.lines():
             log.write(line + "\n")
@@ -143,12 +144,6 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
                 finish()
                 name = line[len(STEP_MARK):]
                 current, started = (reporter.start(name), time.monotonic()) if name != "done" else (None, 0.0)
-                continue
-            if line.startswith(CACHED_MARK):
-                finish()
-                current = None
-                name, _, why = line[len(CACHED_MARK):].partition("::")
-                reporter.cached(name, why)
                 continue
             tail = (tail + [line])[-LOG_TAIL_LINES:]
             if verbose:

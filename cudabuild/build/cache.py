@@ -1,17 +1,23 @@
-"""The cache: downloads by content, package indices, unpacked kernel trees, results by key.
+"""The cache: downloads by content, package indices, unpacked kernel trees and extracted
+installers, results by key.
 
-Results are built in a temporary directory inside the cache and renamed into place, so an entry
-is either whole or absent; a lock per key keeps two identical builds from colliding."""
+Everything is made in a temporary directory inside the cache and renamed into place, so an entry
+is either whole or absent; a lock per key keeps two identical builds (or two preparations of the
+same kernel tree) from colliding. A full or read-only file system is a CacheError that leaves no
+partial file behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -21,6 +27,12 @@ from cudabuild.errors import CacheError
 
 # A cold build unpacks headers and driver sources and compiles them: this much must be free.
 BUILD_SPACE_BYTES = 3 * 1024**3
+# Writing anything (a package index, a copied installer) needs at least this much beyond its size.
+WRITE_MARGIN_BYTES = 16 * 1024**2
+SUBDIRS = ("downloads", "index", "kernels", "sources", "results", "tmp", "locks", "logs")
+_WRITE_ERRORS = {errno.ENOSPC: "the file system is full", errno.EROFS: "the file system is read-only",
+                 errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EPERM: "operation not permitted"}
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -35,14 +47,56 @@ def key_of(obj: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def write_failure(path: Path, exc: OSError) -> CacheError | None:
+    """A CacheError, in words, when `exc` is a write refused for want of space or permission."""
+    if exc.errno not in _WRITE_ERRORS:
+        return None
+    return CacheError(f"cannot write {path}: {_WRITE_ERRORS[exc.errno]}",
+                      hint="free space there or make it writable, or point CUDABUILD_CACHE at another directory")
+
+
+@contextmanager
+def writing(partial: Path) -> Iterator[Path]:
+    """Write `partial` (a file or a directory); when the write fails for want of space or
+    permission, remove it and raise a CacheError."""
+    try:
+        yield partial
+    except OSError as exc:
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        failure = write_failure(partial, exc)
+        if failure is not None:
+            raise failure from exc
+        raise
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def require_space(directory: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise CacheError(
+            f"only {_size(free)} free in {directory}; {what} needs {_size(needed)}",
+            hint="free space there, or point CUDABUILD_CACHE at a larger file system",
+        )
+
+
 class Cache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         try:
-            for sub in ("downloads", "index", "kernels", "results", "tmp", "locks", "logs"):
+            for sub in SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe, probe_path = tempfile.mkstemp(prefix="probe-", dir=self.root / "tmp")
+            os.close(probe)
+            os.unlink(probe_path)
         except OSError as exc:
-            raise CacheError(f"cannot use the cache directory {self.root}: {exc.strerror}",
+            reason = _WRITE_ERRORS.get(exc.errno, exc.strerror or str(exc))
+            raise CacheError(f"cannot use the cache directory {self.root}: {reason}",
                              hint="set CUDABUILD_CACHE to a writable directory") from exc
 
     @property
@@ -58,6 +112,10 @@ class Cache:
         return self.root / "kernels"
 
     @property
+    def sources(self) -> Path:
+        return self.root / "sources"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
@@ -69,12 +127,12 @@ class Cache:
         path = self.result_dir(key)
         return path if (path / "manifest.json").is_file() else None
 
-    def lock(self, key: str, *, timeout: float = 3600) -> FileLock:
-        return FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=timeout)
+    def lock(self, name: str, *, timeout: float = 3600) -> FileLock:
+        return FileLock(str(self.root / "locks" / f"{name}.lock"), timeout=timeout)
 
-    def acquire(self, key: str, *, on_wait) -> FileLock:
-        """Take the lock for `key`; when another process holds it, say so and wait."""
-        lock = self.lock(key)
+    def acquire(self, name: str, *, on_wait) -> FileLock:
+        """Take the lock `name`; when another process holds it, say so and wait."""
+        lock = self.lock(name)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -86,32 +144,41 @@ class Cache:
                                  hint="another cudabuild is building the same thing; wait for it") from exc
         return lock
 
-    def workdir(self, prefix: str) -> Path:
+    def workdir(self, prefix: str, *, owner: tuple[int, int] | None = None) -> Path:
         """A fresh temporary directory on the cache's file system (so that rename is atomic),
-        named with this process's id so that a later run can tell when its owner is gone."""
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}-pid{os.getpid()}-", dir=self.root / "tmp"))
+        named with this process's id so that a later run can tell when its owner is gone;
+        given to `owner` (uid, gid) when a container of that user writes into it."""
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-pid{os.getpid()}-", dir=self.root / "tmp"))
+        if owner is not None:
+            os.chown(path, *owner)
+        return path
 
     def publish(self, staged: Path, key: str) -> Path:
         """Move a complete `staged` directory into place as the result for `key`."""
         target = self.result_dir(key)
         if target.exists():
-            shutil.rmtree(target)  # an entry without manifest.json: never whole, so replaceable
+            shutil.rmtree(target)  # --no-cache, or an entry without manifest.json: replaceable
         os.replace(staged, target)
         return target
 
+    @staticmethod
+    def publish_tree(staged: Path, target: Path) -> Path:
+        """Move a complete tree into place (a kernel tree, an extracted installer). When another
+        run published the same tree meanwhile, keep that one."""
+        try:
+            os.rename(staged, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+        return target
+
     def check_space(self, needed: int = BUILD_SPACE_BYTES) -> None:
-        free = shutil.disk_usage(self.root).free
-        if free < needed:
-            raise CacheError(
-                f"only {free / 1024**3:.1f} GiB free in {self.root}; a build needs {needed / 1024**3:.1f} GiB",
-                hint="free space there, or point CUDABUILD_CACHE at a larger file system",
-            )
+        require_space(self.root, needed, "a build")
 
-    def reap_stale(self, *, older_than: float = 6 * 3600, builders_running: bool = False) -> list[Path]:
-        """Remove what a killed run left: its temporary directories (owner gone, or old), and,
-        when no builder is running, half-made kernel trees. Results are never half-written."""
-        import re
-
+    def reap_stale(self, *, older_than: float = 6 * 3600) -> list[Path]:
+        """Remove what a killed run left: its temporary directories (owner gone, or old).
+        Results, kernel trees and extracted installers are never half-written."""
         now = time.time()
         reaped = []
         for entry in (self.root / "tmp").iterdir():
@@ -123,10 +190,6 @@ class Cache:
                     reaped.append(entry)
             except FileNotFoundError:
                 pass
-        if not builders_running:
-            for partial in self.kernels.glob("*.partial.*"):
-                shutil.rmtree(partial, ignore_errors=True)
-                reaped.append(partial)
         return reaped
 
 

@@ -17,12 +17,16 @@ from typing import IO
 import docker
 import docker.errors
 import requests
+from docker.utils.utils import parse_host
 
+from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.build.cache import pid_alive
-from cudabuild.errors import BuildError, EngineError
+from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, shown
 
-LABEL_PREFIX = "io.cudabuild"
-KEEP_ENV = "CUDABUILD_KEEP_BUILDER"
+# How long to wait for the engine to answer its first request (CUDABUILD_ENGINE_TIMEOUT, seconds);
+# later requests may take as long as an image build step.
+ANSWER_TIMEOUT = 20.0
+OPERATION_TIMEOUT = 600
 
 ENGINE_HINT = ("start the engine (`sudo dockerd &`, `sudo systemctl start docker`, or `bash scripts/setup`), "
                "or point DOCKER_HOST at a running one")
@@ -78,11 +82,26 @@ class Engine:
         env = dict(os.environ if env is None else env)
         where = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         try:
-            client = docker.from_env(environment=env, timeout=600)
+            answer = float(env.get("CUDABUILD_ENGINE_TIMEOUT") or ANSWER_TIMEOUT)
+        except ValueError:
+            raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(env['CUDABUILD_ENGINE_TIMEOUT'])} is not a number "
+                             "of seconds", hint="set it to e.g. 20, or unset it") from None
+        try:
+            parse_host(where, False, bool(env.get("DOCKER_TLS_VERIFY")))
+        except (docker.errors.DockerException, ValueError) as exc:
+            raise InputError(f"DOCKER_HOST {shown(where)} is not an engine address the docker SDK can use "
+                             f"({_short(exc)})",
+                             hint="set DOCKER_HOST like unix:///var/run/docker.sock or tcp://host:2376, "
+                             "or unset it for the local engine") from exc
+        try:
+            client = docker.from_env(environment=env, timeout=answer)  # asks the engine its API version
             client.ping()
         except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise EngineError(f"the Docker engine at {where} does not answer ({_short(exc)})",
+            why = (f"no answer within {answer:g} s" if isinstance(exc, requests.Timeout)
+                   or "timed out" in str(exc).lower() else _short(exc))
+            raise EngineError(f"the Docker engine at {shown(where)} does not answer ({why})",
                               hint=ENGINE_HINT) from exc
+        client.api.timeout = OPERATION_TIMEOUT
         return cls(client)
 
     # ---- images ----------------------------------------------------------------------------
@@ -110,11 +129,20 @@ class Engine:
             return None
         return self.image_id(ref)
 
+    def ensure_image(self, ref: str, *, what: str, hint: str) -> dict:
+        """The inspect data of `ref`: present in the engine, else pulled, else an EngineError."""
+        if self.image_id(ref) is None and self.pull(ref) is None:
+            raise EngineError(f"the {what} {ref} is not in the engine and cannot be pulled",
+                              hint=f"pull or load it (`docker pull {ref}`), {hint}")
+        return self.image(ref)
+
     def build(self, *, context: IO[bytes], tag: str, labels: Mapping[str, str] | None = None,
               on_line: Callable[[str], None] = lambda line: None, network: str = "host") -> str:
-        """Build from a tar context; stream the classic builder's output to `on_line`."""
+        """Build from a tar context; stream the classic builder's output to `on_line`. The image
+        the tag named before, when the build leaves it without a tag, is removed."""
         tail: list[str] = []
         image_id = None
+        previous = self.image_id(tag)
         try:
             stream = self.client.api.build(fileobj=context, custom_context=True, tag=tag, rm=True,
                                            forcerm=True, network_mode=network, labels=dict(labels or {}),
@@ -122,7 +150,7 @@ class Engine:
             for chunk in stream:
                 if "stream" in chunk:
                     for line in chunk["stream"].splitlines():
-                        tail = (tail + [line])[-30:]
+                        tail = (tail + [line])[-LOG_TAIL_LINES:]
                         on_line(line)
                 if "aux" in chunk and "ID" in chunk["aux"]:
                     image_id = chunk["aux"]["ID"]
@@ -134,7 +162,17 @@ class Engine:
             raise EngineError(f"the engine refused to build {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
         except requests.RequestException as exc:
             raise EngineError(f"lost the engine while building {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
-        return image_id or self.image(tag)["Id"]
+        image_id = image_id or self.image(tag)["Id"]
+        if previous and previous != image_id:
+            self._remove_if_dangling(previous)
+        return image_id
+
+    def _remove_if_dangling(self, image_id: str) -> None:
+        try:
+            if not self.client.api.inspect_image(image_id).get("RepoTags"):
+                self.client.api.remove_image(image_id, noprune=False)
+        except (docker.errors.APIError, requests.RequestException):
+            pass  # still used by a container or another image: the engine keeps it
 
     def remove_image(self, ref: str) -> None:
         try:
@@ -153,10 +191,9 @@ class Engine:
                   keep: bool = False) -> Iterator[Container]:
         """Create and start a container; remove it when the block ends, however it ends.
 
-        With `keep` (or CUDABUILD_KEEP_BUILDER=1) a container whose block failed is left for
-        debugging, and its name is reported."""
+        With `keep` a container whose block failed is left for debugging, and its name is
+        reported. It runs with no capabilities and cannot gain privileges (setuid programs)."""
         name = f"{name_prefix}-{secrets.token_hex(4)}"
-        keep = keep or os.environ.get(KEEP_ENV) == "1"
         owner = {f"{LABEL_PREFIX}.pid": str(os.getpid()), f"{LABEL_PREFIX}.host": socket.gethostname(),
                  f"{LABEL_PREFIX}.kept": "1" if keep else "0"}
         volumes = {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts}
@@ -165,7 +202,7 @@ class Engine:
                 image, command=command, name=name, volumes=volumes, environment=dict(environment or {}),
                 user=user, network_mode=network,
                 labels={f"{LABEL_PREFIX}.role": "builder", **owner, **(labels or {})},
-                working_dir="/", detach=True)
+                working_dir="/", detach=True, cap_drop=["ALL"], security_opt=["no-new-privileges"])
         except (docker.errors.APIError, requests.RequestException) as exc:
             raise EngineError(f"cannot create a container from {image}: {_short(exc)}", hint=ENGINE_HINT) from exc
         failed = False

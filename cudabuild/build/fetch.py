@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
 import requests
 
-from cudabuild.errors import FetchError
+from cudabuild.build.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
+from cudabuild.digests import sha256_file
+from cudabuild.errors import FetchError, InputError, shown
 from cudabuild.ui import Reporter
 
 CHUNK = 1 << 16  # small enough that a cut connection loses little of what arrived
+# URLs that no retry can fetch: a scheme requests has no adapter for, or a malformed URL.
+_UNFETCHABLE = (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidURL)
 
 
 class Fetcher:
@@ -41,12 +47,19 @@ class Fetcher:
             hint="check the URL, version and mirror (a 4xx is not retried: the server said no)",
         )
 
+    @staticmethod
+    def _unfetchable(url: str, exc: Exception) -> InputError:
+        return InputError(f"{shown(url)} cannot be downloaded: {shown(str(exc))}",
+                          hint="pass an http:// or https:// URL, or the path of a local file")
+
     def get_bytes(self, url: str) -> bytes | None:
         """A small file (an index); None when the server says it does not exist (404)."""
         last: Exception | None = None
         for _ in self._attempts(url):
             try:
                 response = self.session.get(url, timeout=self.timeout)
+            except _UNFETCHABLE as exc:
+                raise self._unfetchable(url, exc) from exc
             except requests.RequestException as exc:
                 last = exc
                 continue
@@ -77,13 +90,23 @@ class Fetcher:
         partial = partial_dir / (sha256 or hashlib.sha256(url.encode()).hexdigest())
         label = label or url.rsplit("/", 1)[-1]
         last: Exception | None = None
+        if size is not None:
+            require_space(store, size + WRITE_MARGIN_BYTES, f"downloading {label}")
         for _ in self._attempts(url):
             try:
                 self._download(url, partial, size=size, label=label)
                 break
             except FetchError:
                 raise
-            except (requests.RequestException, OSError) as exc:
+            except _UNFETCHABLE as exc:
+                raise self._unfetchable(url, exc) from exc
+            except requests.RequestException as exc:
+                last = exc
+            except OSError as exc:
+                failure = write_failure(partial, exc)
+                if failure is not None:  # no room or no permission: no retry, no partial file kept
+                    partial.unlink(missing_ok=True)
+                    raise failure from exc
                 last = exc
         else:
             raise FetchError(f"could not download {url}: {last}",
@@ -132,27 +155,18 @@ class Fetcher:
                 raise requests.ConnectionError(f"connection closed after {got} of {total} bytes")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-
 def store_local(source: Path | bytes, store: Path) -> tuple[Path, str]:
     """Put a local file (or bytes) into the content-addressed store; return its path and sha256."""
-    import shutil
-
     store.mkdir(parents=True, exist_ok=True)
     digest = sha256_file(source) if isinstance(source, Path) else hashlib.sha256(source).hexdigest()
     target = store / digest
     if not target.exists():
-        partial = store / f"{digest}.partial"
-        if isinstance(source, Path):
-            shutil.copyfile(source, partial)
-        else:
-            partial.write_bytes(source)
-        partial.replace(target)
+        size = source.stat().st_size if isinstance(source, Path) else len(source)
+        require_space(store, size + WRITE_MARGIN_BYTES, f"storing a {size}-byte input")
+        with writing(store / f"{digest}.partial") as partial:
+            if isinstance(source, Path):
+                shutil.copyfile(source, partial)
+            else:
+                partial.write_bytes(source)
+            partial.replace(target)
     return target, digest

@@ -1,10 +1,16 @@
 """Phase 1: `cudabuild modules` as a library call. Resolve what to build, answer from the cache
-when it can, otherwise download on the host, build in a disposable container, verify on the
-host, publish atomically into the cache and as a one-layer modules image."""
+when it can (re-checking the cached artifact), otherwise download on the host, build in disposable
+unprivileged containers, verify on the host, publish atomically into the cache, as a one-layer
+modules image and into --output.
+
+The containers of a build, each with only what it needs:
+- fetch (git kernels): the one with a network; writes a clone into a staging directory;
+- prepare: unpacks Debian's headers or prepares a git tag, into a staging directory; the host
+  renames it into the cache, where every later container sees it read-only;
+- build: kernel trees, inputs and an installer tree read-only, its own work directory writable."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -15,23 +21,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cudabuild
-from cudabuild.build.builder import ensure_builder, plan_builder, render_template, run_build, tar_context
+from cudabuild import artifact
+from cudabuild.artifact import MODULES_REPOSITORY, Artifact, Manifest, ModuleEntry, describe_userspace, image_tag
+from cudabuild.build.builder import builder_user, ensure_builder, plan_builder, run_build
 from cudabuild.build.cache import Cache, default_cache_dir, key_of
-from cudabuild.sources.debian import DebianArchive, Package
-from cudabuild.sources.run import resolve_run_driver
-from cudabuild.build.engine import LABEL_PREFIX, Engine, Mount
-from cudabuild.errors import InputError, VerifyError
-from cudabuild.build.fetch import Fetcher, sha256_file
-from cudabuild.sources.git import BASE_BY_GCC, check_tag, resolve_git_kernel
+from cudabuild.build.engine import Engine, Mount
+from cudabuild.build.fetch import Fetcher
+from cudabuild.build.publish import check_output, publish_image, write_output
 from cudabuild.build.spec import BuildSpec
-from cudabuild.options import (DEBIAN_RELEASE_RE, OPEN_SINCE, ModulesOptions, expected_modules,
-                            validate_release, version_tuple)
+from cudabuild.errors import ArtifactError, InputError
+from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
+                               validate_release)
+from cudabuild.sources.debian import DebianArchive, Package
+from cudabuild.sources.git import BASE_BY_GCC, resolve_git_kernel
+from cudabuild.sources.run import RunDriver, driver_subdir, extract_installer, resolve_run_driver
 from cudabuild.ui import Reporter
 from cudabuild.verify import config_enabled, verify_modules
 
-MODULES_REPO = "cudabuild/modules"
 INPUTS = "/cudabuild/inputs"
 KERNELS = "/cudabuild/kernels"
+INSTALLER = "/cudabuild/installer"
+WORK = "/cudabuild/work"
 
 
 @dataclass
@@ -42,12 +52,13 @@ class KernelPlan:
     release: str
     gcc_major: int | None
     canonical: dict
+    tree_dir: str  # the unpacked or prepared tree under the cache's kernels/
+    tree_step: str  # its step's name, as the prepare container announces it
     downloads: list[Package] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     clone: dict | None = None  # git: what the fetch container clones, when it is not cached yet
-    symvers: Path | None = None  # on the host, for verification; None until the tree exists
+    symvers: Path | None = None  # on the host, for verification
     config: Path | None = None
-    tree_dir: str = ""  # the unpacked or prepared tree under the cache's kernels/
 
 
 @dataclass
@@ -57,39 +68,35 @@ class DriverPlan:
     description: str
     downloads: list[Package] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    run: RunDriver | None = None
 
 
 @dataclass
 class ModulesResult:
-    kernel_release: str
-    driver_version: str
-    flavor: str
     cache_hit: bool
-    result_dir: Path
-    manifest: dict
+    artifact: Artifact
     modules_image: str
     output_dir: Path | None
     steps: list = field(default_factory=list)
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
+
     def as_json(self) -> dict:
+        m = self.manifest
         return {
-            "kernel_release": self.kernel_release,
-            "driver_version": self.driver_version,
-            "flavor": self.flavor,
+            "kernel_release": m.kernel_release,
+            "driver_version": m.driver_version,
+            "flavor": m.flavor,
             "cache_hit": self.cache_hit,
             "modules_image": self.modules_image,
             "output_dir": str(self.output_dir) if self.output_dir else None,
-            "cache_dir": str(self.result_dir),
-            "modules": [{"name": m["name"], "path": str(self.result_dir / "modules" / m["file"]),
-                         "vermagic": m["vermagic"], "version": m["version"], "sha256": m["sha256"],
-                         "size": m["size"]} for m in self.manifest["modules"]],
+            "cache_dir": str(self.artifact.root),
+            "modules": [{"name": e.name, "path": str(self.artifact.module_path(e.name)), "vermagic": e.vermagic,
+                         "version": e.version, "sha256": e.sha256, "size": e.size} for e in m.modules],
             "steps": [{"name": s.name, "seconds": s.seconds, "status": s.status} for s in self.steps],
         }
-
-
-def modules_image_tag(driver_version: str, flavor: str, release: str) -> str:
-    flavour = "" if flavor == "proprietary" else f"-{flavor}"
-    return f"{MODULES_REPO}:{driver_version}{flavour}-{release}".replace("+", "_")
 
 
 def _pkg(p: Package) -> dict:
@@ -106,29 +113,30 @@ def plan_debian_kernel(archive: DebianArchive, release: str, cache: Cache) -> Ke
     tree = f"debian-{key_of([p.sha256 for p in packages])[:24]}"
     headers = cache.kernels / tree / "usr" / "src" / f"linux-headers-{release}"
     return KernelPlan(
-        release=release, gcc_major=gcc, downloads=packages, tree_dir=tree,
+        release=release, gcc_major=gcc, downloads=packages, tree_dir=tree, tree_step="unpack kernel headers",
         canonical={"kind": "debian", "packages": [_pkg(p) for p in packages]},
         environment={"KERNEL_SOURCE": "debian", "KERNEL_DEBS": " ".join(_inside(p) for p in packages),
                      "KERNEL_TREE": f"{KERNELS}/{tree}"},
         symvers=headers / "Module.symvers", config=headers / ".config")
 
 
-def plan_git_kernel(options: ModulesOptions, release: str, cache: Cache) -> KernelPlan:
+def plan_git_kernel(options: BuildOptions, release: str, cache: Cache, reporter: Reporter) -> KernelPlan:
     kernel = resolve_git_kernel(release=release, repo=options.kernel_repo, config=options.kernel_config,
                                 symvers=options.symvers, checkout=options.kernel_checkout,
-                                for_host=options.kernel is None, store=cache.downloads)
-    clone = f"git-{key_of([kernel.repo, kernel.tag, kernel.checkout])[:24]}"
+                                for_host=options.kernel is None, store=cache.downloads, note=reporter.note)
+    clone = f"git-{key_of([kernel.repo, kernel.tag, kernel.commit, kernel.checkout])[:24]}"
     env = {"KERNEL_SOURCE": "git", "KERNEL_CLONE": f"{KERNELS}/{clone}", "KERNEL_SUFFIX": kernel.suffix,
            "KERNEL_CONFIG": f"{INPUTS}/{kernel.config_sha256}",
            "KERNEL_SYMVERS": f"{INPUTS}/{kernel.symvers_sha256}" if kernel.symvers_sha256 else ""}
     return KernelPlan(release=release, gcc_major=kernel.gcc_major, canonical=kernel.canonical(), environment=env,
-                      clone={"repo": kernel.repo, "tag": kernel.tag, "dir": clone, "checkout": kernel.checkout,
-                             "reason": kernel.gcc_reason},
+                      tree_dir="", tree_step="prepare kernel",
+                      clone={"repo": kernel.repo, "tag": kernel.tag, "commit": kernel.commit, "dir": clone,
+                             "checkout": kernel.checkout, "reason": kernel.gcc_reason},
                       symvers=kernel.symvers, config=kernel.config)
 
 
 # ---- driver sources --------------------------------------------------------------------------
-def plan_debian_driver(archive: DebianArchive, options: ModulesOptions, release: str) -> DriverPlan:
+def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: str) -> DriverPlan:
     source, userspace, version = archive.driver_packages(options.driver, options.flavor, release)
     how = "the newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
     return DriverPlan(
@@ -139,22 +147,21 @@ def plan_debian_driver(archive: DebianArchive, options: ModulesOptions, release:
                      "USERSPACE_DEBS": " ".join(_inside(p) for p in userspace)})
 
 
-def plan_run_driver(options: ModulesOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
+def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
     run = resolve_run_driver(version=options.driver, installer=options.installer, template=options.installer_url,
                              sha256=options.sha256, store=cache.downloads, fetcher=fetcher)
-    if options.flavor == "open" and version_tuple(run.version) < OPEN_SINCE:
-        raise InputError(f"driver {run.version} has no open kernel modules: they exist from 515 on",
-                         hint="use --flavor proprietary, or a driver of 515 or newer")
-    return DriverPlan(version=run.version, canonical=run.canonical(),
+    if options.flavor == "open":
+        require_open_support(run.version)
+    return DriverPlan(version=run.version, canonical=run.canonical(), run=run,
                       description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
-                      environment={"DRIVER_SOURCE": "run", "DRIVER_INSTALLER": f"{INPUTS}/{run.sha256}"})
+                      environment={"DRIVER_SOURCE": "run", "DRIVER_TREE": INSTALLER})
 
 
 # ---- the whole ---------------------------------------------------------------------------------
-def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: Reporter,
+def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
                   engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
+    output = check_output(options.output, force=options.force) if options.output else None
     cache = Cache(default_cache_dir(env))
-    engine = (engine_factory or (lambda: Engine.from_env(env)))()
     fetcher = Fetcher(reporter=reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution,
@@ -177,9 +184,9 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
     if kernel_source == "debian":
         kernel = plan_debian_kernel(archive, release, cache)
     else:
-        kernel = plan_git_kernel(options, release, cache)
-        reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo}, release suffix "
-                      f"{kernel.environment['KERNEL_SUFFIX']!r}")
+        kernel = plan_git_kernel(options, release, cache, reporter)
+        reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo} (commit "
+                      f"{kernel.clone['commit'][:12]}), release suffix {kernel.environment['KERNEL_SUFFIX']!r}")
     if options.driver_source == "debian":
         driver = plan_debian_driver(archive, options, release)
     else:
@@ -193,57 +200,112 @@ def build_modules(options: ModulesOptions, *, env: Mapping[str, str], reporter: 
                          hint="pass --builder-base IMAGE naming an image whose gcc has that major version")
     why = "--builder-base" if options.builder_base else f"gcc {kernel.gcc_major}, the kernel's own compiler"
     reporter.note(f"builder base: {base} ({why})")
+    engine = (engine_factory or (lambda: Engine.from_env(env)))()  # every input was checked before this
     builder = plan_builder(engine, base=base, distribution=base.split(":", 1)[-1], gcc_major=kernel.gcc_major,
                            mirror=options.apt_mirror, security_mirror=options.apt_security_mirror)
     if kernel.clone is not None:
-        prepared = f"prepared-{key_of([kernel.canonical, builder.tag])[:24]}"
-        kernel.environment["KERNEL_PREPARED"] = f"{KERNELS}/{prepared}"
-        kernel.tree_dir = prepared
+        kernel.tree_dir = f"prepared-{key_of([kernel.canonical, builder.tag])[:24]}"
+        kernel.environment["KERNEL_PREPARED"] = f"{KERNELS}/{kernel.tree_dir}"
     spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                      kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
                      modules=tuple(expected_modules(driver.version)))
     key = key_of(spec.canonical())
-    tag = modules_image_tag(driver.version, options.flavor, release)
+    tag = image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release)
 
     # ---- the cache -------------------------------------------------------------------------
-    hit = cache.result(key) if options.use_cache else None
-    if hit is None:
+    cache_hit = False
+    if options.use_cache and cache.result(key):
+        cache_hit = True
+    else:
         lock = cache.acquire(key, on_wait=lambda: reporter.note(
             "another cudabuild is building the same modules; waiting for it"))
         try:
-            hit = cache.result(key) if options.use_cache else None  # it may have finished meanwhile
-            if hit is None:
+            if options.use_cache and cache.result(key):  # it may have finished meanwhile
+                cache_hit = True
+            else:
                 _build(spec, key, kernel=kernel, driver=driver, cache=cache, engine=engine, fetcher=fetcher,
                        builder=builder, options=options, reporter=reporter)
-                result_dir, cache_hit = cache.result_dir(key), False
-            else:
-                result_dir, cache_hit = hit, True
         finally:
             lock.release()
-    else:
-        result_dir, cache_hit = hit, True
+    result_dir = cache.result_dir(key)
     if cache_hit:
         reporter.cached("build modules", f"cached result {result_dir}")
-    manifest = json.loads((result_dir / "manifest.json").read_text())
+    try:
+        checked = artifact.load(result_dir)
+    except ArtifactError as exc:
+        exc.hint = (f"the cached result was changed after it was built, and is not used; remove it (rm -rf "
+                    f"{result_dir}) or build again with --no-cache")
+        raise
+    if checked.manifest.key != key:
+        raise ArtifactError(f"{result_dir} holds the result of another build (key {checked.manifest.key[:16]}...)",
+                            hint=f"remove it (rm -rf {result_dir}) or build again with --no-cache")
 
     # ---- publish ---------------------------------------------------------------------------
-    publish_image(engine, result_dir, manifest, tag=tag, key=key, reporter=reporter)
-    output = Path(options.output).resolve() if options.output else None
+    publish_image(engine, checked, tag=tag, reporter=reporter)
     if output:
-        copy_result(result_dir, output)
+        write_output(checked, output, cache=cache)
         reporter.note(f"copied the modules, userspace and manifest to {output}")
-    return ModulesResult(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
-                         cache_hit=cache_hit, result_dir=result_dir, manifest=manifest, modules_image=tag,
-                         output_dir=output, steps=list(reporter.steps))
+    return ModulesResult(cache_hit=cache_hit, artifact=checked, modules_image=tag, output_dir=output,
+                         steps=list(reporter.steps))
+
+
+def _ensure_tree(name: str, *, what: str, cache: Cache, reporter: Reporter, make: Callable[[Path], None]) -> Path:
+    """A kernel tree in the cache: reused when it is there, else made by `make(staging)` in a
+    staging directory and renamed into place. One maker at a time per tree."""
+    target = cache.kernels / name
+    if target.is_dir():
+        reporter.cached(what, f"reusing {target}")
+        return target
+    lock = cache.acquire(f"tree-{name}", on_wait=lambda: reporter.note(f"another cudabuild is making {name}; "
+                                                                       "waiting for it"))
+    staging = None
+    try:
+        if target.is_dir():
+            reporter.cached(what, f"reusing {target}")
+            return target
+        staging = cache.workdir(f"tree-{name[:20]}", owner=builder_user())
+        make(staging)
+        os.chmod(staging, 0o755)
+        return cache.publish_tree(staging, target)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
+
+
+def _installer_tree(run: RunDriver, *, cache: Cache, reporter: Reporter) -> Path:
+    """The installer extracted on the host (checked member by member), once per installer."""
+    target = cache.sources / f"run-{run.sha256[:24]}"
+    if target.is_dir():
+        reporter.cached("extract installer", f"reusing {target}")
+        return target
+    with cache.lock(f"tree-{target.name}"):
+        if not target.is_dir():
+            with reporter.step("extract installer (on the host, every member checked)"):
+                staging = cache.workdir("installer")
+                try:
+                    extract_installer(run.path, run.installer, staging / "tree")
+                    cache.publish_tree(staging / "tree", target)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _give_back(tree: Path) -> None:
+    """Files a build container wrote as nobody become the caller's again."""
+    if os.getuid() != 0:
+        return
+    for path in [tree, *tree.rglob("*")]:
+        os.lchown(path, os.getuid(), os.getgid())
 
 
 def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan, cache: Cache, engine: Engine,
-           fetcher: Fetcher, builder, options: ModulesOptions, reporter: Reporter) -> None:
+           fetcher: Fetcher, builder, options: BuildOptions, reporter: Reporter) -> None:
     cache.check_space()
-    reaped, running = engine.reap_builders()
+    reaped, _ = engine.reap_builders()
     if reaped:
         reporter.note(f"removed builder containers left by killed runs: {', '.join(reaped)}")
-    cache.reap_stale(builders_running=running > 0)
+    cache.reap_stale()
     started = time.monotonic()
     packages = kernel.downloads + driver.downloads
     if packages:
@@ -252,111 +314,64 @@ def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan,
             for p in packages:
                 fetcher.fetch(p.url, store=cache.downloads, sha256=p.sha256, size=p.size,
                               label=p.filename.rsplit("/", 1)[-1])
+    build_mounts = []
+    if driver.run is not None:
+        tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
+        driver.environment["DRIVER_SUBDIR"] = driver_subdir(tree, spec.flavor, spec.driver_version)
+        build_mounts.append(Mount(str(tree), INSTALLER))
     image_id = ensure_builder(engine, builder, reporter, verbose=options.verbose)
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     log_path = cache.logs / f"{key[:16]}-{stamp}.log"
     inputs = Mount(str(cache.downloads), INPUTS)
-    kernels = Mount(str(cache.kernels), KERNELS, read_only=False)
 
-    if kernel.clone is not None:
-        clone_dir = cache.kernels / kernel.clone["dir"]
-        if clone_dir.is_dir():
-            reporter.cached("fetch kernel source", f"reusing the clone of {kernel.clone['tag']} ({clone_dir})")
-        else:
-            check_tag(kernel.clone["repo"], kernel.clone["tag"])
-            run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose,
-                      log_path=cache.logs / f"{key[:16]}-{stamp}-fetch.log", script="fetch-kernel-git.sh",
-                      mounts=[kernels], network="host",
-                      environment={"KERNEL_REPO": kernel.clone["repo"], "KERNEL_TAG": kernel.clone["tag"],
-                                   "KERNEL_CLONE": f"{KERNELS}/{kernel.clone['dir']}",
-                                   "KERNEL_CHECKOUT": kernel.clone["checkout"]})
-    work = cache.workdir(key[:16])
-    try:
+    def container(script: str, environment: dict, mounts: list[Mount], network: str = "none") -> None:
         run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose, log_path=log_path,
-                  keep=options.keep_builder, mounts=[inputs, kernels, Mount(str(work), "/cudabuild/work", read_only=False)],
-                  environment={**kernel.environment, **driver.environment,
-                               "KERNEL_RELEASE": spec.kernel_release, "DRIVER_VERSION": spec.driver_version,
-                               "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),
-                               "JOBS": str(options.jobs), "WORK": "/cudabuild/work"})
+                  keep=options.keep_builder, script=script, mounts=mounts, network=network, environment=environment)
+
+    prepare_mounts = [inputs]
+    if kernel.clone is not None:
+        clone = kernel.clone
+        clone_dir = _ensure_tree(clone["dir"], what="fetch kernel source", cache=cache, reporter=reporter,
+                                 make=lambda staging: container(
+                                     "fetch-kernel-git.sh", network="host",
+                                     mounts=[Mount(str(staging), f"{KERNELS}/{clone['dir']}", read_only=False)],
+                                     environment={"KERNEL_REPO": clone["repo"], "KERNEL_TAG": clone["tag"],
+                                                  "KERNEL_COMMIT": clone["commit"],
+                                                  "KERNEL_CLONE": f"{KERNELS}/{clone['dir']}",
+                                                  "KERNEL_CHECKOUT": clone["checkout"]}))
+        prepare_mounts.append(Mount(str(clone_dir), f"{KERNELS}/{clone['dir']}"))
+    build_env = {**kernel.environment, **driver.environment, "KERNEL_RELEASE": spec.kernel_release,
+                 "DRIVER_VERSION": spec.driver_version, "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),
+                 "JOBS": str(options.jobs), "WORK": WORK}
+    _ensure_tree(kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
+                 make=lambda staging: container(
+                     "prepare-kernel.sh", environment=build_env,
+                     mounts=[*prepare_mounts, Mount(str(staging), f"{KERNELS}/{kernel.tree_dir}", read_only=False)]))
+
+    work = cache.workdir(key[:16], owner=builder_user())
+    try:
+        container("build.sh", environment=build_env,
+                  mounts=[inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
+                          Mount(str(work), WORK, read_only=False)])
         out = work / "out"
+        _give_back(out)
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
             config = kernel.config or cache.kernels / kernel.tree_dir / ".config"
             modversions = config_enabled(config, "CONFIG_MODVERSIONS")
             infos = verify_modules(out / "modules", release=spec.kernel_release,
                                    driver_version=spec.driver_version, expected=list(spec.modules),
                                    symvers=kernel.symvers if modversions else None, modversions=modversions)
-        manifest = {
-            "format": 1,
-            "cudabuild_version": cudabuild.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "key": key,
-            "kernel_release": spec.kernel_release,
-            "driver_version": spec.driver_version,
-            "flavor": spec.flavor,
-            "vermagic": infos[0].vermagic,
-            "modversions": modversions,
-            "kernel_source": spec.kernel,
-            "driver_source": spec.driver,
-            "modules": [i.as_json() for i in infos],
-            "userspace": _userspace_listing(out / "userspace"),
-            "builder_image": {"tag": builder.tag, "id": image_id, "base": builder.base},
-            "build_seconds": round(time.monotonic() - started, 1),
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = Manifest(
+            key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            kernel_release=spec.kernel_release, driver_version=spec.driver_version, flavor=spec.flavor,
+            vermagic=infos[0].vermagic, modules=tuple(ModuleEntry.of(i) for i in infos),
+            userspace=describe_userspace(out / "userspace"), modversions=modversions,
+            cudabuild_version=cudabuild.__version__, build_seconds=round(time.monotonic() - started, 1),
+            kernel_source=spec.kernel, driver_source=spec.driver,
+            builder_image={"tag": builder.tag, "id": image_id, "base": builder.base})
+        manifest.write(out)
+        artifact.load(out)  # what the build made passes the check every reader applies
         shutil.copy2(log_path, out / "build.log")
         cache.publish(out, key)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _userspace_listing(root: Path) -> list[dict]:
-    listing = []
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            listing.append({"path": rel, "link": os.readlink(path)})
-        elif path.is_file():
-            listing.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
-    return listing
-def publish_image(engine: Engine, result_dir: Path, manifest: dict, *, tag: str, key: str,
-                  reporter: Reporter) -> None:
-    """The modules image: FROM scratch, one layer with modules/, userspace/ and manifest.json."""
-    existing = engine.image_id(tag)
-    if existing and engine.image(tag)["Config"].get("Labels", {}).get(f"{LABEL_PREFIX}.key") == key:
-        reporter.cached("modules image", tag)
-        return
-    labels = {
-        "org.opencontainers.image.title": "NVIDIA kernel modules",
-        "org.opencontainers.image.version": manifest["driver_version"],
-        "org.opencontainers.image.created": manifest["created"],
-        "org.opencontainers.image.description":
-            f"NVIDIA {manifest['driver_version']} modules for Linux {manifest['kernel_release']}, built by cudabuild",
-        f"{LABEL_PREFIX}.key": key,
-        f"{LABEL_PREFIX}.driver-version": manifest["driver_version"],
-        f"{LABEL_PREFIX}.kernel-release": manifest["kernel_release"],
-        f"{LABEL_PREFIX}.vermagic": manifest["vermagic"],
-        f"{LABEL_PREFIX}.flavor": manifest["flavor"],
-        f"{LABEL_PREFIX}.modules": ",".join(f"{m['file']}@sha256:{m['sha256']}" for m in manifest["modules"]),
-    }
-    with reporter.step(f"publish modules image {tag}"):
-        staging = {"Dockerfile": render_template("modules.Dockerfile.j2").encode()}
-        with tar_context(staging, directory=result_dir, exclude=("build.log",)) as context:
-            engine.build(context=context, tag=tag, labels=labels, network="none")
-        layers = engine.image(tag)["RootFS"]["Layers"]
-        if len(layers) != 1:
-            raise VerifyError(f"the modules image {tag} has {len(layers)} layers instead of one")
-
-
-def copy_result(result_dir: Path, output: Path) -> None:
-    """Copy the result into `output` through a staging directory, so it is never half-written."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.cudabuild-partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(result_dir, staging, symlinks=True, ignore=shutil.ignore_patterns("build.log"))
-    output.mkdir(exist_ok=True)
-    for item in staging.iterdir():
-        target = output / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()

@@ -1,32 +1,30 @@
-"""Phase 2: `cudabuild image PROFILE` — a runtime image that adds exactly one layer over its base
-(modules, userspace driver, loader) — and `cudabuild inspect`."""
+"""Phase 2: `cudabuild image PROFILE` — a runtime image that adds exactly one layer over its base:
+the modules and userspace driver of a checked artifact, and the loader."""
 
 from __future__ import annotations
 
-import json
-import platform
-import re
 import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cudabuild import artifact
+from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag, read_labels
 from cudabuild.build.builder import render_template, tar_context
 from cudabuild.build.cache import Cache
-from cudabuild.build.engine import LABEL_PREFIX, Engine
-from cudabuild.errors import InputError, VerifyError
+from cudabuild.build.engine import Engine
+from cudabuild.deliver.loader import SETTINGS, settings
+from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
+from cudabuild.options import path_kind, validate_image_ref, version_tuple
 from cudabuild.resources import resource_dir
-from cudabuild.options import version_tuple
 from cudabuild.ui import Reporter
-from cudabuild.verify import read_module
 
 # The newest CUDA each driver branch supports (NVIDIA's CUDA toolkit release notes, table 3).
 DRIVER_MAX_CUDA = [(450, "11.0"), (455, "11.1"), (460, "11.2"), (465, "11.3"), (470, "11.4"), (495, "11.5"),
                    (510, "11.6"), (515, "11.7"), (520, "11.8"), (525, "12.0"), (530, "12.1"), (535, "12.2"),
                    (545, "12.3"), (550, "12.4"), (555, "12.5"), (560, "12.6"), (565, "12.7"), (570, "12.8"),
                    (575, "12.9"), (580, "13.0")]
-TAG_RE = re.compile(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
 
 
 @dataclass(frozen=True)
@@ -49,13 +47,12 @@ def profiles() -> dict[str, Profile]:
 
 def load_profile(name: str | None, base: str | None) -> Profile:
     if base is not None:
-        if not TAG_RE.fullmatch(base):
-            raise InputError(f"--base {base!r} is not an image reference", hint="pass e.g. --base debian:bookworm")
+        validate_image_ref(base, "--base")
         if name is None:
             return Profile(name="custom", base=base, smoke=("nvidia-smi",), description=f"{base} with the driver")
     known = profiles()
     if name not in known:
-        raise InputError(f"no image profile {name!r}", hint="choose one of: " + ", ".join(known) + ", or pass --base IMAGE")
+        raise InputError(f"no image profile {shown(name)}", hint="choose one of: " + ", ".join(known) + ", or pass --base IMAGE")
     profile = known[name]
     return Profile(name=profile.name, base=base or profile.base, smoke=profile.smoke,
                    cuda=profile.cuda if base is None else None, description=profile.description)
@@ -83,96 +80,94 @@ def render_runtime(profile: Profile) -> str:
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
 
 
-def find_modules(reference: str | None, cache: Cache, engine: Engine | None) -> Path:
-    """The cached result for a modules image, a result directory, or the newest build."""
+def find_modules(reference: str | None, cache: Cache, engine_factory) -> Artifact:
+    """The checked artifact of a modules image, an --output directory, or the newest build in
+    the cache."""
     if reference is None:
-        results = [p for p in (cache.root / "results").glob("*/manifest.json")]
-        if not results:
+        newest: tuple[str, Path] | None = None
+        for manifest_path in (cache.root / "results").glob("*/manifest.json"):
+            try:
+                created = artifact.read_manifest(manifest_path).created
+            except ArtifactError:
+                continue  # not a usable result: never the default
+            if newest is None or created > newest[0]:
+                newest = (created, manifest_path.parent)
+        if newest is None:
             raise InputError("there are no built modules in the cache yet",
                              hint="build them first: cudabuild modules --kernel RELEASE --driver VERSION")
-        return max(results, key=lambda p: json.loads(p.read_text())["created"]).parent
-    path = Path(reference).expanduser()
-    if (path / "manifest.json").is_file():
-        return path
-    if engine is None or engine.image_id(reference) is None:
-        raise InputError(f"--modules {reference}: neither a modules image nor a directory with manifest.json",
-                         hint="pass a cudabuild/modules:... image, or the directory --output wrote")
-    key = engine.image(reference)["Config"].get("Labels", {}).get(f"{LABEL_PREFIX}.key")
-    result = cache.result(key) if key else None
+        return artifact.load(newest[1])
+    hint = "pass a cudabuild/modules:... image, or the directory --output wrote"
+    kind = path_kind(reference, "--modules", hint)
+    if kind == "dir":
+        return artifact.load(Path(reference).expanduser())
+    if kind is not None:
+        raise InputError(f"--modules {shown(reference)} is a file, not a modules image or directory", hint=hint)
+    validate_image_ref(reference, "--modules")
+    engine = engine_factory()
+    if engine.image_id(reference) is None:
+        raise InputError(f"--modules {shown(reference)}: neither a modules image nor a directory", hint=hint)
+    labels = read_labels(engine.image(reference)["Config"].get("Labels"), reference)
+    result = cache.result(labels.key) if labels else None
     if result is None:
         raise InputError(f"{reference} was not built with this cache ({cache.root})",
                          hint="build it here with cudabuild modules, or pass the directory --output wrote")
-    return result
+    return artifact.load(result)
 
 
-def labels_for(manifest: dict) -> dict[str, str]:
-    return {
-        "org.opencontainers.image.version": manifest["driver_version"],
-        "org.opencontainers.image.created": manifest["created"],
-        f"{LABEL_PREFIX}.driver-version": manifest["driver_version"],
-        f"{LABEL_PREFIX}.kernel-release": manifest["kernel_release"],
-        f"{LABEL_PREFIX}.vermagic": manifest["vermagic"],
-        f"{LABEL_PREFIX}.flavor": manifest["flavor"],
-        f"{LABEL_PREFIX}.key": manifest["key"],
-        f"{LABEL_PREFIX}.modules": ",".join(f"{m['file']}@sha256:{m['sha256']}" for m in manifest["modules"]),
-    }
-
-
-def stage_rootfs(result: Path, manifest: dict, into: Path) -> None:
-    """The one layer: /opt/cudabuild/{modules,lib,bin,firmware}, the loader, driver.env, manifest."""
+def stage_rootfs(checked: Artifact, into: Path) -> None:
+    """The one layer: /opt/cudabuild/{modules,lib,bin,firmware}, the loader and its settings, the
+    manifest. Only what the manifest lists is copied; links stay links (to a file beside them)."""
     home = into / "rootfs" / "opt" / "cudabuild"
-    home.mkdir(parents=True)
-    shutil.copytree(result / "modules", home / "modules")
-    userspace = result / "userspace"
-    shutil.copytree(userspace / "lib", home / "lib", symlinks=True)
-    shutil.copytree(userspace / "bin", home / "bin", symlinks=True)
-    if (userspace / "firmware").is_dir():
-        shutil.copytree(userspace / "firmware", home / "firmware")
+    (home / "modules").mkdir(parents=True)
+    (home / "bin").mkdir()
+    for rel, _ in checked.files():
+        source = checked.root / rel
+        target = home / "modules" / source.name if rel.startswith("modules/") else home / rel.removeprefix("userspace/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
     shutil.copy2(resource_dir("images") / "loader.sh", home / "loader.sh")
     shutil.copy2(resource_dir("images") / "device-query.py", home / "bin" / "device-query")
     for script in (home / "loader.sh", home / "bin" / "device-query"):
         script.chmod(0o755)
-    nvidia = next(m for m in manifest["modules"] if m["name"] == "nvidia")
-    (home / "driver.env").write_text(
-        f'DRIVER_VERSION="{manifest["driver_version"]}"\nKERNEL_RELEASE="{manifest["kernel_release"]}"\n'
-        f'MODULES="{" ".join(m["name"] for m in manifest["modules"])}"\n'
-        f'NEEDS_IPMI={1 if "ipmi_msghandler" in nvidia.get("depends", []) else 0}\n')
-    shutil.copy2(result / "manifest.json", home / "manifest.json")
+    (home / SETTINGS).write_text(settings(checked.manifest))
+    shutil.copy2(checked.root / artifact.MANIFEST, home / artifact.MANIFEST)
     conf = into / "rootfs" / "etc" / "ld.so.conf.d"
     conf.mkdir(parents=True)
     (conf / "cudabuild.conf").write_text("/opt/cudabuild/lib\n")
 
 
-def build_image(*, profile: Profile, result: Path, engine: Engine, cache: Cache, tag: str | None,
+def runtime_tag(profile: Profile, checked: Artifact) -> str:
+    m = checked.manifest
+    return image_tag(f"cudabuild/{profile.name}", m.driver_version, m.flavor, m.kernel_release)
+
+
+def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: Cache, tag: str | None,
                 reporter: Reporter) -> dict:
-    manifest = json.loads((result / "manifest.json").read_text())
-    base_info = _base(engine, profile.base)
+    manifest = checked.manifest
+    base_info = engine.ensure_image(profile.base, what="base image",
+                                    hint="or run `bash scripts/setup` to make its stand-in")
     base_cuda = profile.cuda or _env(base_info, "CUDA_VERSION")
-    check_cuda(manifest["driver_version"], profile.base, base_cuda)
-    tag = tag or f"cudabuild/{profile.name}:{manifest['driver_version']}-{manifest['kernel_release']}".replace("+", "_")
-    if not TAG_RE.fullmatch(tag):
-        raise InputError(f"--tag {tag!r} is not a valid image tag", hint="pass e.g. --tag registry.example/gpu:535")
+    check_cuda(manifest.driver_version, profile.base, base_cuda)
+    tag = tag or runtime_tag(profile, checked)
     dockerfile = render_runtime(profile)
     with reporter.step(f"build {tag} from {profile.base} (one layer)"), \
             tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
-        stage_rootfs(result, manifest, Path(staging))
-        with tar_context({"Dockerfile": dockerfile.encode()}, directory=Path(staging)) as context:
+        stage_rootfs(checked, Path(staging))
+        rootfs = Path(staging) / "rootfs"
+        entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
+        with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:
             engine.build(context=context, tag=tag, network="none",
-                         labels={**labels_for(manifest), "org.opencontainers.image.base.name": profile.base,
+                         labels={**manifest.labels(), "org.opencontainers.image.base.name": profile.base,
                                  f"{LABEL_PREFIX}.profile": profile.name})
     layers, base_layers = len(engine.image(tag)["RootFS"]["Layers"]), len(base_info["RootFS"]["Layers"])
     if layers != base_layers + 1:
         raise VerifyError(f"{tag} has {layers - base_layers} layers over its base instead of one")
-    return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": manifest["driver_version"],
-            "kernel_release": manifest["kernel_release"], "base_cuda": base_cuda,
-            "max_cuda": max_cuda(manifest["driver_version"]), "layers_added": 1, "smoke": list(profile.smoke)}
-
-
-def _base(engine: Engine, base: str) -> dict:
-    if engine.image_id(base) is None and engine.pull(base) is None:
-        raise InputError(f"the base image {base} is not in the engine and cannot be pulled",
-                         hint=f"pull or load {base}, or run `bash scripts/setup` to make its stand-in")
-    return engine.image(base)
+    return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": manifest.driver_version,
+            "kernel_release": manifest.kernel_release, "base_cuda": base_cuda,
+            "max_cuda": max_cuda(manifest.driver_version), "layers_added": 1, "smoke": list(profile.smoke)}
 
 
 def _env(info: dict, name: str) -> str | None:
@@ -181,41 +176,3 @@ def _env(info: dict, name: str) -> str | None:
         if key == name:
             return value
     return None
-
-
-# ---- inspect -----------------------------------------------------------------------------------
-def inspect(target: str, engine_factory) -> dict:
-    """Driver, kernel and module digests of a runtime image, a modules image, a directory or a .ko."""
-    path = Path(target).expanduser()
-    if path.is_file() and path.suffix == ".ko":
-        info = read_module(path)
-        report = {"kind": "module", "driver_version": info.version, "kernel_release": info.vermagic.split(" ")[0],
-                  "vermagic": info.vermagic, "modules": [info.as_json()]}
-    elif path.is_dir() and (path / "manifest.json").is_file():
-        manifest = json.loads((path / "manifest.json").read_text())
-        report = {"kind": "directory", "driver_version": manifest["driver_version"],
-                  "kernel_release": manifest["kernel_release"], "vermagic": manifest["vermagic"],
-                  "modules": [{k: m[k] for k in ("name", "file", "size", "sha256", "version")}
-                              for m in manifest["modules"]]}
-    elif path.exists():
-        raise InputError(f"{target} is neither a .ko file nor a directory with manifest.json",
-                         hint="pass a runtime or modules image, the directory --output wrote, or a .ko")
-    else:
-        engine = engine_factory()
-        if engine.image_id(target) is None:
-            raise InputError(f"{target}: no such file, directory or image", hint="check the name")
-        labels = engine.image(target)["Config"].get("Labels") or {}
-        if f"{LABEL_PREFIX}.driver-version" not in labels:
-            raise InputError(f"{target} was not made by cudabuild (it has no {LABEL_PREFIX} labels)")
-        modules = []
-        for entry in labels[f"{LABEL_PREFIX}.modules"].split(","):
-            file, _, digest = entry.partition("@sha256:")
-            modules.append({"name": file.removesuffix(".ko"), "file": file, "sha256": digest})
-        report = {"kind": "runtime image" if f"{LABEL_PREFIX}.profile" in labels else "modules image",
-                  "image": target, "driver_version": labels[f"{LABEL_PREFIX}.driver-version"],
-                  "kernel_release": labels[f"{LABEL_PREFIX}.kernel-release"],
-                  "vermagic": labels[f"{LABEL_PREFIX}.vermagic"], "modules": modules}
-    host = platform.release()
-    report["host_kernel_release"] = host
-    report["matches_host"] = report["kernel_release"] == host
-    return report

@@ -16,7 +16,7 @@ from functools import cmp_to_key
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
 
-from cudabuild.build.cache import Cache, key_of
+from cudabuild.build.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
 from cudabuild.errors import FetchError, InputError
 from cudabuild.build.fetch import Fetcher
 from cudabuild.options import version_tuple
@@ -48,6 +48,7 @@ class Package:
 COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
 ARCH = "amd64"
 INDEX_MAX_AGE = 6 * 3600
+INDEX_SPACE_BYTES = 64 * 1024**2  # the filtered index is a few MB; checked before anything is fetched
 _KEEP = re.compile(rb"^Package: (linux-headers-|linux-kbuild-|nvidia-|libnvidia-|libcuda|firmware-nvidia)",
                    re.M)
 
@@ -141,6 +142,7 @@ class DebianArchive:
         return self._packages
 
     def _download_index(self, path) -> None:
+        require_space(path.parent, INDEX_SPACE_BYTES, "Debian's package index")
         self.reporter.note(f"reading Debian's package index ({', '.join(s for _, s in self.sources)})")
         entries: list[dict] = []
         found = 0
@@ -155,9 +157,11 @@ class DebianArchive:
         if not found:
             raise FetchError(f"no Packages index found for {self.distribution} at {self.sources[0][0]}",
                              hint="check --apt-mirror and --distribution")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sources": self.sources, "packages": entries}))
-        tmp.replace(path)
+        text = json.dumps({"sources": self.sources, "packages": entries})
+        require_space(path.parent, len(text) + WRITE_MARGIN_BYTES, "Debian's package index")
+        with writing(path.with_suffix(".tmp")) as tmp:
+            tmp.write_text(text)
+            tmp.replace(path)
 
     def versions(self, name: str) -> list[Package]:
         """All versions of a package, newest first."""

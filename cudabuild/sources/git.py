@@ -4,16 +4,17 @@ target's config and Module.symvers, and the compiler the kernel was built with."
 from __future__ import annotations
 
 import gzip
+import json
 import platform
 import re
-import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.errors import FetchError, InputError, VerifyError
 from cudabuild.build.fetch import store_local
-from cudabuild.options import kernel_tag, version_tuple
+from cudabuild.errors import FetchError, InputError, VerifyError, shown
+from cudabuild.options import existing_file, kernel_tag, version_tuple
 from cudabuild.verify import read_symvers
 
 # A builder base image with each gcc major; kernels before 5.8 name no compiler in their config,
@@ -29,6 +30,7 @@ GCC_BY_KERNEL = [((4, 0), 5), ((4, 15), 7), ((5, 0), 8), ((5, 8), 10)]
 class GitKernel:
     repo: str
     tag: str
+    commit: str  # what the tag named when the repository was asked: a moved tag is another kernel
     suffix: str
     release: str
     config: Path  # stored by content
@@ -41,7 +43,7 @@ class GitKernel:
     checkout: str
 
     def canonical(self) -> dict:
-        return {"kind": "git", "repo": self.repo, "tag": self.tag, "release": self.release,
+        return {"kind": "git", "repo": self.repo, "tag": self.tag, "commit": self.commit, "release": self.release,
                 "config_sha256": self.config_sha256, "symvers_sha256": self.symvers_sha256,
                 "checkout": self.checkout}
 
@@ -56,13 +58,6 @@ def host_config() -> bytes:
         return boot.read_bytes()
     raise InputError("this host has no kernel config (/proc/config.gz or /boot/config-" + release + ")",
                      hint="pass --kernel-config FILE with the target kernel's .config")
-
-
-def _file(value: str, what: str, flag: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise InputError(f"{flag} {value}: no such file", hint=f"pass the path of the target kernel's {what}")
-    return path
 
 
 def gcc_of(config_text: str, kernel_version: tuple[int, ...]) -> tuple[int, str]:
@@ -83,7 +78,7 @@ def gcc_of(config_text: str, kernel_version: tuple[int, ...]) -> tuple[int, str]
 
 
 def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: str | None, checkout: str,
-                       for_host: bool, store: Path) -> GitKernel:
+                       for_host: bool, store: Path, note: Callable[[str], None]) -> GitKernel:
     tag, suffix = kernel_tag(release)
     if config is None and for_host:
         config = "host"
@@ -91,7 +86,8 @@ def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: 
         raise InputError(f"building kernel {release} from git needs its config",
                          hint="pass --kernel-config FILE (on the target: /proc/config.gz, /boot/config-$(uname -r); "
                          "CoreOS: /usr/boot/config), or --kernel-config host when building for this host")
-    data = host_config() if config == "host" else _file(config, ".config", "--kernel-config").read_bytes()
+    data = host_config() if config == "host" else existing_file(
+        config, "--kernel-config", "the target kernel's .config").read_bytes()
     text = data.decode("utf-8", "replace")
     if "CONFIG_" not in text:
         raise InputError(f"--kernel-config {config} is not a kernel .config (it sets no CONFIG_ options)",
@@ -102,7 +98,7 @@ def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: 
         symvers = f"/lib/modules/{platform.release()}/build/Module.symvers"
     symvers_path = symvers_sha = None
     if symvers is not None:
-        source = _file(symvers, "Module.symvers", "--symvers")
+        source = existing_file(symvers, "--symvers", "the target kernel's Module.symvers")
         try:
             read_symvers(source)
         except VerifyError as exc:
@@ -117,32 +113,54 @@ def resolve_git_kernel(*, release: str, repo: str, config: str | None, symvers: 
             "headers package, or a full `make modules` of the same source and config (--symvers host for this host)",
         )
     gcc, reason = gcc_of(text, version_tuple(release))
-    return GitKernel(repo=repo, tag=tag, suffix=suffix, release=release, config=config_path,
+    commit = tag_commit(repo, tag, store=store, note=note)
+    return GitKernel(repo=repo, tag=tag, commit=commit, suffix=suffix, release=release, config=config_path,
                      config_sha256=config_sha, symvers=symvers_path, symvers_sha256=symvers_sha, gcc_major=gcc,
                      gcc_reason=reason, modversions=modversions, checkout=checkout)
 
 
-def check_tag(repo: str, tag: str) -> None:
-    """Ask the repository whether it has the tag; name the nearest ones when it has not."""
-    if shutil.which("git") is None:
-        return  # the builder's clone will say so
+def tag_commit(repo: str, tag: str, *, store: Path, note: Callable[[str], None]) -> str:
+    """The commit the repository's tag names now. Remembered in the store, so that an offline run
+    builds (or finds in the cache) the same kernel; a missing tag names the nearest ones."""
+    remembered_path = store / "git-tags.json"
+    remembered = json.loads(remembered_path.read_text()) if remembered_path.is_file() else {}
     try:
-        listing = subprocess.run(["git", "ls-remote", "--tags", "--refs", repo], capture_output=True, text=True,
-                                 timeout=120, env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"})
-    except subprocess.TimeoutExpired as exc:
-        raise FetchError(f"{repo} did not answer within 120 s", hint="check the URL and the network") from exc
-    if listing.returncode != 0:
-        raise FetchError(f"cannot list the tags of {repo}: {listing.stderr.strip().splitlines()[-1:]}",
+        listing = subprocess.run(["git", "ls-remote", "--tags", repo], capture_output=True, text=True, timeout=120,
+                                 env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"})
+        failure = None if listing.returncode == 0 else (listing.stderr.strip().splitlines() or ["git failed"])[-1]
+    except FileNotFoundError:
+        failure = "git is not installed on this host"
+    except subprocess.TimeoutExpired:
+        failure = "no answer within 120 s"
+    if failure is not None:
+        known = remembered.get(f"{repo} {tag}")
+        if known:
+            note(f"cannot ask {repo} for {tag} ({failure}); using the commit it named before, {known[:12]}")
+            return known
+        raise FetchError(f"cannot list the tags of {repo}: {shown(failure)}",
                          hint="check --kernel-repo (or CUDABUILD_KERNEL_REPO) and that the server is reachable")
-    tags = [line.split("refs/tags/", 1)[1] for line in listing.stdout.splitlines() if "refs/tags/" in line]
-    if tag in tags:
-        return
-    wanted = version_tuple(tag)
-    kernel_tags = [t for t in tags if re.fullmatch(r"v\d+\.\d+(\.\d+)?", t)]
-    nearest = sorted(kernel_tags, key=lambda t: (abs(_ordinal(version_tuple(t)) - _ordinal(wanted)), t))[:5]
-    raise InputError(f"{repo} has no tag {tag}",
-                     hint=("the nearest tags it has: " + ", ".join(sorted(nearest, key=version_tuple)))
-                     if nearest else "it has no version tags at all: check --kernel-repo")
+    tags: dict[str, str] = {}
+    for line in listing.stdout.splitlines():
+        sha, _, ref = line.partition("\t")
+        if ref.startswith("refs/tags/"):
+            name = ref[len("refs/tags/"):]
+            if name.endswith("^{}"):
+                tags[name[:-3]] = sha  # an annotated tag, peeled to its commit
+            else:
+                tags.setdefault(name, sha)
+    if tag not in tags:
+        wanted = version_tuple(tag)
+        kernel_tags = [t for t in tags if re.fullmatch(r"v[0-9]+\.[0-9]+(\.[0-9]+)?", t)]
+        nearest = sorted(kernel_tags, key=lambda t: (abs(_ordinal(version_tuple(t)) - _ordinal(wanted)), t))[:5]
+        raise InputError(f"{repo} has no tag {tag}",
+                         hint=("the nearest tags it has: " + ", ".join(sorted(nearest, key=version_tuple)))
+                         if nearest else "it has no version tags at all: check --kernel-repo")
+    if remembered.get(f"{repo} {tag}") != tags[tag]:
+        remembered[f"{repo} {tag}"] = tags[tag]
+        tmp = remembered_path.with_suffix(".partial")
+        tmp.write_text(json.dumps(remembered, indent=1, sort_keys=True))
+        tmp.replace(remembered_path)
+    return tags[tag]
 
 
 def _ordinal(v: tuple[int, ...]) -> int:

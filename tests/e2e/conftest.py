@@ -17,6 +17,23 @@ from tests.helpers import REPO, run_cli
 STANDINS = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def removes_the_images_it_makes():
+    """Every image the e2e tests make (modules and runtime images) is removed at the end. Builder
+    images stay: like the base images and downloads, they are the toolchain a later run reuses."""
+    import docker
+
+    client = docker.from_env()
+    before = {i.id for i in client.images.list(all=True)}
+    yield
+    for image in client.images.list():
+        if image.id not in before and not any(t.startswith("cudabuild/builder:") for t in image.tags):
+            try:
+                client.images.remove(image.id, force=True)
+            except docker.errors.APIError:
+                pass
+
+
 @pytest.fixture(scope="session")
 def fresh_cache(tmp_path_factory) -> Path:
     """A new cache for this run: results must be built, not found. Downloaded packages (checked

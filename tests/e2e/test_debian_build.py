@@ -1,6 +1,7 @@
 """A real build: Debian's newest bookworm kernel headers with Debian's current 535 driver."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,15 @@ def test_builds_every_module_of_the_driver(build):
     # The image is made, or reused when one with the same content key already exists.
     assert any("modules image" in s["name"] for s in data["steps"])
     assert "==> make modules" in stderr, "progress is shown as named steps"
+
+
+def test_the_build_ran_unprivileged_with_the_kernel_trees_read_only(build):
+    """What the build container itself reported: no root, no capabilities, kernel trees it cannot
+    change (build.sh refuses to build otherwise)."""
+    data, _, _, _ = build
+    log = (Path(data["cache_dir"]) / "build.log").read_text()
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    assert f"builder: uid {uid}, capabilities 0000000000000000, kernel trees read-only" in log
 
 
 def test_modinfo_agrees_with_the_request(build):

@@ -1,13 +1,11 @@
 """Faults leave nothing broken: kills, Ctrl-C, races, a lost engine, a full disk, hostile input."""
 
-import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -183,7 +181,7 @@ def test_too_little_space_is_refused_before_starting(tmp_path):
     ("--kernel", "../../../etc/passwd", "is not valid"),
     ("--driver", "535$(id)", "is not valid"),
     ("--kernel-repo", "git://x/`id`", "--kernel-repo"),
-    ("--installer", "http://127.0.0.1/a b;id.run", "not a valid URL"),
+    ("--installer", "http://127.0.0.1/a b;id.run", "not a valid http(s) URL"),
     ("--sha256", "../../etc", "--sha256"),
     ("--apt-mirror", "http://x/$(id)", "--apt-mirror"),
 ])
@@ -197,9 +195,9 @@ def test_hostile_strings_are_refused(tmp_path, option, value, fragment):
 
 
 def test_hostile_image_tag_and_base(tmp_path):
-    for args in (["--base", "debian:bookworm;id", "--dry-run"], ["cuda", "--tag", "../x"]):
+    for args, what in ((["--base", "debian:bookworm;id", "--dry-run"], "--base"), (["cuda", "--tag", "../x"], "--tag")):
         result = run_cli("image", *args, env={"CUDABUILD_CACHE": str(tmp_path)})
-        assert result.returncode == 3 and "fix:" in result.stderr, result.stderr
+        assert result.returncode == 3 and f"{what} " in result.stderr and "fix:" in result.stderr, result.stderr
 
 
 def test_symvers_that_is_not_one(tmp_path):
@@ -211,27 +209,54 @@ def test_symvers_that_is_not_one(tmp_path):
     assert result.returncode == 3 and "not a Module.symvers line" in result.stderr
 
 
-def test_installer_with_dotdot_paths_writes_nothing_outside_its_directory(cache, tmp_path):
-    """A .run whose payload holds ../ members: extraction keeps them inside its target."""
-    header = (Path(__file__).resolve().parents[2] / "scripts" / "standin-installer").read_text()
-    header = header.split('HEADER = """', 1)[1].split('"""', 1)[0]
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, data in (("../../kernels/evil", b"owned\n"), ("../../../../tmp/cudabuild-evil", b"owned\n"),
-                           ("kernel/Makefile", b"all:\n")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    import hashlib
-    import lzma
+@pytest.mark.parametrize("member,link", [("../../kernels/evil", None), ("/tmp/cudabuild-evil", None),
+                                         ("kernel/evil-link", "../../../../../tmp/cudabuild-evil"),
+                                         ("kernel/abs-link", "/etc/passwd")])
+def test_an_installer_that_writes_outside_its_target_is_refused(cache, tmp_path, member, link):
+    """A .run whose archive holds ../ members, absolute paths or links pointing out: refused on the
+    host, before any container starts, with nothing written outside (or inside) the cache."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from makeself import tar_bytes, write_installer
 
-    payload = lzma.compress(raw.getvalue())
-    run = tmp_path / "NVIDIA-Linux-x86_64-535.309.01.run"
-    run.write_bytes(header.format(label="NVIDIA-Linux-x86_64-535.309.01", version="535.309.01",
-                                  sha=hashlib.sha256(payload).hexdigest()).encode() + payload)
+    entries = {"kernel/Makefile": (0o644, b"all:\n", None),
+               member: (0o777, None, link) if link else (0o644, b"owned\n", None)}
+    run = write_installer(tmp_path / "NVIDIA-Linux-x86_64-535.309.01.run", "535.309.01", tar_bytes(entries))
+    since = int(time.time())
     result = run_cli("modules", "--kernel", "latest", "--driver-source", "run", "--installer", str(run),
                      env={"CUDABUILD_CACHE": str(cache)})
-    assert result.returncode == 6, result.stderr[-2000:]
-    assert not (cache / "kernels" / "evil").exists() and not Path("/tmp/cudabuild-evil").exists()
-    assert not list(cache.rglob("evil")), "nothing lands outside the extraction directory"
-    assert list((cache / "results").iterdir()) == []
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "nothing was extracted" in result.stderr
+    assert not Path("/tmp/cudabuild-evil").exists() and not list(cache.rglob("*evil*"))
+    assert list((cache / "results").iterdir()) == [] and list((cache / "sources").iterdir()) == []
+    events = docker.from_env().events(since=since, until=int(time.time()) + 1, decode=True,
+                                      filters={"type": "container", "event": "create"})
+    assert [e for e in events if "builder" in e["Actor"]["Attributes"].get("name", "")] == [], \
+        "no container starts for an installer that fails its check"
+
+
+def test_a_planted_cache_entry_is_refused(build, tmp_path):
+    """A result in the cache whose files are not what its manifest says (a modules file swapped
+    for another) is refused on the cache hit: nothing published, the entry left as it is."""
+    import shutil
+
+    data, _, cache, _ = build
+    planted = tmp_path / "cache"
+    planted.mkdir()
+    (planted / "downloads").symlink_to(cache / "downloads")
+    shutil.copytree(cache / "index", planted / "index")
+    entry = Path(data["cache_dir"])
+    copy = planted / "results" / entry.name
+    shutil.copytree(entry, copy, symlinks=True)
+    fake = copy / "modules" / "nvidia.ko"
+    fake.unlink()
+    fake.write_bytes(b"\x7fELF" + b"\0" * 1024)  # not the module the manifest lists
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.stat().st_size < 1 << 20}
+    client = docker.from_env()
+    image_before = client.images.get(data["modules_image"]).id
+    result = run_cli("modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"],
+                     env={"CUDABUILD_CACHE": str(planted)})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "modules/nvidia.ko has 1028 bytes" in result.stderr and "--no-cache" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert client.images.get(data["modules_image"]).id == image_before, "no image was published"
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.stat().st_size < 1 << 20} == before

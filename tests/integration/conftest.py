@@ -3,8 +3,6 @@ import pytest
 
 from tests.helpers import FileServer
 
-pytestmark = pytest.mark.engine
-
 
 @pytest.fixture(scope="session")
 def docker_client():

@@ -1,12 +1,16 @@
 """The engine wrapper and image publishing against the real engine."""
 
-import json
+import io
+import tarfile
 
 import pytest
 
+from cudabuild import artifact
+from cudabuild.build.builder import tar_context
 from cudabuild.build.engine import Engine, Mount
-from cudabuild.build.modules import publish_image
+from cudabuild.build.publish import publish_image
 from cudabuild.ui import Reporter
+from tests.helpers import make_artifact
 
 
 @pytest.fixture
@@ -26,36 +30,46 @@ def test_container_is_removed_when_its_block_fails(engine, docker_client, tmp_pa
     assert not docker_client.containers.list(all=True, filters={"name": seen})
 
 
-def test_modules_image_has_exactly_one_layer_and_the_labels(engine, tmp_path):
-    result = tmp_path / "result"
-    (result / "modules").mkdir(parents=True)
-    (result / "modules" / "nvidia.ko").write_bytes(b"\x7fELF fake")
-    (result / "build.log").write_text("not shipped\n")
-    manifest = {"driver_version": "535.309.01", "kernel_release": "6.1.0-56-amd64", "flavor": "proprietary",
-                "vermagic": "6.1.0-56-amd64 SMP ", "created": "2026-11-22T00:00:00+00:00",
-                "modules": [{"file": "nvidia.ko", "sha256": "ab" * 32}]}
-    (result / "manifest.json").write_text(json.dumps(manifest))
+def test_modules_image_has_exactly_one_layer_the_listed_files_and_the_labels(engine, tmp_path):
+    root = tmp_path / "result"
+    manifest = make_artifact(root)
+    (root / "build.log").write_text("not shipped\n")
     tag = "cudabuild/modules:test-one-layer"
     try:
-        publish_image(engine, result, manifest, tag=tag, key="k1", reporter=Reporter(quiet=True))
+        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True))
         info = engine.image(tag)
         assert len(info["RootFS"]["Layers"]) == 1
         labels = info["Config"]["Labels"]
-        assert labels["io.cudabuild.sources.git-release"] == "6.1.0-56-amd64"
-        assert labels["org.opencontainers.image.version"] == "535.309.01"
-        assert labels["io.cudabuild.build.modules"] == "nvidia.ko@sha256:" + "ab" * 32
+        assert labels["io.cudabuild.kernel-release"] == manifest.kernel_release
+        assert labels["org.opencontainers.image.version"] == manifest.driver_version
+        assert labels["io.cudabuild.modules"].split(",")[0] == f"nvidia.ko@sha256:{manifest.modules[0].sha256}"
         files = set()
-        import tarfile, io
         layer_tar = b"".join(engine.save(tag))
         with tarfile.open(fileobj=io.BytesIO(layer_tar)) as outer:
             for member in outer.getmembers():
                 if member.name.endswith("layer.tar"):
                     with tarfile.open(fileobj=outer.extractfile(member)) as layer:
-                        files |= set(layer.getnames())
-        assert {"manifest.json", "modules/nvidia.ko"} <= files and "build.log" not in files
+                        files |= {name for name in layer.getnames() if not name.endswith("/")}
+        listed = {"manifest.json"} | {f"modules/{m.file}" for m in manifest.modules} | \
+            {f"userspace/{u.path}" for u in manifest.userspace}
+        dirs = {"modules", "userspace", "userspace/lib", "userspace/bin"}
+        assert files - dirs == listed, "the image holds what the manifest lists: no Dockerfile, no build.log"
         # Publishing the same key again reuses the image.
         first = engine.image_id(tag)
-        publish_image(engine, result, manifest, tag=tag, key="k1", reporter=Reporter(quiet=True))
+        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True))
         assert engine.image_id(tag) == first
+    finally:
+        engine.remove_image(tag)
+
+
+def test_rebuilding_a_tag_leaves_no_dangling_image(engine, tmp_path):
+    tag = "cudabuild-test/retag:1"
+    ids = []
+    try:
+        for content in (b"one", b"two"):
+            with tar_context({"Dockerfile": b"FROM scratch\nCOPY f /f\n", "f": content}) as context:
+                ids.append(engine.build(context=context, tag=tag, network="none"))
+        assert ids[0] != ids[1]
+        assert engine.image_id(ids[0]) is None, "the image the tag named before is removed, not left dangling"
     finally:
         engine.remove_image(tag)

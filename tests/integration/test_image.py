@@ -8,46 +8,23 @@ import stat
 import docker
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import DRIVER, RELEASE, make_artifact, run_cli
 from tests.integration.test_loader import STUB_INSMOD
-from tests.integration.test_verify import RELEASE, compile_module
 
-DRIVER = "535.309.01"
 PROFILES = {"cuda": "nvidia/cuda:12.2.2-base-ubuntu22.04", "tensorflow": "tensorflow/tensorflow:2.15.0-gpu",
             "torch": "pytorch/pytorch:2.1.2-cuda12.1-cudnn8-runtime", "device-query": "python:3.11-slim-bookworm"}
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    root = tmp_path_factory.mktemp("result")
-    (root / "modules").mkdir()
-    modules = []
-    for name in ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"):
-        compile_module(root / "modules", name)
-        ko = root / "modules" / f"{name}.ko"
-        import hashlib
-
-        modules.append({"name": name, "file": ko.name, "size": ko.stat().st_size, "depends": [],
-                        "sha256": hashlib.sha256(ko.read_bytes()).hexdigest(), "version": DRIVER,
-                        "vermagic": f"{RELEASE} SMP preempt mod_unload modversions "})
-    lib = root / "userspace" / "lib"
-    lib.mkdir(parents=True)
-    (lib / f"libcuda.so.{DRIVER}").write_bytes(b"\x7fELF stand-in")
-    (lib / "libcuda.so.1").symlink_to(f"libcuda.so.{DRIVER}")
-    (root / "userspace" / "bin").mkdir()
-    smi = root / "userspace" / "bin" / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho nvidia-smi stand-in\n")
-    smi.chmod(0o755)
-    manifest = {"key": "k" * 64, "created": "2026-11-22T00:00:00+00:00", "driver_version": DRIVER,
-                "kernel_release": RELEASE, "flavor": "proprietary", "vermagic": modules[0]["vermagic"],
-                "modules": modules}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    root = tmp_path_factory.mktemp("result") / "artifact"
+    make_artifact(root)
     return root
 
 
 @pytest.fixture(scope="module")
-def client():
-    return docker.from_env()
+def client(docker_client):
+    return docker_client
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,8 @@ def fake(tmp_path):
     modules = ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"]
     for m in modules:
         (home / "modules" / f"{m}.ko").write_bytes(b"\x7fELF")
-    (home / "driver.env").write_text(f'DRIVER_VERSION="{VERSION}"\nKERNEL_RELEASE="{RELEASE}"\n'
-                                     f'MODULES="{" ".join(modules)}"\nNEEDS_IPMI=0\n')
+    (home / "loader.conf").write_text(f"DRIVER_VERSION={VERSION}\nKERNEL_RELEASE={RELEASE}\n"
+                                      f"MODULES={' '.join(modules)}\nKERNEL_DEPENDS=drm\n")
     insmod = tmp_path / "insmod"
     insmod.write_text(STUB_INSMOD)
     insmod.chmod(0o755)
@@ -65,7 +65,8 @@ def fake(tmp_path):
 
 def run_loader(fake, *command, gpus=2, env=None):
     full = {"PATH": os.environ["PATH"], "CUDABUILD_ROOT": str(fake["root"]), "CUDABUILD_HOME": str(fake["home"]),
-            "CUDABUILD_INSMOD": str(fake["insmod"]), "CUDABUILD_MODPROBE": "false", "CUDABUILD_LDCONFIG": "true",
+            "CUDABUILD_INSMOD": str(fake["insmod"]), "CUDABUILD_MODPROBE": str(fake["insmod"]),
+            "CUDABUILD_LDCONFIG": "true",
             "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(fake["root"]), "FAKE_GPUS": str(gpus),
             "FAKE_VERSION": VERSION, **(env or {})}
     return subprocess.run(["sh", str(LOADER), *command], env=full, capture_output=True, text=True, timeout=60)
@@ -93,7 +94,8 @@ def test_loads_in_dependency_order_and_runs_the_command(fake):
     result = run_loader(fake, "sh", "-c", "echo hello from the command; exit 7")
     assert result.returncode == 7, result.stderr
     assert result.stdout == "hello from the command\n"
-    assert loaded(fake) == ["nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"]
+    assert loaded(fake) == ["drm", "nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"], \
+        "the kernel's own drm first (nvidia.ko depends on it), then ours in order"
     assert (fake["root"] / "sys/module/firmware_class/parameters/path").read_text().strip() == str(fake["home"] / "firmware")
 
 
@@ -120,12 +122,44 @@ def test_only_the_selected_gpus_by_index_or_uuid(fake, variable):
 
 
 def test_same_version_already_loaded_is_not_loaded_again(fake):
-    (fake["root"] / "sys/module/nvidia").mkdir(parents=True)
-    (fake["root"] / "sys/module/nvidia/version").write_text(VERSION + "\n")
+    for module in ("drm", "nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"):
+        (fake["root"] / "sys/module" / module).mkdir(parents=True)
+        (fake["root"] / "sys/module" / module / "version").write_text(VERSION + "\n")
     result = run_loader(fake, "echo", "ok")
     assert result.returncode == 0 and result.stdout == "ok\n"
     assert loaded(fake) == []
     assert "already loaded" in result.stderr
+
+
+def test_same_version_loaded_without_uvm_loads_what_is_missing(fake):
+    """nvidia (and drm) loaded by someone else, nvidia-uvm not: CUDA needs /dev/nvidia-uvm."""
+    for module in ("drm", "nvidia"):
+        (fake["root"] / "sys/module" / module).mkdir(parents=True)
+        (fake["root"] / "sys/module" / module / "version").write_text(VERSION + "\n")
+    result = run_loader(fake, "echo", "ok")
+    assert result.returncode == 0, result.stderr
+    assert loaded(fake) == ["nvidia_uvm", "nvidia_modeset", "nvidia_drm"]
+    assert char_device(fake["root"] / "dev" / "nvidia-uvm") == (510, 0)
+
+
+def test_unreadable_gpu_information_is_the_loaders_own_error(fake):
+    gpu = fake["root"] / "proc/driver/nvidia/gpus/0000:0a:00.0"
+    gpu.mkdir(parents=True)  # a GPU entry without its information file
+    result = run_loader(fake, "echo", "never")
+    assert result.returncode == 16, result.stderr
+    assert "cannot read" in result.stderr and "0000:0a:00.0" in result.stderr
+    assert "sed:" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_settings_are_read_not_executed(fake, tmp_path, skip):
+    marker = tmp_path / "injected"
+    (fake["home"] / "loader.conf").write_text(
+        f'DRIVER_VERSION=535.1"; touch {marker}; "\nKERNEL_RELEASE={RELEASE}\nMODULES=nvidia\n')
+    result = run_loader(fake, "echo", "never", env={"CUDABUILD_LOADER": "skip"} if skip else {})
+    assert result.returncode == 17, result.stderr
+    assert "DRIVER_VERSION holds characters a setting may not" in result.stderr
+    assert not marker.exists() and result.stdout == ""
 
 
 def test_another_version_loaded_is_refused_naming_both_and_the_holders(fake):
@@ -165,7 +199,7 @@ def test_without_cap_sys_module_it_says_privileged(fake):
 def test_a_module_that_fails_to_load_stops_with_the_reason(fake):
     result = run_loader(fake, "true", env={"FAKE_FAIL": "nvidia_uvm"})
     assert result.returncode == 14 and "nvidia-uvm.ko failed" in result.stderr and "dmesg" in result.stderr
-    assert loaded(fake) == ["nvidia", "nvidia_uvm"]
+    assert loaded(fake) == ["drm", "nvidia", "nvidia_uvm"]
 
 
 def test_skip_runs_the_command_without_loading(fake):

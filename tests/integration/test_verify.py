@@ -1,31 +1,15 @@
 """Verification against real ELF objects compiled here with the sections a kernel module has."""
 
 import shutil
-import subprocess
 
 import pytest
 
 from cudabuild.errors import VerifyError
 from cudabuild.verify import read_module, read_symvers, verify_modules
 
-RELEASE = "6.1.0-56-amd64"
-VERMAGIC = f"{RELEASE} SMP preempt mod_unload modversions "
+from tests.helpers import RELEASE, VERMAGIC, compile_module
+
 SYMVERS = "0x12345678\tmodule_layout\tvmlinux\tEXPORT_SYMBOL\t\n0x0badf00d\t_printk\tvmlinux\tEXPORT_SYMBOL\t\n"
-
-
-def compile_module(directory, name, *, vermagic=VERMAGIC, version="535.309.01", crcs=None):
-    crcs = {"module_layout": 0x12345678, "_printk": 0x0BADF00D} if crcs is None else crcs
-    lines = [f'__attribute__((section(".modinfo"), used)) static const char m{i}[] = "{text}";'
-             for i, text in enumerate([f"vermagic={vermagic}", f"name={name.replace('-', '_')}", "depends="]
-                                      + ([f"version={version}"] if version else []))]
-    if crcs:
-        lines.append("struct modversion_info { unsigned long crc; char name[56]; };")
-        entries = ", ".join(f'{{{crc:#x}, "{sym}"}}' for sym, crc in crcs.items())
-        lines.append(f'__attribute__((section("__versions"), used)) static const struct modversion_info v[] = {{{entries}}};')
-    source = directory / f"{name}.c"
-    source.write_text("\n".join(lines) + "\n")
-    subprocess.run(["gcc", "-c", "-o", str(directory / f"{name}.ko"), str(source)], check=True)
-    source.unlink()
 
 
 @pytest.fixture

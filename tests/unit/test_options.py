@@ -1,7 +1,7 @@
 import pytest
 
 from cudabuild.errors import InputError
-from cudabuild.options import ModulesOptions, expected_modules, validate_driver, validate_release
+from cudabuild.options import BuildOptions, expected_modules, validate_driver, validate_release
 
 
 @pytest.mark.parametrize("release", ["6.1.0-56-amd64", "4.3.6-coreos", "5.15.0+", "6.12.117+deb13-amd64"])
@@ -30,12 +30,12 @@ def test_bad_driver_versions(driver):
 
 def test_options_validate_every_field():
     with pytest.raises(InputError, match="--jobs"):
-        ModulesOptions(jobs=0)
+        BuildOptions(jobs=0)
     with pytest.raises(InputError, match="--apt-mirror"):
-        ModulesOptions(apt_mirror="file:///etc; rm -rf /")
+        BuildOptions(apt_mirror="file:///etc; rm -rf /")
     with pytest.raises(InputError, match="--flavor"):
-        ModulesOptions(flavor="closed")
-    assert ModulesOptions(kernel="latest", driver="535").kernel == "latest"
+        BuildOptions(flavor="closed")
+    assert BuildOptions(kernel="latest", driver="535").kernel == "latest"
 
 
 def test_module_set_follows_the_driver_release():

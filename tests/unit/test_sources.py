@@ -4,7 +4,7 @@ from cudabuild.sources.run import version_from_name
 from cudabuild.errors import InputError
 from cudabuild.deliver.image import check_cuda, load_profile, max_cuda, profiles
 from cudabuild.sources.git import gcc_of
-from cudabuild.options import ModulesOptions, kernel_tag
+from cudabuild.options import BuildOptions, kernel_tag
 
 
 @pytest.mark.parametrize("release,tag,suffix", [
@@ -37,13 +37,13 @@ def test_gcc_from_the_config_or_the_kernel_era():
 
 def test_run_source_needs_a_full_version_and_open_needs_515():
     with pytest.raises(InputError, match="full version"):
-        ModulesOptions(driver="535", driver_source="run")
+        BuildOptions(driver="535", driver_source="run")
     with pytest.raises(InputError, match="515"):
-        ModulesOptions(driver="470.256.02", driver_source="run", flavor="open")
+        BuildOptions(driver="470.256.02", driver_source="run", flavor="open")
     with pytest.raises(InputError, match="--kernel-repo"):
-        ModulesOptions(kernel_repo="$(reboot)")
+        BuildOptions(kernel_repo="$(reboot)")
     with pytest.raises(InputError, match="--sha256"):
-        ModulesOptions(sha256="abc")
+        BuildOptions(sha256="abc")
 
 
 def test_cuda_table_and_refusal():
@@ -59,5 +59,5 @@ def test_profiles_name_real_bases_and_smoke_commands():
     assert set(found) == {"cuda", "tensorflow", "torch", "device-query"}
     assert all(":" in p.base and p.smoke for p in found.values())
     assert load_profile(None, "debian:bookworm").base == "debian:bookworm"
-    with pytest.raises(InputError, match="not an image reference"):
+    with pytest.raises(InputError, match="not a valid image reference"):
         load_profile(None, "Bad Image;rm")

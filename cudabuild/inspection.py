@@ -1,0 +1,56 @@
+"""`cudabuild inspect`: the driver, kernel and modules of a runtime image, a modules image, an
+artifact directory or a .ko, and whether they match this host's kernel. Directories are checked
+like every artifact a command reads; images are described by their labels, read through the one
+artifact module."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from cudabuild import artifact
+from cudabuild.errors import InputError, VerifyError, shown
+from cudabuild.options import path_kind, validate_image_ref
+from cudabuild.verify import read_module
+
+HINT = "pass a runtime or modules image, the directory `cudabuild modules --output` wrote, or a .ko"
+
+
+def inspect(target: str, engine_factory) -> dict:
+    kind = path_kind(target, "inspect", HINT)
+    if kind == "file":
+        path = Path(target).expanduser()
+        if path.suffix != ".ko":
+            raise InputError(f"{shown(target)} is neither a .ko file nor a directory with manifest.json", hint=HINT)
+        try:
+            info = read_module(path)
+        except VerifyError as exc:
+            raise InputError(exc.message, hint="pass a kernel module (.ko) built for Linux") from exc
+        report = {"kind": "module", "driver_version": info.version, "kernel_release": info.vermagic.split(" ")[0],
+                  "vermagic": info.vermagic, "modules": [info.as_json()]}
+    elif kind == "dir":
+        manifest = artifact.load(Path(target).expanduser()).manifest
+        report = {"kind": "directory", "driver_version": manifest.driver_version,
+                  "kernel_release": manifest.kernel_release, "vermagic": manifest.vermagic, "verified": True,
+                  "modules": [{k: v for k, v in m.to_json().items() if k in ("name", "file", "size", "sha256", "version")}
+                              for m in manifest.modules]}
+    elif kind == "other":
+        raise InputError(f"{shown(target)} is neither a file nor a directory", hint=HINT)
+    else:
+        validate_image_ref(target, "inspect: no such file or directory, and")
+        engine = engine_factory()
+        if engine.image_id(target) is None:
+            raise InputError(f"{shown(target)}: no such file, directory or image", hint="check the name")
+        labels = artifact.read_labels(engine.image(target)["Config"].get("Labels"), target)
+        if labels is None:
+            raise InputError(f"{target} was not made by cudabuild (it has no {artifact.LABEL_PREFIX} labels)",
+                             hint=HINT)
+        report = {"kind": "runtime image" if labels.profile else "modules image", "image": target,
+                  "driver_version": labels.driver_version, "kernel_release": labels.kernel_release,
+                  "vermagic": labels.vermagic,
+                  "modules": [{"name": file.removesuffix(".ko"), "file": file, "sha256": digest}
+                              for file, digest in labels.modules]}
+    host = platform.release()
+    report["host_kernel_release"] = host
+    report["matches_host"] = report["kernel_release"] == host
+    return report
