@@ -20,6 +20,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -383,24 +384,28 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
                             f"{entry.size}")
     if problems:
         _refuse(root, problems)
-    for path, digest in sha256_files(files).items():
-        if digest != files[path].sha256:
-            problems.append(f"{path.relative_to(root)} has sha256 {digest}, the manifest says {files[path].sha256}")
+    # Modules are read on this thread while the others hash (hashlib runs without the GIL).
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        digests = hashing.submit(sha256_files, files)
+        if check_modules:
+            for m in manifest.modules:
+                try:
+                    info = read_module(root / "modules" / m.file, digest=False, crcs=False)
+                except VerifyError as exc:
+                    problems.append(exc.message)
+                    continue
+                if info.vermagic != m.vermagic:
+                    problems.append(f"{m.file} has vermagic {shown(info.vermagic)}, the manifest says "
+                                    f"{shown(m.vermagic)}")
+                if info.version != m.version:
+                    problems.append(f"{m.file} has version {shown(info.version)}, the manifest says "
+                                    f"{shown(m.version)}")
+        for path, digest in digests.result().items():
+            if digest != files[path].sha256:
+                problems.append(f"{path.relative_to(root)} has sha256 {digest}, the manifest says "
+                                f"{files[path].sha256}")
     if problems:
         _refuse(root, problems)
-    if check_modules:
-        for m in manifest.modules:
-            try:
-                info = read_module(root / "modules" / m.file, digest=False)
-            except VerifyError as exc:
-                problems.append(exc.message)
-                continue
-            if info.vermagic != m.vermagic:
-                problems.append(f"{m.file} has vermagic {shown(info.vermagic)}, the manifest says {shown(m.vermagic)}")
-            if info.version != m.version:
-                problems.append(f"{m.file} has version {shown(info.version)}, the manifest says {shown(m.version)}")
-        if problems:
-            _refuse(root, problems)
     return artifact
 
 

@@ -57,8 +57,8 @@ def _section_bytes(elf: ELFFile, name: str, *, file_size: int, limit: int, path:
     return section.data()
 
 
-def read_module(path: Path, *, digest: bool = True) -> ModuleInfo:
-    """Read a kernel module's .modinfo and __versions sections, with bounds."""
+def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> ModuleInfo:
+    """Read a kernel module's .modinfo and (with `crcs`) __versions sections, with bounds."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -71,8 +71,9 @@ def read_module(path: Path, *, digest: bool = True) -> ModuleInfo:
                 key, sep, value = item.partition(b"=")
                 if sep:
                     fields.setdefault(key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
-            crcs: dict[str, int] = {}
-            versions = _section_bytes(elf, "__versions", file_size=size, limit=MAX_VERSIONS_BYTES, path=path)
+            imports: dict[str, int] = {}
+            versions = _section_bytes(elf, "__versions", file_size=size, limit=MAX_VERSIONS_BYTES,
+                                      path=path) if crcs else None
             if versions is not None:
                 word = 8 if elf.elfclass == 64 else 4
                 fmt = ("<" if elf.little_endian else ">") + ("Q" if word == 8 else "I")
@@ -83,7 +84,7 @@ def read_module(path: Path, *, digest: bool = True) -> ModuleInfo:
                         raise VerifyError(f"{path}: its __versions section names a symbol that is not a C "
                                           f"identifier ({shown(raw.decode('utf-8', 'replace'))}): the file is "
                                           "corrupt or not a kernel module")
-                    crcs[raw.decode("ascii")] = crc
+                    imports[raw.decode("ascii")] = crc
     except VerifyError:
         raise
     except OSError as exc:
@@ -96,7 +97,7 @@ def read_module(path: Path, *, digest: bool = True) -> ModuleInfo:
     depends = tuple(d for d in fields.get("depends", "").split(",") if d)
     return ModuleInfo(name=fields.get("name", path.stem).replace("_", "-"), path=path, size=size,
                       sha256=sha256_file(path) if digest else "", vermagic=vermagic, version=fields.get("version"),
-                      depends=depends, crcs=crcs)
+                      depends=depends, crcs=imports)
 
 
 def read_symvers(path: Path) -> dict[str, int]:

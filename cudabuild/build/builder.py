@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.build.engine import Engine, Mount
 from cudabuild.errors import LOG_TAIL_LINES, BuildError
@@ -34,6 +32,8 @@ def builder_user() -> tuple[int, int]:
 
 
 def render_template(name: str, **slots) -> str:
+    import jinja2  # only when rendering: a cache hit renders nothing
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("dockerfiles"))),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
-from filelock import FileLock, Timeout
 
 from cudabuild.errors import CacheError
 
@@ -127,11 +126,15 @@ class Cache:
         path = self.result_dir(key)
         return path if (path / "manifest.json").is_file() else None
 
-    def lock(self, name: str, *, timeout: float = 3600) -> FileLock:
+    def lock(self, name: str, *, timeout: float = 3600):
+        from filelock import FileLock  # only to build, or to write: a cache hit takes no lock
+
         return FileLock(str(self.root / "locks" / f"{name}.lock"), timeout=timeout)
 
     def acquire(self, name: str, *, on_wait) -> FileLock:
         """Take the lock `name`; when another process holds it, say so and wait."""
+        from filelock import Timeout
+
         lock = self.lock(name)
         try:
             lock.acquire(timeout=0)

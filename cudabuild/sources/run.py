@@ -10,15 +10,11 @@ read-only."""
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import re
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,7 +26,6 @@ from cudabuild.options import FULL_DRIVER_RE, existing_file
 HEADER_BYTES = 64 * 1024  # the assignments are in the first lines of the stub
 _ASSIGNMENT = re.compile(rb'([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"\n]*)"|([^\s"]*))\s*')
 _COMPRESSIONS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gz", b"BZh": "bz2"}
-_OPENERS = {"xz": lzma.open, "gz": gzip.open, "bz2": bz2.open}
 
 
 @dataclass(frozen=True)
@@ -202,7 +197,7 @@ def _save_urls(store: Path, urls: dict[str, str]) -> None:
 
 
 # ---- extraction --------------------------------------------------------------------------------
-def _member_problem(member: tarfile.TarInfo) -> str | None:
+def _member_problem(member) -> str | None:
     name = PurePosixPath(member.name)
     if name.is_absolute():
         return "an absolute path"
@@ -222,11 +217,17 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
 def extract_installer(path: Path, installer: Installer, dest: Path) -> None:
     """Extract the payload into `dest` (which must not exist). Every member is checked before it
     is written; a bad one stops the extraction and `dest` is removed."""
+    import bz2
+    import gzip
+    import lzma
+    import tarfile  # only when extracting: a cache hit extracts nothing
+
+    openers = {"xz": lzma.open, "gz": gzip.open, "bz2": bz2.open}
     dest.mkdir()
     try:
         with open(path, "rb") as raw:
             raw.seek(installer.offset)
-            with _OPENERS[installer.compression](raw) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with openers[installer.compression](raw) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     problem = _member_problem(member)
                     if problem:
