@@ -26,8 +26,9 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from cudabuild.digests import sha256_files
-from cudabuild.errors import ArtifactError, VerifyError, shown
-from cudabuild.options import (FLAVORS, FULL_DRIVER_RE, MODULE_NAMES, RELEASE_RE, SHA256_RE, validate_release)
+from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
+from cudabuild.options import (FLAVORS, FULL_DRIVER_RE, MODULE_NAMES, RELEASE_RE, SHA256_RE, path_kind,
+                               validate_image_ref, validate_release)
 from cudabuild.verify import ModuleInfo, read_module
 
 MANIFEST = "manifest.json"
@@ -103,6 +104,15 @@ class Manifest:
     kernel_source: dict = field(default_factory=dict)
     driver_source: dict = field(default_factory=dict)
     builder_image: dict = field(default_factory=dict)
+    # What the real kernel said of these modules in a QEMU guest (cudabuild.boottest), when asked.
+    boot_test: dict | None = None
+
+    @property
+    def boot_summary(self) -> str | None:
+        """'accepted by 6.1.0-56-amd64 (tcg)': the boot test in a line (and a label)."""
+        if not self.boot_test:
+            return None
+        return f"{self.boot_test.get('verdict')} by {self.boot_test.get('kernel')} ({self.boot_test.get('accelerator')})"
 
     def module(self, name: str) -> ModuleEntry:
         return next(m for m in self.modules if m.name == name)
@@ -125,7 +135,8 @@ class Manifest:
                 "kernel_source": self.kernel_source, "driver_source": self.driver_source,
                 "modules": [m.to_json() for m in self.modules],
                 "userspace": [u.to_json() for u in self.userspace],
-                "builder_image": self.builder_image, "build_seconds": self.build_seconds}
+                "builder_image": self.builder_image, "build_seconds": self.build_seconds,
+                **({"boot_test": self.boot_test} if self.boot_test is not None else {})}
 
     def write(self, directory: Path) -> None:
         tmp = directory / f".{MANIFEST}.partial"
@@ -144,6 +155,7 @@ class Manifest:
             f"{LABEL_PREFIX}.vermagic": self.vermagic,
             f"{LABEL_PREFIX}.flavor": self.flavor,
             f"{LABEL_PREFIX}.modules": ",".join(f"{m.file}@sha256:{m.sha256}" for m in self.modules),
+            **({f"{LABEL_PREFIX}.boot-test": self.boot_summary} if self.boot_test else {}),
         }
 
     # ---- reading ---------------------------------------------------------------------------
@@ -188,7 +200,8 @@ class Manifest:
                    build_seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
                    kernel_source=check.optional_mapping(data, "kernel_source"),
                    driver_source=check.optional_mapping(data, "driver_source"),
-                   builder_image=check.optional_mapping(data, "builder_image"))
+                   builder_image=check.optional_mapping(data, "builder_image"),
+                   boot_test=check.optional_mapping(data, "boot_test") or None)
 
 
 class _Checker:
@@ -430,6 +443,40 @@ def describe_userspace(root: Path) -> tuple[UserspaceEntry, ...]:
     return tuple(entries)
 
 
+def find(reference: str | None, cache, engine_factory) -> Artifact:
+    """The checked artifact of a modules image, an --output directory, or the newest build in
+    the cache."""
+    if reference is None:
+        newest: tuple[str, Path] | None = None
+        for manifest_path in (cache.root / "results").glob("*/manifest.json"):
+            try:
+                created = read_manifest(manifest_path).created
+            except ArtifactError:
+                continue  # not a usable result: never the default
+            if newest is None or created > newest[0]:
+                newest = (created, manifest_path.parent)
+        if newest is None:
+            raise InputError("there are no built modules in the cache yet",
+                             hint="build them first: cudabuild modules --kernel RELEASE --driver VERSION")
+        return load(newest[1])
+    hint = "pass a cudabuild/modules:... image, or the directory --output wrote"
+    kind = path_kind(reference, "--modules", hint)
+    if kind == "dir":
+        return load(Path(reference).expanduser())
+    if kind is not None:
+        raise InputError(f"--modules {shown(reference)} is a file, not a modules image or directory", hint=hint)
+    validate_image_ref(reference, "--modules")
+    engine = engine_factory()
+    if engine.image_id(reference) is None:
+        raise InputError(f"--modules {shown(reference)}: neither a modules image nor a directory", hint=hint)
+    labels = read_labels(engine.image(reference)["Config"].get("Labels"), reference)
+    result = cache.result(labels.key) if labels else None
+    if result is None:
+        raise InputError(f"{reference} was not built with this cache ({cache.root})",
+                         hint="build it here with cudabuild modules, or pass the directory --output wrote")
+    return load(result)
+
+
 # ---- image labels ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageLabels:
@@ -442,6 +489,7 @@ class ImageLabels:
     flavor: str
     modules: tuple[tuple[str, str], ...]  # (file, sha256)
     profile: str | None = None
+    boot_test: str | None = None  # 'accepted by RELEASE (tcg)'
 
 
 _REQUIRED_LABELS = ("key", "driver-version", "kernel-release", "vermagic", "flavor", "modules")
@@ -481,5 +529,9 @@ def read_labels(labels: Mapping[str, str] | None, ref: str) -> ImageLabels | Non
     profile = ours.get("profile")
     if profile is not None and not _NAME_RE.fullmatch(profile):
         bad("profile")
+    boot = ours.get("boot-test")
+    if boot is not None and not re.fullmatch(r"(accepted|rejected) by [A-Za-z0-9._+-]+ \((tcg|kvm)\)", boot):
+        bad("boot-test")
     return ImageLabels(key=ours["key"], driver_version=ours["driver-version"], kernel_release=ours["kernel-release"],
-                       vermagic=ours["vermagic"], flavor=ours["flavor"], modules=tuple(modules), profile=profile)
+                       vermagic=ours["vermagic"], flavor=ours["flavor"], modules=tuple(modules), profile=profile,
+                       boot_test=boot)

@@ -98,6 +98,18 @@ BUILD_FLAGS = [
     click.option("--keep-builder", is_flag=True, default=None,
                  help="Keep a failed builder container for debugging (docker commit it and look inside). "
                       "Env: CUDABUILD_KEEP_BUILDER=1."),
+    click.option("--boot-test", is_flag=True, default=None,
+                 help="Before publishing, boot the modules' own kernel in a QEMU guest with them and the real "
+                      "loader, and let the kernel judge each module (Debian kernels: their linux-image package; "
+                      "git kernels: --kernel-image). A refusal fails the build (exit 7)."),
+    click.option("--kernel-image", metavar="FILE",
+                 help="The kernel the boot test boots: its vmlinuz (e.g. /boot/vmlinuz-RELEASE, CoreOS "
+                      "/usr/boot/vmlinuz) or a Debian linux-image .deb. Implies --boot-test."),
+    click.option("--boot-append", metavar="ARGS",
+                 help="Kernel parameters for the boot test (e.g. --boot-append module.sig_enforce=1). "
+                      "Implies --boot-test."),
+    click.option("--boot-timeout", type=float, metavar="SECONDS",
+                 help="Kill the boot-test guest after this long (default 300)."),
 ]
 
 
@@ -112,7 +124,27 @@ def _build_options(flags: dict, **more):
     no_cache = flags.pop("no_cache", None)
     if no_cache:
         flags["use_cache"] = False
+    if flags.get("kernel_image") is not None or flags.get("boot_append") is not None:
+        flags["boot_test"] = True
     return resolve_build_options({**flags, **more}, os.environ)
+
+
+def _show_boot_test(result: dict) -> None:
+    """A boot test as people read it: the kernel, each module's verdict with the kernel's own
+    lines, and the real loader's word."""
+    click.echo(f"boot test: kernel {result['kernel']} ({result['kernel_image']}), QEMU {result['accelerator']}, "
+               f"{result['seconds']:g} s" + (f", appended: {result['append']}" if result["append"] else ""))
+    for m in result["modules"]:
+        click.echo(f"  {m['name'] + '.ko':<20} {m['verdict']:<10} {m['reason']}")
+        for line in m["kernel_said"][-4:]:
+            click.echo(f"  {'':<31}{line}")
+    loader = result["loader"]
+    if loader["exit_code"] is not None:
+        said = "; ".join(loader["said"][-2:]) or "nothing"
+        click.echo(f"  the image's loader in the guest: exit {loader['exit_code']}: {said}")
+    for note in result["notes"]:
+        click.echo(f"  note: {note}")
+    click.echo(f"verdict: {result['verdict']}")
 
 
 @cli.command(epilog=EXIT_CODE_HELP)
@@ -161,6 +193,8 @@ def modules(as_json: bool, **flags) -> None:
         click.echo(f"output:        {result.output_dir}")
     if not result.cache_hit and m.build_seconds is not None:
         click.echo(f"build time:    {format_seconds(m.build_seconds)}")
+    if result.boot_tested and m.boot_test:
+        _show_boot_test(m.boot_test)
 
 
 @cli.command(epilog=EXIT_CODE_HELP)
@@ -190,6 +224,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
       cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
       cudabuild image torch --dry-run
     """
+    from cudabuild import artifact
     from cudabuild.deliver import image as images
 
     if list_profiles:
@@ -219,7 +254,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
 
         checked = build_modules(options, env=os.environ, reporter=reporter, engine_factory=engine).artifact
     else:
-        checked = images.find_modules(modules_ref, cache, engine)
+        checked = artifact.find(modules_ref, cache, engine)
     reporter.note(f"modules: {checked.root}")
     report = images.build_image(profile=chosen, checked=checked, engine=engine(), cache=cache, tag=tag,
                                 reporter=reporter)
@@ -231,6 +266,70 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
                + (f"; base CUDA {report['base_cuda']} (driver supports up to {report['max_cuda']})"
                   if report["base_cuda"] else ""))
     click.echo(f"  run it: docker run --privileged {report['image']} {shlex.join(report['smoke'])}")
+
+
+@cli.command("boot-test", epilog=EXIT_CODE_HELP)
+@click.option("--modules", "modules_ref", metavar="IMAGE|DIR",
+              help="The modules to test: a cudabuild/modules:... image or an --output directory. Default: the "
+                   "most recent build in the cache.")
+@click.option("--kernel-image", metavar="FILE",
+              help="The kernel to boot: a vmlinuz or a Debian linux-image .deb. Default: the Debian release's own "
+                   "linux-image package (downloaded, cached by content).")
+@click.option("--append", metavar="ARGS", help="Kernel parameters (e.g. --append module.sig_enforce=1).")
+@click.option("--timeout", type=float, metavar="SECONDS", help="Kill the guest after this long (default 300).")
+@click.option("--distribution", help="Debian release the kernel image comes from. " + _env_help("distribution"))
+@click.option("--apt-mirror", metavar="URL", help="Debian mirror. " + _env_help("apt_mirror"))
+@click.option("--apt-security-mirror", metavar="URL", help="Debian security mirror. "
+              + _env_help("apt_security_mirror"))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) -> None:
+    """Boot the modules' kernel in a QEMU guest and let it judge each module.
+
+    The guest's initramfs holds busybox, the kernel's own modules ours depend on (from their
+    .modinfo), the modules and the image's real loader, which runs with real insmod inside the
+    guest; nothing is ever loaded on this machine. Each module is accepted (loaded, or its init
+    ran: without a GPU nvidia.ko says "No NVIDIA GPU found"), rejected with the kernel's own lines
+    (invalid module format, a symbol version that disagrees, an unknown symbol, an unsigned module
+    under enforced signatures), or not tried (it needs one that did not load). A refusal exits 7.
+    The result is kept in the cached artifact's manifest and shown by `inspect`.
+
+    \b
+    Examples:
+      cudabuild boot-test --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
+      cudabuild boot-test --modules ./nvidia --kernel-image /boot/vmlinuz-6.1.0-56-amd64
+      cudabuild boot-test --modules ./nvidia --append module.sig_enforce=1 --json
+    """
+    from cudabuild import artifact, boottest
+    from cudabuild.build.cache import Cache, default_cache_dir
+    from cudabuild.build.engine import Engine
+    from cudabuild.build.fetch import Fetcher
+    from cudabuild.sources.debian import DebianArchive
+
+    options = resolve_build_options({**mirrors, "kernel_image": kernel_image, "boot_append": append,
+                                     "boot_timeout": timeout}, os.environ)
+    reporter = Reporter()
+    cache = Cache(default_cache_dir(os.environ))
+    checked = artifact.find(modules_ref, cache, functools.cache(Engine.from_env))
+    fetcher = Fetcher(reporter=reporter)
+
+    def archive() -> DebianArchive:
+        return DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
+                             security_mirror=options.apt_security_mirror, distribution=options.distribution)
+
+    result = boottest.run_for(checked, kernel_image=options.kernel_image, append=options.boot_append,
+                              timeout=options.boot_timeout, archive=archive, cache=cache, fetcher=fetcher,
+                              reporter=reporter)
+    if result is None:
+        if as_json:
+            click.echo(json.dumps({"verdict": "skipped", "kernel": checked.manifest.kernel_release}, indent=2))
+        return
+    if checked.root.resolve() == cache.result_dir(checked.manifest.key).resolve():
+        boottest.record(checked, result)  # the cached artifact keeps its verdict; a directory elsewhere is not changed
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        _show_boot_test(result.to_json())
+    boottest.refuse_rejected(result)
 
 
 @cli.command(epilog=EXIT_CODE_HELP)
@@ -259,6 +358,7 @@ def inspect(target: str, as_json: bool) -> None:
     click.echo(f"  kernel:  {report['kernel_release']} (vermagic {report['vermagic'].strip()})")
     match = "yes" if report["matches_host"] else f"no, this host runs {report['host_kernel_release']}"
     click.echo(f"  matches this host's kernel: {match}")
+    click.echo(f"  boot test: {report.get('boot_test') or 'not run (cudabuild boot-test)'}")
     for m in report["modules"]:
         size = f"{m['size'] / 1024**2:7.1f} MiB  " if "size" in m else ""
         click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")

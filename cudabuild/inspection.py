@@ -32,6 +32,7 @@ def inspect(target: str, engine_factory) -> dict:
         manifest = artifact.load(Path(target).expanduser()).manifest
         report = {"kind": "directory", "driver_version": manifest.driver_version,
                   "kernel_release": manifest.kernel_release, "vermagic": manifest.vermagic, "verified": True,
+                  "boot_test": manifest.boot_summary,
                   "modules": [{k: v for k, v in m.to_json().items() if k in ("name", "file", "size", "sha256", "version")}
                               for m in manifest.modules]}
     elif kind == "other":
@@ -47,7 +48,7 @@ def inspect(target: str, engine_factory) -> dict:
                              hint=HINT)
         report = {"kind": "runtime image" if labels.profile else "modules image", "image": target,
                   "driver_version": labels.driver_version, "kernel_release": labels.kernel_release,
-                  "vermagic": labels.vermagic,
+                  "vermagic": labels.vermagic, "boot_test": labels.boot_test,
                   "modules": [{"name": file.removesuffix(".ko"), "file": file, "sha256": digest}
                               for file, digest in labels.modules]}
     host = platform.release()

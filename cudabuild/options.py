@@ -26,6 +26,7 @@ DEBIAN_RELEASE_RE = re.compile(
 URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/%@+=,-]+")
 HTTP_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/%@+=,-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+BOOT_APPEND_RE = re.compile(r"[A-Za-z0-9_.,=:/+ -]{0,512}")
 # An image reference as the engine parses it (distribution/reference's grammar): an optional
 # registry host[:port], path components, an optional tag and an optional digest.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -183,6 +184,10 @@ class BuildOptions:
     force: bool = False
     verbose: bool = False
     keep_builder: bool = False
+    boot_test: bool = False  # boot the result in a QEMU guest before publishing it
+    kernel_image: str | None = None  # the kernel to boot: a vmlinuz or a linux-image .deb
+    boot_append: str = ""  # kernel parameters for the guest, e.g. module.sig_enforce=1
+    boot_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "latest"):
@@ -239,6 +244,13 @@ class BuildOptions:
             existing_file(self.kernel_config, "--kernel-config", "the target kernel's .config")
         if self.symvers not in (None, "host"):
             existing_file(self.symvers, "--symvers", "the target kernel's Module.symvers")
+        if self.kernel_image is not None:
+            existing_file(self.kernel_image, "--kernel-image", "the target's vmlinuz or a linux-image .deb")
+        if not BOOT_APPEND_RE.fullmatch(self.boot_append):
+            raise InputError(f"--boot-append {shown(self.boot_append)} is not a list of kernel parameters",
+                             hint="pass e.g. --boot-append module.sig_enforce=1 (letters, digits, _ . , = : / + -)")
+        if not 10 <= self.boot_timeout <= 3600:
+            raise InputError(f"--boot-timeout {self.boot_timeout:g} is out of range", hint="pass 10 to 3600 seconds")
 
 
 # Which environment variable sets which option; the flag of the same name wins over it.

@@ -19,8 +19,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 from cudabuild.errors import CacheError
 
@@ -126,7 +130,7 @@ class Cache:
         path = self.result_dir(key)
         return path if (path / "manifest.json").is_file() else None
 
-    def lock(self, name: str, *, timeout: float = 3600):
+    def lock(self, name: str, *, timeout: float = 3600) -> FileLock:
         from filelock import FileLock  # only to build, or to write: a cache hit takes no lock
 
         return FileLock(str(self.root / "locks" / f"{name}.lock"), timeout=timeout)

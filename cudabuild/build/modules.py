@@ -78,6 +78,7 @@ class ModulesResult:
     modules_image: str
     output_dir: Path | None
     steps: list = field(default_factory=list)
+    boot_tested: bool = False  # whether this run booted the modules (the manifest keeps the result)
 
     @property
     def manifest(self) -> Manifest:
@@ -95,6 +96,7 @@ class ModulesResult:
             "cache_dir": str(self.artifact.root),
             "modules": [{"name": e.name, "path": str(self.artifact.module_path(e.name)), "vermagic": e.vermagic,
                          "version": e.version, "sha256": e.sha256, "size": e.size} for e in m.modules],
+            "boot_test": m.boot_test if self.boot_tested else None,
             "steps": [{"name": s.name, "seconds": s.seconds, "status": s.status} for s in self.steps],
         }
 
@@ -224,7 +226,7 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
                 cache_hit = True
             else:
                 _build(spec, key, kernel=kernel, driver=driver, cache=cache, engine=engine, fetcher=fetcher,
-                       builder=builder, options=options, reporter=reporter)
+                       builder=builder, options=options, reporter=reporter, archive=archive)
         finally:
             lock.release()
     result_dir = cache.result_dir(key)
@@ -239,6 +241,10 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
     if checked.manifest.key != key:
         raise ArtifactError(f"{result_dir} holds the result of another build (key {checked.manifest.key[:16]}...)",
                             hint=f"remove it (rm -rf {result_dir}) or build again with --no-cache")
+    if cache_hit and options.boot_test:  # a fresh build was boot-tested before it was published
+        with cache.lock(key):
+            checked = _boot_test(checked, options=options, archive=archive, cache=cache, fetcher=fetcher,
+                                 reporter=reporter)
 
     # ---- publish ---------------------------------------------------------------------------
     publish_image(engine, checked, tag=tag, reporter=reporter)
@@ -246,7 +252,24 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
         write_output(checked, output, cache=cache)
         reporter.note(f"copied the modules, userspace and manifest to {output}")
     return ModulesResult(cache_hit=cache_hit, artifact=checked, modules_image=tag, output_dir=output,
-                         steps=list(reporter.steps))
+                         steps=list(reporter.steps), boot_tested=options.boot_test)
+
+
+def _boot_test(checked: Artifact, *, options: BuildOptions, archive: DebianArchive, cache: Cache, fetcher: Fetcher,
+               reporter: Reporter) -> Artifact:
+    """Boot the artifact's kernel in a QEMU guest with its modules; the verdict goes into the
+    manifest; a refusal raises VerifyError (exit 7)."""
+    from cudabuild import boottest
+
+    result = boottest.run_for(checked, kernel_image=options.kernel_image, append=options.boot_append,
+                              timeout=options.boot_timeout, archive=lambda: archive, cache=cache, fetcher=fetcher,
+                              reporter=reporter)
+    if result is None:
+        return checked
+    checked = boottest.record(checked, result)
+    reporter.note(f"boot test: {checked.manifest.boot_summary}, {result.seconds:g} s in the guest")
+    boottest.refuse_rejected(result)
+    return checked
 
 
 def _ensure_tree(name: str, *, what: str, cache: Cache, reporter: Reporter, make: Callable[[Path], None]) -> Path:
@@ -300,7 +323,7 @@ def _give_back(tree: Path) -> None:
 
 
 def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan, cache: Cache, engine: Engine,
-           fetcher: Fetcher, builder, options: BuildOptions, reporter: Reporter) -> None:
+           fetcher: Fetcher, builder, options: BuildOptions, reporter: Reporter, archive: DebianArchive) -> None:
     cache.check_space()
     reaped, _ = engine.reap_builders()
     if reaped:
@@ -370,7 +393,9 @@ def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan,
             kernel_source=spec.kernel, driver_source=spec.driver,
             builder_image={"tag": builder.tag, "id": image_id, "base": builder.base})
         manifest.write(out)
-        artifact.load(out)  # what the build made passes the check every reader applies
+        made = artifact.load(out)  # what the build made passes the check every reader applies
+        if options.boot_test:  # the real kernel judges before anything is published
+            _boot_test(made, options=options, archive=archive, cache=cache, fetcher=fetcher, reporter=reporter)
         shutil.copy2(log_path, out / "build.log")
         cache.publish(out, key)
     finally:

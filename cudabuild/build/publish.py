@@ -32,12 +32,12 @@ def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Rep
     """The modules image: FROM scratch, one layer holding modules/, userspace/ and manifest.json
     as the manifest lists them, and nothing else."""
     manifest = artifact.manifest
-    existing = engine.image_id(tag)
     labels = manifest.labels()
-    if existing and (engine.image(tag)["Config"].get("Labels") or {}).get(
-            "io.cudabuild.key") == manifest.key:
-        reporter.cached("modules image", tag)
-        return
+    if engine.image_id(tag):
+        existing = engine.image(tag)["Config"].get("Labels") or {}
+        if all(existing.get(k) == v for k, v in labels.items()):  # the same build, nothing new to say
+            reporter.cached("modules image", tag)
+            return
     labels.update({
         "org.opencontainers.image.title": "NVIDIA kernel modules",
         "org.opencontainers.image.description":

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild import artifact
-from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag, read_labels
+from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag
 from cudabuild.build.builder import render_template, tar_context
 from cudabuild.build.cache import Cache
 from cudabuild.build.engine import Engine
 from cudabuild.deliver.loader import SETTINGS, settings
-from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
-from cudabuild.options import path_kind, validate_image_ref, version_tuple
+from cudabuild.errors import InputError, VerifyError, shown
+from cudabuild.options import validate_image_ref, version_tuple
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter
 
@@ -78,40 +78,6 @@ def check_cuda(driver_version: str, base: str, base_cuda: str | None) -> None:
 
 def render_runtime(profile: Profile) -> str:
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
-
-
-def find_modules(reference: str | None, cache: Cache, engine_factory) -> Artifact:
-    """The checked artifact of a modules image, an --output directory, or the newest build in
-    the cache."""
-    if reference is None:
-        newest: tuple[str, Path] | None = None
-        for manifest_path in (cache.root / "results").glob("*/manifest.json"):
-            try:
-                created = artifact.read_manifest(manifest_path).created
-            except ArtifactError:
-                continue  # not a usable result: never the default
-            if newest is None or created > newest[0]:
-                newest = (created, manifest_path.parent)
-        if newest is None:
-            raise InputError("there are no built modules in the cache yet",
-                             hint="build them first: cudabuild modules --kernel RELEASE --driver VERSION")
-        return artifact.load(newest[1])
-    hint = "pass a cudabuild/modules:... image, or the directory --output wrote"
-    kind = path_kind(reference, "--modules", hint)
-    if kind == "dir":
-        return artifact.load(Path(reference).expanduser())
-    if kind is not None:
-        raise InputError(f"--modules {shown(reference)} is a file, not a modules image or directory", hint=hint)
-    validate_image_ref(reference, "--modules")
-    engine = engine_factory()
-    if engine.image_id(reference) is None:
-        raise InputError(f"--modules {shown(reference)}: neither a modules image nor a directory", hint=hint)
-    labels = read_labels(engine.image(reference)["Config"].get("Labels"), reference)
-    result = cache.result(labels.key) if labels else None
-    if result is None:
-        raise InputError(f"{reference} was not built with this cache ({cache.root})",
-                         hint="build it here with cudabuild modules, or pass the directory --output wrote")
-    return artifact.load(result)
 
 
 def stage_rootfs(checked: Artifact, into: Path) -> None:

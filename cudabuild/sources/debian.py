@@ -48,8 +48,9 @@ class Package:
 COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
 ARCH = "amd64"
 INDEX_MAX_AGE = 6 * 3600
+INDEX_FORMAT = 2  # what the filtered index keeps; another format is read again
 INDEX_SPACE_BYTES = 64 * 1024**2  # the filtered index is a few MB; checked before anything is fetched
-_KEEP = re.compile(rb"^Package: (linux-headers-|linux-kbuild-|nvidia-|libnvidia-|libcuda|firmware-nvidia)",
+_KEEP = re.compile(rb"^Package: (linux-headers-|linux-image-|linux-kbuild-|nvidia-|libnvidia-|libcuda|firmware-nvidia)",
                    re.M)
 
 # Gentoo's tested ceilings (FACTS.md): the newest kernel (major, minor) each driver release builds for.
@@ -120,7 +121,7 @@ class DebianArchive:
     # ---- the index -------------------------------------------------------------------------
     @property
     def _index_path(self):
-        return self.cache.index / f"debian-{key_of(self.sources)[:16]}.json"
+        return self.cache.index / f"debian-{key_of([INDEX_FORMAT, self.sources])[:16]}.json"
 
     def packages(self) -> dict[str, list[Package]]:
         if self._packages is None:
@@ -212,6 +213,16 @@ class DebianArchive:
                                  hint="refresh the index with --refresh, or check the mirror")
             chosen.append(candidates[0])
         return chosen, gcc_major
+
+    def kernel_image(self, release: str) -> Package:
+        """The kernel image package of a release (linux-image-RELEASE, signed as hosts run it;
+        else its -unsigned build), for booting it in a guest."""
+        for name in (f"linux-image-{release}", f"linux-image-{release}-unsigned"):
+            found = self.versions(name)
+            if found:
+                return found[0]
+        raise InputError(f"Debian {self.distribution} has no kernel image for {release}",
+                         hint="pass the target's kernel with --kernel-image FILE (its vmlinuz, or a linux-image .deb)")
 
     # ---- drivers ---------------------------------------------------------------------------
     def driver_sources(self, flavor: str) -> list[tuple[Package, DriverNames]]:
