@@ -32,6 +32,7 @@ from debian.arfile import ArFile
 
 from cudabuild.artifact import Artifact
 from cudabuild.build.cache import Cache
+from cudabuild.deliver.devices import FACTS_FILE
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.digests import sha256_file
 from cudabuild.errors import InputError, VerifyError, shown
@@ -223,6 +224,7 @@ def make_initramfs(checked: Artifact, image: KernelImage, dependencies: list[Pat
         target.chmod(0o755)
     home = root / "opt" / "cudabuild"
     shutil.copy2(resource_dir("images") / "loader.sh", home / "loader.sh")
+    shutil.copy2(resource_dir("images") / FACTS_FILE, home / FACTS_FILE)
     (home / "loader.sh").chmod(0o755)
     (home / SETTINGS).write_text(settings(checked.manifest))
     for m in checked.manifest.modules:

@@ -217,12 +217,18 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     with `docker run --privileged IMAGE [COMMAND]`. With --kernel or --driver the modules are built
     (or found in the cache) first, with every build option of `cudabuild modules`.
 
+    The profile `driver` makes the driver container instead: its entrypoint is `cudabuild install
+    --root /host`; run once per host as `docker run --rm --privileged --pid host -v /:/host IMAGE
+    [install options]` (--wait keeps it running, for a DaemonSet), it loads the driver and writes the
+    CDI spec, and no workload needs --privileged.
+
     \b
     Examples:
       cudabuild image device-query
       cudabuild image tensorflow --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
       cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
       cudabuild image torch --dry-run
+      cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
     """
     from cudabuild import artifact
     from cudabuild.deliver import image as images
@@ -265,7 +271,12 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     click.echo(f"  NVIDIA {report['driver_version']} for Linux {report['kernel_release']}"
                + (f"; base CUDA {report['base_cuda']} (driver supports up to {report['max_cuda']})"
                   if report["base_cuda"] else ""))
-    click.echo(f"  run it: docker run --privileged {report['image']} {shlex.join(report['smoke'])}")
+    if chosen.kind == "driver":
+        click.echo(f"  run it once per host: docker run --rm --privileged --pid host -v /:/host {report['image']} "
+                   "[--wait]")
+        click.echo("  then any container: podman run --device nvidia.com/gpu=0 IMAGE, or cudabuild run --gpus 0 IMAGE")
+    else:
+        click.echo(f"  run it: docker run --privileged {report['image']} {shlex.join(report['smoke'])}")
 
 
 @cli.command("boot-test", epilog=EXIT_CODE_HELP)
@@ -330,6 +341,201 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
     else:
         _show_boot_test(result.to_json())
     boottest.refuse_rejected(result)
+
+
+LOADER_EXIT_HELP = """\b
+The loader's refusals, as in a runtime image:
+  10   no CAP_SYS_MODULE: run it as root, or --privileged in a container
+  11   the running kernel is not the modules' kernel
+  12   nouveau holds the GPUs
+  13   another NVIDIA version is loaded (its holders are named)
+  14   a module failed to load (the kernel's reason is in dmesg)
+  16   the GPUs' information in /proc/driver/nvidia cannot be read
+  17   the loader's settings are malformed
+  18   the GPU selection names a GPU that does not exist"""
+
+
+@cli.command(epilog=LOADER_EXIT_HELP + "\n\n" + EXIT_CODE_HELP)
+@click.option("--modules", "modules_ref", metavar="IMAGE|DIR",
+              help="The modules to install: a cudabuild/modules:... image or an --output directory. Default: the "
+                   "most recent build in the cache.")
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="The host's file system as this process sees it (/host in the driver container).")
+@click.option("--cdi-host-root", default="/", show_default=True, metavar="DIR",
+              help="The prefix of the paths the CDI spec names, as the host sees them.")
+@click.option("--wait", is_flag=True, help="Stay running until stopped (a DaemonSet's container), then remove the "
+                                           "ready file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
+    """Install a built driver on this host, once, for every container.
+
+    Loads the modules with the image loader's own checks, order and exit codes (privilege, kernel,
+    nouveau, a version already loaded: what is missing of it is loaded), copies the userspace
+    driver to ROOT/run/cudabuild/driver/VERSION (lib/ with SONAME links, bin/, firmware/), makes
+    the device nodes under ROOT/dev, writes a CDI spec (kind nvidia.com/gpu: each GPU by index and
+    UUID, and all) to ROOT/var/run/cdi and, last, ROOT/run/cudabuild/driver/ready. Run again with
+    the same driver, it changes nothing and says so: safe at every boot. Containers then get GPUs
+    without --privileged (podman run --device nvidia.com/gpu=0, cudabuild run --gpus 0).
+
+    \b
+    Examples:
+      sudo cudabuild install --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
+      docker run --rm --privileged --pid host -v /:/host cudabuild/driver:535.309.01-6.1.0-56-amd64
+      cudabuild install --modules ./nvidia --root /mnt/node --json
+    """
+    import signal
+    import threading
+    from pathlib import Path
+
+    from cudabuild import artifact
+    from cudabuild.deliver import install as installer
+
+    reporter = Reporter()
+
+    def cache():
+        from cudabuild.build.cache import Cache, default_cache_dir
+
+        return Cache(default_cache_dir(os.environ))
+
+    def engine():  # only for an image: the driver container installs a directory and has no docker SDK
+        from cudabuild.build.engine import Engine
+
+        return Engine.from_env()
+
+    checked = artifact.find(modules_ref, None if modules_ref and os.path.isdir(modules_ref) else cache(),
+                            functools.cache(engine))
+    result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=os.environ, reporter=reporter)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        what = "installed" if result.changed else "already installed: nothing changed"
+        click.echo(f"NVIDIA {result.driver_version} {what}")
+        click.echo(f"  driver:    {result.driver_dir}" + (" (copied)" if result.files_changed else ""))
+        click.echo(f"  loaded:    {', '.join(result.loaded) or 'nothing (already loaded)'}")
+        click.echo("  GPUs:      " + (", ".join(f"{g['index']} {g['uuid']}" for g in result.gpus) or "none"))
+        click.echo(f"  CDI spec:  {result.spec}" + (" (written)" if result.spec_changed else " (unchanged)"))
+        click.echo(f"  ready:     {result.ready}")
+        click.echo("  use it:    podman run --device nvidia.com/gpu=all IMAGE | cudabuild run --gpus all IMAGE")
+    if wait:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        reporter.note("ready; waiting until stopped (the ready file goes away then)")
+        stop.wait()
+        installer.not_ready(Path(root))
+        reporter.note("stopped: the ready file is removed; the driver stays loaded")
+
+
+@cli.group()
+def cdi() -> None:
+    """CDI specs: write one for a host whose driver came another way, list what engines see."""
+
+
+@cdi.command("generate", epilog=EXIT_CODE_HELP)
+@click.option("--root", default="/", show_default=True, metavar="DIR", help="The host's file system.")
+@click.option("--cdi-host-root", default="/", show_default=True, metavar="DIR",
+              help="The prefix of the paths the spec names, as the host sees them.")
+@click.option("--output", metavar="FILE|-", help="Where to write the spec: a file, or - for stdout. Default: "
+                                                 "ROOT/var/run/cdi/cudabuild-nvidia.json.")
+def cdi_generate(root, cdi_host_root, output) -> None:
+    """Write the CDI spec of a host whose driver came some other way (distribution packages,
+    NVIDIA's installer): the loaded driver's version (/proc/driver/nvidia/version or
+    /sys/module/nvidia/version), its GPUs, and the userspace libraries of exactly that version
+    from the host's library directories; refused, naming what is missing, when they are not there.
+
+    \b
+    Examples:
+      sudo cudabuild cdi generate
+      cudabuild cdi generate --root /host --output -
+    """
+    from pathlib import Path
+
+    from cudabuild.deliver import cdi as specs
+    from cudabuild.deliver import devices
+    from cudabuild.deliver.install import DRIVER_DIR
+    from cudabuild.errors import InputError
+
+    base = Path(root)
+    version = devices.loaded_version(base)
+    if version is None:
+        raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
+                         "sys/module/nvidia/version)", hint="load the driver first (cudabuild install does)")
+    ours = base / DRIVER_DIR / version
+    userspace = specs.find_userspace(base, version, extra_dirs=(ours / "lib", ours / "bin"))
+    spec = specs.generate(base, host_root=cdi_host_root, userspace=userspace)
+    if output == "-":
+        click.echo(json.dumps(spec, indent=2))
+    elif output:
+        Path(output).write_text(json.dumps(spec, indent=2) + "\n")
+        click.echo(f"wrote {output}: {len(spec['devices'])} devices, driver {version}", err=True)
+    else:
+        path, _ = specs.write(spec, base)
+        click.echo(f"wrote {path}: {len(spec['devices'])} devices, driver {version}", err=True)
+
+
+@cdi.command("list", epilog=EXIT_CODE_HELP)
+@click.option("--root", default="/", show_default=True, metavar="DIR", help="The host's file system.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def cdi_list(root, as_json) -> None:
+    """Show the CDI specs and devices the engines will see (/etc/cdi, then /var/run/cdi, which wins
+    a name clash)."""
+    from pathlib import Path
+
+    from cudabuild.deliver import cdi as specs
+
+    dirs = [Path(root) / d for d in specs.SPEC_DIRS]
+    found = specs.specs(dirs)
+    winners = {}
+    for path, spec in found:
+        for device in spec.get("devices", []):
+            winners[f"{spec['kind']}={device.get('name')}"] = str(path)
+    if as_json:
+        click.echo(json.dumps({"specs": [str(p) for p, _ in found], "devices": winners}, indent=2))
+        return
+    if not found:
+        click.echo(f"no CDI specs in {', '.join(str(d) for d in dirs)}")
+    for name, path in winners.items():
+        click.echo(f"{name:<60} {path}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+             epilog=EXIT_CODE_HELP)
+@click.option("--gpus", metavar="all|0,1|GPU-UUID|none",
+              help="The GPUs the container gets. Default: NV_GPU, then NVIDIA_VISIBLE_DEVICES, then all.")
+@click.option("--cdi-dir", "cdi_dirs", multiple=True, metavar="DIR",
+              help="Where the CDI specs are (repeatable). Default: /etc/cdi and /var/run/cdi.")
+@click.option("--dry-run", is_flag=True, help="Print the docker run command instead of running it.")
+@click.argument("docker_args", nargs=-1, type=click.UNPROCESSED, required=True)
+def run(gpus, cdi_dirs, dry_run, docker_args) -> None:
+    """`docker run` with the GPUs, for Docker engines without CDI (nvidia-docker 1.0's way).
+
+    Reads the CDI spec `cudabuild install` wrote and starts `docker run` with exactly its device
+    nodes for the chosen GPUs, its read-only mounts of the userspace driver and its environment.
+    Its own options come first; every other argument goes to `docker run` unchanged. The
+    container needs no --privileged and no change to its image.
+
+    \b
+    Examples:
+      cudabuild run --gpus 0 --rm python:3.11-slim-bookworm python3 -c 'import ctypes; ctypes.CDLL("libcuda.so.1")'
+      NV_GPU=0,1 cudabuild run --rm -it my/cuda-app
+      cudabuild run --gpus GPU-5a1c... --dry-run --rm debian:bookworm ls /dev
+    """
+    import shutil
+    from pathlib import Path
+
+    from cudabuild.deliver.run import DEFAULT_DIRS, command
+    from cudabuild.errors import InputError
+
+    line = command(list(docker_args), gpus=gpus, cdi_dirs=[Path(d) for d in cdi_dirs] or list(DEFAULT_DIRS),
+                   env=os.environ)
+    if dry_run:
+        click.echo(shlex.join(line))
+        return
+    docker = shutil.which("docker")
+    if docker is None:
+        raise InputError("the docker command is not installed", hint="install the docker CLI, or use --dry-run")
+    sys.stdout.flush()
+    os.execv(docker, line)
 
 
 @cli.command(epilog=EXIT_CODE_HELP)

@@ -80,6 +80,15 @@ class VerifyError(CudabuildError):
     exit_code = 7
 
 
+class LoaderError(CudabuildError):
+    """The loader refused to load the driver (`cudabuild install`): its own exit codes 10-17 and
+    message (no privilege, another kernel, nouveau, another version loaded, a module refused, ...)."""
+
+    def __init__(self, message: str, *, exit_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
+
+
 class CacheError(CudabuildError):
     """The cache cannot be used (no space, not writable, lock not obtained)."""
 
@@ -98,5 +107,6 @@ EXIT_CODES: list[tuple[int, str]] = [
     (BuildError.exit_code, "module build failed (the log's last lines and its path are shown)"),
     (VerifyError.exit_code, "built modules failed verification"),
     (CacheError.exit_code, "cache unusable (space, permissions, lock)"),
+    (10, "install: the loader's own refusals, 10-17 (see `cudabuild install --help`)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed"),
 ]

@@ -11,7 +11,10 @@
 #   15 no command given
 #   16 the GPUs' information in /proc/driver/nvidia cannot be read
 #   17 the image's loader settings are malformed
-# Its settings (loader.conf: KEY=VALUE lines) are read and checked, never executed.
+#   18 the GPU selection names a GPU that does not exist
+# Its settings (loader.conf) and the device facts it shares with cudabuild (nvidia-devices.conf:
+# majors, minors, load order, which variables select GPUs) are KEY=VALUE lines, read and checked,
+# never executed.
 # Test seams: every /proc, /sys and /dev path is taken under $CUDABUILD_ROOT; modules are loaded
 # with $CUDABUILD_INSMOD; the running release is $CUDABUILD_KERNEL_RELEASE. CUDABUILD_LOADER=skip
 # runs the command without loading anything.
@@ -27,25 +30,30 @@ HOME_DIR=${CUDABUILD_HOME:-/opt/cudabuild}
 say() { echo "cudabuild-loader: $*" >&2; }
 fail() { code=$1; shift; say "$*"; exit "$code"; }
 
-# Settings: each value may hold letters, digits, '.', '_', '+', '-' and spaces, nothing else.
+# Settings (loader.conf) and NVIDIA's device facts (nvidia-devices.conf, shared with cudabuild's
+# Python code): KEY=VALUE lines, each value letters, digits, '.', '_', '+', '-' and spaces, nothing else.
 DRIVER_VERSION= KERNEL_RELEASE= MODULES= KERNEL_DEPENDS=
-settings="$HOME_DIR/loader.conf"
-[ -f "$settings" ] || fail 17 "the image has no $settings; rebuild it with cudabuild image"
-while IFS= read -r line || [ -n "$line" ]; do
-    case "$line" in ''|'#'*) continue ;; esac
-    key=${line%%=*}
-    value=${line#*=}
-    case "$value" in *[!A-Za-z0-9._+\ -]*) fail 17 "$settings: the value of $key holds characters a setting may not; rebuild the image with cudabuild image" ;; esac
-    case "$key" in
-        DRIVER_VERSION) DRIVER_VERSION=$value ;;
-        KERNEL_RELEASE) KERNEL_RELEASE=$value ;;
-        MODULES) MODULES=$value ;;
-        KERNEL_DEPENDS) KERNEL_DEPENDS=$value ;;
-        *) fail 17 "$settings: unknown setting $key; rebuild the image with cudabuild image" ;;
-    esac
-done < "$settings"
-[ -n "$DRIVER_VERSION" ] && [ -n "$KERNEL_RELEASE" ] && [ -n "$MODULES" ] \
-    || fail 17 "$settings lacks DRIVER_VERSION, KERNEL_RELEASE or MODULES; rebuild the image with cudabuild image"
+LOAD_ORDER= OPTIONAL_MODULES= GPU_MAJOR= CTL_MINOR= MODESET_MINOR= UVM_DEVICE= UVM_MINOR= UVM_TOOLS_MINOR= NODE_MODE=
+SELECTION_VARIABLES=
+read_settings() { # file key...
+    file=$1; shift
+    [ -f "$file" ] || fail 17 "the image has no $file; rebuild it with cudabuild image"
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in ''|'#'*) continue ;; esac
+        key=${line%%=*}
+        value=${line#*=}
+        case "$value" in *[!A-Za-z0-9._+\ -]*) fail 17 "$file: the value of $key holds characters a setting may not; rebuild the image with cudabuild image" ;; esac
+        case "$key" in ''|*[!A-Z_]*) fail 17 "$file: a line is not KEY=VALUE; rebuild the image with cudabuild image" ;; esac
+        case " $* " in *" $key "*) ;; *) fail 17 "$file: unknown setting $key; rebuild the image with cudabuild image" ;; esac
+        eval "$key=\$value"
+    done < "$file"
+}
+read_settings "$HOME_DIR/loader.conf" DRIVER_VERSION KERNEL_RELEASE MODULES KERNEL_DEPENDS
+read_settings "$HOME_DIR/nvidia-devices.conf" LOAD_ORDER OPTIONAL_MODULES GPU_MAJOR CTL_MINOR MODESET_MINOR \
+    UVM_DEVICE UVM_MINOR UVM_TOOLS_MINOR NODE_MODE SELECTION_VARIABLES
+[ -n "$DRIVER_VERSION" ] && [ -n "$KERNEL_RELEASE" ] && [ -n "$MODULES" ] && [ -n "$GPU_MAJOR" ] \
+    || fail 17 "the loader's settings lack DRIVER_VERSION, KERNEL_RELEASE, MODULES or the device facts; rebuild the image with cudabuild image"
+FIRMWARE=${CUDABUILD_FIRMWARE:-$HOME_DIR/firmware}  # as the kernel sees it (install runs from /host)
 
 [ $# -gt 0 ] || fail 15 "no command given; pass one after the image name"
 
@@ -90,10 +98,10 @@ for dep in $KERNEL_DEPENDS; do
     $MODPROBE "$dep" 2>/dev/null || say "could not load the kernel's $dep, which the NVIDIA modules use; trying anyway"
 done
 if [ -d "$HOME_DIR/firmware" ] && [ -e "$ROOT/sys/module/firmware_class/parameters/path" ]; then
-    echo "$HOME_DIR/firmware" > "$ROOT/sys/module/firmware_class/parameters/path"
+    echo "$FIRMWARE" > "$ROOT/sys/module/firmware_class/parameters/path"
 fi
-wanted="nvidia nvidia-uvm nvidia-modeset nvidia-drm"
-if [ "${NVIDIA_PEERMEM:-0}" = 1 ]; then wanted="$wanted nvidia-peermem"; fi
+wanted=$LOAD_ORDER
+if [ "${NVIDIA_PEERMEM:-0}" = 1 ]; then wanted="$wanted $OPTIONAL_MODULES"; fi
 for module in $wanted; do
     case " $MODULES " in *" $module "*) ;; *) continue ;; esac
     sysname=$(echo "$module" | tr - _)
@@ -101,17 +109,23 @@ for module in $wanted; do
     if ! $INSMOD "$HOME_DIR/modules/$module.ko"; then
         fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail)"
     fi
+    say "loaded $module"
 done
 
 # 6. Device nodes for the selected GPUs.
 mknode() { # path major minor
     [ -c "$1" ] && return 0
     rm -f "$1"
-    mknod -m 666 "$1" c "$2" "$3"
+    mknod -m "$NODE_MODE" "$1" c "$2" "$3"
 }
-selection=${NVIDIA_VISIBLE_DEVICES:-${NV_GPU:-all}}
+selection=all
+for variable in $SELECTION_VARIABLES; do  # the first that is set wins (nvidia-devices.conf)
+    eval "value=\${$variable:-}"
+    if [ -n "$value" ]; then selection=$value; break; fi
+done
 mkdir -p "$ROOT/dev"
 index=0
+gpus=""  # index:minor:uuid ...
 for gpu in $(ls "$ROOT/proc/driver/nvidia/gpus" 2>/dev/null | sort); do
     info="$ROOT/proc/driver/nvidia/gpus/$gpu/information"
     if ! fields=$(cat "$info" 2>/dev/null); then
@@ -120,26 +134,37 @@ for gpu in $(ls "$ROOT/proc/driver/nvidia/gpus" 2>/dev/null | sort); do
     minor=$(echo "$fields" | sed -n 's/^Device Minor:[[:space:]]*//p')
     uuid=$(echo "$fields" | sed -n 's/^GPU UUID:[[:space:]]*//p')
     case "$minor" in ''|*[!0-9]*) fail 16 "$info names no device minor for GPU $gpu" ;; esac
-    selected=0
-    case "$selection" in
-        all) selected=1 ;;
-        none|void|"") selected=0 ;;
-        *) for want in $(echo "$selection" | tr ',' ' '); do
-               if [ "$want" = "$index" ] || [ "$want" = "$uuid" ]; then selected=1; fi
-           done ;;
-    esac
-    if [ "$selected" -eq 1 ]; then
-        mknode "$ROOT/dev/nvidia$minor" 195 "$minor"
-    fi
+    gpus="$gpus $index:$minor:$uuid"
     index=$((index + 1))
 done
+case "$selection" in
+    all) chosen=$gpus ;;
+    none|void) chosen="" ;;
+    *) chosen=""
+       for want in $(echo "$selection" | tr ',' ' '); do
+           match=""
+           for entry in $gpus; do
+               i=${entry%%:*}; rest=${entry#*:}; u=${rest#*:}
+               if [ "$want" = "$i" ] || [ "$want" = "$u" ]; then match=$entry; fi
+           done
+           if [ -z "$match" ]; then
+               existing=$(for entry in $gpus; do i=${entry%%:*}; rest=${entry#*:}; printf '%s (%s), ' "$i" "${rest#*:}"; done)
+               fail 18 "GPU selection names GPU $want, which does not exist; the GPUs here: ${existing%, }"
+           fi
+           chosen="$chosen $match"
+       done ;;
+esac
+for entry in $chosen; do
+    rest=${entry#*:}
+    mknode "$ROOT/dev/nvidia${rest%%:*}" "$GPU_MAJOR" "${rest%%:*}"
+done
 if [ "$selection" != void ]; then
-    mknode "$ROOT/dev/nvidiactl" 195 255
-    if [ -d "$ROOT/sys/module/nvidia_modeset" ]; then mknode "$ROOT/dev/nvidia-modeset" 195 254; fi
-    uvm_major=$(sed -n 's/^[[:space:]]*\([0-9]*\) nvidia-uvm$/\1/p' "$ROOT/proc/devices" 2>/dev/null || true)
+    mknode "$ROOT/dev/nvidiactl" "$GPU_MAJOR" "$CTL_MINOR"
+    if [ -d "$ROOT/sys/module/nvidia_modeset" ]; then mknode "$ROOT/dev/nvidia-modeset" "$GPU_MAJOR" "$MODESET_MINOR"; fi
+    uvm_major=$(sed -n "s/^[[:space:]]*\([0-9]*\) $UVM_DEVICE\$/\1/p" "$ROOT/proc/devices" 2>/dev/null || true)
     if [ -n "$uvm_major" ]; then
-        mknode "$ROOT/dev/nvidia-uvm" "$uvm_major" 0
-        mknode "$ROOT/dev/nvidia-uvm-tools" "$uvm_major" 1
+        mknode "$ROOT/dev/nvidia-uvm" "$uvm_major" "$UVM_MINOR"
+        mknode "$ROOT/dev/nvidia-uvm-tools" "$uvm_major" "$UVM_TOOLS_MINOR"
     fi
 fi
 

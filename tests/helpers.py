@@ -12,6 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Stand-ins and downloads shared between runs (not results: each run builds its own).
+STANDINS = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test"))
+CDI_SCHEMA_PACKAGE = "golang-github-container-orchestrated-devices-container-device-interface-dev"
 RELEASE = "6.1.0-56-amd64"
 DRIVER = "535.309.01"
 VERMAGIC = f"{RELEASE} SMP preempt mod_unload modversions "
@@ -145,3 +148,90 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
     full_env.pop("CUDABUILD_KEEP_BUILDER", None)
     exe = Path(sys.executable).parent / "cudabuild"
     return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def fake_host(root: Path, *, gpus: int = 3) -> dict:
+    """A host's /proc, /sys and /dev under `root`, and the stub insmod (tests/integration/test_loader.py)
+    that imitates the kernel: the loader's seams point at them. Returns the environment to run with."""
+    from tests.integration.test_loader import STUB_INSMOD
+
+    for d in ("proc/self", "proc/driver/nvidia/gpus", "sys/module/firmware_class/parameters", "dev"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "proc/self/status").write_text("Name:\tsh\nCapEff:\t000001ffffffffff\n")
+    (root / "proc/devices").write_text("Character devices:\n  1 mem\n")
+    (root / "sys/module/firmware_class/parameters/path").write_text("\n")
+    (root / "insmod").write_text(STUB_INSMOD)
+    (root / "insmod").chmod(0o755)
+    return {"CUDABUILD_INSMOD": str(root / "insmod"), "CUDABUILD_MODPROBE": str(root / "insmod"),
+            "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(root), "FAKE_GPUS": str(gpus), "FAKE_VERSION": DRIVER}
+
+
+def cdi_validator():
+    """A validator of CDI's own JSON schema, as Debian ships it (downloaded once with apt-get), that
+    checks a spec and its shared containerEdits (which that schema's top level does not describe)."""
+    import json
+    import tempfile
+
+    from debian.debfile import DebFile
+    from jsonschema import Draft7Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT7
+
+    where = STANDINS / "cdi-schema"
+    if not (where / "defs.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", "-q", CDI_SCHEMA_PACKAGE], cwd=tmp, check=True,
+                           capture_output=True)
+            [deb] = Path(tmp).glob("*.deb")
+            package = DebFile(str(deb))
+            where.mkdir(parents=True, exist_ok=True)
+            for member in package.data.tgz().getmembers():
+                if member.name.endswith(("/schema/schema.json", "/schema/defs.json")):
+                    (where / Path(member.name).name).write_bytes(package.data.tgz().extractfile(member).read())
+            package.close()
+    schema = json.loads((where / "schema.json").read_text())
+    defs = json.loads((where / "defs.json").read_text())
+    registry = Registry().with_resource("defs.json", Resource.from_contents(defs, default_specification=DRAFT7))
+    whole = Draft7Validator(schema, registry=registry)
+    edits = Draft7Validator({"$ref": "defs.json#/definitions/containerEdits"}, registry=registry)
+
+    def validate(spec: dict) -> None:
+        whole.validate(spec)
+        edits.validate(spec.get("containerEdits", {}))
+
+    return validate
+
+
+def debian_debs(names: list[str], version: str) -> list[Path]:
+    """Debian's .debs of these packages at `version` (upstream), fetched once into the shared
+    stand-ins cache and checked against the archive's index."""
+    from cudabuild.build.cache import Cache
+    from cudabuild.build.fetch import Fetcher
+    from cudabuild.sources.debian import DebianArchive
+    from cudabuild.ui import Reporter
+
+    reporter = Reporter(quiet=True)
+    cache = Cache(STANDINS / "standin-cache")
+    fetcher = Fetcher(reporter=reporter)
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror="http://deb.debian.org/debian",
+                            security_mirror="http://deb.debian.org/debian-security", distribution="bookworm")
+    paths = []
+    for name in names:
+        package = next(p for p in archive.versions(name) if p.upstream_version == version)
+        paths.append(fetcher.fetch(package.url, store=cache.downloads, sha256=package.sha256, size=package.size))
+    return paths
+
+
+def unpack_debs(debs: list[Path], root: Path) -> None:
+    """The files of these .debs under `root`, as dpkg would put them (links kept)."""
+    from debian.debfile import DebFile
+
+    for deb in debs:
+        package = DebFile(str(deb))
+        try:
+            data = package.data.tgz()
+            for member in data.getmembers():
+                if member.isfile() or member.issym() or member.isdir():
+                    data.extract(member, root, filter="data")
+        finally:
+            package.close()

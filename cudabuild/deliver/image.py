@@ -14,6 +14,7 @@ from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag
 from cudabuild.build.builder import render_template, tar_context
 from cudabuild.build.cache import Cache
 from cudabuild.build.engine import Engine
+from cudabuild.deliver.devices import FACTS_FILE
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.errors import InputError, VerifyError, shown
 from cudabuild.options import validate_image_ref, version_tuple
@@ -34,6 +35,7 @@ class Profile:
     smoke: tuple[str, ...]
     cuda: str | None = None
     description: str = ""
+    kind: str = "runtime"  # runtime: loads the driver itself; driver: installs it on the host
 
 
 def profiles() -> dict[str, Profile]:
@@ -41,7 +43,8 @@ def profiles() -> dict[str, Profile]:
     for path in sorted((resource_dir("images") / "profiles").glob("*.toml")):
         data = tomllib.loads(path.read_text())
         found[path.stem] = Profile(name=path.stem, base=data["base"], smoke=tuple(data["smoke"]),
-                                   cuda=data.get("cuda"), description=data.get("description", ""))
+                                   cuda=data.get("cuda"), description=data.get("description", ""),
+                                   kind=data.get("kind", "runtime"))
     return found
 
 
@@ -55,7 +58,7 @@ def load_profile(name: str | None, base: str | None) -> Profile:
         raise InputError(f"no image profile {shown(name)}", hint="choose one of: " + ", ".join(known) + ", or pass --base IMAGE")
     profile = known[name]
     return Profile(name=profile.name, base=base or profile.base, smoke=profile.smoke,
-                   cuda=profile.cuda if base is None else None, description=profile.description)
+                   cuda=profile.cuda if base is None else None, description=profile.description, kind=profile.kind)
 
 
 def max_cuda(driver_version: str) -> str | None:
@@ -77,7 +80,37 @@ def check_cuda(driver_version: str, base: str, base_cuda: str | None) -> None:
 
 
 def render_runtime(profile: Profile) -> str:
+    if profile.kind == "driver":
+        return render_template("driver.Dockerfile.j2", base=profile.base)
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
+
+
+# What `cudabuild install` imports, copied from this installation into the driver image (pure
+# Python; no network, no pip in the image build).
+VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml")
+
+
+def stage_driver(checked: Artifact, into: Path) -> None:
+    """The driver image's layer: the artifact at /opt/cudabuild/artifact and cudabuild with what it
+    imports at /opt/cudabuild/python (its scripts and templates in cudabuild/_data, as in a wheel)."""
+    import importlib
+
+    home = into / "rootfs" / "opt" / "cudabuild"
+    for rel, _ in checked.files():
+        target = home / "artifact" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = checked.root / rel
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
+    shutil.copy2(checked.root / artifact.MANIFEST, home / "artifact" / artifact.MANIFEST)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_data")
+    for name in VENDORED:
+        package = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(package, home / "python" / name, ignore=skip)
+    for name in ("builder", "dockerfiles", "images"):
+        shutil.copytree(resource_dir(name), home / "python" / "cudabuild" / "_data" / name, ignore=skip)
 
 
 def stage_rootfs(checked: Artifact, into: Path) -> None:
@@ -95,6 +128,7 @@ def stage_rootfs(checked: Artifact, into: Path) -> None:
         else:
             shutil.copy2(source, target)
     shutil.copy2(resource_dir("images") / "loader.sh", home / "loader.sh")
+    shutil.copy2(resource_dir("images") / FACTS_FILE, home / FACTS_FILE)
     shutil.copy2(resource_dir("images") / "device-query.py", home / "bin" / "device-query")
     for script in (home / "loader.sh", home / "bin" / "device-query"):
         script.chmod(0o755)
@@ -115,13 +149,13 @@ def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: C
     manifest = checked.manifest
     base_info = engine.ensure_image(profile.base, what="base image",
                                     hint="or run `bash scripts/setup` to make its stand-in")
-    base_cuda = profile.cuda or _env(base_info, "CUDA_VERSION")
+    base_cuda = (profile.cuda or _env(base_info, "CUDA_VERSION")) if profile.kind == "runtime" else None
     check_cuda(manifest.driver_version, profile.base, base_cuda)
     tag = tag or runtime_tag(profile, checked)
     dockerfile = render_runtime(profile)
     with reporter.step(f"build {tag} from {profile.base} (one layer)"), \
             tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
-        stage_rootfs(checked, Path(staging))
+        (stage_driver if profile.kind == "driver" else stage_rootfs)(checked, Path(staging))
         rootfs = Path(staging) / "rootfs"
         entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
         with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:

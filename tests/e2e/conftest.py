@@ -1,5 +1,4 @@
 import functools
-import os
 import socket
 import subprocess
 import sys
@@ -12,9 +11,7 @@ import pytest
 
 import json
 
-from tests.helpers import REPO, run_cli
-
-STANDINS = Path(os.environ.get("CUDABUILD_TEST_STANDINS", Path.home() / ".cache" / "cudabuild-test"))
+from tests.helpers import REPO, STANDINS, run_cli
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -138,4 +138,41 @@ def test_without_privileges_the_image_says_privileged(result, made, client):
 
 def test_unknown_profile_lists_the_profiles():
     out = run_cli("image", "caffe", "--dry-run")
-    assert out.returncode == 3 and "cuda, device-query, tensorflow, torch" in out.stderr
+    assert out.returncode == 3 and "cuda, device-query, driver, tensorflow, torch" in out.stderr
+
+
+def test_the_driver_container_installs_into_the_host_and_waits(result, made, client, tmp_path):
+    """Run as it is on a node (-v /:/host), against a fake host root with the test seams: it
+    installs there, stays running with --wait, and when stopped removes the ready file."""
+    import time
+
+    from tests.helpers import fake_host
+
+    report = build(result, made, "driver", "--tag", "cudabuild-test/driver:1")
+    image = client.images.get(report["image"])
+    assert image.attrs["Config"]["Entrypoint"][-4:] == ["--root", "/host", "--modules", "/opt/cudabuild/artifact"]
+    host = tmp_path / "host"
+    env = {k: v.replace(str(host), "/host") for k, v in fake_host(host, gpus=3).items()}
+    container = client.containers.run(report["image"], ["--wait", "--json"], detach=True, network_mode="none",
+                                      environment=env, volumes={str(host): {"bind": "/host", "mode": "rw"}})
+    try:
+        ready = host / "run/cudabuild/driver/ready"
+        for _ in range(120):
+            if ready.exists():
+                break
+            time.sleep(0.5)
+        assert ready.exists(), container.logs().decode()
+        container.reload()
+        assert container.status == "running", "--wait keeps it running"
+        assert (host / "insmod.log").read_text().split() == ["drm", "nvidia", "nvidia_uvm", "nvidia_modeset",
+                                                             "nvidia_drm"]
+        assert sorted(p.name for p in (host / "dev").glob("nvidia[0-9]*")) == ["nvidia0", "nvidia1", "nvidia2"]
+        spec = json.loads((host / "var/run/cdi/cudabuild-nvidia.json").read_text())
+        node = spec["devices"][0]["containerEdits"]["deviceNodes"][0]
+        assert node == {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0}, "host paths as the host sees them"
+        assert spec["cdiVersion"] == "0.3.0"
+        container.stop(timeout=20)
+        assert container.wait()["StatusCode"] == 0
+        assert not ready.exists(), "stopped, it removes the ready file"
+    finally:
+        container.remove(force=True)

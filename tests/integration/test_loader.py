@@ -2,6 +2,7 @@
 Nothing here loads a real module."""
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -57,6 +58,7 @@ def fake(tmp_path):
         (home / "modules" / f"{m}.ko").write_bytes(b"\x7fELF")
     (home / "loader.conf").write_text(f"DRIVER_VERSION={VERSION}\nKERNEL_RELEASE={RELEASE}\n"
                                       f"MODULES={' '.join(modules)}\nKERNEL_DEPENDS=drm\n")
+    shutil.copy2(REPO / "images" / "nvidia-devices.conf", home / "nvidia-devices.conf")
     insmod = tmp_path / "insmod"
     insmod.write_text(STUB_INSMOD)
     insmod.chmod(0o755)
@@ -206,3 +208,38 @@ def test_skip_runs_the_command_without_loading(fake):
     (fake["root"] / "proc/self/status").write_text(f"CapEff:\t{NO_SYS_MODULE}\n")
     result = run_loader(fake, "sh", "-c", "exit 3", env={"CUDABUILD_LOADER": "skip"})
     assert result.returncode == 3 and loaded(fake) == []
+
+
+SELECTIONS = [
+    ({}, "all"),
+    ({"NVIDIA_VISIBLE_DEVICES": "1,GPU-00000003-fake"}, [1, 3]),
+    ({"NV_GPU": "2", "NVIDIA_VISIBLE_DEVICES": "all"}, [2]),
+    ({"DOCKER_RESOURCE_GPU": "GPU-00000000-fake", "NVIDIA_VISIBLE_DEVICES": "all"}, [0]),
+    ({"NVIDIA_VISIBLE_DEVICES": "none"}, []),
+    ({"NVIDIA_VISIBLE_DEVICES": "7"}, "error"),
+    ({"NV_GPU": "GPU-nope"}, "error"),
+]
+
+
+@pytest.mark.parametrize("env,expected", SELECTIONS)
+def test_the_loader_and_the_python_side_select_the_same_gpus(fake, env, expected):
+    """One selection: the loader (shell) and cudabuild.deliver.devices (run, the runtime) agree,
+    from the same facts (which variables, in which order)."""
+    from cudabuild.deliver import devices
+    from cudabuild.errors import InputError
+
+    result = run_loader(fake, "true", gpus=4, env=env)
+    available = devices.gpus(fake["root"])
+    chosen = devices.requested(env)
+    try:
+        python = devices.select(available, chosen[1] if chosen else "all")
+        python_nodes = sorted(f"nvidia{g.minor}" for g in python)
+    except InputError:
+        python_nodes = "error"
+    loader_nodes = sorted(p.name for p in (fake["root"] / "dev").glob("nvidia[0-9]*")) if result.returncode == 0 \
+        else "error"
+    assert loader_nodes == python_nodes
+    if expected == "error":
+        assert result.returncode == 18 and "does not exist" in result.stderr and "GPU-00000002-fake" in result.stderr
+    elif expected != "all":
+        assert loader_nodes == [f"nvidia{i}" for i in expected]

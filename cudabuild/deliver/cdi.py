@@ -1,0 +1,275 @@
+"""The Container Device Interface spec: the single description of "this host's GPUs and driver".
+
+`generate` writes it from what the host's driver reports (GPUs, device numbers) and the userspace
+driver of exactly the loaded version; `cudabuild run` and the OCI runtime read it and apply its
+edits. Device names: each GPU by index and by UUID, and `all`. Shared edits: the control nodes
+and read-only mounts of the libraries (each at its file name and its SONAME, in the multiarch
+directory where an unmodified Debian/Ubuntu-based image finds libcuda.so.1) and nvidia-smi."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cudabuild.deliver import devices
+from cudabuild.errors import InputError, shown
+
+KIND = "nvidia.com/gpu"
+SPEC_FILE = "cudabuild-nvidia.json"
+SPEC_DIRS = ("etc/cdi", "var/run/cdi")  # CDI's standard places, under a root; the second wins a clash
+CONTAINER_LIBS = "/usr/lib/x86_64-linux-gnu"
+CONTAINER_BIN = "/usr/bin"
+MOUNT_OPTIONS = ["ro", "nosuid", "nodev", "bind"]
+# The userspace a CUDA container needs (NVIDIA/libnvidia-container, FACTS.md); the first two must be there.
+REQUIRED_LIBRARIES = ("libcuda", "libnvidia-ml")
+OPTIONAL_LIBRARIES = ("libnvidia-ptxjitcompiler", "libnvidia-nvvm", "libnvidia-cfg", "libnvidia-allocator",
+                      "libnvidia-opencl", "libcudadebugger", "libnvidia-fatbinaryloader", "libnvidia-compiler",
+                      "libnvidia-pkcs11-openssl3", "libnvidia-pkcs11")
+BINARIES = ("nvidia-smi",)
+# Where hosts keep the userspace driver: distributions' own places, Debian's alternatives, ours.
+LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/nvidia/current", "usr/lib64", "usr/lib",
+                "lib/x86_64-linux-gnu", "usr/local/nvidia/lib64")
+BINARY_DIRS = ("usr/bin", "usr/lib/nvidia/current", "bin", "usr/local/nvidia/bin")
+
+
+def soname(path: Path) -> str | None:
+    """A shared library's DT_SONAME (libcuda.so.VERSION -> libcuda.so.1), read with pyelftools."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            for section in ELFFile(f).iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags():
+                        if tag.entry.d_tag == "DT_SONAME":
+                            return str(tag.soname)
+    except (ELFError, OSError, ValueError):
+        return None
+    return None
+
+
+def names_of(library: Path) -> list[str]:
+    """The names a library is found by: its file name, every link beside it that leads to it
+    (libcuda.so.1, libcuda.so), and its DT_SONAME."""
+    names = [library.name]
+    target = library.resolve()
+    for link in sorted(library.parent.iterdir()):
+        if link.is_symlink() and link.resolve() == target and link.name not in names:
+            names.append(link.name)
+    so = soname(library)
+    if so and so not in names:
+        names.append(so)
+    return names
+
+
+@dataclass(frozen=True)
+class Userspace:
+    """The userspace driver files of one version, as this process sees them."""
+
+    version: str
+    libraries: tuple[Path, ...]
+    binaries: tuple[Path, ...]
+
+
+def find_userspace(root: Path, version: str, *, extra_dirs: tuple[Path, ...] = ()) -> Userspace:
+    """The libraries of exactly `version` in the host's library directories; InputError naming
+    what is missing (a 535 module with 470 libraries fails with "Driver/library version mismatch")."""
+    dirs = [*extra_dirs, *(root / d for d in LIBRARY_DIRS)]
+    dirs += sorted(p for p in (root / "usr/lib/x86_64-linux-gnu/nvidia").glob("*") if p.is_dir())
+    found: dict[str, Path] = {}
+    others: dict[str, set[str]] = {}
+    for name in (*REQUIRED_LIBRARIES, *OPTIONAL_LIBRARIES):
+        for d in dirs:
+            candidate = d / f"{name}.so.{version}"
+            if candidate.is_file() and name not in found:
+                found[name] = candidate
+            for other in d.glob(f"{name}.so.[0-9][0-9][0-9].*"):
+                others.setdefault(name, set()).add(other.name.split(".so.", 1)[1])
+    missing = [n for n in REQUIRED_LIBRARIES if n not in found]
+    if missing:
+        seen = sorted(set().union(*(others.get(n, set()) for n in missing)) - {version})
+        raise InputError(
+            f"the loaded NVIDIA driver is {version}, but {', '.join(f'{n}.so.{version}' for n in missing)} "
+            f"is not in {', '.join(str(d) for d in dirs[:4])}, ..."
+            + (f" (there is {', '.join(sorted({n + '.so.' + v for n in missing for v in seen}))}: a container "
+               "would fail with \"Driver/library version mismatch\")" if seen else ""),
+            hint=f"install the userspace driver of exactly {version} (e.g. Debian's libcuda1 and libnvidia-ml1 of "
+                 "that version), or install the driver with `cudabuild install`")
+    binaries = []
+    for name in BINARIES:
+        for d in [*extra_dirs, *(root / b for b in BINARY_DIRS)]:
+            if (d / name).is_file():
+                binaries.append(d / name)
+                break
+    return Userspace(version=version, libraries=tuple(found.values()), binaries=tuple(binaries))
+
+
+# ---- the spec ------------------------------------------------------------------------------------
+def host_path(path: Path, *, root: Path, host_root: str) -> str:
+    """Where the host sees `path` (a path under `root` as this process sees it)."""
+    rel = path.resolve(strict=False).relative_to(root.resolve())
+    return str(PurePosixPath(host_root) / rel)
+
+
+def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
+    """The spec of the GPUs `root`'s driver reports and the given userspace driver."""
+    f = devices.facts()
+    gpus = devices.gpus(root)
+
+    def node(path: str, major: int, minor: int) -> dict:
+        # No fileMode (a Go os.FileMode, not st_mode) or permissions: consumers apply their defaults.
+        entry = {"path": path, "type": "c", "major": major, "minor": minor}
+        host = str(PurePosixPath(host_root) / path.lstrip("/"))
+        if host != path:
+            entry["hostPath"] = host
+        return entry
+
+    shared = [node("/dev/nvidiactl", f.gpu_major, f.ctl_minor)]
+    uvm = devices.uvm_major(root)
+    if uvm is not None:
+        shared += [node("/dev/nvidia-uvm", uvm, f.uvm_minor), node("/dev/nvidia-uvm-tools", uvm, f.uvm_tools_minor)]
+    if devices.modeset_loaded(root):
+        shared.append(node("/dev/nvidia-modeset", f.gpu_major, f.modeset_minor))
+    mounts = []
+    for library in userspace.libraries:
+        for name in names_of(library):
+            mounts.append({"hostPath": host_path(library, root=root, host_root=host_root),
+                           "containerPath": f"{CONTAINER_LIBS}/{name}", "options": list(MOUNT_OPTIONS)})
+    for binary in userspace.binaries:
+        mounts.append({"hostPath": host_path(binary, root=root, host_root=host_root),
+                       "containerPath": f"{CONTAINER_BIN}/{binary.name}", "options": list(MOUNT_OPTIONS)})
+    gpu_nodes = {g.index: node(f"/dev/nvidia{g.minor}", f.gpu_major, g.minor) for g in gpus}
+    device_list = []
+    for g in gpus:
+        for name in (str(g.index), g.uuid):
+            device_list.append({"name": name, "containerEdits": {"deviceNodes": [gpu_nodes[g.index]]}})
+    device_list.append({"name": "all", "containerEdits": {"deviceNodes": [gpu_nodes[g.index] for g in gpus]}})
+    needs_host_paths = any("hostPath" in n for n in [*shared, *gpu_nodes.values()])
+    return {
+        # The lowest version with what this spec uses: hostPath on device nodes came in CDI 0.5.0.
+        "cdiVersion": "0.5.0" if needs_host_paths else "0.3.0",
+        "kind": KIND,
+        "devices": device_list,
+        "containerEdits": {"env": [f"NVIDIA_DRIVER_VERSION={userspace.version}"], "deviceNodes": shared,
+                           "mounts": mounts},
+    }
+
+
+def write(spec: dict, root: Path) -> tuple[Path, bool]:
+    """Write the spec to ROOT/var/run/cdi atomically; whether it changed."""
+    directory = root / SPEC_DIRS[1]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SPEC_FILE
+    text = json.dumps(spec, indent=2) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return path, False
+    tmp = path.with_name(f".{SPEC_FILE}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path, True
+
+
+# ---- reading specs -------------------------------------------------------------------------------
+def read_spec(path: Path) -> dict:
+    """A spec file, JSON or YAML (nvidia-ctk writes YAML), checked to be one."""
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the CDI spec {path}: {shown(str(exc))}", hint="fix or remove the file") from exc
+    except Exception as exc:  # noqa: BLE001 - yaml's errors have no common base we can import lazily
+        raise InputError(f"cannot read the CDI spec {path}: {shown(str(exc))}", hint="fix or remove the file") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not isinstance(data.get("devices"), list):
+        raise InputError(f"{path} is not a CDI spec (it needs kind and devices)", hint="fix or remove the file")
+    return data
+
+
+def specs(directories: list[Path]) -> list[tuple[Path, dict]]:
+    """Every spec in the directories, in CDI's order (a later directory wins a clash)."""
+    found = []
+    for directory in directories:
+        if directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+                    found.append((path, read_spec(path)))
+    return found
+
+
+def devices_of(directories: list[Path], kind: str = KIND) -> dict[str, tuple[Path, dict, dict]]:
+    """name -> (spec file, spec, device) for one kind, later directories winning."""
+    chosen: dict[str, tuple[Path, dict, dict]] = {}
+    for path, spec in specs(directories):
+        if spec.get("kind") != kind:
+            continue
+        for device in spec.get("devices", []):
+            if isinstance(device, dict) and isinstance(device.get("name"), str):
+                chosen[device["name"]] = (path, spec, device)
+    return chosen
+
+
+def edits_for(directories: list[Path], names: list[str], *, kind: str = KIND) -> dict:
+    """The container edits for the named devices: each device's, and its spec's shared ones once.
+    No names: the shared edits alone (the driver and control nodes, no GPU)."""
+    known = devices_of(directories, kind)
+    where = ", ".join(str(d) for d in directories)
+    if not known:
+        raise InputError(f"no CDI spec of kind {kind} in {where}",
+                         hint="install the driver first (cudabuild install), or write one with cudabuild cdi generate")
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"the CDI specs in {where} have no device {kind}={', '.join(missing)}; they have: "
+                         f"{', '.join(sorted(known, key=_natural))}", hint="name an index, a UUID or all")
+    merged: dict[str, list] = {"env": [], "deviceNodes": [], "mounts": [], "hooks": []}
+    if names:
+        chosen = [known[n] for n in names]
+    else:  # one entry per spec, with no device of its own
+        chosen = list({path: (path, spec, {}) for path, spec, _ in known.values()}.values())
+    seen_specs: set[Path] = set()
+    for path, spec, device in chosen:
+        parts = [device.get("containerEdits") or {}]
+        if path not in seen_specs:
+            parts.insert(0, spec.get("containerEdits") or {})
+            seen_specs.add(path)
+        for edits in parts:
+            for key in merged:
+                for item in edits.get(key) or []:
+                    if item not in merged[key]:
+                        merged[key].append(item)
+    return merged
+
+
+def _natural(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def device_names(selection: list[devices.Gpu] | None) -> list[str]:
+    """The spec's device names for a selection (by index; none: no GPU device)."""
+    return [str(g.index) for g in selection or []]
+
+
+def gpus_in_spec(directories: list[Path], kind: str = KIND) -> list[devices.Gpu]:
+    """The GPUs a spec describes (the devices named by index, paired with their UUID names)."""
+    known = devices_of(directories, kind)
+    by_node: dict[str, str] = {}
+    for name, (_, _, device) in known.items():
+        nodes = (device.get("containerEdits") or {}).get("deviceNodes") or []
+        if name.startswith("GPU-") and len(nodes) == 1:
+            by_node[nodes[0].get("path", "")] = name
+    gpus = []
+    for name, (_, _, device) in known.items():
+        nodes = (device.get("containerEdits") or {}).get("deviceNodes") or []
+        if name.isdigit() and len(nodes) == 1:
+            m = re.fullmatch(r"/dev/nvidia([0-9]+)", nodes[0].get("path", ""))
+            gpus.append(devices.Gpu(index=int(name), minor=int(m.group(1)) if m else -1,
+                                    uuid=by_node.get(nodes[0].get("path", ""), ""), bus_id=""))
+    return sorted(gpus, key=lambda g: g.index)

@@ -1,0 +1,156 @@
+"""`cudabuild install`: the driver on a host, once, for every container.
+
+1. The userspace driver goes to ROOT/run/cudabuild/driver/VERSION (lib/ with SONAME links, bin/,
+   firmware/, modules/), staged beside it and swapped in; already there, it is left alone.
+2. The image's own loader (images/loader.sh, with the device facts it shares with this package)
+   loads the modules and makes the device nodes under ROOT/dev: the same checks, order and exit
+   codes as in a runtime image.
+3. A CDI spec of the GPUs the driver reports goes to ROOT/var/run/cdi.
+4. Last, the readiness file ROOT/run/cudabuild/driver/ready.
+
+ROOT is the host's file system as this process sees it (/host in the driver container); paths in
+the spec are written as the host sees them (--cdi-host-root, / by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from cudabuild.artifact import MANIFEST, Artifact, read_manifest
+from cudabuild.deliver import cdi, devices
+from cudabuild.deliver.loader import SETTINGS, settings
+from cudabuild.errors import ArtifactError, InputError, LoaderError
+from cudabuild.resources import resource_dir
+from cudabuild.ui import Reporter
+
+DRIVER_DIR = "run/cudabuild/driver"
+READY = "ready"
+
+
+@dataclass
+class Installed:
+    driver_version: str
+    driver_dir: str  # as the host sees it
+    spec: str
+    ready: str
+    gpus: list[dict] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    files_changed: bool = False
+    spec_changed: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.files_changed or self.spec_changed or bool(self.loaded)
+
+    def to_json(self) -> dict:
+        return {"driver_version": self.driver_version, "driver_dir": self.driver_dir, "cdi_spec": self.spec,
+                "ready": self.ready, "gpus": self.gpus, "loaded": self.loaded, "files_changed": self.files_changed,
+                "spec_changed": self.spec_changed, "changed": self.changed}
+
+
+def _host(path: Path, root: Path, host_root: str = "/") -> str:
+    return str(PurePosixPath(host_root) / path.relative_to(root))
+
+
+def _same(target: Path, checked: Artifact) -> bool:
+    """Whether `target` already holds this artifact's driver (its manifest, and every file there)."""
+    try:
+        installed = read_manifest(target / MANIFEST)
+    except ArtifactError:
+        return False
+    if installed.key != checked.manifest.key:
+        return False
+    return all(p.exists() or p.is_symlink() for p in (_place(target, rel) for rel, _ in checked.files()))
+
+
+def _place(target: Path, rel: str) -> Path:
+    """modules/X.ko stays; userspace/lib/X -> lib/X (and bin/, firmware/)."""
+    return target / rel.removeprefix("userspace/")
+
+
+def put_driver(checked: Artifact, target: Path) -> bool:
+    """The driver files in `target`; False when they were there already."""
+    if _same(target, checked):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        for rel, _ in checked.files():
+            source, destination = checked.root / rel, _place(staging, rel)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                destination.symlink_to(os.readlink(source))
+            else:
+                shutil.copy2(source, destination)
+        for part in ("lib", "bin", "modules"):
+            (staging / part).mkdir(exist_ok=True)
+        images = resource_dir("images")
+        shutil.copy2(images / "loader.sh", staging / "loader.sh")
+        shutil.copy2(images / devices.FACTS_FILE, staging / devices.FACTS_FILE)
+        (staging / SETTINGS).write_text(settings(checked.manifest))
+        shutil.copy2(checked.root / MANIFEST, staging / MANIFEST)  # last: it marks the copy whole
+        os.chmod(staging, 0o755)
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]:
+    """The image loader, loading from `target` into the kernel; the modules it loaded. Its
+    refusals become LoaderError with its exit code and words."""
+    selection = devices.facts().selection_variables
+    loader_env = {k: v for k, v in env.items() if k not in selection and k != "CUDABUILD_ROOT"}
+    loader_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    loader_env.update({"CUDABUILD_HOME": str(target), "CUDABUILD_LDCONFIG": "true",
+                       "CUDABUILD_FIRMWARE": _host(target / "firmware", root),  # the kernel reads it from the host
+                       "NVIDIA_VISIBLE_DEVICES": "all"})  # the host gets a node for every GPU
+    if root != Path("/"):
+        loader_env["CUDABUILD_ROOT"] = str(root)
+    result = subprocess.run(["sh", str(target / "loader.sh"), "true"], env=loader_env, capture_output=True, text=True)
+    said = [line.removeprefix("cudabuild-loader: ") for line in result.stderr.splitlines()]
+    if result.returncode != 0:
+        raise LoaderError(said[-1] if said else f"the loader failed (exit {result.returncode})",
+                          exit_code=result.returncode)
+    return [line.split(" ", 1)[1] for line in said if line.startswith("loaded ")]
+
+
+def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter) -> Installed:
+    if not root.is_dir():
+        raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
+    version = checked.manifest.driver_version
+    target = root / DRIVER_DIR / version
+    with reporter.step(f"driver files in {_host(target, root, host_root)}"):
+        files_changed = put_driver(checked, target)
+    with reporter.step("load the modules and make the device nodes (the image loader)"):
+        loaded = run_loader(target, root=root, env=env)
+    libraries = tuple(p for p in sorted((target / "lib").iterdir()) if p.is_file() and not p.is_symlink())
+    binaries = tuple(p for p in sorted((target / "bin").iterdir()) if p.is_file())
+    userspace = cdi.Userspace(version=version, libraries=libraries, binaries=binaries)
+    spec, spec_changed = cdi.write(cdi.generate(root, host_root=host_root, userspace=userspace), root)
+    ready = root / DRIVER_DIR / READY
+    text = json.dumps({"driver_version": version, "cdi_spec": _host(spec, root, host_root)}) + "\n"
+    if not ready.is_file() or ready.read_text() != text:
+        tmp = ready.with_name(".ready.partial")
+        tmp.write_text(text)
+        os.replace(tmp, ready)
+    return Installed(driver_version=version, driver_dir=_host(target, root, host_root), spec=_host(spec, root, host_root),
+                     ready=_host(ready, root, host_root),
+                     gpus=[{"index": g.index, "minor": g.minor, "uuid": g.uuid} for g in devices.gpus(root)],
+                     loaded=loaded, files_changed=files_changed, spec_changed=spec_changed)
+
+
+def not_ready(root: Path) -> None:
+    """Remove the readiness file (the driver container stops)."""
+    (root / DRIVER_DIR / READY).unlink(missing_ok=True)
