@@ -177,21 +177,21 @@ def test_too_little_space_is_refused_before_starting(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,fragment", [
-    ("--kernel", "6.1.0;id>/tmp/x", "is not valid"),
+    ("--kernel", "6.1.0;id>{marker}", "is not valid"),
     ("--kernel", "../../../etc/passwd", "is not valid"),
-    ("--driver", "535$(id)", "is not valid"),
-    ("--kernel-repo", "git://x/`id`", "--kernel-repo"),
-    ("--installer", "http://127.0.0.1/a b;id.run", "not a valid http(s) URL"),
+    ("--driver", "535$(touch {marker})", "is not valid"),
+    ("--kernel-repo", "git://x/`touch {marker}`", "--kernel-repo"),
+    ("--installer", "http://127.0.0.1/a b;touch {marker}.run", "not a valid http(s) URL"),
     ("--sha256", "../../etc", "--sha256"),
-    ("--apt-mirror", "http://x/$(id)", "--apt-mirror"),
+    ("--apt-mirror", "http://x/$(touch {marker})", "--apt-mirror"),
 ])
 def test_hostile_strings_are_refused(tmp_path, option, value, fragment):
-    cache = tmp_path / "cache"
+    cache, marker = tmp_path / "cache", tmp_path / "owned"
     result = run_cli("modules", "--kernel", "latest", "--driver-source", "run", "--driver", "535.309.01",
-                     option, value, env={"CUDABUILD_CACHE": str(cache)})
+                     option, value.format(marker=marker), env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 3, result.stderr
     assert fragment in result.stderr
-    assert not Path("/tmp/x").exists()
+    assert not marker.exists(), "nothing in a value ran"
 
 
 def test_hostile_image_tag_and_base(tmp_path):
