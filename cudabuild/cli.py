@@ -498,6 +498,110 @@ def cdi_list(root, as_json) -> None:
         click.echo(f"{name:<60} {path}")
 
 
+@cli.group()
+def deploy() -> None:
+    """What operators apply for Swarm, ECS and Kubernetes, from the driver images built before.
+
+    \b
+    Examples:
+      cudabuild deploy swarm --output ./swarm          # on a node after cudabuild install
+      cudabuild deploy ecs --registry registry.example:5000/cudabuild --json
+      cudabuild deploy kubernetes --image cudabuild/driver:535.309.01-6.1.0-56-amd64 --output ./k8s
+      cudabuild deploy kubernetes --kmm --registry registry.example:5000/cudabuild
+    """
+
+
+def _deploy_flags(command):
+    for option in reversed([
+        click.option("--image", "images", multiple=True, metavar="IMAGE",
+                     help="A driver image (cudabuild image driver; with --kmm: cudabuild image kmm), one per kernel; "
+                          "repeatable. Default: every such image in the engine."),
+        click.option("--registry", metavar="REPO",
+                     help="Where nodes pull the images from (e.g. registry.example:5000/cudabuild): the manifests "
+                          "name REPO/NAME:TAG."),
+        click.option("--output", metavar="DIR", help="Write one file per object into DIR instead of stdout."),
+        click.option("--json", "as_json", is_flag=True, help="Print {file name: content} as one JSON object."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _host_flags(command):
+    for option in reversed([
+        click.option("--root", default="/", show_default=True, metavar="DIR",
+                     help="The node whose GPUs the configuration names (its driver loaded: cudabuild install)."),
+        click.option("--runtime-path", default="/usr/local/bin/cudabuild-runtime", show_default=True, metavar="PATH",
+                     help="Where cudabuild-runtime is on the nodes."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _emit(files, output, as_json) -> None:
+    from pathlib import Path
+
+    from cudabuild.deploy import write
+
+    if as_json:
+        click.echo(json.dumps({f.name: f.content for f in files}, indent=2))
+        return
+    text = write(files, Path(output) if output else None)
+    click.echo(text, nl=False, err=bool(output))
+
+
+def _deploy_images(images, registry, kind):
+    from cudabuild.build.engine import Engine
+    from cudabuild.deploy import driver_images
+
+    return driver_images(Engine.from_env(), list(images), kind=kind, registry=registry)
+
+
+@deploy.command("swarm", epilog=EXIT_CODE_HELP)
+@_deploy_flags
+@_host_flags
+def deploy_swarm(images, registry, output, as_json, root, runtime_path) -> None:
+    """Swarm: the node's daemon.json (one generic resource gpu=UUID per GPU, cudabuild-runtime as
+    the default runtime: services cannot be privileged or take --device), the driver's one-shot
+    install per node, a service example and a stack file."""
+    from pathlib import Path
+
+    from cudabuild.deploy import host_facts, require_gpus, swarm
+
+    host = host_facts(Path(root))
+    require_gpus(host, Path(root))
+    _emit(swarm.files(_deploy_images(images, registry, "driver"), host, runtime_path=runtime_path), output, as_json)
+
+
+@deploy.command("ecs", epilog=EXIT_CODE_HELP)
+@_deploy_flags
+@_host_flags
+def deploy_ecs(images, registry, output, as_json, root, runtime_path) -> None:
+    """ECS: the driver as a daemon service (privileged, the host's root), the node's configuration
+    (the runtime registered as nvidia, ECS_ENABLE_GPU_SUPPORT, nvidia-gpu-info.json) and a workload
+    task definition in two shapes: GPUs by resourceRequirements, and the seed's volumes and devices."""
+    from pathlib import Path
+
+    from cudabuild.deploy import ecs, host_facts, require_gpus
+
+    host = host_facts(Path(root))
+    require_gpus(host, Path(root))
+    _emit(ecs.files(_deploy_images(images, registry, "driver"), host, runtime_path=runtime_path), output, as_json)
+
+
+@deploy.command("kubernetes", epilog=EXIT_CODE_HELP)
+@_deploy_flags
+@click.option("--kmm", is_flag=True, help="A Kernel Module Management Module (cudabuild image kmm images) instead of "
+                                          "driver DaemonSets.")
+def deploy_kubernetes(images, registry, output, as_json, kmm) -> None:
+    """Kubernetes: a namespace and one driver DaemonSet per kernel (nodeSelector on Node Feature
+    Discovery's kernel-version.full, privileged with hostPID and the host's root, ready when the
+    ready file is there, system-node-critical, OnDelete, tolerating GPU taints); or with --kmm, a
+    KMM Module with a kernelMapping per kernel."""
+    from cudabuild.deploy import kubernetes
+
+    _emit(kubernetes.files(_deploy_images(images, registry, "kmm" if kmm else "driver"), kmm=kmm), output, as_json)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
              epilog=EXIT_CODE_HELP)
 @click.option("--gpus", metavar="all|0,1|GPU-UUID|none",

@@ -174,6 +174,13 @@ class Engine:
         except (docker.errors.APIError, requests.RequestException):
             pass  # still used by a container or another image: the engine keeps it
 
+    def tagged(self, label: str) -> list[str]:
+        """The tags of the images carrying `label` (key or key=value)."""
+        try:
+            return sorted(tag for image in self.client.images.list(filters={"label": label}) for tag in image.tags)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot list images: {_short(exc)}", hint=ENGINE_HINT) from exc
+
     def remove_image(self, ref: str) -> None:
         try:
             self.client.images.remove(ref, force=True)

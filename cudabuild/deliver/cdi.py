@@ -258,8 +258,12 @@ def device_names(selection: list[devices.Gpu] | None) -> list[str]:
 
 
 def gpus_in_spec(directories: list[Path], kind: str = KIND) -> list[devices.Gpu]:
-    """The GPUs a spec describes (the devices named by index, paired with their UUID names)."""
+    """The GPUs a spec describes (the devices named by index, paired with their UUID names); no
+    spec of the kind is an error that says so."""
     known = devices_of(directories, kind)
+    if not known:
+        raise InputError(f"no CDI spec of kind {kind} in {', '.join(str(d) for d in directories)}",
+                         hint="install the driver first (cudabuild install), or write one with cudabuild cdi generate")
     by_node: dict[str, str] = {}
     for name, (_, _, device) in known.items():
         nodes = (device.get("containerEdits") or {}).get("deviceNodes") or []

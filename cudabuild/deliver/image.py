@@ -82,12 +82,42 @@ def check_cuda(driver_version: str, base: str, base_cuda: str | None) -> None:
 def render_runtime(profile: Profile) -> str:
     if profile.kind == "driver":
         return render_template("driver.Dockerfile.j2", base=profile.base)
+    if profile.kind == "kmm":
+        return render_template("kmm.Dockerfile.j2")
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
 
 
 # What `cudabuild install` imports, copied from this installation into the driver image (pure
 # Python; no network, no pip in the image build).
 VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml")
+
+
+def stage_kmm(checked: Artifact, into: Path) -> None:
+    """KMM's layout: /opt/lib/modules/KERNEL/*.ko and depmod's files (the host's depmod -b), the
+    firmware under /firmware, and busybox as cp (KMM copies the modules out of the image)."""
+    import subprocess
+
+    root = into / "rootfs"
+    release = checked.manifest.kernel_release
+    modules = root / "opt" / "lib" / "modules" / release
+    modules.mkdir(parents=True)
+    for m in checked.manifest.modules:
+        shutil.copy2(checked.module_path(m.name), modules / m.file)
+    depmod = shutil.which("depmod") or next((p for p in ("/sbin/depmod", "/usr/sbin/depmod") if Path(p).exists()), None)
+    if depmod is None:
+        raise InputError("making a KMM image needs depmod on this host", hint="install kmod (bash scripts/setup does)")
+    result = subprocess.run([depmod, "-b", str(root / "opt"), release], capture_output=True, text=True)
+    if result.returncode != 0 or not (modules / "modules.dep").is_file():
+        raise InputError(f"depmod could not index the modules: {result.stderr.strip()[-300:]}")
+    firmware = checked.root / "userspace" / "firmware"
+    if firmware.is_dir():
+        shutil.copytree(firmware, root / "firmware")
+    from cudabuild.boottest import _busybox
+
+    (root / "bin").mkdir()
+    shutil.copy2(_busybox(), root / "bin" / "busybox")
+    for applet in ("cp", "sh", "ls"):
+        (root / "bin" / applet).symlink_to("busybox")
 
 
 def stage_driver(checked: Artifact, into: Path) -> None:
@@ -147,15 +177,15 @@ def runtime_tag(profile: Profile, checked: Artifact) -> str:
 def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: Cache, tag: str | None,
                 reporter: Reporter) -> dict:
     manifest = checked.manifest
-    base_info = engine.ensure_image(profile.base, what="base image",
-                                    hint="or run `bash scripts/setup` to make its stand-in")
+    base_info = {"RootFS": {"Layers": []}, "Config": {}} if profile.base == "scratch" else engine.ensure_image(
+        profile.base, what="base image", hint="or run `bash scripts/setup` to make its stand-in")
     base_cuda = (profile.cuda or _env(base_info, "CUDA_VERSION")) if profile.kind == "runtime" else None
     check_cuda(manifest.driver_version, profile.base, base_cuda)
     tag = tag or runtime_tag(profile, checked)
     dockerfile = render_runtime(profile)
     with reporter.step(f"build {tag} from {profile.base} (one layer)"), \
             tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
-        (stage_driver if profile.kind == "driver" else stage_rootfs)(checked, Path(staging))
+        {"driver": stage_driver, "kmm": stage_kmm}.get(profile.kind, stage_rootfs)(checked, Path(staging))
         rootfs = Path(staging) / "rootfs"
         entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
         with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:

@@ -64,9 +64,8 @@ def podman_image():
     if shutil.which("podman") is None:
         pytest.fail("the CDI tests need Podman (bash scripts/setup installs it)")
     if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
-        save = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "load", "-q"], stdin=save.stdout, check=True, capture_output=True)
-        save.wait()
+        with subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE) as save:
+            subprocess.run(["podman", "load", "-q"], stdin=save.stdout, check=True, capture_output=True)
     return IMAGE
 
 

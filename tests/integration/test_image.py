@@ -138,7 +138,7 @@ def test_without_privileges_the_image_says_privileged(result, made, client):
 
 def test_unknown_profile_lists_the_profiles():
     out = run_cli("image", "caffe", "--dry-run")
-    assert out.returncode == 3 and "cuda, device-query, driver, tensorflow, torch" in out.stderr
+    assert out.returncode == 3 and "cuda, device-query, driver, kmm, tensorflow, torch" in out.stderr
 
 
 def test_the_driver_container_installs_into_the_host_and_waits(result, made, client, tmp_path):

@@ -19,6 +19,12 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
     version = subprocess.run([str(venv / "bin" / "cudabuild"), "--version"], cwd=away, capture_output=True,
                              text=True, check=True)
     assert "cudabuild, version" in version.stdout
+    runtime = subprocess.run([str(venv / "bin" / "cudabuild-runtime"), "--cdi-spec-dir", "/nowhere", "--version"],
+                             cwd=away, capture_output=True, text=True)
+    assert runtime.returncode == 0 and "runc version" in runtime.stdout, "the runtime passes what it need not change"
+    python_side = subprocess.run([str(venv / "bin" / "python"), "-m", "cudabuild.deliver.runtime", "--version"],
+                                 cwd=away, capture_output=True, text=True)
+    assert python_side.returncode == 0 and "runc version" in python_side.stdout
     probe = ("from cudabuild.resources import resource_dir\n"
              "from cudabuild.build.builder import render_template\n"
              "for name in ('builder', 'dockerfiles', 'images'):\n"

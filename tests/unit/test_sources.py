@@ -56,8 +56,8 @@ def test_cuda_table_and_refusal():
 
 def test_profiles_name_real_bases_and_smoke_commands():
     found = profiles()
-    assert set(found) == {"cuda", "tensorflow", "torch", "device-query", "driver"}
-    assert all(":" in p.base and (p.smoke or p.kind == "driver") for p in found.values())
+    assert set(found) == {"cuda", "tensorflow", "torch", "device-query", "driver", "kmm"}
+    assert all((":" in p.base or p.base == "scratch") and (p.smoke or p.kind != "runtime") for p in found.values())
     assert found["driver"].kind == "driver" and found["cuda"].kind == "runtime"
     assert load_profile(None, "debian:bookworm").base == "debian:bookworm"
     with pytest.raises(InputError, match="not a valid image reference"):

@@ -1,0 +1,108 @@
+"""What operators apply, as pure functions of the driver images (their labels, read through the
+artifact module) and the host's GPUs (its CDI facts): Swarm's daemon.json and stack, ECS task
+definitions and node configuration, Kubernetes DaemonSets or a KMM Module.
+
+Each deployment is a list of files: `--output DIR` writes one file per object, without it they go
+to stdout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cudabuild.artifact import read_labels
+from cudabuild.deliver import devices
+from cudabuild.errors import InputError
+from cudabuild.options import validate_image_ref
+
+# A workload example: an unmodified CUDA image that lists the GPUs.
+EXAMPLE_IMAGE = "nvidia/cuda:12.2.2-base-ubuntu22.04"
+RUNTIME_NAME = "cudabuild"
+READY_FILE = "/run/cudabuild/driver/ready"
+
+
+@dataclass(frozen=True)
+class DriverImage:
+    """A driver (or KMM) image as the cluster pulls it, and what it holds."""
+
+    ref: str
+    kernel_release: str
+    driver_version: str
+    kind: str  # driver | kmm
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    driver_version: str | None
+    gpus: tuple[devices.Gpu, ...]
+
+
+@dataclass(frozen=True)
+class File:
+    name: str
+    content: object  # a dict (JSON or YAML), a list of dicts (a YAML stream) or text
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.name.endswith((".yaml", ".yml")):
+            import yaml
+
+            docs = self.content if isinstance(self.content, list) else [self.content]
+            return yaml.safe_dump_all(docs, sort_keys=False)
+        return json.dumps(self.content, indent=2) + "\n"
+
+
+def as_pulled(ref: str, registry: str | None) -> str:
+    """The reference nodes pull: the local one, or the same name and tag under --registry."""
+    if registry is None:
+        return ref
+    validate_image_ref(registry, "--registry")
+    name_and_tag = ref.rsplit("/", 1)[-1]
+    return f"{registry.rstrip('/')}/{name_and_tag}"
+
+
+def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -> list[DriverImage]:
+    """The named images (or, none named, every local cudabuild image of this kind), checked to be
+    cudabuild's images of that kind."""
+    if not refs:
+        refs = engine.tagged(f"io.cudabuild.profile={kind}")
+        if not refs:
+            raise InputError(f"no cudabuild {kind} image in the engine",
+                             hint=f"make one: cudabuild image {kind} --modules IMAGE|DIR, or name one with --image")
+    found = []
+    for ref in refs:
+        validate_image_ref(ref, "--image")
+        if engine.image_id(ref) is None:
+            raise InputError(f"--image {ref}: no such image in the engine",
+                             hint=f"make it with cudabuild image {kind}, or check the name")
+        labels = read_labels(engine.image(ref)["Config"].get("Labels"), ref)
+        if labels is None or labels.profile != kind:
+            raise InputError(f"--image {ref} is not a cudabuild {kind} image",
+                             hint=f"make one with cudabuild image {kind} --modules IMAGE|DIR")
+        found.append(DriverImage(ref=as_pulled(ref, registry), kernel_release=labels.kernel_release,
+                                 driver_version=labels.driver_version, kind=kind))
+    return found
+
+
+def host_facts(root: Path) -> HostFacts:
+    return HostFacts(driver_version=devices.loaded_version(root), gpus=tuple(devices.gpus(root)))
+
+
+def require_gpus(host: HostFacts, root: Path) -> None:
+    if not host.gpus:
+        raise InputError(f"no GPUs under {root}/proc/driver/nvidia/gpus: the node's GPUs name its resources",
+                         hint="run it on a node after `cudabuild install` (or the driver container), or pass --root")
+
+
+def write(files: list[File], output: Path | None) -> str:
+    """Write one file per object into `output`, or return them all for stdout."""
+    if output is None:
+        return "".join(f"# ---- {f.name} ----\n{f.text()}\n" for f in files)
+    output.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        tmp = output / f".{f.name}.partial"
+        tmp.write_text(f.text())
+        tmp.replace(output / f.name)
+    return "".join(f"wrote {output / f.name}\n" for f in files)
