@@ -110,6 +110,12 @@ BUILD_FLAGS = [
                       "Implies --boot-test."),
     click.option("--boot-timeout", type=float, metavar="SECONDS",
                  help="Kill the boot-test guest after this long (default 300)."),
+    click.option("--registry", metavar="HOST[:PORT]/PATH",
+                 help="An OCI registry as the shared cache (e.g. --registry 127.0.0.1:5055/cudabuild): a build "
+                      "found there with the same key is pulled and verified on this host instead of compiled; "
+                      "a result is pushed there as PATH/modules:TAG. Env: CUDABUILD_REGISTRY."),
+    click.option("--no-build", "no_build", is_flag=True, default=None,
+                 help="Never compile: take the modules from the cache or the registry, or fail (exit 20)."),
 ]
 
 
@@ -170,6 +176,7 @@ def modules(as_json: bool, **flags) -> None:
     Examples:
       cudabuild modules --kernel latest --driver 535
       cudabuild modules --kernel 6.1.0-56-amd64 --driver 470 --output ./nvidia --json
+      cudabuild modules --kernel 6.1.0-56-amd64 --driver 535 --registry 127.0.0.1:5055/cudabuild
       cudabuild modules --kernel 4.3.6-coreos --kernel-config ./config --symvers ./Module.symvers \\
           --driver 352.39 --driver-source run
     """
@@ -182,7 +189,8 @@ def modules(as_json: bool, **flags) -> None:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
     m = result.manifest
-    origin = "from the cache" if result.cache_hit else "built and verified"
+    origin = {"cached": "from the cache", "pulled": f"pulled from {result.registry_ref} and verified",
+              "built": "built and verified"}[result.origin]
     click.echo(f"NVIDIA {m.driver_version} ({m.flavor}) for Linux {m.kernel_release}: {origin}")
     for e in m.modules:
         click.echo(f"  {e.file:<20} {e.size / 1024**2:7.1f} MiB  version {e.version or '-':<12} "
@@ -191,7 +199,9 @@ def modules(as_json: bool, **flags) -> None:
     click.echo(f"cache:         {result.artifact.root}")
     if result.output_dir:
         click.echo(f"output:        {result.output_dir}")
-    if not result.cache_hit and m.build_seconds is not None:
+    if result.registry_ref:
+        click.echo(f"registry:      {result.registry_ref} ({'pushed' if result.pushed else 'already there'})")
+    if result.origin == "built" and m.build_seconds is not None:
         click.echo(f"build time:    {format_seconds(m.build_seconds)}")
     if result.boot_tested and m.boot_test:
         _show_boot_test(m.boot_test)
@@ -228,7 +238,8 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
       cudabuild image tensorflow --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
       cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
       cudabuild image torch --dry-run
-      cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
+      cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64 \\
+          --registry registry.example/gpu     # pushed as registry.example/gpu/driver:TAG
     """
     from cudabuild import artifact
     from cudabuild.deliver import image as images
@@ -246,6 +257,11 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     if building and modules_ref is not None:
         raise click.UsageError("pass either --modules or --kernel/--driver, not both")
     options = _build_options(flags) if building else None
+    registry = options.registry if options else (flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY"))
+    if registry:
+        from cudabuild.fleet.registry import Registry
+
+        registry = Registry(registry)
     if dry_run:
         click.echo(images.render_runtime(chosen), nl=False)
         return
@@ -264,6 +280,10 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     reporter.note(f"modules: {checked.root}")
     report = images.build_image(profile=chosen, checked=checked, engine=engine(), cache=cache, tag=tag,
                                 reporter=reporter)
+    if registry:
+        report["registry_ref"] = registry.ref(report["image"])
+        with reporter.step(f"push {report['registry_ref']}"):
+            engine().push(report["image"], report["registry_ref"])
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -277,6 +297,88 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
         click.echo("  then any container: podman run --device nvidia.com/gpu=0 IMAGE, or cudabuild run --gpus 0 IMAGE")
     else:
         click.echo(f"  run it: docker run --privileged {report['image']} {shlex.join(report['smoke'])}")
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.option("--kernels", required=True, metavar="LIST",
+              help="Kernel releases, comma-separated (6.1.0-56-amd64,6.1.0-47-amd64), or debian:CODENAME for every "
+                   "linux-headers-*-amd64 ABI Debian has (debian:bookworm).")
+@click.option("--drivers", required=True, metavar="LIST",
+              help="Driver versions or branches, comma-separated (535,470.256.02).")
+@click.option("--flavors", metavar="LIST", help="proprietary,open: each cell in each flavor (default: --flavor).")
+@click.option("--backend", type=click.Choice(["local", "swarm", "kubernetes"]), default="local", show_default=True,
+              help="local: builds on this engine. swarm: one replicated-job per cell on the Swarm this engine "
+                   "manages (needs --registry). kubernetes: print one Job per cell.")
+@click.option("--parallel", type=int, metavar="N",
+              help="At most N cells at a time (default: 1 locally, every cell on a Swarm).")
+@click.option("--image", metavar="IMAGE",
+              help="cudabuild's own image for swarm and kubernetes (default REGISTRY/cudabuild:VERSION; "
+                   "scripts/tool-image makes it from the wheel).")
+@click.option("--node-cache", metavar="DIR",
+              help="The cache directory on the nodes, mounted at the same path (default: this cache's path for "
+                   "swarm, /var/cache/cudabuild for kubernetes).")
+@click.option("--node-socket", default="/var/run/docker.sock", show_default=True, metavar="PATH",
+              help="The Docker engine's socket on the nodes.")
+@click.option("--timeout", "cell_timeout", type=float, default=3600, show_default=True, metavar="SECONDS",
+              help="A Swarm job still unfinished after this long is reported as failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, one entry per cell, on stdout.")
+@build_flags
+@click.pass_context
+def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache, node_socket, cell_timeout, as_json,
+           **flags) -> None:
+    """Build every kernel x driver pair: on this engine, as Swarm jobs, or as Kubernetes Jobs.
+
+    Every cell is planned here first (its sources and cache key). With --registry a cell the
+    registry already holds with the same key is reported as in the registry and not built again;
+    every cell built is pushed there. A cell that fails does not stop the others: the summary names
+    each failure with the last lines of its log, and the exit code is 21. Takes every build option
+    of `cudabuild modules` (sources, mirrors, --flavor, ...).
+
+    \b
+    Examples:
+      cudabuild matrix --kernels 6.1.0-56-amd64,6.1.0-47-amd64 --drivers 535,470 --parallel 2
+      cudabuild matrix --kernels debian:bookworm --drivers 535 --registry 127.0.0.1:5055/cudabuild
+      cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --flavors proprietary,open \\
+          --backend swarm --registry registry.example/gpu
+      cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --backend kubernetes > jobs.yaml
+    """
+    from cudabuild.build.engine import Engine
+    from cudabuild.build.job import command_line
+    from cudabuild.fleet.matrix import parse_request, run_matrix, summary_lines
+
+    for name in ("kernel", "driver"):
+        if flags.get(name) is not None:
+            raise click.UsageError(f"matrix takes --{name}s LIST, not --{name}")
+    request = parse_request(kernels=kernels, drivers=drivers, flavors=flavors, flavor=flags.get("flavor") or
+                            _build_options({}).flavor, backend=backend, parallel=parallel, image=image,
+                            node_cache=node_cache, node_socket=node_socket, timeout=cell_timeout)
+    options = _build_options(dict(flags))
+    if image is not None:
+        validate_image_ref(image, "--image")
+    skip = {"kernel", "driver", "flavor", "registry", "kernels", "drivers", "flavors", "backend", "parallel", "image",
+            "node_cache", "node_socket", "cell_timeout", "as_json"}
+    common, files = command_line(ctx.command.params, flags, skip)
+    reporter = Reporter()
+    result = run_matrix(request, options, common_argv=common, local_files=files, env=os.environ, reporter=reporter,
+                        engine_factory=functools.cache(Engine.from_env))
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    elif backend == "kubernetes":
+        import yaml
+
+        click.echo(yaml.safe_dump_all(result.manifests, sort_keys=False), nl=False)
+        for line in summary_lines(result):
+            click.echo(line, err=True)
+    else:
+        for line in summary_lines(result):
+            click.echo(line)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+for _param in matrix.params:  # a matrix names its kernels and drivers as lists
+    if _param.name in ("kernel", "driver"):
+        _param.hidden = True
 
 
 @cli.command("boot-test", epilog=EXIT_CODE_HELP)

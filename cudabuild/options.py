@@ -86,6 +86,17 @@ def validate_image_ref(value: str, what: str) -> str:
     return value
 
 
+def validate_registry(value: str, what: str = "--registry") -> str:
+    """A repository in a registry, HOST[:PORT]/PATH without a tag: cudabuild adds modules:TAG."""
+    hint = "pass HOST[:PORT]/PATH, e.g. --registry 127.0.0.1:5055/cudabuild or registry.example/team/cudabuild"
+    if not value or "@" in value or not IMAGE_REF_RE.fullmatch(value) or ":" in value.rpartition("/")[2]:
+        raise InputError(f"{what} {shown(value)} is not a registry repository (HOST[:PORT]/PATH: a lower-case path, no tag)", hint=hint)
+    host = value.split("/", 1)[0]
+    if "/" not in value or ("." not in host and ":" not in host and host != "localhost"):
+        raise InputError(f"{what} {shown(value)} names no registry host", hint=hint)
+    return value
+
+
 def require_open_support(version: str) -> None:
     """Open kernel modules exist from 515 on (FACTS.md)."""
     if version_tuple(version) < OPEN_SINCE:
@@ -188,6 +199,8 @@ class BuildOptions:
     kernel_image: str | None = None  # the kernel to boot: a vmlinuz or a linux-image .deb
     boot_append: str = ""  # kernel parameters for the guest, e.g. module.sig_enforce=1
     boot_timeout: float = 300.0
+    registry: str | None = None  # HOST[:PORT]/PATH: pull the result from there first, push it there after
+    no_build: bool = False  # take the result from the cache or the registry, never compile
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "latest"):
@@ -249,6 +262,8 @@ class BuildOptions:
         if not BOOT_APPEND_RE.fullmatch(self.boot_append):
             raise InputError(f"--boot-append {shown(self.boot_append)} is not a list of kernel parameters",
                              hint="pass e.g. --boot-append module.sig_enforce=1 (letters, digits, _ . , = : / + -)")
+        if self.registry is not None:
+            validate_registry(self.registry)
         if not 10 <= self.boot_timeout <= 3600:
             raise InputError(f"--boot-timeout {self.boot_timeout:g} is out of range", hint="pass 10 to 3600 seconds")
 
@@ -262,6 +277,7 @@ ENVIRONMENT = {
     "apt_security_mirror": "CUDABUILD_APT_SECURITY_MIRROR",
     "builder_base": "CUDABUILD_BUILDER_BASE",
     "keep_builder": "CUDABUILD_KEEP_BUILDER",
+    "registry": "CUDABUILD_REGISTRY",
 }
 _BOOLEAN = {"keep_builder"}
 

@@ -118,13 +118,31 @@ def _failure_hint(step: str) -> str:
     return "read the log's last lines above"
 
 
+def builder_scripts(cache) -> Path:
+    """builder/'s scripts in the cache, named by their content: the builder container mounts them
+    from there, a path its engine can see even when cudabuild itself runs in a container (a Swarm
+    job whose cache is the node's, mounted at the same path)."""
+    source = resource_dir("builder")
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    digest = hashlib.sha256(b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)).hexdigest()[:16]
+    target = cache.sources / f"builder-{digest}"
+    if target.is_dir():
+        return target
+    staging = cache.workdir("builder-scripts")
+    for p in files:
+        (staging / p.name).write_bytes(p.read_bytes())
+        (staging / p.name).chmod(0o644)
+    staging.chmod(0o755)
+    return cache.publish_tree(staging, target)
+
+
 def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mounts: list[Mount],
-              log_path: Path, reporter: Reporter, verbose: bool, script: str = "build.sh",
+              log_path: Path, reporter: Reporter, verbose: bool, scripts: Path, script: str = "build.sh",
               network: str = "none", keep: bool = False) -> None:
     """Run a script of builder/ in a container, as an unprivileged user; its step markers become
     named steps with durations, its whole output goes to `log_path`. A failure raises BuildError
     with the log's last lines. Only the kernel fetch gets a network."""
-    mounts = [Mount(str(resource_dir("builder")), "/cudabuild/builder"), *mounts]
+    mounts = [Mount(str(scripts), "/cudabuild/builder"), *mounts]
     uid, gid = builder_user()
     current: Step | None = None
     started = 0.0

@@ -155,7 +155,7 @@ class Cache:
         """A fresh temporary directory on the cache's file system (so that rename is atomic),
         named with this process's id so that a later run can tell when its owner is gone;
         given to `owner` (uid, gid) when a container of that user writes into it."""
-        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-pid{os.getpid()}-", dir=self.root / "tmp"))
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-pid{os.getpid()}.{pid_namespace()}-", dir=self.root / "tmp"))
         if owner is not None:
             os.chown(path, *owner)
         return path
@@ -189,9 +189,9 @@ class Cache:
         now = time.time()
         reaped = []
         for entry in (self.root / "tmp").iterdir():
-            owner = re.search(r"-pid(\d+)-", entry.name)
+            owner = re.search(r"-pid(\d+)\.(\d+)-", entry.name)
             try:
-                dead = owner is not None and not pid_alive(int(owner.group(1)))
+                dead = owner is not None and not pid_alive(int(owner.group(1)), int(owner.group(2)))
                 if dead or now - entry.stat().st_mtime > older_than:
                     shutil.rmtree(entry, ignore_errors=True)
                     reaped.append(entry)
@@ -200,8 +200,20 @@ class Cache:
         return reaped
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host with that id exists (owners of builders and temp dirs)."""
+def pid_namespace() -> int:
+    """This process's pid namespace (its inode): a cudabuild in a container (a Swarm job sharing
+    the node's cache and engine) numbers its processes in its own namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def pid_alive(pid: int, namespace: int | None = None) -> bool:
+    """Whether the owner of a builder or a temporary directory may still run: a process of that id
+    in this pid namespace, or any owner in another namespace (whose processes this one cannot see)."""
+    if namespace is not None and namespace != pid_namespace():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

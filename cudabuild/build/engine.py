@@ -20,8 +20,8 @@ import requests
 from docker.utils.utils import parse_host
 
 from cudabuild.artifact import LABEL_PREFIX
-from cudabuild.build.cache import pid_alive
-from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, shown
+from cudabuild.build.cache import pid_alive, pid_namespace
+from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, RegistryError, shown
 
 # How long to wait for the engine to answer its first request (CUDABUILD_ENGINE_TIMEOUT, seconds);
 # later requests may take as long as an image build step.
@@ -74,8 +74,9 @@ def _lost(name: str, exc: BaseException) -> EngineError:
 
 
 class Engine:
-    def __init__(self, client) -> None:
+    def __init__(self, client, where: str = "unix:///var/run/docker.sock") -> None:
         self.client = client
+        self.where = where  # DOCKER_HOST, or the local socket
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Engine":
@@ -102,7 +103,7 @@ class Engine:
             raise EngineError(f"the Docker engine at {shown(where)} does not answer ({why})",
                               hint=ENGINE_HINT) from exc
         client.api.timeout = OPERATION_TIMEOUT
-        return cls(client)
+        return cls(client, where)
 
     # ---- images ----------------------------------------------------------------------------
     def image_id(self, ref: str) -> str | None:
@@ -174,6 +175,60 @@ class Engine:
         except (docker.errors.APIError, requests.RequestException):
             pass  # still used by a container or another image: the engine keeps it
 
+    def push(self, image: str, ref: str) -> None:
+        """Tag `image` as `ref` and push it; a RegistryError says why the registry would not take it."""
+        repository, _, tag = ref.rpartition(":")
+        hint = "check that the registry runs and accepts pushes (`docker login` for one that asks)"
+        try:
+            self.client.api.tag(image, repository, tag)
+            for chunk in self.client.api.push(repository, tag=tag, stream=True, decode=True):
+                if "error" in chunk:
+                    raise RegistryError(f"the registry refused the push of {ref}: {shown(chunk['error'].strip())}",
+                                        hint=hint, exit_code=RegistryError.PUSH_REFUSED)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise RegistryError(f"pushing {ref} failed: {_short(exc)}", hint=hint,
+                                exit_code=RegistryError.PUSH_REFUSED) from exc
+        finally:
+            self.untag(ref)
+
+    def pull_or_fail(self, ref: str) -> str:
+        """Pull `ref`; a RegistryError says why it could not be (9: no answer, 20: no such tag)."""
+        try:
+            self.client.api.pull(ref)
+        except docker.errors.NotFound as exc:
+            raise RegistryError(f"the registry has no {ref}", hint="check --registry and the tag",
+                                exit_code=RegistryError.NOT_THERE) from exc
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise RegistryError(f"pulling {ref} failed: {_short(exc)}", hint="check --registry and that the registry "
+                                "runs") from exc
+        return self.image(ref)["Id"]
+
+    def retag(self, source: str, target: str) -> None:
+        repository, _, tag = target.rpartition(":")
+        try:
+            self.client.api.tag(source, repository, tag)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot tag {source} as {target}: {_short(exc)}", hint=ENGINE_HINT) from exc
+
+    def untag(self, ref: str) -> None:
+        """Remove the name `ref`, never an image another name still holds."""
+        try:
+            self.client.api.remove_image(ref, noprune=False)
+        except (docker.errors.APIError, requests.RequestException):
+            pass  # not there, or the image's only name and in use: left as it is
+
+    def require_shared_files(self) -> None:
+        """A build bind-mounts this machine's cache into its containers: the engine must run here."""
+        scheme, _, rest = self.where.partition("://")
+        host = rest.rsplit("@", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        if scheme in ("unix", "npipe", "") or host in ("127.0.0.1", "localhost", "::1"):
+            return
+        raise InputError(f"DOCKER_HOST {shown(self.where)} is an engine on another machine: a build bind-mounts "
+                         "this machine's cache (downloads, kernel trees, its work directory) into its containers, "
+                         "which that engine cannot see. Nothing was started",
+                         hint="run cudabuild on that machine, unset DOCKER_HOST, or build there with cudabuild "
+                              "matrix --backend swarm (each node runs cudabuild beside its own engine)")
+
     def tagged(self, label: str) -> list[str]:
         """The tags of the images carrying `label` (key or key=value)."""
         try:
@@ -201,7 +256,8 @@ class Engine:
         With `keep` a container whose block failed is left for debugging, and its name is
         reported. It runs with no capabilities and cannot gain privileges (setuid programs)."""
         name = f"{name_prefix}-{secrets.token_hex(4)}"
-        owner = {f"{LABEL_PREFIX}.pid": str(os.getpid()), f"{LABEL_PREFIX}.host": socket.gethostname(),
+        owner = {f"{LABEL_PREFIX}.pid": str(os.getpid()), f"{LABEL_PREFIX}.pidns": str(pid_namespace()),
+                 f"{LABEL_PREFIX}.host": socket.gethostname(),
                  f"{LABEL_PREFIX}.kept": "1" if keep else "0"}
         volumes = {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts}
         try:
@@ -246,7 +302,8 @@ class Engine:
             labels = c.labels
             if labels.get(f"{LABEL_PREFIX}.host") != host or not labels.get(f"{LABEL_PREFIX}.pid", "").isdigit():
                 continue
-            if pid_alive(int(labels[f"{LABEL_PREFIX}.pid"])):
+            namespace = labels.get(f"{LABEL_PREFIX}.pidns", "")
+            if pid_alive(int(labels[f"{LABEL_PREFIX}.pid"]), int(namespace) if namespace.isdigit() else None):
                 alive += 1
                 continue
             if labels.get(f"{LABEL_PREFIX}.kept") == "1":

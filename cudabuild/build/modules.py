@@ -22,14 +22,16 @@ from pathlib import Path
 
 import cudabuild
 from cudabuild import artifact
-from cudabuild.artifact import MODULES_REPOSITORY, Artifact, Manifest, ModuleEntry, describe_userspace, image_tag
-from cudabuild.build.builder import builder_user, ensure_builder, plan_builder, run_build
+from cudabuild.artifact import (MODULES_REPOSITORY, Artifact, Manifest, ModuleEntry, describe_userspace, image_tag,
+                                read_labels)
+from cudabuild.build.builder import builder_scripts, builder_user, ensure_builder, plan_builder, run_build
 from cudabuild.build.cache import Cache, default_cache_dir, key_of
 from cudabuild.build.engine import Engine, Mount
 from cudabuild.build.fetch import Fetcher
 from cudabuild.build.publish import check_output, publish_image, write_output
 from cudabuild.build.spec import BuildSpec
-from cudabuild.errors import ArtifactError, InputError
+from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError
+from cudabuild.fleet.registry import Registry, headers_files, unpack_image
 from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
                                validate_release)
 from cudabuild.sources.debian import DebianArchive, Package
@@ -79,6 +81,9 @@ class ModulesResult:
     output_dir: Path | None
     steps: list = field(default_factory=list)
     boot_tested: bool = False  # whether this run booted the modules (the manifest keeps the result)
+    origin: str = "built"  # cached | pulled | built
+    registry_ref: str | None = None  # where the registry keeps it, with --registry
+    pushed: bool = False  # whether this run pushed it there
 
     @property
     def manifest(self) -> Manifest:
@@ -91,6 +96,8 @@ class ModulesResult:
             "driver_version": m.driver_version,
             "flavor": m.flavor,
             "cache_hit": self.cache_hit,
+            "origin": self.origin,
+            "registry": {"ref": self.registry_ref, "pushed": self.pushed} if self.registry_ref else None,
             "modules_image": self.modules_image,
             "output_dir": str(self.output_dir) if self.output_dir else None,
             "cache_dir": str(self.artifact.root),
@@ -160,16 +167,38 @@ def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> Dr
 
 
 # ---- the whole ---------------------------------------------------------------------------------
-def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
-                  engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
-    output = check_output(options.output, force=options.force) if options.output else None
+@dataclass
+class ModulesPlan:
+    """A build resolved on the host, before anything is built: what it is (the spec and its key),
+    where its sources come from, and the names of its results."""
+
+    options: BuildOptions
+    spec: BuildSpec
+    key: str
+    tag: str  # the local modules image, cudabuild/modules:DRIVER[-FLAVOR]-RELEASE
+    kernel: KernelPlan
+    driver: DriverPlan
+    builder: object  # BuilderImage
+    cache: Cache
+    fetcher: Fetcher
+    archive: DebianArchive
+    engine: Engine
+
+    @property
+    def inputs(self) -> list[str]:
+        """The sha256 of every downloaded input."""
+        found = [p.sha256 for p in self.kernel.downloads + self.driver.downloads]
+        return found + ([self.driver.run.sha256] if self.driver.run is not None else [])
+
+
+def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
+                 engine_factory: Callable[[], Engine] | None = None) -> ModulesPlan:
+    """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing."""
     cache = Cache(default_cache_dir(env))
     fetcher = Fetcher(reporter=reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution,
                             refresh=options.refresh_index)
-
-    # ---- resolve ---------------------------------------------------------------------------
     if options.kernel is None:
         release = validate_release(platform.release(), what="this host's kernel release")
         reporter.note(f"kernel: {release} (this host's `uname -r`; pass --kernel to build for another)")
@@ -211,26 +240,55 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
     spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                      kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
                      modules=tuple(expected_modules(driver.version)))
-    key = key_of(spec.canonical())
-    tag = image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release)
+    return ModulesPlan(options=options, spec=spec, key=key_of(spec.canonical()),
+                       tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release), kernel=kernel,
+                       driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine)
 
-    # ---- the cache -------------------------------------------------------------------------
-    cache_hit = False
-    if options.use_cache and cache.result(key):
-        cache_hit = True
-    else:
+
+def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
+                  engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
+    output = check_output(options.output, force=options.force) if options.output else None
+    plan = plan_modules(options, env=env, reporter=reporter, engine_factory=engine_factory)
+    cache, key, tag, engine = plan.cache, plan.key, plan.tag, plan.engine
+    registry = Registry(options.registry) if options.registry else None
+    remote = registry.ref(tag) if registry else None
+    in_registry: bool | None = None  # whether the registry has this key (None: not asked)
+    registry_down: RegistryError | None = None
+
+    # ---- the cache, then the registry, then a build ------------------------------------------
+    origin = "cached" if options.use_cache and cache.result(key) else None
+    if origin is None:
         lock = cache.acquire(key, on_wait=lambda: reporter.note(
             "another cudabuild is building the same modules; waiting for it"))
         try:
             if options.use_cache and cache.result(key):  # it may have finished meanwhile
-                cache_hit = True
+                origin = "cached"
             else:
-                _build(spec, key, kernel=kernel, driver=driver, cache=cache, engine=engine, fetcher=fetcher,
-                       builder=builder, options=options, reporter=reporter, archive=archive)
+                if registry is not None and options.use_cache:
+                    try:
+                        in_registry = _registry_has(registry, remote, key, reporter)
+                    except RegistryError as exc:
+                        registry_down = exc
+                        reporter.warn(f"{exc.message}; {'nothing is pulled' if options.no_build else 'building here'}")
+                    if in_registry:
+                        _pull(plan, remote, reporter=reporter)
+                        origin = "pulled"
+                if origin is None and options.no_build:
+                    where = f"the cache ({cache.root})" + (f" nor the registry ({remote})" if registry else "")
+                    raise RegistryError(f"--no-build: neither {where} has NVIDIA {plan.spec.driver_version} "
+                                        f"{plan.spec.flavor} for {plan.spec.kernel_release}"
+                                        if registry else f"--no-build: {where} has no NVIDIA "
+                                        f"{plan.spec.driver_version} {plan.spec.flavor} for "
+                                        f"{plan.spec.kernel_release}",
+                                        hint="build it somewhere with cudabuild modules --registry REPO, or drop "
+                                             "--no-build", exit_code=RegistryError.NOT_THERE)
+                if origin is None:
+                    _build(plan, reporter=reporter)
+                    origin = "built"
         finally:
             lock.release()
     result_dir = cache.result_dir(key)
-    if cache_hit:
+    if origin == "cached":
         reporter.cached("build modules", f"cached result {result_dir}")
     try:
         checked = artifact.load(result_dir)
@@ -241,9 +299,9 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
     if checked.manifest.key != key:
         raise ArtifactError(f"{result_dir} holds the result of another build (key {checked.manifest.key[:16]}...)",
                             hint=f"remove it (rm -rf {result_dir}) or build again with --no-cache")
-    if cache_hit and options.boot_test:  # a fresh build was boot-tested before it was published
+    if origin != "built" and options.boot_test:  # a fresh build was boot-tested before it was published
         with cache.lock(key):
-            checked = _boot_test(checked, options=options, archive=archive, cache=cache, fetcher=fetcher,
+            checked = _boot_test(checked, options=options, archive=plan.archive, cache=cache, fetcher=plan.fetcher,
                                  reporter=reporter)
 
     # ---- publish ---------------------------------------------------------------------------
@@ -251,8 +309,89 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
     if output:
         write_output(checked, output, cache=cache)
         reporter.note(f"copied the modules, userspace and manifest to {output}")
-    return ModulesResult(cache_hit=cache_hit, artifact=checked, modules_image=tag, output_dir=output,
-                         steps=list(reporter.steps), boot_tested=options.boot_test)
+    pushed = False
+    if registry is not None:
+        kept = f"the modules are kept here: {result_dir} and the image {tag}"
+        try:
+            if registry_down is not None:
+                raise registry_down
+            if in_registry is None:
+                in_registry = _registry_has(registry, remote, key, reporter)
+            if not in_registry:
+                with reporter.step(f"push {remote}"):
+                    engine.push(tag, remote)
+                pushed = True
+        except RegistryError as exc:
+            exc.message = f"{exc.message}; {kept}"
+            exc.args = (exc.message,)
+            raise
+    return ModulesResult(cache_hit=origin == "cached", origin=origin, artifact=checked, modules_image=tag,
+                         output_dir=output, steps=list(reporter.steps), boot_tested=options.boot_test,
+                         registry_ref=remote, pushed=pushed)
+
+
+def _registry_has(registry: Registry, remote: str, key: str, reporter: Reporter) -> bool:
+    """Whether the registry holds `remote` with the same cache key."""
+    labels = read_labels(registry.labels(remote), remote)
+    if labels is None:
+        return False
+    if labels.key != key:
+        reporter.note(f"{remote} in the registry is another build (key {labels.key[:16]}..., ours {key[:16]}...)")
+        return False
+    return True
+
+
+def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
+    """The registry's modules image into the cache, verified on this host as a build would be:
+    every file's digest against its manifest, the key, vermagic, version and symbol CRCs against
+    this kernel's Module.symvers. A refusal leaves nothing in the cache."""
+    spec, cache = plan.spec, plan.cache
+    work = cache.workdir(f"pull-{plan.key[:12]}")
+    try:
+        with reporter.step(f"pull {remote} (the registry has this build)"):
+            plan.engine.pull_or_fail(remote)
+            saved = work / "image.tar"
+            with open(saved, "wb") as out:
+                for chunk in plan.engine.save(remote):
+                    out.write(chunk)
+            unpack_image(saved, work / "out")
+            saved.unlink()
+        with reporter.step("verify pulled modules (digests, vermagic, version, symbol CRCs)"):
+            try:
+                made = artifact.load(work / "out")
+                m = made.manifest
+                if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
+                                                                              spec.driver_version, spec.flavor):
+                    raise VerifyError(f"its manifest describes another build (key {m.key[:16]}..., "
+                                      f"{m.driver_version} {m.flavor} for {m.kernel_release})")
+                symvers, config = _kernel_files(plan, work)
+                modversions = config_enabled(config, "CONFIG_MODVERSIONS")
+                verify_modules(work / "out" / "modules", release=spec.kernel_release,
+                               driver_version=spec.driver_version, expected=list(spec.modules),
+                               symvers=symvers if modversions else None, modversions=modversions)
+            except (ArtifactError, VerifyError) as exc:
+                raise VerifyError(f"refused the registry's {remote}: {exc.message}",
+                                  hint=f"nothing was put in the cache; build and push it again: cudabuild modules "
+                                       f"--kernel {spec.kernel_release} --driver {spec.driver_version} --no-cache "
+                                       "--registry REPO") from exc
+        cache.publish(work / "out", plan.key)
+        plan.engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        plan.engine.untag(remote)
+
+
+def _kernel_files(plan: ModulesPlan, work: Path) -> tuple[Path | None, Path]:
+    """The kernel's Module.symvers and .config on this host: given (git), in the cache's unpacked
+    tree, or read from Debian's linux-headers-RELEASE package without a container."""
+    kernel = plan.kernel
+    if kernel.config is not None and kernel.config.is_file():
+        return kernel.symvers, kernel.config
+    release = plan.spec.kernel_release
+    headers = next(p for p in kernel.downloads if p.name == f"linux-headers-{release}")
+    deb = plan.fetcher.fetch(headers.url, store=plan.cache.downloads, sha256=headers.sha256, size=headers.size,
+                             label=headers.filename.rsplit("/", 1)[-1])
+    return headers_files(deb, release, work)
 
 
 def _boot_test(checked: Artifact, *, options: BuildOptions, archive: DebianArchive, cache: Cache, fetcher: Fetcher,
@@ -322,8 +461,10 @@ def _give_back(tree: Path) -> None:
         os.lchown(path, os.getuid(), os.getgid())
 
 
-def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan, cache: Cache, engine: Engine,
-           fetcher: Fetcher, builder, options: BuildOptions, reporter: Reporter, archive: DebianArchive) -> None:
+def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
+    spec, key, kernel, driver, cache, engine = plan.spec, plan.key, plan.kernel, plan.driver, plan.cache, plan.engine
+    fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
+    engine.require_shared_files()
     cache.check_space()
     reaped, _ = engine.reap_builders()
     if reaped:
@@ -346,9 +487,11 @@ def _build(spec: BuildSpec, key: str, *, kernel: KernelPlan, driver: DriverPlan,
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     log_path = cache.logs / f"{key[:16]}-{stamp}.log"
     inputs = Mount(str(cache.downloads), INPUTS)
+    scripts = builder_scripts(cache)
 
     def container(script: str, environment: dict, mounts: list[Mount], network: str = "none") -> None:
         run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose, log_path=log_path,
+                  scripts=scripts,
                   keep=options.keep_builder, script=script, mounts=mounts, network=network, environment=environment)
 
     prepare_mounts = [inputs]

@@ -31,6 +31,15 @@ def removes_the_images_it_makes():
                 pass
 
 
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real registry (Debian's docker-registry) on 127.0.0.1, its own per test module."""
+    from tests.registry import LocalRegistry
+
+    with LocalRegistry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def fresh_cache(tmp_path_factory) -> Path:
     """A new cache for this run: results must be built, not found. Downloaded packages (checked

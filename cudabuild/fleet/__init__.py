@@ -1,0 +1,1 @@
+"""Fleets: an OCI registry as the shared cache, and kernel x driver matrices."""

@@ -1,0 +1,272 @@
+"""`cudabuild matrix`: every kernel x driver (x flavor) cell, planned here, run by a backend.
+
+Each cell is planned on this machine first, as `cudabuild modules` would (its sources, its cache
+key, its image tag), so that a cell the registry already holds with the same key is reported and
+never scheduled, and a cell that cannot even be planned (an unknown kernel, a driver too old for
+open modules) fails alone. The others become BuildJobs that the chosen backend runs; a failed cell
+never stops the others."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import cudabuild
+from cudabuild.build import backends
+from cudabuild.build.backends import Outcome
+from cudabuild.build.cache import Cache, default_cache_dir
+from cudabuild.build.job import BuildJob
+from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
+from cudabuild.options import ENVIRONMENT, FLAVORS, BuildOptions, validate_driver, validate_release
+from cudabuild.ui import Reporter
+
+BACKENDS = ("local", "swarm", "kubernetes")
+TOOL_REPOSITORY = "cudabuild/cudabuild"  # cudabuild's own image (scripts/tool-image makes it from the wheel)
+DEBIAN_ALL = re.compile(r"debian:([a-z]+)")
+
+
+def split_list(value: str, what: str) -> list[str]:
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if not items:
+        raise InputError(f"{what} {shown(value)} names nothing", hint=f"pass a comma-separated list, e.g. {what} "
+                         + ("6.1.0-56-amd64,6.1.0-47-amd64" if what == "--kernels" else "535,470"))
+    return list(dict.fromkeys(items))
+
+
+def expand_kernels(value: str, archive_for: Callable[[str], object]) -> list[str]:
+    """Explicit releases, or debian:CODENAME for every linux-headers-*-amd64 ABI Debian has."""
+    kernels: list[str] = []
+    for item in split_list(value, "--kernels"):
+        every = DEBIAN_ALL.fullmatch(item)
+        if every:
+            found = [r for r in archive_for(every.group(1)).kernel_releases()
+                     if r.endswith("-amd64") and r.count("-") == 2]
+            if not found:
+                raise InputError(f"Debian {every.group(1)} lists no linux-headers-*-amd64 packages",
+                                 hint="check the code name, or name the releases")
+            kernels += found
+        else:
+            kernels.append(validate_release(item))
+    return list(dict.fromkeys(kernels))
+
+
+@dataclass
+class MatrixRequest:
+    kernels: list[str]
+    drivers: list[str]
+    flavors: list[str]
+    backend: str = "local"
+    parallel: int | None = None
+    image: str | None = None  # cudabuild's image for swarm and kubernetes
+    node_cache: str | None = None
+    node_socket: str = "/var/run/docker.sock"
+    timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for driver in self.drivers:
+            validate_driver(driver)
+        for flavor in self.flavors:
+            if flavor not in FLAVORS:
+                raise InputError(f"--flavors: {shown(flavor)} is not a flavor", hint=f"choose from {', '.join(FLAVORS)}")
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend {shown(self.backend)} is not supported", hint=f"choose one of {BACKENDS}")
+        if self.parallel is not None and not 1 <= self.parallel <= 64:
+            raise InputError(f"--parallel {self.parallel} is out of range", hint="pass 1 to 64")
+        if self.node_cache is not None and not self.node_cache.startswith("/"):
+            raise InputError(f"--node-cache {shown(self.node_cache)} is not an absolute path",
+                             hint="pass the cache directory's path on the nodes, e.g. /var/cache/cudabuild")
+
+
+@dataclass
+class MatrixResult:
+    backend: str
+    registry: str | None
+    outcomes: list[Outcome] = field(default_factory=list)
+    manifests: list[dict] = field(default_factory=list)  # kubernetes: the Jobs
+    logs: str | None = None
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.state == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return MATRIX_FAILED if self.failed else 0
+
+    def as_json(self) -> dict:
+        cells = []
+        for o in self.outcomes:
+            result = o.result or {}
+            cells.append({"kernel": o.job.kernel, "driver": o.job.driver, "flavor": o.job.flavor, "state": o.state,
+                          "seconds": round(o.seconds, 1), "key": o.job.key,
+                          "driver_version": result.get("driver_version") or o.job.driver_version,
+                          "modules_image": result.get("modules_image") or o.job.tag,
+                          "registry_ref": o.job.registry_ref, "error": o.error, "log_tail": o.log_tail,
+                          "log": o.log_path})
+        return {"backend": self.backend, "registry": self.registry, "cells": cells,
+                "failed": len(self.failed), "logs": self.logs,
+                **({"jobs": self.manifests} if self.backend == "kubernetes" else {})}
+
+
+def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: list[str],
+               local_files: list[tuple[str, str]], env: Mapping[str, str], reporter: Reporter,
+               engine_factory) -> MatrixResult:
+    from cudabuild.build.modules import _registry_has, plan_modules
+    from cudabuild.fleet.registry import Registry
+    from cudabuild.sources.debian import DebianArchive
+
+    cache = Cache(default_cache_dir(env))
+    registry = Registry(options.registry) if options.registry else None
+    if request.backend != "local" and local_files:
+        named = ", ".join(f"{flag} {path}" for flag, path in local_files)
+        raise InputError(f"--backend {request.backend} runs each build on a node, which cannot read this machine's "
+                         f"files ({named})", hint="pass URLs (--installer https://...), or use --backend local")
+    if request.backend == "swarm" and registry is None:
+        raise InputError("--backend swarm needs --registry: each job pushes its result there, and cudabuild's "
+                         "own image comes from there", hint="pass --registry HOST[:PORT]/PATH (or set "
+                         "CUDABUILD_REGISTRY)")
+
+    def archive_for(codename: str) -> DebianArchive:
+        from cudabuild.build.fetch import Fetcher
+
+        return DebianArchive(cache=cache, fetcher=Fetcher(reporter=reporter), reporter=reporter,
+                             mirror=options.apt_mirror, security_mirror=options.apt_security_mirror,
+                             distribution=codename, refresh=options.refresh_index)
+
+    engine = engine_factory()
+    if request.backend == "swarm":
+        backends.swarm_manager(engine.client)  # before anything is planned
+    kernels = expand_kernels(",".join(request.kernels), archive_for)
+    cells = [(k, d, f) for k in kernels for d in request.drivers for f in request.flavors]
+    reporter.note(f"matrix: {len(kernels)} kernel(s) x {len(request.drivers)} driver(s) x "
+                  f"{len(request.flavors)} flavor(s) = {len(cells)} cell(s), backend {request.backend}")
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    logs = cache.logs / f"matrix-{run_id}"
+    logs.mkdir(parents=True, exist_ok=True)
+    result = MatrixResult(backend=request.backend, registry=options.registry, logs=str(logs))
+    passed_env = {variable: env[variable] for variable in ENVIRONMENT.values() if env.get(variable)}
+    if registry is not None:
+        passed_env["CUDABUILD_REGISTRY"] = registry.repo
+
+    # ---- plan every cell here; the registry's cells are done -------------------------------------
+    jobs: list[BuildJob] = []
+    done: dict[tuple, Outcome] = {}
+    with reporter.step(f"plan {len(cells)} cell(s)" + (f", ask {registry.host} for each" if registry else "")):
+        for kernel, driver, flavor in cells:
+            job = BuildJob(kernel=kernel, driver=driver, flavor=flavor, argv=())
+            try:
+                cell_options = dataclasses.replace(options, kernel=kernel, driver=driver, flavor=flavor, output=None,
+                                                   force=False)
+                plan = plan_modules(cell_options, env=env, reporter=Reporter(quiet=True),
+                                    engine_factory=lambda: engine)
+            except CudabuildError as exc:
+                done[(kernel, driver, flavor)] = Outcome(job, "failed", error=f"could not be planned: {exc.message}",
+                                                         log_tail=[f"fix: {exc.hint}"] if exc.hint else [])
+                continue
+            remote = registry.ref(plan.tag) if registry else None
+            argv = ("modules", "--kernel", kernel, "--driver", plan.spec.driver_version, "--flavor", flavor,
+                    *common_argv, "--json")
+            job = dataclasses.replace(job, argv=argv, environment=passed_env, key=plan.key, tag=plan.tag,
+                                      driver_version=plan.spec.driver_version,
+                                      registry_ref=remote, inputs=tuple(plan.inputs),
+                                      kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
+            if registry is not None and options.use_cache and _registry_has(registry, remote, plan.key, reporter):
+                done[(kernel, driver, flavor)] = Outcome(job, "in-registry")
+                continue
+            jobs.append(job)
+    for outcome in done.values():
+        _say(reporter, outcome.job, outcome.state, outcome.error or (outcome.job.registry_ref or ""))
+
+    def on_state(job: BuildJob, state: str, detail: str) -> None:
+        _say(reporter, job, state, detail)
+
+    outcomes: list[Outcome] = []
+    if request.backend == "kubernetes":
+        image = request.image or _tool_image_ref(registry)
+        result.manifests = backends.kubernetes_jobs(jobs, image=image,
+                                                    cache=request.node_cache or "/var/cache/cudabuild",
+                                                    socket=request.node_socket)
+        outcomes = [Outcome(job, "printed") for job in jobs]
+    elif jobs and request.backend == "local":
+        engine.require_shared_files()
+        outcomes = backends.run_local(jobs, parallel=request.parallel or 1, logs=logs, env=env,
+                                      on_state=lambda j, s, d: None if s == "queued" else on_state(j, s, d))
+        for outcome in outcomes:
+            on_state(outcome.job, outcome.state, _detail(outcome))
+    elif jobs and request.backend == "swarm":
+        image = _ensure_tool_image(engine, registry, request.image, reporter)
+        paths = (request.node_cache,) if request.node_cache else backends.cache_paths(cache.root)
+        place = backends.SwarmPlace(image=image, socket=request.node_socket, cache_paths=paths, cache=paths[0])
+        outcomes = backends.run_swarm(engine.client, jobs, place=place, parallel=request.parallel or len(jobs),
+                                      logs=logs, run_id=run_id, timeout=request.timeout,
+                                      on_state=lambda j, s, d: None if s == "queued" else on_state(j, s, d))
+        for outcome in outcomes:
+            on_state(outcome.job, outcome.state, _detail(outcome))
+    by_cell = {(o.job.kernel, o.job.driver, o.job.flavor): o for o in outcomes}
+    by_cell.update(done)
+    result.outcomes = [by_cell[c] for c in cells if c in by_cell]
+    return result
+
+
+def _detail(outcome: Outcome) -> str:
+    if outcome.state == "failed":
+        return outcome.error or ""
+    return f"{format(outcome.seconds, '.0f')} s"
+
+
+def _say(reporter: Reporter, job: BuildJob, state: str, detail: str) -> None:
+    reporter.note(f"{job.cell}: {state}" + (f" ({detail})" if detail else ""))
+
+
+def _tool_image_ref(registry) -> str:
+    version = cudabuild.__version__
+    return f"{registry.repo}/cudabuild:{version}" if registry else f"{TOOL_REPOSITORY}:{version}"
+
+
+def _ensure_tool_image(engine, registry, image: str | None, reporter: Reporter) -> str:
+    """cudabuild's own image in the registry, where every node pulls it from: pushed from this
+    engine when the registry lacks it; made from the wheel by scripts/tool-image."""
+    if image is not None:
+        return image
+    ref = _tool_image_ref(registry)
+    if registry.labels(ref) is not None:
+        return ref
+    local = f"{TOOL_REPOSITORY}:{cudabuild.__version__}"
+    if engine.image_id(local) is None:
+        raise RegistryError(f"cudabuild's own image is neither in the registry ({ref}) nor in this engine ({local})",
+                            hint="make it from the wheel: bash scripts/tool-image (in cudabuild's checkout), "
+                                 "then run this again; or pass --image", exit_code=RegistryError.NOT_THERE)
+    with reporter.step(f"push cudabuild's image {ref}"):
+        engine.push(local, ref)
+    return ref
+
+
+def summary_lines(result: MatrixResult) -> list[str]:
+    """The table people read: one row per cell, then each failure with its log's last lines."""
+    rows = [("KERNEL", "DRIVER", "FLAVOR", "STATE", "TIME", "WHERE")]
+    for o in result.outcomes:
+        where = (o.job.registry_ref or o.job.tag or "") if o.state != "failed" else (o.error or "")[:90]
+        rows.append((o.job.kernel, o.job.driver_version or o.job.driver, o.job.flavor, o.state,
+                     f"{o.seconds:.0f}s" if o.seconds else "-", where))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows]
+    for o in result.failed:
+        lines.append("")
+        lines.append(f"failed: {o.job.cell}: {o.error}")
+        compiler = [line for line in o.log_tail if re.search(r"\berror:", line) and not line.startswith("error:")]
+        for line in (compiler[:6] or o.log_tail[-8:]):
+            lines.append(f"    {line}")
+        if o.log_path:
+            lines.append(f"    whole log: {o.log_path}")
+    return lines
+
+
+def parse_request(*, kernels: str, drivers: str, flavors: str | None, flavor: str, **rest) -> MatrixRequest:
+    return MatrixRequest(kernels=split_list(kernels, "--kernels"), drivers=split_list(drivers, "--drivers"),
+                         flavors=split_list(flavors, "--flavors") if flavors else [flavor], **rest)
+
+

@@ -1,0 +1,171 @@
+"""The registry as the fleet's shared cache, with a real registry (Debian's docker-registry) and the
+run's real build: pushed once, pulled by a node with an empty cache instead of compiled, verified
+again there; a tampered image is refused; a registry that is down or refuses loses nothing."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.helpers import STANDINS, run_cli
+from tests.registry import LocalRegistry
+
+pytestmark = [pytest.mark.engine, pytest.mark.build]
+
+
+@pytest.fixture(scope="module")
+def pushed(build, registry):
+    """The run's build, pushed by the same command with --registry."""
+    data, _, cache, _ = build
+    result = run_cli("modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"],
+                     "--registry", registry.repo(), "--json", env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def empty_cache(tmp_path: Path) -> Path:
+    """A node's new cache; downloads (checked by sha256) are shared to spare the mirror."""
+    cache = tmp_path / "node-cache"
+    cache.mkdir()
+    (cache / "downloads").symlink_to(STANDINS / "downloads", target_is_directory=True)
+    return cache
+
+
+def args_of(data: dict, repo: str) -> list[str]:
+    return ["modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"], "--registry", repo,
+            "--json"]
+
+
+def test_a_build_with_registry_pushes_its_modules_image(build, registry, pushed):
+    data = build[0]
+    assert pushed["registry"] == {"ref": f"{registry.repo()}/modules:{data['modules_image'].split(':', 1)[1]}",
+                                  "pushed": True}
+    labels = registry.labels(pushed["registry"]["ref"])
+    manifest = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())
+    assert labels["io.cudabuild.key"] == manifest["key"]
+    assert labels["io.cudabuild.kernel-release"] == data["kernel_release"]
+
+
+def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, pushed, tmp_path):
+    data = build[0]
+    client = docker.from_env()
+    client.images.remove(data["modules_image"], force=True)
+    cache = empty_cache(tmp_path)
+    started_ns, since = time.time_ns(), int(time.time()) - 1
+    began = time.monotonic()
+    result = run_cli(*args_of(data, registry.repo()), env={"CUDABUILD_CACHE": str(cache)})
+    seconds = time.monotonic() - began
+    until = int(time.time()) + 1
+    assert result.returncode == 0, result.stderr
+    pulled = json.loads(result.stdout)
+    assert pulled["origin"] == "pulled" and pulled["registry"]["pushed"] is False
+    created = [e for e in client.events(since=since, until=until, decode=True,
+                                        filters={"type": "container", "event": "create"})
+               if e["timeNano"] >= started_ns]
+    assert created == [], "a pull starts no builder container"
+    cold = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())["build_seconds"]
+    assert seconds < cold / 3, f"the pull took {seconds:.0f} s, the cold build {cold:.0f} s"
+    assert any(s["name"].startswith("verify pulled modules") and s["status"] == "done" for s in pulled["steps"])
+    assert [m["sha256"] for m in pulled["modules"]] == [m["sha256"] for m in data["modules"]]
+    # The same verification a build gets, once more by a user: inspect checks every digest.
+    inspected = run_cli("inspect", data["modules_image"], "--json", env={"CUDABUILD_CACHE": str(cache)})
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["kernel_release"] == data["kernel_release"]
+    # The registry's name is not left behind on this engine; the modules image is.
+    assert client.images.get(data["modules_image"]).labels["io.cudabuild.key"] == \
+        json.loads((Path(pulled["cache_dir"]) / "manifest.json").read_text())["key"]
+    assert not [t for i in client.images.list() for t in i.tags if t.startswith(registry.host)]
+
+
+def tampered_image(client, source: Path, tag: str, labels: dict, *, keep_manifest_true: bool) -> None:
+    """The build's files with nvidia.ko changed, under the same tag and the same labels (key
+    included): a byte of its vermagic altered, with or without the manifest updated to match."""
+    from cudabuild.digests import sha256_file
+
+    context = source.parent / f"tampered-{keep_manifest_true}"
+    shutil.copytree(source, context / "payload", symlinks=True, ignore=shutil.ignore_patterns("build.log"))
+    ko = context / "payload" / "modules" / "nvidia.ko"
+    ko.chmod(0o644)
+    blob = ko.read_bytes()
+    release = labels["io.cudabuild.kernel-release"].encode()
+    changed = release[:-1] + (b"X" if release[-1:] != b"X" else b"Y")
+    ko.write_bytes(blob.replace(b"vermagic=" + release, b"vermagic=" + changed, 1))
+    if keep_manifest_true:
+        manifest = json.loads((context / "payload" / "manifest.json").read_text())
+        for entry in manifest["modules"]:
+            if entry["file"] == "nvidia.ko":
+                entry["sha256"] = sha256_file(ko)
+        (context / "payload" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
+    client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
+
+
+@pytest.mark.parametrize("keep_manifest_true", [False, True], ids=["digest-mismatch", "manifest-rewritten"])
+def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(build, registry, pushed, tmp_path,
+                                                                            keep_manifest_true):
+    data = build[0]
+    client = docker.from_env()
+    original = client.images.get(data["modules_image"])
+    labels = {k: v for k, v in original.labels.items() if k.startswith("io.cudabuild.")}
+    repo = registry.repo(f"tampered-{int(keep_manifest_true)}")
+    ref = f"{repo}/modules:{data['modules_image'].split(':', 1)[1]}"
+    source = tmp_path / "source"
+    shutil.copytree(data["cache_dir"], source, symlinks=True)
+    tampered_image(client, source, ref, labels, keep_manifest_true=keep_manifest_true)
+    client.images.push(ref.rsplit(":", 1)[0], tag=ref.rsplit(":", 1)[1])
+    client.images.remove(ref, force=True)
+    assert registry.labels(ref)["io.cudabuild.key"] == labels["io.cudabuild.key"]
+
+    cache = empty_cache(tmp_path)
+    result = run_cli(*args_of(data, repo), env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 7, result.stderr
+    assert f"refused the registry's {ref}" in result.stderr
+    assert ("nvidia.ko" in result.stderr) and ("vermagic" in result.stderr or "sha256" in result.stderr
+                                                or "changed" in result.stderr)
+    assert list((cache / "results").iterdir()) == []
+    assert list((cache / "tmp").iterdir()) == []
+    assert not [t for i in client.images.list() for t in i.tags if t.startswith(registry.host)]
+
+
+def test_a_registry_that_does_not_answer_keeps_the_local_result(build, tmp_path):
+    data, _, cache, _ = build
+    result = run_cli(*args_of(data, "127.0.0.1:9/cudabuild"), env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 9, result.stderr
+    assert "the registry 127.0.0.1:9 does not answer" in result.stderr
+    assert "the modules are kept here" in result.stderr
+    assert docker.from_env().images.get(data["modules_image"])
+
+
+def test_a_refused_push_keeps_the_local_result(build, tmp_path):
+    data, _, cache, _ = build
+    with LocalRegistry(tmp_path / "readonly", read_only=True) as readonly:
+        result = run_cli(*args_of(data, readonly.repo()), env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 19, result.stderr
+    assert "refused the push" in result.stderr or "pushing" in result.stderr
+    assert "the modules are kept here" in result.stderr
+    assert (Path(data["cache_dir"]) / "manifest.json").is_file()
+
+
+def test_no_build_with_a_tag_the_registry_lacks_exits_20(build, registry, tmp_path):
+    data = build[0]
+    cache = empty_cache(tmp_path)
+    result = run_cli("modules", "--kernel", data["kernel_release"], "--driver", "470", "--registry",
+                     registry.repo("elsewhere"), "--no-build", env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 20, result.stderr
+    assert "--no-build: neither the cache" in result.stderr and "nor the registry" in result.stderr
+    assert list((cache / "results").iterdir()) == []
+
+
+def test_runtime_images_are_pushed_the_same_way(build, registry, pushed):
+    data, _, cache, _ = build
+    result = run_cli("image", "device-query", "--modules", data["modules_image"], "--registry", registry.repo(),
+                     "--json", env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    name, tag = report["registry_ref"].rsplit(":", 1)
+    assert name == f"{registry.repo()}/device-query"
+    assert tag in registry.tags("cudabuild/device-query")
+

@@ -1,0 +1,57 @@
+"""`cudabuild matrix` as a user meets it without building: Kubernetes Jobs that kubernetes-validate
+accepts (strict, 1.30), and the refusals that come before anything is scheduled."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import STANDINS, run_cli
+
+pytestmark = pytest.mark.engine
+
+# Planning reads Debian's package index; the stand-ins' cache already holds it.
+ENV = {"CUDABUILD_CACHE": str(STANDINS / "standin-cache")}
+
+
+@pytest.fixture
+def engine(docker_client):
+    return docker_client
+
+
+def test_kubernetes_backend_prints_one_valid_job_per_cell(engine, tmp_path):
+    result = run_cli("matrix", "--kernels", "6.1.0-56-amd64,6.1.0-47-amd64", "--drivers", "535", "--flavors",
+                     "proprietary,open", "--backend", "kubernetes", "--image", "registry.example/gpu/cudabuild:0.1.0",
+                     env=ENV)
+    assert result.returncode == 0, result.stderr
+    jobs = list(yaml.safe_load_all(result.stdout))
+    assert [j["kind"] for j in jobs] == ["Job"] * 4
+    assert len({j["metadata"]["name"] for j in jobs}) == 4
+    path = tmp_path / "jobs.yaml"
+    path.write_text(result.stdout)
+    validate = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "-k", "1.30.0", "--strict",
+                               "--quiet", str(path)], capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    args = jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:5] == ["modules", "--kernel", "6.1.0-56-amd64", "--driver", "535.309.01"]
+    assert "printed" in result.stderr  # the summary goes to stderr, the Jobs alone to stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--backend", "swarm"], 3, "--backend swarm needs --registry"),
+    (["--backend", "swarm", "--registry", "127.0.0.1:9/cudabuild"], 3, "needs an engine that is a Swarm manager"),
+    (["--kernel", "6.1.0-56-amd64"], 2, "matrix takes --kernels LIST"),
+    (["--flavors", "closed"], 3, "'closed' is not a flavor"),
+    (["--kernel-config", "./config", "--backend", "kubernetes"], 3, "cannot read this machine's files"),
+])
+def test_refusals_come_before_anything_is_scheduled(engine, tmp_path, args, code, message):
+    (tmp_path / "config").write_text("CONFIG_MODVERSIONS=y\n")
+    result = subprocess.run([str(Path(sys.executable).parent / "cudabuild"), "matrix", "--kernels", "6.1.0-56-amd64",
+                             "--drivers", "535", *args], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, **ENV})
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,177 @@
+"""The fleet's pieces without an engine: registry names, the BuildJob value and its command line,
+what backends make of a finished job, the Kubernetes Jobs (kubernetes-validate, strict, 1.30), the
+kernel list, and the refusals (a hostile saved image, a remote engine)."""
+
+import io
+import json
+import tarfile
+from types import SimpleNamespace
+
+import kubernetes_validate
+import pytest
+
+from cudabuild.build import backends
+from cudabuild.build.cache import pid_alive, pid_namespace
+from cudabuild.build.engine import Engine
+from cudabuild.build.job import BuildJob, command_line
+from cudabuild.cli import matrix as matrix_command
+from cudabuild.errors import InputError, VerifyError
+from cudabuild.fleet.matrix import MatrixRequest, MatrixResult, expand_kernels, summary_lines
+from cudabuild.fleet.registry import Registry, unpack_image
+from cudabuild.options import validate_registry
+
+JOB = BuildJob(kernel="6.1.0-56-amd64", driver="535", flavor="open", driver_version="535.261.03",
+               argv=("modules", "--kernel", "6.1.0-56-amd64", "--driver", "535.261.03", "--flavor", "open", "--json"),
+               environment={"CUDABUILD_REGISTRY": "127.0.0.1:5055/cudabuild"}, key="ab" * 32,
+               tag="cudabuild/modules:535.261.03-open-6.1.0-56-amd64")
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:5055/cudabuild", "registry.example/team/gpu", "localhost/x"])
+def test_registry_repositories_are_host_and_path(value):
+    assert validate_registry(value) == value
+
+
+@pytest.mark.parametrize("value", ["cudabuild", "127.0.0.1:5055/cudabuild:tag", "127.0.0.1:5055/CUDA",
+                                   "team/gpu", "127.0.0.1:5055/x@sha256:" + "0" * 64, ""])
+def test_other_values_are_refused_with_the_form_named(value):
+    with pytest.raises(InputError) as refused:
+        validate_registry(value)
+    assert "--registry" in refused.value.message and "HOST[:PORT]/PATH" in refused.value.hint
+
+
+def test_registry_names_and_transport():
+    local = Registry("127.0.0.1:5055/cudabuild")
+    assert local.ref("cudabuild/modules:535.309.01-6.1.0-56-amd64") == \
+        "127.0.0.1:5055/cudabuild/modules:535.309.01-6.1.0-56-amd64"
+    assert local.base_url == "http://127.0.0.1:5055"
+    assert Registry("registry.example/gpu").base_url == "https://registry.example"
+
+
+def test_the_command_line_of_a_job_repeats_only_the_flags_given():
+    flags = {p.name: None for p in matrix_command.params}
+    flags.update(apt_mirror="http://mirror.example/debian", no_cache=True, jobs=4, kernel_config="./config",
+                 verbose=False)
+    argv, files = command_line(matrix_command.params, flags, skip={"kernels"})
+    assert argv == ["--kernel-config", "./config", "--jobs", "4", "--no-cache", "--apt-mirror",
+                    "http://mirror.example/debian"]
+    assert files == [("--kernel-config", "./config")]
+
+
+def test_a_job_has_a_name_for_services_and_files():
+    assert JOB.name == "535-open-6-1-0-56-amd64"
+    assert JOB.cell == "6.1.0-56-amd64 x 535 (open)"
+
+
+def test_a_finished_job_becomes_its_outcome(tmp_path):
+    ok = backends.outcome_of(JOB, 0, json.dumps({"origin": "pulled", "driver_version": "535.261.03"}), "progress\n",
+                             seconds=3, log_path=tmp_path / "ok.log")
+    assert ok.state == "pulled" and ok.result["driver_version"] == "535.261.03"
+    stderr = ("==> make modules\nerror: the build failed in step 'make modules' (exit code 2)\n"
+              "--- last lines of the build log ---\n"
+              "nv-pci.c:223:9: error: too few arguments to function 'pci_resize_resource'\n---\n"
+              "whole log: /cache/logs/x.log\nfix: read the compiler's lines above\n")
+    failed = backends.outcome_of(JOB, 6, "", stderr, seconds=60, log_path=tmp_path / "failed.log",
+                                 reason="task: non-zero exit (6)")
+    assert failed.state == "failed"
+    assert failed.error == "the build failed in step 'make modules' (exit code 2)"
+    assert (tmp_path / "failed.log").read_text().startswith("==> make modules")
+    table = "\n".join(summary_lines(MatrixResult(backend="swarm", registry=None, outcomes=[ok, failed])))
+    assert "nv-pci.c:223:9: error: too few arguments to function 'pci_resize_resource'" in table
+    assert "535.261.03  open    pulled" in table
+    silent = backends.outcome_of(JOB, None, "", "", seconds=1, log_path=tmp_path / "gone.log",
+                                 reason="its node went away")
+    assert silent.error == "its node went away"
+
+
+def test_kubernetes_jobs_validate_strictly_against_1_30():
+    [job] = backends.kubernetes_jobs([JOB], image="127.0.0.1:5055/cudabuild/cudabuild:0.1.0",
+                                     cache="/var/cache/cudabuild")
+    kubernetes_validate.validate(job, "1.30.0", strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == list(JOB.argv)
+    assert {"name": "CUDABUILD_CACHE", "value": "/var/cache/cudabuild"} in container["env"]
+    volumes = {v["name"]: v["hostPath"] for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["path"] == "/var/cache/cudabuild"  # the same path on the node and inside
+    assert job["spec"]["backoffLimit"] == 0
+
+
+def test_debian_codename_expands_to_every_amd64_abi():
+    archive = SimpleNamespace(kernel_releases=lambda: ["6.1.0-56-amd64", "6.1.0-56-cloud-amd64", "6.1.0-55-amd64",
+                                                       "6.1.0-56-rt-amd64"])
+    assert expand_kernels("debian:bookworm,6.1.0-56-amd64,4.3.6-coreos", lambda codename: archive) == \
+        ["6.1.0-56-amd64", "6.1.0-55-amd64", "4.3.6-coreos"]
+    with pytest.raises(InputError, match="names nothing"):
+        expand_kernels(" , ", lambda codename: archive)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"drivers": ["53x"]}, "driver version"), ({"flavors": ["closed"]}, "not a flavor"),
+    ({"parallel": 0}, "--parallel 0"), ({"node_cache": "cache"}, "absolute path")])
+def test_matrix_requests_are_checked(kwargs, message):
+    values = {"kernels": ["6.1.0-56-amd64"], "drivers": ["535"], "flavors": ["proprietary"], **kwargs}
+    with pytest.raises(InputError, match=message):
+        MatrixRequest(**values)
+
+
+def saved_image(tmp_path, members: list[tuple[tarfile.TarInfo, bytes]]):
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    path = tmp_path / "saved.tar"
+    with tarfile.open(path, "w") as saved:
+        for name, data in (("manifest.json", json.dumps([{"Layers": ["layer.tar"]}]).encode()),
+                           ("layer.tar", layer.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            saved.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+@pytest.mark.parametrize("bad", [member("modules/../../etc/passwd"), member("userspace/lib/x", kind=tarfile.SYMTYPE,
+                                                                             link="/etc/shadow"),
+                                 member("modules/nvidia.ko", kind=tarfile.CHRTYPE)])
+def test_a_saved_image_with_hostile_members_is_refused(tmp_path, bad):
+    saved = saved_image(tmp_path, [member("manifest.json", b"{}"), bad])
+    with pytest.raises(VerifyError, match="never writes"):
+        unpack_image(saved, tmp_path / "out")
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_saved_image_keeps_only_the_artifacts_parts(tmp_path):
+    saved = saved_image(tmp_path, [member("manifest.json", b"{}"), member("modules/nvidia.ko", b"ELF"),
+                                   member("etc/motd", b"hello")])
+    unpack_image(saved, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "modules"]
+
+
+@pytest.mark.parametrize("where", ["tcp://build-host.example:2376", "ssh://me@build-host"])
+def test_a_remote_engine_is_refused_before_a_build(where):
+    with pytest.raises(InputError, match="another machine.*Nothing was started"):
+        Engine(client=None, where=where).require_shared_files()
+
+
+@pytest.mark.parametrize("where", ["unix:///var/run/docker.sock", "tcp://127.0.0.1:2375", "tcp://localhost:2375"])
+def test_a_local_engine_is_used(where):
+    Engine(client=None, where=where).require_shared_files()
+
+
+def test_owners_in_another_pid_namespace_are_never_reaped():
+    assert pid_alive(2**22 + 1, pid_namespace() + 1) is True  # a container's cudabuild: its pids are not ours
+    assert pid_alive(2**22 + 1, pid_namespace()) is False
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by their base name (no __init__.py): a second test_x.py in another
+    directory stops the whole collection, so CI would run nothing."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).resolve().parents[1].rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
