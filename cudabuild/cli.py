@@ -115,7 +115,7 @@ BUILD_FLAGS = [
                       "found there with the same key is pulled and verified on this host instead of compiled; "
                       "a result is pushed there as PATH/modules:TAG. Env: CUDABUILD_REGISTRY."),
     click.option("--no-build", "no_build", is_flag=True, default=None,
-                 help="Never compile: take the modules from the cache or the registry, or fail (exit 20)."),
+                 help="Never compile: take the modules from the cache or the registry, or fail (exit 21)."),
 ]
 
 
@@ -331,7 +331,7 @@ def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache,
     Every cell is planned here first (its sources and cache key). With --registry a cell the
     registry already holds with the same key is reported as in the registry and not built again;
     every cell built is pushed there. A cell that fails does not stop the others: the summary names
-    each failure with the last lines of its log, and the exit code is 21. Takes every build option
+    each failure with the last lines of its log, and the exit code is 22. Takes every build option
     of `cudabuild modules` (sources, mirrors, --flavor, ...).
 
     \b

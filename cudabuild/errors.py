@@ -81,7 +81,7 @@ class VerifyError(CudabuildError):
 
 
 class LoaderError(CudabuildError):
-    """The loader refused to load the driver (`cudabuild install`): its own exit codes 10-18 and
+    """The loader refused to load the driver (`cudabuild install`): its own exit codes 10-19 and
     message (no privilege, another kernel, nouveau, another version loaded, a module refused, ...)."""
 
     def __init__(self, message: str, *, exit_code: int, hint: str | None = None) -> None:
@@ -90,12 +90,12 @@ class LoaderError(CudabuildError):
 
 
 class RegistryError(CudabuildError):
-    """The registry cannot be reached (9), refused a push (19), or does not have what was asked
-    for (20)."""
+    """The registry cannot be reached (9), refused a push (20), or does not have what was asked
+    for (21)."""
 
     exit_code = 9
-    PUSH_REFUSED = 19
-    NOT_THERE = 20
+    PUSH_REFUSED = 20
+    NOT_THERE = 21
 
     def __init__(self, message: str, *, hint: str | None = None, exit_code: int | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -110,7 +110,7 @@ class CacheError(CudabuildError):
 
 
 EXIT_INTERRUPTED = 130
-MATRIX_FAILED = 21
+MATRIX_FAILED = 22
 
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
@@ -123,7 +123,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (VerifyError.exit_code, "built modules failed verification"),
     (CacheError.exit_code, "cache unusable (space, permissions, lock)"),
     (RegistryError.exit_code, "registry unreachable (a result built meanwhile is kept)"),
-    (10, "install: the loader's own refusals, 10-18 (see `cudabuild install --help`)"),
+    (10, "install: the loader's own refusals, 10-19 (see `cudabuild install --help`)"),
     (RegistryError.PUSH_REFUSED, "the registry refused a push (the local result is kept)"),
     (RegistryError.NOT_THERE, "the registry does not have the image asked for (--no-build, a cudabuild image)"),
     (MATRIX_FAILED, "matrix: one or more cells failed (each is named with its log's last lines)"),

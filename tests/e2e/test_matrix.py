@@ -78,7 +78,7 @@ def test_a_cell_that_cannot_build_fails_alone_with_the_compilers_line(build, swa
     data, _, cache, _ = build
     result, services = matrix(swarm, cache, registry, "--kernels", data["kernel_release"], "--drivers", "535",
                               "--flavors", "proprietary,open")
-    assert result.returncode == 21, result.stderr[-4000:]
+    assert result.returncode == 22, result.stderr[-4000:]
     assert len(services) == 1, "only the open cell is scheduled: the proprietary one is in the registry"
     rows = {tuple(line.split()[:4]) for line in result.stdout.splitlines()}
     assert (data["kernel_release"], data["driver_version"], "proprietary", "in-registry") in rows
@@ -91,7 +91,7 @@ def test_local_matrix_reports_each_cell_and_a_failure_does_not_stop_the_others(b
     data, _, cache, _ = build
     result = run_cli("matrix", "--kernels", f"{data['kernel_release']},6.1.0-999-amd64", "--drivers", "535",
                      "--parallel", "2", "--json", env={"CUDABUILD_CACHE": str(cache)})
-    assert result.returncode == 21, result.stderr[-3000:]
+    assert result.returncode == 22, result.stderr[-3000:]
     cells = json.loads(result.stdout)["cells"]
     assert [(c["kernel"], c["state"]) for c in cells] == [(data["kernel_release"], "cached"),
                                                            ("6.1.0-999-amd64", "failed")]

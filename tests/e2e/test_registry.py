@@ -143,18 +143,18 @@ def test_a_refused_push_keeps_the_local_result(build, tmp_path):
     data, _, cache, _ = build
     with LocalRegistry(tmp_path / "readonly", read_only=True) as readonly:
         result = run_cli(*args_of(data, readonly.repo()), env={"CUDABUILD_CACHE": str(cache)})
-    assert result.returncode == 19, result.stderr
+    assert result.returncode == 20, result.stderr
     assert "refused the push" in result.stderr or "pushing" in result.stderr
     assert "the modules are kept here" in result.stderr
     assert (Path(data["cache_dir"]) / "manifest.json").is_file()
 
 
-def test_no_build_with_a_tag_the_registry_lacks_exits_20(build, registry, tmp_path):
+def test_no_build_with_a_tag_the_registry_lacks_exits_21(build, registry, tmp_path):
     data = build[0]
     cache = empty_cache(tmp_path)
     result = run_cli("modules", "--kernel", data["kernel_release"], "--driver", "470", "--registry",
                      registry.repo("elsewhere"), "--no-build", env={"CUDABUILD_CACHE": str(cache)})
-    assert result.returncode == 20, result.stderr
+    assert result.returncode == 21, result.stderr
     assert "--no-build: neither the cache" in result.stderr and "nor the registry" in result.stderr
     assert list((cache / "results").iterdir()) == []
 
