@@ -45,11 +45,14 @@ _VERMAGIC_RE = re.compile(r"[A-Za-z0-9._+-]+(?: [A-Za-z0-9._+-]+)* ?")
 _DEPEND_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
 
-def image_tag(repository: str, driver_version: str, flavor: str, kernel_release: str) -> str:
-    """The tag of an image made from an artifact: REPOSITORY:DRIVER[-FLAVOR]-RELEASE, with the
-    release's '+' (not allowed in a tag) as '_'."""
+def image_tag(repository: str, driver_version: str, flavor: str, kernel_release: str,
+              cert_sha256: str | None = None) -> str:
+    """The tag of an image made from an artifact: REPOSITORY:DRIVER[-FLAVOR][-signed.CERT]-RELEASE
+    (CERT: the signing certificate's sha256, 12 digits), with the release's '+' (not allowed in a
+    tag) as '_'."""
     flavour = "" if flavor == "proprietary" else f"-{flavor}"
-    return f"{repository}:{driver_version}{flavour}-{kernel_release}".replace("+", "_")
+    signed = f"-signed.{cert_sha256[:12]}" if cert_sha256 else ""
+    return f"{repository}:{driver_version}{flavour}{signed}-{kernel_release}".replace("+", "_")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,18 @@ class Manifest:
     builder_image: dict = field(default_factory=dict)
     # What the real kernel said of these modules in a QEMU guest (cudabuild.boottest), when asked.
     boot_test: dict | None = None
+    # Signed builds: signer, key_id, cert_sha256, hash and the certificate (PEM) every module's
+    # signature is checked against. Never anything of the key.
+    signature: dict | None = None
+
+    @property
+    def certificate(self):
+        """The certificate a signed artifact's modules are checked against (None: unsigned)."""
+        if not self.signature:
+            return None
+        from cudabuild.signing import Certificate
+
+        return Certificate.from_bytes(self.signature["certificate"].encode(), "the manifest's certificate")
 
     @property
     def boot_summary(self) -> str | None:
@@ -136,7 +151,8 @@ class Manifest:
                 "modules": [m.to_json() for m in self.modules],
                 "userspace": [u.to_json() for u in self.userspace],
                 "builder_image": self.builder_image, "build_seconds": self.build_seconds,
-                **({"boot_test": self.boot_test} if self.boot_test is not None else {})}
+                **({"boot_test": self.boot_test} if self.boot_test is not None else {}),
+                **({"signature": self.signature} if self.signature is not None else {})}
 
     def write(self, directory: Path) -> None:
         tmp = directory / f".{MANIFEST}.partial"
@@ -156,6 +172,9 @@ class Manifest:
             f"{LABEL_PREFIX}.flavor": self.flavor,
             f"{LABEL_PREFIX}.modules": ",".join(f"{m.file}@sha256:{m.sha256}" for m in self.modules),
             **({f"{LABEL_PREFIX}.boot-test": self.boot_summary} if self.boot_test else {}),
+            **({f"{LABEL_PREFIX}.signer": self.signature["signer"],
+                f"{LABEL_PREFIX}.sig-key": self.signature["key_id"],
+                f"{LABEL_PREFIX}.cert-sha256": self.signature["cert_sha256"]} if self.signature else {}),
         }
 
     # ---- reading ---------------------------------------------------------------------------
@@ -201,7 +220,8 @@ class Manifest:
                    kernel_source=check.optional_mapping(data, "kernel_source"),
                    driver_source=check.optional_mapping(data, "driver_source"),
                    builder_image=check.optional_mapping(data, "builder_image"),
-                   boot_test=check.optional_mapping(data, "boot_test") or None)
+                   boot_test=check.optional_mapping(data, "boot_test") or None,
+                   signature=check.signature(data))
 
 
 class _Checker:
@@ -231,6 +251,29 @@ class _Checker:
         if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
             self.fail(f"{key} {shown(value)} is not valid")
         return value
+
+    def signature(self, data: dict) -> dict | None:
+        """A signed build's record: its fields well formed, its certificate a certificate whose
+        sha256 is the one recorded."""
+        value = data.get("signature")
+        if value is None:
+            return None
+        value = self.mapping(value, "signature")
+        for key in ("signer", "key_id", "hash", "certificate"):
+            self.text(value, key)
+        digest = self.text(value, "cert_sha256", SHA256_RE)
+        if len(value["certificate"]) > 64 * 1024:
+            self.fail("signature.certificate is too long to be a certificate")
+        from cudabuild.signing import Certificate
+
+        try:
+            cert = Certificate.from_bytes(value["certificate"].encode(), "signature.certificate")
+        except InputError:
+            self.fail("signature.certificate is not an X.509 certificate")
+        if cert.sha256 != digest:
+            self.fail(f"signature.cert_sha256 {digest[:16]}... is not the sha256 of its certificate "
+                      f"({cert.sha256[:16]}...)")
+        return {k: value[k] for k in ("signer", "key_id", "cert_sha256", "hash", "certificate")}
 
     def sequence(self, data: dict, key: str, *, limit: int) -> list:
         value = data.get(key)
@@ -417,9 +460,25 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
             if digest != files[path].sha256:
                 problems.append(f"{path.relative_to(root)} has sha256 {digest}, the manifest says "
                                 f"{files[path].sha256}")
+    if not problems and manifest.signature:
+        problems += check_signatures(artifact)
     if problems:
         _refuse(root, problems)
     return artifact
+
+
+def check_signatures(artifact: Artifact) -> list[str]:
+    """Each module's signature checked against the manifest's certificate, over its own bytes."""
+    from cudabuild.signing import verify_signature
+
+    certificate = artifact.manifest.certificate
+    problems = []
+    for m in artifact.manifest.modules:
+        try:
+            verify_signature(artifact.root / "modules" / m.file, certificate)
+        except VerifyError as exc:
+            problems.append(exc.message)
+    return problems
 
 
 def _refuse(root: Path, problems: list[str]) -> None:
@@ -490,6 +549,8 @@ class ImageLabels:
     modules: tuple[tuple[str, str], ...]  # (file, sha256)
     profile: str | None = None
     boot_test: str | None = None  # 'accepted by RELEASE (tcg)'
+    signer: str | None = None  # signed builds: the certificate's subject, and its sha256
+    cert_sha256: str | None = None
 
 
 _REQUIRED_LABELS = ("key", "driver-version", "kernel-release", "vermagic", "flavor", "modules")
@@ -532,6 +593,12 @@ def read_labels(labels: Mapping[str, str] | None, ref: str) -> ImageLabels | Non
     boot = ours.get("boot-test")
     if boot is not None and not re.fullmatch(r"(accepted|rejected) by [A-Za-z0-9._+-]+ \((tcg|kvm)\)", boot):
         bad("boot-test")
+    cert = ours.get("cert-sha256")
+    if cert is not None and not SHA256_RE.fullmatch(cert):
+        bad("cert-sha256")
+    signer = ours.get("signer")
+    if signer is not None and (len(signer) > 256 or not signer.isprintable()):
+        bad("signer")
     return ImageLabels(key=ours["key"], driver_version=ours["driver-version"], kernel_release=ours["kernel-release"],
                        vermagic=ours["vermagic"], flavor=ours["flavor"], modules=tuple(modules), profile=profile,
-                       boot_test=boot)
+                       boot_test=boot, signer=signer, cert_sha256=cert)

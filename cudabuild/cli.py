@@ -114,6 +114,13 @@ BUILD_FLAGS = [
                  help="An OCI registry as the shared cache (e.g. --registry 127.0.0.1:5055/cudabuild): a build "
                       "found there with the same key is pulled and verified on this host instead of compiled; "
                       "a result is pushed there as PATH/modules:TAG. Env: CUDABUILD_REGISTRY."),
+    click.option("--sign-key", metavar="FILE",
+                 help="Sign every module with this PEM private key (Secure Boot), by the kernel's own sign-file "
+                      "in a container that alone sees the key; encrypted keys take KBUILD_SIGN_PIN. With "
+                      "--sign-cert. Env: CUDABUILD_SIGN_KEY."),
+    click.option("--sign-cert", metavar="FILE",
+                 help="The key's X.509 certificate (PEM or DER): each signature is checked against it, and the "
+                      "manifest records it. Env: CUDABUILD_SIGN_CERT."),
     click.option("--no-build", "no_build", is_flag=True, default=None,
                  help="Never compile: take the modules from the cache or the registry, or fail (exit 21)."),
 ]
@@ -195,6 +202,9 @@ def modules(as_json: bool, **flags) -> None:
     for e in m.modules:
         click.echo(f"  {e.file:<20} {e.size / 1024**2:7.1f} MiB  version {e.version or '-':<12} "
                    f"vermagic {e.vermagic}")
+    if m.signature:
+        click.echo(f"signed by:     {m.signature['signer']} (key {m.signature['key_id']}, {m.signature['hash']}; "
+                   f"certificate sha256 {m.signature['cert_sha256'][:16]}...)")
     click.echo(f"modules image: {result.modules_image}")
     click.echo(f"cache:         {result.artifact.root}")
     if result.output_dir:
@@ -454,7 +464,8 @@ The loader's refusals, as in a runtime image:
   14   a module failed to load (the kernel's reason is in dmesg)
   16   the GPUs' information in /proc/driver/nvidia cannot be read
   17   the loader's settings are malformed
-  18   the GPU selection names a GPU that does not exist"""
+  18   the GPU selection names a GPU that does not exist
+  19   the kernel enforces module signatures and the modules are unsigned"""
 
 
 @cli.command(epilog=LOADER_EXIT_HELP + "\n\n" + EXIT_CODE_HELP)
@@ -746,8 +757,10 @@ def run(gpus, cdi_dirs, dry_run, docker_args) -> None:
 
 @cli.command(epilog=EXIT_CODE_HELP)
 @click.argument("target")
+@click.option("--verify", is_flag=True, help="For an image: check its artifact in the cache as a directory is "
+                                             "checked (every digest, vermagic, version and signature).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def inspect(target: str, as_json: bool) -> None:
+def inspect(target: str, verify: bool, as_json: bool) -> None:
     """Show the driver, kernel and modules of a runtime image, a modules image, a directory or a .ko,
     and whether they match this host's kernel. A directory is checked like every artifact cudabuild
     reads (every file's digest, every module's vermagic and version).
@@ -757,11 +770,14 @@ def inspect(target: str, as_json: bool) -> None:
       cudabuild inspect cudabuild/device-query:535.309.01-6.1.0-56-amd64
       cudabuild inspect ./nvidia --json
       cudabuild inspect ./nvidia/modules/nvidia.ko
+      cudabuild inspect cudabuild/modules:535.309.01-6.1.0-56-amd64 --verify
     """
+    from cudabuild.build.cache import Cache, default_cache_dir
     from cudabuild.build.engine import Engine
     from cudabuild.inspection import inspect as inspect_target
 
-    report = inspect_target(target, Engine.from_env)
+    report = inspect_target(target, Engine.from_env, verify=verify,
+                            cache=Cache(default_cache_dir(os.environ)) if verify else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -771,6 +787,15 @@ def inspect(target: str, as_json: bool) -> None:
     match = "yes" if report["matches_host"] else f"no, this host runs {report['host_kernel_release']}"
     click.echo(f"  matches this host's kernel: {match}")
     click.echo(f"  boot test: {report.get('boot_test') or 'not run (cudabuild boot-test)'}")
+    signed = report.get("signed")
+    if signed is None:
+        click.echo("  signed:  no (a kernel that enforces signatures refuses these modules)")
+    else:
+        click.echo(f"  signed:  by {signed.get('signer') or 'a key (its signer is not recorded here)'}"
+                   + (f", certificate sha256 {signed['cert_sha256']}" if signed.get("cert_sha256") else ""))
+    if report.get("verified"):
+        where = "" if report["kind"] == "directory" else " (its artifact in the cache)"
+        click.echo(f"  verified: every file's digest{', every signature' if signed else ''}{where}")
     for m in report["modules"]:
         size = f"{m['size'] / 1024**2:7.1f} MiB  " if "size" in m else ""
         click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")

@@ -16,7 +16,15 @@ from cudabuild.verify import read_module
 HINT = "pass a runtime or modules image, the directory `cudabuild modules --output` wrote, or a .ko"
 
 
-def inspect(target: str, engine_factory) -> dict:
+def _signed(manifest) -> dict | None:
+    s = manifest.signature
+    return {"signer": s["signer"], "key_id": s["key_id"], "cert_sha256": s["cert_sha256"], "hash": s["hash"]} \
+        if s else None
+
+
+def inspect(target: str, engine_factory, *, verify: bool = False, cache=None) -> dict:
+    """The report of `target`. With `verify`, an image's artifact in the cache is checked like a
+    directory (every digest, every module's vermagic, version and signature)."""
     kind = path_kind(target, "inspect", HINT)
     if kind == "file":
         path = Path(target).expanduser()
@@ -26,13 +34,16 @@ def inspect(target: str, engine_factory) -> dict:
             info = read_module(path)
         except VerifyError as exc:
             raise InputError(exc.message, hint="pass a kernel module (.ko) built for Linux") from exc
+        from cudabuild.signing import is_signed
+
         report = {"kind": "module", "driver_version": info.version, "kernel_release": info.vermagic.split(" ")[0],
-                  "vermagic": info.vermagic, "modules": [info.as_json()]}
+                  "vermagic": info.vermagic, "modules": [info.as_json()],
+                  "signed": {"signer": None} if is_signed(path) else None}
     elif kind == "dir":
         manifest = artifact.load(Path(target).expanduser()).manifest
         report = {"kind": "directory", "driver_version": manifest.driver_version,
                   "kernel_release": manifest.kernel_release, "vermagic": manifest.vermagic, "verified": True,
-                  "boot_test": manifest.boot_summary,
+                  "boot_test": manifest.boot_summary, "signed": _signed(manifest),
                   "modules": [{k: v for k, v in m.to_json().items() if k in ("name", "file", "size", "sha256", "version")}
                               for m in manifest.modules]}
     elif kind == "other":
@@ -49,8 +60,14 @@ def inspect(target: str, engine_factory) -> dict:
         report = {"kind": "runtime image" if labels.profile else "modules image", "image": target,
                   "driver_version": labels.driver_version, "kernel_release": labels.kernel_release,
                   "vermagic": labels.vermagic, "boot_test": labels.boot_test,
+                  "signed": {"signer": labels.signer, "cert_sha256": labels.cert_sha256} if labels.cert_sha256 else None,
                   "modules": [{"name": file.removesuffix(".ko"), "file": file, "sha256": digest}
                               for file, digest in labels.modules]}
+        if verify:
+            checked = artifact.find(target, cache, lambda: engine)
+            report["verified"] = True
+            report["signed"] = _signed(checked.manifest)
+            report["cache_dir"] = str(checked.root)
     host = platform.release()
     report["host_kernel_release"] = host
     report["matches_host"] = report["kernel_release"] == host

@@ -201,6 +201,8 @@ class BuildOptions:
     boot_timeout: float = 300.0
     registry: str | None = None  # HOST[:PORT]/PATH: pull the result from there first, push it there after
     no_build: bool = False  # take the result from the cache or the registry, never compile
+    sign_key: str | None = None  # a PEM private key: the modules are signed with it (Secure Boot)
+    sign_cert: str | None = None  # its X.509 certificate (PEM or DER)
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "latest"):
@@ -264,6 +266,15 @@ class BuildOptions:
                              hint="pass e.g. --boot-append module.sig_enforce=1 (letters, digits, _ . , = : / + -)")
         if self.registry is not None:
             validate_registry(self.registry)
+        if self.sign_key is not None:
+            existing_file(self.sign_key, "--sign-key", "the PEM private key to sign the modules with")
+        if self.sign_cert is not None:
+            existing_file(self.sign_cert, "--sign-cert", "the key's X.509 certificate")
+        if (self.sign_key is None) != (self.sign_cert is None) and not (self.sign_cert and self.no_build):
+            raise InputError("--sign-key and --sign-cert go together" + ("" if self.sign_key else
+                             " (only with --no-build does a certificate alone name the signed modules to take)"),
+                             hint="pass both, e.g. --sign-key ./key.pem --sign-cert ./cert.pem (or "
+                                  "CUDABUILD_SIGN_KEY and CUDABUILD_SIGN_CERT)")
         if not 10 <= self.boot_timeout <= 3600:
             raise InputError(f"--boot-timeout {self.boot_timeout:g} is out of range", hint="pass 10 to 3600 seconds")
 
@@ -278,6 +289,8 @@ ENVIRONMENT = {
     "builder_base": "CUDABUILD_BUILDER_BASE",
     "keep_builder": "CUDABUILD_KEEP_BUILDER",
     "registry": "CUDABUILD_REGISTRY",
+    "sign_key": "CUDABUILD_SIGN_KEY",
+    "sign_cert": "CUDABUILD_SIGN_CERT",
 }
 _BOOLEAN = {"keep_builder"}
 

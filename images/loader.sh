@@ -12,6 +12,7 @@
 #   16 the GPUs' information in /proc/driver/nvidia cannot be read
 #   17 the image's loader settings are malformed
 #   18 the GPU selection names a GPU that does not exist
+#   19 the kernel enforces module signatures (Secure Boot) and the modules are unsigned
 # Its settings (loader.conf) and the device facts it shares with cudabuild (nvidia-devices.conf:
 # majors, minors, load order, which variables select GPUs) are KEY=VALUE lines, read and checked,
 # never executed.
@@ -92,7 +93,19 @@ if [ -d "$ROOT/sys/module/nvidia" ]; then
     fi
 fi
 
-# 5. The kernel's own modules ours need (drm, ipmi_msghandler, ...), then ours in dependency order.
+# 5. Secure Boot: a kernel that enforces signatures refuses unsigned modules ("Loading of unsigned
+#    module is rejected"); say so, and how to sign them, before anything is loaded.
+enforced=$(cat "$ROOT/sys/module/module/parameters/sig_enforce" 2>/dev/null || echo N)
+if [ "$enforced" = Y ]; then
+    for module in $MODULES; do
+        if [ "$(tail -c 28 "$HOME_DIR/modules/$module.ko" 2>/dev/null)" != "~Module signature appended~" ]; then
+            fail 19 "this kernel enforces module signatures (Secure Boot, sig_enforce=Y) and $module.ko is unsigned; build the modules signed: cudabuild modules --kernel $KERNEL_RELEASE --sign-key KEY.pem --sign-cert CERT.pem, and enroll the certificate on the host: mokutil --import CERT.der, then reboot"
+        fi
+    done
+    say "this kernel enforces module signatures; the modules are signed (their certificate must be enrolled: mokutil --list-enrolled)"
+fi
+
+# 6. The kernel's own modules ours need (drm, ipmi_msghandler, ...), then ours in dependency order.
 for dep in $KERNEL_DEPENDS; do
     [ -d "$ROOT/sys/module/$(echo "$dep" | tr - _)" ] && continue
     $MODPROBE "$dep" 2>/dev/null || say "could not load the kernel's $dep, which the NVIDIA modules use; trying anyway"
@@ -107,12 +120,15 @@ for module in $wanted; do
     sysname=$(echo "$module" | tr - _)
     [ -d "$ROOT/sys/module/$sysname" ] && continue
     if ! $INSMOD "$HOME_DIR/modules/$module.ko"; then
+        if [ "$enforced" = Y ]; then
+            fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail); \"Key was rejected by service\" means its certificate is not enrolled: mokutil --import CERT.der, then reboot"
+        fi
         fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail)"
     fi
     say "loaded $module"
 done
 
-# 6. Device nodes for the selected GPUs.
+# 7. Device nodes for the selected GPUs.
 mknode() { # path major minor
     [ -c "$1" ] && return 0
     rm -f "$1"
@@ -168,6 +184,6 @@ if [ "$selection" != void ]; then
     fi
 fi
 
-# 7. The userspace driver, then the command.
+# 8. The userspace driver, then the command.
 $LDCONFIG 2>/dev/null || true
 exec "$@"

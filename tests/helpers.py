@@ -235,3 +235,49 @@ def unpack_debs(debs: list[Path], root: Path) -> None:
                     data.extract(member, root, filter="data")
         finally:
             package.close()
+
+
+def make_signing_key(directory: Path, name: str = "cudabuild test key", *, passphrase: str | None = None) -> dict:
+    """A fresh key and self-signed certificate, as a user makes one for Secure Boot (FACTS.md)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    protect = ["-passout", f"pass:{passphrase}"] if passphrase else ["-nodes"]
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert),
+                    "-days", "30", "-subj", f"/CN={name}", "-addext", "extendedKeyUsage=codeSigning", *protect],
+                   check=True, capture_output=True)
+    der = directory / "cert.der"
+    subprocess.run(["openssl", "x509", "-in", str(cert), "-outform", "DER", "-out", str(der)], check=True)
+    return {"key": key, "cert": cert, "der": der, "subject": name}
+
+
+def sign_like_sign_file(module: Path, key: Path, cert: Path, *, digest: str = "sha256") -> None:
+    """Append a module signature as the kernel's scripts/sign-file does: a detached CMS signature
+    without attributes or certificates, struct module_signature (id type 2: PKCS#7) and the magic."""
+    import struct
+
+    signature = module.with_suffix(".p7s")
+    subprocess.run(["openssl", "cms", "-sign", "-binary", "-noattr", "-nocerts", "-nosmimecap", "-outform", "DER",
+                    "-md", digest, "-signer", str(cert), "-inkey", str(key), "-in", str(module),
+                    "-out", str(signature)], check=True, capture_output=True)
+    raw = signature.read_bytes()
+    signature.unlink()
+    with open(module, "ab") as f:
+        f.write(raw + struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, len(raw)) + b"~Module signature appended~\n")
+
+
+def openssl_verifies(module: Path, cert: Path, workdir: Path) -> bool:
+    """FACTS.md's check, independent of cudabuild: cut off magic, struct and the PKCS#7, then
+    `openssl cms -verify` the module's own bytes against the certificate."""
+    import struct
+
+    data = module.read_bytes()
+    magic = b"~Module signature appended~\n"
+    assert data.endswith(magic), f"{module.name} is not signed"
+    sig_len = struct.unpack(">I", data[-len(magic) - 4:-len(magic)])[0]
+    end = len(data) - len(magic) - 12
+    (workdir / "sig.p7s").write_bytes(data[end - sig_len:end])
+    (workdir / "content").write_bytes(data[:end - sig_len])
+    check = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(workdir / "sig.p7s"),
+                            "-content", str(workdir / "content"), "-certfile", str(cert), "-noverify", "-nointern",
+                            "-out", "/dev/null"], capture_output=True, text=True)
+    return check.returncode == 0

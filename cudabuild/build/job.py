@@ -59,7 +59,8 @@ def command_line(params, flags: Mapping[str, object], skip: set[str]) -> tuple[l
                 argv.append(flag)
             continue
         argv += [flag, str(value)]
-        if param.name in ("kernel_config", "symvers", "installer", "kernel_image") and value != "host" \
+        if param.name in ("kernel_config", "symvers", "installer", "kernel_image", "sign_key", "sign_cert") \
+                and value != "host" \
                 and "://" not in str(value):
             files.append((flag, str(value)))
     return argv, files

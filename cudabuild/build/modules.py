@@ -11,6 +11,7 @@ The containers of a build, each with only what it needs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from cudabuild.build.publish import check_output, publish_image, write_output
 from cudabuild.build.spec import BuildSpec
 from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError
 from cudabuild.fleet.registry import Registry, headers_files, unpack_image
+from cudabuild.signing import Certificate, SigningKey, load_signing_key, verify_signature
 from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
                                validate_release)
 from cudabuild.sources.debian import DebianArchive, Package
@@ -183,6 +185,9 @@ class ModulesPlan:
     fetcher: Fetcher
     archive: DebianArchive
     engine: Engine
+    signing: SigningKey | None = None  # the user's key, when the modules are signed
+    certificate: Certificate | None = None  # the signing certificate (alone with --no-build)
+    unsigned_key: str | None = None  # the key of the same build unsigned, which a signed one starts from
 
     @property
     def inputs(self) -> list[str]:
@@ -194,6 +199,12 @@ class ModulesPlan:
 def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
                  engine_factory: Callable[[], Engine] | None = None) -> ModulesPlan:
     """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing."""
+    signing, certificate = None, None
+    if options.sign_key is not None:  # checked first: a wrong key or PIN fails before any download
+        signing = load_signing_key(options.sign_key, options.sign_cert, env.get("KBUILD_SIGN_PIN") or None)
+        certificate = signing.certificate
+    elif options.sign_cert is not None:
+        certificate = Certificate.load(Path(options.sign_cert))
     cache = Cache(default_cache_dir(env))
     fetcher = Fetcher(reporter=reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
@@ -240,9 +251,15 @@ def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Rep
     spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                      kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
                      modules=tuple(expected_modules(driver.version)))
+    unsigned_key = key_of(spec.canonical())
+    if certificate is not None:
+        spec = dataclasses.replace(spec, signing={"cert_sha256": certificate.sha256})
+        reporter.note(f"signing: with the key of {certificate.signer} (certificate sha256 {certificate.sha256[:16]}...)")
     return ModulesPlan(options=options, spec=spec, key=key_of(spec.canonical()),
-                       tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release), kernel=kernel,
-                       driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine)
+                       tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release,
+                                     certificate.sha256 if certificate else None), kernel=kernel,
+                       driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine,
+                       signing=signing, certificate=certificate, unsigned_key=unsigned_key)
 
 
 def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
@@ -283,7 +300,7 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
                                         hint="build it somewhere with cudabuild modules --registry REPO, or drop "
                                              "--no-build", exit_code=RegistryError.NOT_THERE)
                 if origin is None:
-                    _build(plan, reporter=reporter)
+                    (_sign if plan.signing else _build)(plan, reporter=reporter)
                     origin = "built"
         finally:
             lock.release()
@@ -461,9 +478,24 @@ def _give_back(tree: Path) -> None:
         os.lchown(path, os.getuid(), os.getgid())
 
 
-def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
+@dataclass
+class _Workshop:
+    """What a build's containers share: the builder image, the log, the mounts, the kernel tree."""
+
+    run: Callable[..., None]  # run(script, environment, mounts, network="none")
+    environment: dict
+    inputs: Mount
+    log_path: Path
+    image_id: str
+    started: float
+
+
+def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True) -> _Workshop:
+    """Downloads on the host, the builder image, and the kernel tree (fetched, unpacked or
+    prepared once per kernel, shared through the cache): everything before the driver's build,
+    or before signing (for_driver=False: the driver's sources are not needed)."""
     spec, key, kernel, driver, cache, engine = plan.spec, plan.key, plan.kernel, plan.driver, plan.cache, plan.engine
-    fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
+    fetcher, builder, options = plan.fetcher, plan.builder, plan.options
     engine.require_shared_files()
     cache.check_space()
     reaped, _ = engine.reap_builders()
@@ -471,18 +503,13 @@ def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         reporter.note(f"removed builder containers left by killed runs: {', '.join(reaped)}")
     cache.reap_stale()
     started = time.monotonic()
-    packages = kernel.downloads + driver.downloads
+    packages = kernel.downloads + (driver.downloads if for_driver else [])
     if packages:
         with reporter.step(f"download {len(packages)} packages "
                            f"({sum(p.size for p in packages) / 1024**2:.0f} MiB, cached by content)"):
             for p in packages:
                 fetcher.fetch(p.url, store=cache.downloads, sha256=p.sha256, size=p.size,
                               label=p.filename.rsplit("/", 1)[-1])
-    build_mounts = []
-    if driver.run is not None:
-        tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
-        driver.environment["DRIVER_SUBDIR"] = driver_subdir(tree, spec.flavor, spec.driver_version)
-        build_mounts.append(Mount(str(tree), INSTALLER))
     image_id = ensure_builder(engine, builder, reporter, verbose=options.verbose)
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     log_path = cache.logs / f"{key[:16]}-{stamp}.log"
@@ -506,40 +533,104 @@ def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
                                                   "KERNEL_CLONE": f"{KERNELS}/{clone['dir']}",
                                                   "KERNEL_CHECKOUT": clone["checkout"]}))
         prepare_mounts.append(Mount(str(clone_dir), f"{KERNELS}/{clone['dir']}"))
-    build_env = {**kernel.environment, **driver.environment, "KERNEL_RELEASE": spec.kernel_release,
-                 "DRIVER_VERSION": spec.driver_version, "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),
-                 "JOBS": str(options.jobs), "WORK": WORK}
+    environment = {**kernel.environment, **driver.environment, "KERNEL_RELEASE": spec.kernel_release,
+                   "DRIVER_VERSION": spec.driver_version, "FLAVOR": spec.flavor, "MODULES": " ".join(spec.modules),
+                   "JOBS": str(options.jobs), "WORK": WORK}
     _ensure_tree(kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
                  make=lambda staging: container(
-                     "prepare-kernel.sh", environment=build_env,
+                     "prepare-kernel.sh", environment=environment,
                      mounts=[*prepare_mounts, Mount(str(staging), f"{KERNELS}/{kernel.tree_dir}", read_only=False)]))
+    return _Workshop(run=container, environment=environment, inputs=inputs, log_path=log_path, image_id=image_id,
+                     started=started)
 
+
+def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
+    spec, key, driver, cache = plan.spec, plan.key, plan.driver, plan.cache
+    fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
+    shop = _workshop(plan, reporter=reporter)
+    build_mounts = []
+    if driver.run is not None:
+        tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
+        shop.environment["DRIVER_SUBDIR"] = driver_subdir(tree, spec.flavor, spec.driver_version)
+        build_mounts.append(Mount(str(tree), INSTALLER))
     work = cache.workdir(key[:16], owner=builder_user())
     try:
-        container("build.sh", environment=build_env,
-                  mounts=[inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
-                          Mount(str(work), WORK, read_only=False)])
+        shop.run("build.sh", environment=shop.environment,
+                 mounts=[shop.inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
+                         Mount(str(work), WORK, read_only=False)])
         out = work / "out"
         _give_back(out)
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
-            config = kernel.config or cache.kernels / kernel.tree_dir / ".config"
-            modversions = config_enabled(config, "CONFIG_MODVERSIONS")
-            infos = verify_modules(out / "modules", release=spec.kernel_release,
-                                   driver_version=spec.driver_version, expected=list(spec.modules),
-                                   symvers=kernel.symvers if modversions else None, modversions=modversions)
+            modversions, infos = _verify(plan, out / "modules")
         manifest = Manifest(
             key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             kernel_release=spec.kernel_release, driver_version=spec.driver_version, flavor=spec.flavor,
             vermagic=infos[0].vermagic, modules=tuple(ModuleEntry.of(i) for i in infos),
             userspace=describe_userspace(out / "userspace"), modversions=modversions,
-            cudabuild_version=cudabuild.__version__, build_seconds=round(time.monotonic() - started, 1),
+            cudabuild_version=cudabuild.__version__, build_seconds=round(time.monotonic() - shop.started, 1),
             kernel_source=spec.kernel, driver_source=spec.driver,
-            builder_image={"tag": builder.tag, "id": image_id, "base": builder.base})
+            builder_image={"tag": builder.tag, "id": shop.image_id, "base": builder.base})
         manifest.write(out)
         made = artifact.load(out)  # what the build made passes the check every reader applies
         if options.boot_test:  # the real kernel judges before anything is published
             _boot_test(made, options=options, archive=archive, cache=cache, fetcher=fetcher, reporter=reporter)
-        shutil.copy2(log_path, out / "build.log")
+        shutil.copy2(shop.log_path, out / "build.log")
+        cache.publish(out, key)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _verify(plan: ModulesPlan, modules: Path):
+    """Every module present, vermagic, version and (with CONFIG_MODVERSIONS) symbol CRCs."""
+    kernel, spec = plan.kernel, plan.spec
+    config = kernel.config or plan.cache.kernels / kernel.tree_dir / ".config"
+    modversions = config_enabled(config, "CONFIG_MODVERSIONS")
+    return modversions, verify_modules(modules, release=spec.kernel_release, driver_version=spec.driver_version,
+                                       expected=list(spec.modules), symvers=kernel.symvers if modversions else None,
+                                       modversions=modversions)
+
+
+def _sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
+    """A signed build: the unsigned build of the same inputs (from the cache, or built first),
+    its modules signed by the kernel's own sign-file in a container that alone sees the key,
+    then every signature checked on the host against the certificate."""
+    cache, key, signing = plan.cache, plan.key, plan.signing
+    unsigned = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, signing=None), key=plan.unsigned_key,
+                                   signing=None, certificate=None)
+    if plan.options.use_cache and cache.result(unsigned.key):
+        reporter.cached("build modules", f"the unsigned build is in the cache ({cache.result_dir(unsigned.key)})")
+    else:
+        with cache.lock(unsigned.key):
+            if not (plan.options.use_cache and cache.result(unsigned.key)):  # another run may have built it
+                _build(unsigned, reporter=reporter)
+    source = artifact.load(cache.result_dir(unsigned.key))
+    shop = _workshop(plan, reporter=reporter, for_driver=False)
+    owner = builder_user()
+    work = cache.workdir(f"sign-{key[:12]}", owner=owner)
+    try:
+        out = work / "out"
+        shutil.copytree(source.root, out, symlinks=True)
+        for path in (out / "modules", *(out / "modules").iterdir()):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            if os.getuid() == 0:
+                os.chown(path, *owner)
+        with signing.staged(owner) as keys:
+            shop.run("sign.sh", environment={**shop.environment, "WORK": WORK},
+                     mounts=[Mount(str(cache.kernels), KERNELS), Mount(str(keys), "/cudabuild/key"),
+                             Mount(str(out / "modules"), f"{WORK}/modules", read_only=False)])
+        _give_back(out)
+        with reporter.step(f"verify signed modules (signatures against {signing.certificate.signer}, vermagic, "
+                           "version, symbol CRCs)"):
+            _, infos = _verify(plan, out / "modules")
+            hashes = {verify_signature(out / "modules" / f"{name}.ko", signing.certificate).hash_name
+                      for name in plan.spec.modules}
+        manifest = dataclasses.replace(
+            source.manifest, key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()))
+        manifest.write(out)
+        artifact.load(out)  # every reader's check, signatures included
+        with open(out / "build.log", "a") as log:
+            log.write(shop.log_path.read_text())
         cache.publish(out, key)
     finally:
         shutil.rmtree(work, ignore_errors=True)

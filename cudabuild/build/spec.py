@@ -16,8 +16,11 @@ class BuildSpec:
     driver: dict  # the driver source's: packages, or the installer's sha256
     builder_tag: str
     modules: tuple[str, ...] = field(default_factory=tuple)
+    signing: dict | None = None  # {"cert_sha256": ...}: signed with that certificate's key
 
     def canonical(self) -> dict:
+        """What the key hashes. A signed build's adds the certificate's digest: another key is
+        another build, and signed and unsigned results never share a key."""
         return {"format": 2, "kernel_release": self.kernel_release, "driver_version": self.driver_version,
                 "flavor": self.flavor, "kernel": self.kernel, "driver": self.driver, "builder": self.builder_tag,
-                "modules": list(self.modules)}
+                "modules": list(self.modules), **({"signing": self.signing} if self.signing else {})}

@@ -184,6 +184,37 @@ def test_kernel_mismatch_names_both_releases(fake):
     assert loaded(fake) == []
 
 
+def test_enforced_signatures_refuse_unsigned_modules_before_insmod_naming_the_fix(fake):
+    (fake["root"] / "sys/module/module/parameters").mkdir(parents=True)
+    (fake["root"] / "sys/module/module/parameters/sig_enforce").write_text("Y\n")
+    result = run_loader(fake, "true")
+    assert result.returncode == 19, result.stderr
+    assert "enforces module signatures" in result.stderr and "nvidia.ko is unsigned" in result.stderr
+    assert "--sign-key" in result.stderr and "mokutil --import" in result.stderr
+    assert loaded(fake) == [], "nothing is loaded, not even the kernel's own drm"
+
+
+def test_enforced_signatures_load_signed_modules(fake, tmp_path):
+    from tests.helpers import make_signing_key, sign_like_sign_file
+
+    (fake["root"] / "sys/module/module/parameters").mkdir(parents=True)
+    (fake["root"] / "sys/module/module/parameters/sig_enforce").write_text("Y\n")
+    keys = make_signing_key(tmp_path / "keys")
+    for ko in (fake["home"] / "modules").glob("*.ko"):
+        sign_like_sign_file(ko, keys["key"], keys["cert"])
+    result = run_loader(fake, "true")
+    assert result.returncode == 0, result.stderr
+    assert loaded(fake)[:2] == ["drm", "nvidia"]
+    assert "the modules are signed" in result.stderr
+
+
+def test_unenforced_signatures_load_unsigned_modules(fake):
+    (fake["root"] / "sys/module/module/parameters").mkdir(parents=True)
+    (fake["root"] / "sys/module/module/parameters/sig_enforce").write_text("N\n")
+    assert run_loader(fake, "true").returncode == 0
+    assert "nvidia" in loaded(fake)
+
+
 def test_nouveau_is_refused(fake):
     (fake["root"] / "sys/module/nouveau").mkdir(parents=True)
     result = run_loader(fake, "true")
