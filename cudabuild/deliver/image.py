@@ -89,7 +89,11 @@ def render_runtime(profile: Profile) -> str:
 
 # What `cudabuild install` imports, copied from this installation into the driver image (pure
 # Python; no network, no pip in the image build).
-VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml")
+# What `cudabuild install` imports, copied beside it (a signed artifact's signatures are checked
+# with asn1crypto and cryptography, whose compiled parts are for CPython 3.11 on glibc, as the
+# driver profile's base has).
+VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml", "asn1crypto", "cryptography",
+            "cffi", "_cffi_backend")
 
 
 def stage_kmm(checked: Artifact, into: Path) -> None:
@@ -137,8 +141,11 @@ def stage_driver(checked: Artifact, into: Path) -> None:
     shutil.copy2(checked.root / artifact.MANIFEST, home / "artifact" / artifact.MANIFEST)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_data")
     for name in VENDORED:
-        package = Path(importlib.import_module(name).__file__).parent
-        shutil.copytree(package, home / "python" / name, ignore=skip)
+        found = Path(importlib.import_module(name).__file__)
+        if found.name == "__init__.py":
+            shutil.copytree(found.parent, home / "python" / name, ignore=skip)
+        else:  # a module that is one file (cffi's compiled backend)
+            shutil.copy2(found, home / "python" / found.name)
     for name in ("builder", "dockerfiles", "images"):
         shutil.copytree(resource_dir(name), home / "python" / "cudabuild" / "_data" / name, ignore=skip)
 

@@ -87,6 +87,18 @@ def test_the_key_appears_nowhere(build, signed, keys, tmp_path):
         saved.unlink()
 
 
+def test_the_driver_container_checks_the_signatures_itself(build, signed, keys):
+    data, _, cache, _ = build
+    made = run_cli("image", "driver", "--modules", signed[0]["modules_image"], "--json",
+                   env={"CUDABUILD_CACHE": str(cache)})
+    assert made.returncode == 0, made.stderr[-3000:]
+    image = json.loads(made.stdout)["image"]
+    check = ("from pathlib import Path; from cudabuild import artifact; "
+             "a = artifact.load(Path('/opt/cudabuild/artifact')); print(a.manifest.signature['signer'])")
+    out = docker.from_env().containers.run(image, entrypoint=["python3", "-c", check], remove=True, network_mode="none")
+    assert out.decode().strip() == keys["subject"]
+
+
 def test_another_certificate_is_another_build(build, signed, tmp_path):
     data, _, cache, _ = build
     other = make_signing_key(tmp_path / "other", "another signing key")
