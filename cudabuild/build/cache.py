@@ -160,6 +160,18 @@ class Cache:
             os.chown(path, *owner)
         return path
 
+    @staticmethod
+    def discard(work: Path, *, tries: int = 50) -> None:
+        """Remove a work directory, even while a builder container abandoned with a lost engine
+        still writes into it: each pass removes directories, and nothing can be created in a removed
+        one, so a few passes end it. What might still be left carries this process's id in its
+        name, and the next run's reaper removes it."""
+        for _ in range(tries):
+            shutil.rmtree(work, ignore_errors=True)
+            if not os.path.lexists(work):
+                return
+            time.sleep(0.1)
+
     def publish(self, staged: Path, key: str) -> Path:
         """Move a complete `staged` directory into place as the result for `key`."""
         target = self.result_dir(key)

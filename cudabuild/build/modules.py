@@ -394,7 +394,7 @@ def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
         cache.publish(work / "out", plan.key)
         plan.engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.discard(work)
         plan.engine.untag(remote)
 
 
@@ -448,7 +448,7 @@ def _ensure_tree(name: str, *, what: str, cache: Cache, reporter: Reporter, make
         return cache.publish_tree(staging, target)
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            cache.discard(staging)
         lock.release()
 
 
@@ -547,12 +547,14 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
 def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
     spec, key, driver, cache = plan.spec, plan.key, plan.driver, plan.cache
     fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
-    shop = _workshop(plan, reporter=reporter)
-    build_mounts = []
+    build_mounts, subdir = [], {}
     if driver.run is not None:
+        # On the host and first: a hostile installer is refused before any container starts.
         tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
-        shop.environment["DRIVER_SUBDIR"] = driver_subdir(tree, spec.flavor, spec.driver_version)
+        subdir["DRIVER_SUBDIR"] = driver_subdir(tree, spec.flavor, spec.driver_version)
         build_mounts.append(Mount(str(tree), INSTALLER))
+    shop = _workshop(plan, reporter=reporter)
+    shop.environment.update(subdir)
     work = cache.workdir(key[:16], owner=builder_user())
     try:
         shop.run("build.sh", environment=shop.environment,
@@ -577,7 +579,7 @@ def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         shutil.copy2(shop.log_path, out / "build.log")
         cache.publish(out, key)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.discard(work)
 
 
 def _verify(plan: ModulesPlan, modules: Path):
@@ -633,4 +635,4 @@ def _sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
             log.write(shop.log_path.read_text())
         cache.publish(out, key)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.discard(work)
