@@ -132,9 +132,9 @@ def run_swarm(client, jobs: list[BuildJob], *, place: SwarmPlace, parallel: int,
             time.sleep(poll)
             for service_id, (index, job, started, shown_state) in list(running.items()):
                 state, reason = _task_state(client, service_id)
-                if time.monotonic() - started > timeout and state not in ("complete",) | TERMINAL_FAILED:
+                if time.monotonic() - started > timeout and state != "complete" and state not in TERMINAL_FAILED:
                     state, reason = "failed", f"it did not finish within {timeout:g} s"
-                if state in ("running",) and shown_state != "building":
+                if state == "running" and shown_state != "building":
                     on_state(job, "building", "")
                     running[service_id] = (index, job, started, "building")
                 if state == "complete" or state in TERMINAL_FAILED:

@@ -83,6 +83,29 @@ def test_a_finished_job_becomes_its_outcome(tmp_path):
     assert silent.error == "its node went away"
 
 
+class _HungSwarm:
+    """A Swarm whose one task runs for ever: the api calls run_swarm makes, recorded."""
+
+    def __init__(self):
+        self.removed = []
+        self.services = SimpleNamespace(create=lambda *a, **kw: SimpleNamespace(id="svc1"))
+        self.api = SimpleNamespace(
+            tasks=lambda filters: [{"CreatedAt": "1", "NodeID": "n1", "Status": {"State": "running"}}],
+            inspect_node=lambda node_id: {"Status": {"State": "ready"}},
+            service_logs=lambda service_id, follow, stdout, stderr: b"==> make modules\n" if stderr else b"",
+            remove_service=self.removed.append)
+
+
+def test_a_swarm_job_past_its_time_limit_is_failed_and_removed(tmp_path):
+    swarm, states = _HungSwarm(), []
+    place = backends.SwarmPlace(image="127.0.0.1:5055/cudabuild/cudabuild:0.1.0", socket="/var/run/docker.sock",
+                                cache_paths=("/var/cache/cudabuild",), cache="/var/cache/cudabuild")
+    [outcome] = backends.run_swarm(swarm, [JOB], place=place, parallel=1, logs=tmp_path, run_id="r1", timeout=0,
+                                   poll=0, on_state=lambda job, state, detail: states.append(state))
+    assert outcome.state == "failed" and outcome.error == "it did not finish within 0 s"
+    assert swarm.removed == ["svc1"] and states == ["queued"]
+
+
 def test_kubernetes_jobs_validate_strictly_against_1_30():
     [job] = backends.kubernetes_jobs([JOB], image="127.0.0.1:5055/cudabuild/cudabuild:0.1.0",
                                      cache="/var/cache/cudabuild")
