@@ -192,7 +192,7 @@ class Engine:
             self.untag(ref)
 
     def pull_or_fail(self, ref: str) -> str:
-        """Pull `ref`; a RegistryError says why it could not be (9: no answer, 20: no such tag)."""
+        """Pull `ref`; a RegistryError says why it could not be (9: no answer, 21: no such tag)."""
         try:
             self.client.api.pull(ref)
         except docker.errors.NotFound as exc:

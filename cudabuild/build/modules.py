@@ -291,12 +291,10 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
                         _pull(plan, remote, reporter=reporter)
                         origin = "pulled"
                 if origin is None and options.no_build:
-                    where = f"the cache ({cache.root})" + (f" nor the registry ({remote})" if registry else "")
-                    raise RegistryError(f"--no-build: neither {where} has NVIDIA {plan.spec.driver_version} "
-                                        f"{plan.spec.flavor} for {plan.spec.kernel_release}"
-                                        if registry else f"--no-build: {where} has no NVIDIA "
-                                        f"{plan.spec.driver_version} {plan.spec.flavor} for "
-                                        f"{plan.spec.kernel_release}",
+                    wanted = f"NVIDIA {plan.spec.driver_version} {plan.spec.flavor} for {plan.spec.kernel_release}"
+                    raise RegistryError(f"--no-build: neither the cache ({cache.root}) nor the registry ({remote}) "
+                                        f"has {wanted}" if registry else
+                                        f"--no-build: the cache ({cache.root}) has no {wanted}",
                                         hint="build it somewhere with cudabuild modules --registry REPO, or drop "
                                              "--no-build", exit_code=RegistryError.NOT_THERE)
                 if origin is None:
@@ -381,11 +379,7 @@ def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
                                                                               spec.driver_version, spec.flavor):
                     raise VerifyError(f"its manifest describes another build (key {m.key[:16]}..., "
                                       f"{m.driver_version} {m.flavor} for {m.kernel_release})")
-                symvers, config = _kernel_files(plan, work)
-                modversions = config_enabled(config, "CONFIG_MODVERSIONS")
-                verify_modules(work / "out" / "modules", release=spec.kernel_release,
-                               driver_version=spec.driver_version, expected=list(spec.modules),
-                               symvers=symvers if modversions else None, modversions=modversions)
+                _verify(plan, work / "out" / "modules", work)
             except (ArtifactError, VerifyError) as exc:
                 raise VerifyError(f"refused the registry's {remote}: {exc.message}",
                                   hint=f"nothing was put in the cache; build and push it again: cudabuild modules "
@@ -563,7 +557,7 @@ def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         out = work / "out"
         _give_back(out)
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
-            modversions, infos = _verify(plan, out / "modules")
+            modversions, infos = _verify(plan, out / "modules", work)
         manifest = Manifest(
             key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             kernel_release=spec.kernel_release, driver_version=spec.driver_version, flavor=spec.flavor,
@@ -582,13 +576,14 @@ def _build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         cache.discard(work)
 
 
-def _verify(plan: ModulesPlan, modules: Path):
-    """Every module present, vermagic, version and (with CONFIG_MODVERSIONS) symbol CRCs."""
-    kernel, spec = plan.kernel, plan.spec
-    config = kernel.config or plan.cache.kernels / kernel.tree_dir / ".config"
+def _verify(plan: ModulesPlan, modules: Path, work: Path):
+    """Every module present, vermagic, version and (with CONFIG_MODVERSIONS) symbol CRCs against
+    this kernel's Module.symvers: after a build, after signing, and after a pull."""
+    spec = plan.spec
+    symvers, config = _kernel_files(plan, work)
     modversions = config_enabled(config, "CONFIG_MODVERSIONS")
     return modversions, verify_modules(modules, release=spec.kernel_release, driver_version=spec.driver_version,
-                                       expected=list(spec.modules), symvers=kernel.symvers if modversions else None,
+                                       expected=list(spec.modules), symvers=symvers if modversions else None,
                                        modversions=modversions)
 
 
@@ -623,7 +618,7 @@ def _sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
         _give_back(out)
         with reporter.step(f"verify signed modules (signatures against {signing.certificate.signer}, vermagic, "
                            "version, symbol CRCs)"):
-            _, infos = _verify(plan, out / "modules")
+            _, infos = _verify(plan, out / "modules", work)
             hashes = {verify_signature(out / "modules" / f"{name}.ko", signing.certificate).hash_name
                       for name in plan.spec.modules}
         manifest = dataclasses.replace(
