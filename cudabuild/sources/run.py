@@ -1,15 +1,19 @@
 """Drivers from NVIDIA's .run installers: by URL (NVIDIA's pattern or a mirror's) or a local file,
 downloaded on the host and stored by content.
 
-An installer is never executed. It is a makeself 1.6.0-nv2 archive: a shell stub whose first lines
-are plain assignments (`CRCsum=`, `MD5=` of everything from line 4 on, `skip=` the line where the
-compressed tar begins, `label=`, `version_string=`, `targetdir=`), then an xz, gzip or bzip2 tar.
-The host checks that shape and the MD5, then extracts the tar itself, refusing any member that is
-absolute, climbs out with `..`, or is a link pointing out of the tree. Builds read the result
-read-only."""
+An installer is never executed, nor is the decompressor it carries. It is an archive of NVIDIA's
+makeself (1.6.0-nv2 to -nv9; FACTS.md, "The .run installer"): a `#! /bin/sh` stub whose first lines
+are plain assignments (`CRCsum=` and `MD5=` of everything from line 4 on, `skip=` the line where the
+payload begins, `skip_decompress=`/`size_decompress=` the lines of an embedded decompressor binary,
+`label=`, `version_string=`, `targetdir=`), the decompressor, then one compressed tar: zstd from
+530.30.02 on, xz, gzip or bzip2 before, or none. The host checks that shape and the MD5,
+decompresses the tar itself (zstd with the `zstandard` library) and extracts it, refusing any member
+that is absolute, climbs out with `..`, or is a link pointing out of the tree. Builds read the
+result read-only."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +29,8 @@ from cudabuild.options import FULL_DRIVER_RE, existing_file
 
 HEADER_BYTES = 64 * 1024  # the assignments are in the first lines of the stub
 _ASSIGNMENT = re.compile(rb'([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"\n]*)"|([^\s"]*))\s*')
-_COMPRESSIONS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gz", b"BZh": "bz2"}
+_COMPRESSIONS = {b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gz", b"BZh": "bz2"}
+_TAR_MAGIC_AT = 257  # "ustar" in the first header of an uncompressed tar
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,12 @@ class Installer:
     label: str
     targetdir: str
     offset: int  # byte where the compressed tar begins
-    compression: str
+    compression: str  # zstd, xz, gz, bz2 or none
+    decompressor: int = 0  # bytes of the embedded decompressor binary (never run; 0 when none)
 
     def to_json(self) -> dict:
         return {"version": self.version, "label": self.label, "targetdir": self.targetdir, "offset": self.offset,
-                "compression": self.compression}
+                "compression": self.compression, "decompressor": self.decompressor}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,30 @@ def _not_an_installer(path: Path, why: str) -> InputError:
                       "(`sh FILE --check` verifies one)")
 
 
+def _line_offsets(path: Path, lines: list[int]) -> dict[int, int]:
+    """The byte offset at which each of `lines` (1-based) begins; a line past the end is absent."""
+    wanted, found, line, offset = sorted(set(lines)), {}, 1, 0
+    with open(path, "rb") as f:
+        pending = [n for n in wanted if n > 1]
+        if 1 in wanted:
+            found[1] = 0
+        while pending:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            start = 0
+            while pending:
+                nl = chunk.find(b"\n", start)
+                if nl < 0:
+                    break
+                line, start = line + 1, nl + 1
+                if line == pending[0]:
+                    found[line] = offset + start
+                    pending.pop(0)
+            offset += len(chunk)
+    return found
+
+
 def check_installer(path: Path) -> Installer:
     """The installer's shape, checked without running it; InputError when it is not one."""
     size = path.stat().st_size
@@ -82,9 +112,19 @@ def check_installer(path: Path) -> Installer:
                 "ascii", "replace"))
     missing = [k for k in ("MD5", "skip", "label", "targetdir") if k not in values]
     if missing:
-        raise _not_an_installer(path, f"its stub has no {', '.join(missing)} (makeself 1.6.0-nv2's header)")
-    if not values["skip"].isdigit() or int(values["skip"]) < 4:
-        raise _not_an_installer(path, f"skip={shown(values['skip'])} is not a line number")
+        raise _not_an_installer(path, f"its stub has no {', '.join(missing)} (NVIDIA's makeself header)")
+    numbers = {}
+    for key in ("skip", "skip_decompress", "size_decompress"):
+        value = values.get(key, "0")
+        if not value.isascii() or not value.isdigit() or len(value) > 9:
+            raise _not_an_installer(path, f"{key}={shown(value)} is not a line number")
+        numbers[key] = int(value)
+    skip, dskip, dsize = numbers["skip"], numbers["skip_decompress"], numbers["size_decompress"]
+    if skip < 4:
+        raise _not_an_installer(path, f"skip={skip} is not a line after the stub's checksums")
+    if dsize and not 4 <= dskip < skip:
+        raise _not_an_installer(path, f"its decompressor (lines {dskip} to {dskip + dsize - 1}) is not between "
+                                f"its stub and its payload (line {skip})")
     if not re.fullmatch(r"[0-9a-f]{32}", values["MD5"]):
         raise _not_an_installer(path, f"MD5={shown(values['MD5'])} is not an md5 sum")
     m = re.fullmatch(r"NVIDIA-Linux-x86_64-([0-9]{3}\.[0-9]+(?:\.[0-9]+)?)(?:-[a-z-]+)?", values["targetdir"])
@@ -92,38 +132,31 @@ def check_installer(path: Path) -> Installer:
         raise _not_an_installer(path, f"its label {shown(values['label'])} and target directory "
                                 f"{shown(values['targetdir'])} are not NVIDIA's Linux x86_64 driver's")
     version = m.group(1)
-    # Bytes up to the line where the payload begins, and the MD5 makeself's --check computes.
-    skip, line, offset, md5 = int(values["skip"]), 1, 0, hashlib.md5()  # noqa: S324 - makeself's own checksum
+    at = _line_offsets(path, [4, skip] + ([dskip, dskip + dsize] if dsize else []))
+    if skip not in at:
+        raise _not_an_installer(path, f"it ends before line {skip}, where its payload should begin (truncated)")
+    offset = at[skip]
+    decompressor = at[dskip + dsize] - at[dskip] if dsize and dskip + dsize in at else 0
     with open(path, "rb") as f:
-        while line < skip:
-            chunk = f.read(1 << 16)
-            if not chunk:
-                raise _not_an_installer(path, f"it ends before line {skip}, where its payload should begin "
-                                        "(truncated)")
-            start = 0
-            while line < skip:
-                nl = chunk.find(b"\n", start)
-                if nl < 0:
-                    break
-                line, start = line + 1, nl + 1
-                if line == 4:
-                    md5_from = offset + start
-            offset += start if line == skip else len(chunk)
         f.seek(offset)
-        magic = f.read(6)
-        f.seek(md5_from)
+        magic = f.read(_TAR_MAGIC_AT + 5)
+        # The MD5 makeself's --check computes: `tail -n +4 FILE | md5sum`.
+        md5 = hashlib.md5()  # noqa: S324 - makeself's own checksum
+        f.seek(at[4])
         while chunk := f.read(1 << 20):
             md5.update(chunk)
     compression = next((name for prefix, name in _COMPRESSIONS.items() if magic.startswith(prefix)), None)
+    if compression is None and magic[_TAR_MAGIC_AT:_TAR_MAGIC_AT + 5] == b"ustar":
+        compression = "none"
     if compression is None:
-        raise _not_an_installer(path, f"no xz, gzip or bzip2 data at line {skip}, where its stub says the payload "
-                                "begins")
+        raise _not_an_installer(path, f"no zstd, xz, gzip, bzip2 or tar data at line {skip}, where its stub says "
+                                "the payload begins")
     if md5.hexdigest() != values["MD5"]:
         raise InputError(f"{path} is truncated or corrupt: its MD5 is {md5.hexdigest()}, its stub says "
                          f"{values['MD5']} ({size} bytes)",
                          hint="download the installer again; compare it with NVIDIA's published checksum")
     return Installer(version=version, label=values["label"], targetdir=values["targetdir"], offset=offset,
-                     compression=compression)
+                     compression=compression, decompressor=decompressor)
 
 
 def _checked_installer(path: Path, digest: str, store: Path) -> Installer:
@@ -217,17 +250,17 @@ def _member_problem(member) -> str | None:
 def extract_installer(path: Path, installer: Installer, dest: Path) -> None:
     """Extract the payload into `dest` (which must not exist). Every member is checked before it
     is written; a bad one stops the extraction and `dest` is removed."""
-    import bz2
-    import gzip
     import lzma
     import tarfile  # only when extracting: a cache hit extracts nothing
 
-    openers = {"xz": lzma.open, "gz": gzip.open, "bz2": bz2.open}
+    import zstandard
+
     dest.mkdir()
     try:
         with open(path, "rb") as raw:
             raw.seek(installer.offset)
-            with openers[installer.compression](raw) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with _decompressed(raw, installer.compression) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     problem = _member_problem(member)
                     if problem:
@@ -239,13 +272,28 @@ def extract_installer(path: Path, installer: Installer, dest: Path) -> None:
                         tar.extract(member, dest, filter="data")
                     else:  # Python < 3.11.4: the checks above are the filter
                         tar.extract(member, dest, set_attrs=False)
-    except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as exc:
+    except (tarfile.TarError, lzma.LZMAError, zstandard.ZstdError, OSError, EOFError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise InputError(f"{path}: its archive cannot be unpacked ({shown(str(exc))})",
                          hint="download the installer again; it is truncated or corrupt") from exc
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def _decompressed(raw, compression: str):
+    """A stream of the payload's tar, decompressed on the host (the embedded decompressor is never run)."""
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+    if compression == "none":
+        return contextlib.nullcontext(raw)
+    import bz2
+    import gzip
+    import lzma
+
+    return {"xz": lzma.open, "gz": gzip.open, "bz2": bz2.open}[compression](raw)
 
 
 def driver_subdir(installer_tree: Path, flavor: str, version: str) -> str:
