@@ -573,13 +573,19 @@ def cdi_generate(root, cdi_host_root, output) -> None:
     if version is None:
         raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
                          "sys/module/nvidia/version)", hint="load the driver first (cudabuild install does)")
-    ours = base / DRIVER_DIR / version
-    userspace = specs.find_userspace(base, version, extra_dirs=(ours / "lib", ours / "bin"))
+    ours = f"{DRIVER_DIR}/{version}"
+    userspace = specs.find_userspace(base, version, extra_dirs=(f"{ours}/lib", f"{ours}/bin"))
     spec = specs.generate(base, host_root=cdi_host_root, userspace=userspace)
     if output == "-":
         click.echo(json.dumps(spec, indent=2))
     elif output:
-        Path(output).write_text(json.dumps(spec, indent=2) + "\n")
+        from cudabuild.hostfs import HostRoot
+
+        target = Path(output).absolute()
+        if target.is_dir():
+            raise InputError(f"--output {output} is a directory; it takes the spec's file name",
+                             hint=f"pass a file, e.g. --output {target / specs.SPEC_FILE}")
+        HostRoot("/").write_atomic(str(target), (json.dumps(spec, indent=2) + "\n").encode())
         click.echo(f"wrote {output}: {len(spec['devices'])} devices, driver {version}", err=True)
     else:
         path, _ = specs.write(spec, base)
@@ -592,11 +598,11 @@ def cdi_generate(root, cdi_host_root, output) -> None:
 def cdi_list(root, as_json) -> None:
     """Show the CDI specs and devices the engines will see (/etc/cdi, then /var/run/cdi, which wins
     a name clash)."""
-    from pathlib import Path
 
     from cudabuild.deliver import cdi as specs
+    from cudabuild.hostfs import HostRoot
 
-    dirs = [Path(root) / d for d in specs.SPEC_DIRS]
+    dirs = [HostRoot(root).resolve(d) for d in specs.SPEC_DIRS]
     found = specs.specs(dirs)
     winners = {}
     for path, spec in found:
@@ -654,7 +660,11 @@ def _emit(files, output, as_json) -> None:
     from pathlib import Path
 
     from cudabuild.deploy import write
+    from cudabuild.errors import InputError
 
+    if as_json and output:
+        raise InputError("--json prints the manifests on stdout and --output writes them to files: choose one",
+                         hint="drop --json to write files, or --output to print JSON")
     if as_json:
         click.echo(json.dumps({f.name: f.content for f in files}, indent=2))
         return

@@ -18,11 +18,15 @@
 # never executed.
 # Test seams: every /proc, /sys and /dev path is taken under $CUDABUILD_ROOT; modules are loaded
 # with $CUDABUILD_INSMOD; the running release is $CUDABUILD_KERNEL_RELEASE. CUDABUILD_LOADER=skip
-# runs the command without loading anything.
+# runs the command without loading anything. `cudabuild install` passes ROOT's dev, proc and sys
+# resolved inside ROOT (CUDABUILD_DEV, _PROC, _SYS); the loader never writes through a symlink.
 set -eu
 
 ROOT=${CUDABUILD_ROOT:-}
 ROOT=${ROOT%/}
+DEV=${CUDABUILD_DEV:-$ROOT/dev}
+PROC=${CUDABUILD_PROC:-$ROOT/proc}
+SYS=${CUDABUILD_SYS:-$ROOT/sys}
 INSMOD=${CUDABUILD_INSMOD:-insmod}
 MODPROBE=${CUDABUILD_MODPROBE:-modprobe}
 LDCONFIG=${CUDABUILD_LDCONFIG:-ldconfig}
@@ -63,7 +67,7 @@ if [ "${CUDABUILD_LOADER:-}" = skip ]; then
 fi
 
 # 1. Can we load modules at all?
-capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' "$ROOT/proc/self/status" 2>/dev/null || true)
+capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' "$PROC/self/status" 2>/dev/null || true)
 case "$capeff" in ''|*[!0-9a-fA-F]*) capeff=0 ;; esac
 if [ $(( 0x$capeff & 0x10000 )) -eq 0 ]; then
     fail 10 "this image loads the NVIDIA driver; run it with --privileged (it lacks CAP_SYS_MODULE)"
@@ -76,26 +80,26 @@ if [ "$running" != "$KERNEL_RELEASE" ]; then
 fi
 
 # 3. nouveau holds the GPUs.
-if [ -d "$ROOT/sys/module/nouveau" ]; then
+if [ -d "$SYS/module/nouveau" ]; then
     fail 12 "the nouveau driver is loaded and holds the GPUs; blacklist it on the host (echo 'blacklist nouveau' > /etc/modprobe.d/blacklist-nouveau.conf; options nouveau modeset=0), then reboot"
 fi
 
 # 4. An NVIDIA driver already loaded: the same version is fine (what is missing of it is loaded
 #    below), another one is not.
-if [ -d "$ROOT/sys/module/nvidia" ]; then
-    loaded=$(cat "$ROOT/sys/module/nvidia/version" 2>/dev/null || echo unknown)
+if [ -d "$SYS/module/nvidia" ]; then
+    loaded=$(cat "$SYS/module/nvidia/version" 2>/dev/null || echo unknown)
     if [ "$loaded" = "$DRIVER_VERSION" ]; then
         say "NVIDIA $loaded is already loaded; loading only what is missing of it"
     else
-        holders=$(ls "$ROOT/sys/module/nvidia/holders" 2>/dev/null | tr '\n' ' ')
-        refcnt=$(cat "$ROOT/sys/module/nvidia/refcnt" 2>/dev/null || echo "?")
+        holders=$(ls "$SYS/module/nvidia/holders" 2>/dev/null | tr '\n' ' ')
+        refcnt=$(cat "$SYS/module/nvidia/refcnt" 2>/dev/null || echo "?")
         fail 13 "NVIDIA $loaded is loaded but this image has $DRIVER_VERSION (\"Driver/library version mismatch\" would follow); it is held by: ${holders:-no module} (refcount $refcnt). Stop what uses the GPU and unload it (rmmod nvidia_drm nvidia_modeset nvidia_uvm nvidia), or use an image built for $loaded"
     fi
 fi
 
 # 5. Secure Boot: a kernel that enforces signatures refuses unsigned modules ("Loading of unsigned
 #    module is rejected"); say so, and how to sign them, before anything is loaded.
-enforced=$(cat "$ROOT/sys/module/module/parameters/sig_enforce" 2>/dev/null || echo N)
+enforced=$(cat "$SYS/module/module/parameters/sig_enforce" 2>/dev/null || echo N)
 if [ "$enforced" = Y ]; then
     for module in $MODULES; do
         if [ "$(tail -c 28 "$HOME_DIR/modules/$module.ko" 2>/dev/null)" != "~Module signature appended~" ]; then
@@ -107,18 +111,19 @@ fi
 
 # 6. The kernel's own modules ours need (drm, ipmi_msghandler, ...), then ours in dependency order.
 for dep in $KERNEL_DEPENDS; do
-    [ -d "$ROOT/sys/module/$(echo "$dep" | tr - _)" ] && continue
+    [ -d "$SYS/module/$(echo "$dep" | tr - _)" ] && continue
     $MODPROBE "$dep" 2>/dev/null || say "could not load the kernel's $dep, which the NVIDIA modules use; trying anyway"
 done
-if [ -d "$HOME_DIR/firmware" ] && [ -e "$ROOT/sys/module/firmware_class/parameters/path" ]; then
-    echo "$FIRMWARE" > "$ROOT/sys/module/firmware_class/parameters/path"
+if [ -d "$HOME_DIR/firmware" ] && [ -e "$SYS/module/firmware_class/parameters/path" ] \
+        && [ ! -L "$SYS/module/firmware_class/parameters/path" ]; then
+    echo "$FIRMWARE" > "$SYS/module/firmware_class/parameters/path"
 fi
 wanted=$LOAD_ORDER
 if [ "${NVIDIA_PEERMEM:-0}" = 1 ]; then wanted="$wanted $OPTIONAL_MODULES"; fi
 for module in $wanted; do
     case " $MODULES " in *" $module "*) ;; *) continue ;; esac
     sysname=$(echo "$module" | tr - _)
-    [ -d "$ROOT/sys/module/$sysname" ] && continue
+    [ -d "$SYS/module/$sysname" ] && continue
     if ! $INSMOD "$HOME_DIR/modules/$module.ko"; then
         if [ "$enforced" = Y ]; then
             fail 14 "loading $module.ko failed; the kernel's reason is in dmesg (dmesg | tail); \"Key was rejected by service\" means its certificate is not enrolled: mokutil --import CERT.der, then reboot"
@@ -129,8 +134,9 @@ for module in $wanted; do
 done
 
 # 7. Device nodes for the selected GPUs.
-mknode() { # path major minor
-    [ -c "$1" ] && return 0
+mknode() { # path major minor; a link planted there is replaced, never followed
+    [ -c "$1" ] && [ ! -L "$1" ] && return 0
+    [ ! -d "$1" ] || [ -L "$1" ] || fail 16 "$1 is a directory where the device node belongs; remove it"
     rm -f "$1"
     mknod -m "$NODE_MODE" "$1" c "$2" "$3"
 }
@@ -139,17 +145,18 @@ for variable in $SELECTION_VARIABLES; do  # the first that is set wins (nvidia-d
     eval "value=\${$variable:-}"
     if [ -n "$value" ]; then selection=$value; break; fi
 done
-mkdir -p "$ROOT/dev"
+[ -L "$DEV" ] || mkdir -p "$DEV"
 index=0
 gpus=""  # index:minor:uuid ...
-for gpu in $(ls "$ROOT/proc/driver/nvidia/gpus" 2>/dev/null | sort); do
-    info="$ROOT/proc/driver/nvidia/gpus/$gpu/information"
-    if ! fields=$(cat "$info" 2>/dev/null); then
+for gpu in $(ls "$PROC/driver/nvidia/gpus" 2>/dev/null | sort); do
+    info="$PROC/driver/nvidia/gpus/$gpu/information"
+    if [ -L "$info" ] || ! fields=$(head -c 65536 "$info" 2>/dev/null); then
         fail 16 "cannot read $info, where the driver describes GPU $gpu; check that nvidia.ko loaded (dmesg | tail)"
     fi
     minor=$(echo "$fields" | sed -n 's/^Device Minor:[[:space:]]*//p')
     uuid=$(echo "$fields" | sed -n 's/^GPU UUID:[[:space:]]*//p')
-    case "$minor" in ''|*[!0-9]*) fail 16 "$info names no device minor for GPU $gpu" ;; esac
+    case "$minor" in ''|*[!0-9]*|????*) fail 16 "$info names no device minor for GPU $gpu" ;; esac
+    [ "$minor" -le 254 ] || fail 16 "$info names device minor $minor for GPU $gpu, past the last (254)"
     gpus="$gpus $index:$minor:$uuid"
     index=$((index + 1))
 done
@@ -172,15 +179,15 @@ case "$selection" in
 esac
 for entry in $chosen; do
     rest=${entry#*:}
-    mknode "$ROOT/dev/nvidia${rest%%:*}" "$GPU_MAJOR" "${rest%%:*}"
+    mknode "$DEV/nvidia${rest%%:*}" "$GPU_MAJOR" "${rest%%:*}"
 done
 if [ "$selection" != void ]; then
-    mknode "$ROOT/dev/nvidiactl" "$GPU_MAJOR" "$CTL_MINOR"
-    if [ -d "$ROOT/sys/module/nvidia_modeset" ]; then mknode "$ROOT/dev/nvidia-modeset" "$GPU_MAJOR" "$MODESET_MINOR"; fi
-    uvm_major=$(sed -n "s/^[[:space:]]*\([0-9]*\) $UVM_DEVICE\$/\1/p" "$ROOT/proc/devices" 2>/dev/null || true)
+    mknode "$DEV/nvidiactl" "$GPU_MAJOR" "$CTL_MINOR"
+    if [ -d "$SYS/module/nvidia_modeset" ]; then mknode "$DEV/nvidia-modeset" "$GPU_MAJOR" "$MODESET_MINOR"; fi
+    uvm_major=$(sed -n "s/^[[:space:]]*\([0-9]*\) $UVM_DEVICE\$/\1/p" "$PROC/devices" 2>/dev/null || true)
     if [ -n "$uvm_major" ]; then
-        mknode "$ROOT/dev/nvidia-uvm" "$uvm_major" "$UVM_MINOR"
-        mknode "$ROOT/dev/nvidia-uvm-tools" "$uvm_major" "$UVM_TOOLS_MINOR"
+        mknode "$DEV/nvidia-uvm" "$uvm_major" "$UVM_MINOR"
+        mknode "$DEV/nvidia-uvm-tools" "$uvm_major" "$UVM_TOOLS_MINOR"
     fi
 fi
 

@@ -151,10 +151,13 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
 
 
 def fake_host(root: Path, *, gpus: int = 3) -> dict:
-    """A host's /proc, /sys and /dev under `root`, and the stub insmod (tests/integration/test_loader.py)
-    that imitates the kernel: the loader's seams point at them. Returns the environment to run with."""
+    """A host's /proc, /sys and /dev under `root`, laid out as Debian lays out a host (`var/run -> /run`
+    and `var/lock -> /run/lock`, absolute; merged /usr: `lib -> usr/lib`, `bin -> usr/bin`, ...),
+    and the stub insmod (tests/integration/test_loader.py) that imitates the kernel: the loader's
+    seams point at them. Returns the environment to run with."""
     from tests.integration.test_loader import STUB_INSMOD
 
+    debian_layout(root)
     for d in ("proc/self", "proc/driver/nvidia/gpus", "sys/module/firmware_class/parameters", "dev"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "proc/self/status").write_text("Name:\tsh\nCapEff:\t000001ffffffffff\n")
@@ -164,6 +167,16 @@ def fake_host(root: Path, *, gpus: int = 3) -> dict:
     (root / "insmod").chmod(0o755)
     return {"CUDABUILD_INSMOD": str(root / "insmod"), "CUDABUILD_MODPROBE": str(root / "insmod"),
             "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(root), "FAKE_GPUS": str(gpus), "FAKE_VERSION": DRIVER}
+
+
+def debian_layout(root: Path) -> None:
+    """Debian 12's own links at the top of a root: absolute /var/run and /var/lock, merged /usr."""
+    for d in ("run/lock", "var", "usr/lib", "usr/bin", "usr/sbin", "usr/lib64"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("var/run", "/run"), ("var/lock", "/run/lock"), ("lib", "usr/lib"), ("bin", "usr/bin"),
+                         ("sbin", "usr/sbin"), ("lib64", "usr/lib64")):
+        if not (root / link).is_symlink():
+            (root / link).symlink_to(target)
 
 
 def cdi_validator():

@@ -9,13 +9,13 @@ directory where an unmodified Debian/Ubuntu-based image finds libcuda.so.1) and 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cudabuild.deliver import devices
 from cudabuild.errors import InputError, shown
+from cudabuild.hostfs import HostRoot
 
 KIND = "nvidia.com/gpu"
 SPEC_FILE = "cudabuild-nvidia.json"
@@ -76,11 +76,14 @@ class Userspace:
     binaries: tuple[Path, ...]
 
 
-def find_userspace(root: Path, version: str, *, extra_dirs: tuple[Path, ...] = ()) -> Userspace:
-    """The libraries of exactly `version` in the host's library directories; InputError naming
-    what is missing (a 535 module with 470 libraries fails with "Driver/library version mismatch")."""
-    dirs = [*extra_dirs, *(root / d for d in LIBRARY_DIRS)]
-    dirs += sorted(p for p in (root / "usr/lib/x86_64-linux-gnu/nvidia").glob("*") if p.is_dir())
+def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = ()) -> Userspace:
+    """The libraries of exactly `version` in the host's library directories (host paths, each
+    resolved inside `root`; `extra_dirs` first); InputError naming what is missing (a 535 module
+    with 470 libraries fails with "Driver/library version mismatch")."""
+    host = HostRoot(root)
+    alternatives = "usr/lib/x86_64-linux-gnu/nvidia"
+    names = [*extra_dirs, *LIBRARY_DIRS, *(f"{alternatives}/{d}" for d in host.listdir(alternatives))]
+    dirs = list(dict.fromkeys(host.resolve(d) for d in names))
     found: dict[str, Path] = {}
     others: dict[str, set[str]] = {}
     for name in (*REQUIRED_LIBRARIES, *OPTIONAL_LIBRARIES):
@@ -102,7 +105,7 @@ def find_userspace(root: Path, version: str, *, extra_dirs: tuple[Path, ...] = (
                  "that version), or install the driver with `cudabuild install`")
     binaries = []
     for name in BINARIES:
-        for d in [*extra_dirs, *(root / b for b in BINARY_DIRS)]:
+        for d in dict.fromkeys(host.resolve(b) for b in [*extra_dirs, *BINARY_DIRS]):
             if (d / name).is_file():
                 binaries.append(d / name)
                 break
@@ -111,9 +114,9 @@ def find_userspace(root: Path, version: str, *, extra_dirs: tuple[Path, ...] = (
 
 # ---- the spec ------------------------------------------------------------------------------------
 def host_path(path: Path, *, root: Path, host_root: str) -> str:
-    """Where the host sees `path` (a path under `root` as this process sees it)."""
-    rel = path.resolve(strict=False).relative_to(root.resolve())
-    return str(PurePosixPath(host_root) / rel)
+    """Where the host sees `path` (a path under `root` as this process sees it, resolved inside it)."""
+    host = HostRoot(root)
+    return host.host_path(host.resolve(host.host_path(path)), host_root)
 
 
 def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
@@ -161,17 +164,9 @@ def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
 
 
 def write(spec: dict, root: Path) -> tuple[Path, bool]:
-    """Write the spec to ROOT/var/run/cdi atomically; whether it changed."""
-    directory = root / SPEC_DIRS[1]
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SPEC_FILE
-    text = json.dumps(spec, indent=2) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return path, False
-    tmp = path.with_name(f".{SPEC_FILE}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path, True
+    """Write the spec to ROOT/var/run/cdi (resolved inside the root: on Debian ROOT/run/cdi), whole
+    or not at all; the path written and whether it changed."""
+    return HostRoot(root).write_atomic(f"{SPEC_DIRS[1]}/{SPEC_FILE}", (json.dumps(spec, indent=2) + "\n").encode())
 
 
 # ---- reading specs -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.errors import InputError, shown
+from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.resources import resource_dir
 
 FACTS_FILE = "nvidia-devices.conf"
@@ -64,54 +65,62 @@ class Gpu:
     model: str = ""
 
 
+GPUS_DIR = "proc/driver/nvidia/gpus"
+INFO_LIMIT = 64 * 1024  # a GPU's information file is a few hundred bytes
+
+
 def gpus(root: Path) -> list[Gpu]:
-    """The GPUs in ROOT/proc/driver/nvidia/gpus/*/information."""
-    base = root / "proc" / "driver" / "nvidia" / "gpus"
+    """The GPUs in ROOT/proc/driver/nvidia/gpus/*/information (each read at most 64 KiB)."""
+    host = HostRoot(root)
     found = []
-    for index, entry in enumerate(sorted(base.iterdir()) if base.is_dir() else []):
+    for index, name in enumerate(host.listdir(GPUS_DIR)):
+        info = f"{GPUS_DIR}/{name}/information"
         try:
-            text = (entry / "information").read_text(errors="replace")
-        except OSError as exc:
-            raise InputError(f"cannot read {entry / 'information'}, where the driver describes GPU {entry.name}: "
-                             f"{exc.strerror}", hint="check that nvidia.ko loaded (dmesg | tail)") from exc
+            text = host.read_text(info, limit=INFO_LIMIT)
+        except HostPathError as exc:
+            raise InputError(f"cannot read {host.show(info)}, where the driver describes GPU {shown(name)}: "
+                             f"{exc.message}", hint="check that nvidia.ko loaded (dmesg | tail)") from exc
         fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines()) if v)
         minor, uuid = fields.get("Device Minor", ""), fields.get("GPU UUID", "")
-        if not minor.isdigit() or not re.fullmatch(r"GPU-[A-Za-z0-9-]{1,64}", uuid):
-            raise InputError(f"{entry / 'information'} names no device minor and GPU UUID for {entry.name}",
+        if not re.fullmatch(r"[0-9]{1,3}", minor) or int(minor) > 254 \
+                or not re.fullmatch(r"GPU-[A-Za-z0-9-]{1,64}", uuid):
+            raise InputError(f"{host.show(info)} names no device minor (0-254) and GPU UUID for {shown(name)}",
                              hint="check that nvidia.ko loaded (dmesg | tail)")
-        found.append(Gpu(index=index, minor=int(minor), uuid=uuid, bus_id=entry.name, model=fields.get("Model", "")))
+        found.append(Gpu(index=index, minor=int(minor), uuid=uuid, bus_id=name, model=fields.get("Model", "")[:200]))
     return found
+
+
+def _read(root: Path, rel: str) -> str | None:
+    try:
+        return HostRoot(root).read_text(rel, limit=INFO_LIMIT)
+    except HostPathError:
+        return None
 
 
 def uvm_major(root: Path) -> int | None:
     """nvidia-uvm's major, from ROOT/proc/devices (None when nvidia-uvm is not loaded)."""
-    path = root / "proc" / "devices"
-    if not path.is_file():
-        return None
-    for line in path.read_text(errors="replace").splitlines():
+    for line in (_read(root, "proc/devices") or "").splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[1] == facts().uvm_device and parts[0].isdigit():
+        if len(parts) == 2 and parts[1] == facts().uvm_device and re.fullmatch(r"[0-9]{1,4}", parts[0]):
             return int(parts[0])
     return None
 
 
 def loaded_version(root: Path) -> str | None:
     """The loaded NVIDIA driver's version: /proc/driver/nvidia/version, or /sys/module/nvidia/version."""
-    proc = root / "proc" / "driver" / "nvidia" / "version"
-    if proc.is_file():
-        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]{3}\.[0-9]+(?:\.[0-9]+)?)", proc.read_text(errors="replace"))
+    proc = _read(root, "proc/driver/nvidia/version")
+    if proc:
+        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]{3}\.[0-9]+(?:\.[0-9]+)?)", proc)
         if m:
             return m.group(1)
-    sysfs = root / "sys" / "module" / "nvidia" / "version"
-    if sysfs.is_file():
-        version = sysfs.read_text(errors="replace").strip()
-        if re.fullmatch(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", version):
-            return version
+    version = (_read(root, "sys/module/nvidia/version") or "").strip()
+    if re.fullmatch(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", version):
+        return version
     return None
 
 
 def modeset_loaded(root: Path) -> bool:
-    return (root / "sys" / "module" / "nvidia_modeset").is_dir()
+    return HostRoot(root).is_dir("sys/module/nvidia_modeset")
 
 
 # ---- which GPUs a container asked for ----------------------------------------------------------

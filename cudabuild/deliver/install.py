@@ -8,8 +8,9 @@
 3. A CDI spec of the GPUs the driver reports goes to ROOT/var/run/cdi.
 4. Last, the readiness file ROOT/run/cudabuild/driver/ready.
 
-ROOT is the host's file system as this process sees it (/host in the driver container); paths in
-the spec are written as the host sees them (--cdi-host-root, / by default)."""
+ROOT is the host's file system as this process sees it (/host in the driver container); every path
+under it is resolved inside it, as a chroot would (cudabuild/hostfs.py: on Debian /var/run is a link
+to /run). Paths in the spec are written as the host sees them (--cdi-host-root, / by default)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, Artifact, read_manifest
 from cudabuild.deliver import cdi, devices
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.errors import ArtifactError, InputError, LoaderError
+from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter
 
@@ -54,10 +56,6 @@ class Installed:
                 "spec_changed": self.spec_changed, "changed": self.changed}
 
 
-def _host(path: Path, root: Path, host_root: str = "/") -> str:
-    return str(PurePosixPath(host_root) / path.relative_to(root))
-
-
 def _same(target: Path, checked: Artifact) -> bool:
     """Whether `target` already holds this artifact's driver (its manifest, and every file there)."""
     try:
@@ -75,10 +73,14 @@ def _place(target: Path, rel: str) -> Path:
 
 
 def put_driver(checked: Artifact, target: Path) -> bool:
-    """The driver files in `target`; False when they were there already."""
+    """The driver files in `target` (a resolved path whose parent exists); False when they were
+    there already."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise HostPathError(f"{target} is not a directory that cudabuild made (it is a "
+                            f"{'symbolic link' if target.is_symlink() else 'file'})",
+                            hint="remove it; cudabuild installs the driver there")
     if _same(target, checked):
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         for rel, _ in checked.files():
@@ -96,10 +98,9 @@ def put_driver(checked: Artifact, target: Path) -> bool:
         (staging / SETTINGS).write_text(settings(checked.manifest))
         shutil.copy2(checked.root / MANIFEST, staging / MANIFEST)  # last: it marks the copy whole
         os.chmod(staging, 0o755)
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         if target.exists():
-            os.rename(target, old)
+            os.rename(target, old / "driver")  # into a directory made here: nothing else is removed
         os.rename(staging, target)
         shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -109,15 +110,20 @@ def put_driver(checked: Artifact, target: Path) -> bool:
 
 def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]:
     """The image loader, loading from `target` into the kernel; the modules it loaded. Its
-    refusals become LoaderError with its exit code and words."""
+    refusals become LoaderError with its exit code and words. Its /dev, /proc and /sys are
+    ROOT's, resolved inside ROOT here (the loader, in shell, takes them as given)."""
     selection = devices.facts().selection_variables
     loader_env = {k: v for k, v in env.items() if k not in selection and k != "CUDABUILD_ROOT"}
     loader_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     loader_env.update({"CUDABUILD_HOME": str(target), "CUDABUILD_LDCONFIG": "true",
-                       "CUDABUILD_FIRMWARE": _host(target / "firmware", root),  # the kernel reads it from the host
+                       "CUDABUILD_FIRMWARE": HostRoot(root).host_path(target / "firmware"),  # the kernel reads it from the host
                        "NVIDIA_VISIBLE_DEVICES": "all"})  # the host gets a node for every GPU
     if root != Path("/"):
-        loader_env["CUDABUILD_ROOT"] = str(root)
+        host = HostRoot(root)
+        loader_env["CUDABUILD_ROOT"] = str(host.root)
+        loader_env["CUDABUILD_DEV"] = str(host.makedirs("dev"))
+        for name in ("proc", "sys"):
+            loader_env[f"CUDABUILD_{name.upper()}"] = str(host.resolve(name))
     result = subprocess.run(["sh", str(target / "loader.sh"), "true"], env=loader_env, capture_output=True, text=True)
     said = [line.removeprefix("cudabuild-loader: ") for line in result.stderr.splitlines()]
     if result.returncode != 0:
@@ -129,9 +135,10 @@ def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]
 def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter) -> Installed:
     if not root.is_dir():
         raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
+    host = HostRoot(root)
     version = checked.manifest.driver_version
-    target = root / DRIVER_DIR / version
-    with reporter.step(f"driver files in {_host(target, root, host_root)}"):
+    target = host.makedirs(DRIVER_DIR) / version
+    with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
         files_changed = put_driver(checked, target)
     with reporter.step("load the modules and make the device nodes (the image loader)"):
         loaded = run_loader(target, root=root, env=env)
@@ -139,18 +146,14 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
     binaries = tuple(p for p in sorted((target / "bin").iterdir()) if p.is_file())
     userspace = cdi.Userspace(version=version, libraries=libraries, binaries=binaries)
     spec, spec_changed = cdi.write(cdi.generate(root, host_root=host_root, userspace=userspace), root)
-    ready = root / DRIVER_DIR / READY
-    text = json.dumps({"driver_version": version, "cdi_spec": _host(spec, root, host_root)}) + "\n"
-    if not ready.is_file() or ready.read_text() != text:
-        tmp = ready.with_name(".ready.partial")
-        tmp.write_text(text)
-        os.replace(tmp, ready)
-    return Installed(driver_version=version, driver_dir=_host(target, root, host_root), spec=_host(spec, root, host_root),
-                     ready=_host(ready, root, host_root),
+    text = json.dumps({"driver_version": version, "cdi_spec": host.host_path(spec, host_root)}) + "\n"
+    ready, _ = host.write_atomic(f"{DRIVER_DIR}/{READY}", text.encode())
+    return Installed(driver_version=version, driver_dir=host.host_path(target, host_root),
+                     spec=host.host_path(spec, host_root), ready=host.host_path(ready, host_root),
                      gpus=[{"index": g.index, "minor": g.minor, "uuid": g.uuid} for g in devices.gpus(root)],
                      loaded=loaded, files_changed=files_changed, spec_changed=spec_changed)
 
 
 def not_ready(root: Path) -> None:
     """Remove the readiness file (the driver container stops)."""
-    (root / DRIVER_DIR / READY).unlink(missing_ok=True)
+    HostRoot(root).remove_file(f"{DRIVER_DIR}/{READY}")

@@ -8,6 +8,7 @@ to stdout."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +97,32 @@ def require_gpus(host: HostFacts, root: Path) -> None:
                          hint="run it on a node after `cudabuild install` (or the driver container), or pass --root")
 
 
+WRITTEN = ".cudabuild-deploy"  # in an --output directory: the files cudabuild wrote there
+
+
 def write(files: list[File], output: Path | None) -> str:
-    """Write one file per object into `output`, or return them all for stdout."""
+    """Write one file per object into `output`, or return them all for stdout. A file already in
+    `output` that an earlier `deploy` did not write is never replaced: refused, naming it. Each
+    file is written whole (a new temporary name, never through a link planted there)."""
+    from cudabuild.hostfs import HostRoot
+
     if output is None:
         return "".join(f"# ---- {f.name} ----\n{f.text()}\n" for f in files)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(os.path.abspath(output))
+    if output == Path("/") or output.is_file():
+        raise InputError(f"--output {output} is {'the root directory' if output == Path('/') else 'a file'}",
+                         hint="pass a new or empty directory for the manifests, e.g. --output ./deploy")
+    host = HostRoot("/")
+    try:
+        ours = set(host.read_text(str(output / WRITTEN), limit=1 << 16).split()) if (output / WRITTEN).exists() else set()
+    except InputError:
+        ours = set()
+    theirs = [f.name for f in files if (output / f.name).exists() or (output / f.name).is_symlink()
+              if f.name not in ours]
+    if theirs:
+        raise InputError(f"--output {output} already holds {', '.join(theirs)}, which cudabuild did not write",
+                         hint="pass a new or empty directory, or move those files away")
+    host.write_atomic(str(output / WRITTEN), "".join(f"{n}\n" for n in sorted(ours | {f.name for f in files})).encode())
     for f in files:
-        tmp = output / f".{f.name}.partial"
-        tmp.write_text(f.text())
-        tmp.replace(output / f.name)
+        host.write_atomic(str(output / f.name), f.text().encode())
     return "".join(f"wrote {output / f.name}\n" for f in files)

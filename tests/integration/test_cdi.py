@@ -74,7 +74,7 @@ def test_podman_gives_an_unmodified_image_one_gpu_and_the_driver(installed, podm
     name of its own, and takes it away."""
     spec = Path("/var/run/cdi") / f"cudabuild-test-{uuid.uuid4().hex[:8]}.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(installed / "var/run/cdi/cudabuild-nvidia.json", spec)
+    shutil.copy2(installed / "run/cdi/cudabuild-nvidia.json", spec)
     try:
         result = subprocess.run(["podman", "run", "--rm", "--network", "none", "--device", "nvidia.com/gpu=1",
                                  podman_image, "sh", "-c", PROBE], capture_output=True, text=True, timeout=300)
@@ -85,7 +85,7 @@ def test_podman_gives_an_unmodified_image_one_gpu_and_the_driver(installed, podm
 
 
 def test_cudabuild_run_gives_the_same_view_on_docker(installed):
-    cdi_dir = str(installed / "var/run/cdi")
+    cdi_dir = str(installed / "run/cdi")
     dry = run_cli("run", "--gpus", "1", "--cdi-dir", cdi_dir, "--dry-run", "--rm", IMAGE, "true")
     assert dry.returncode == 0 and dry.stdout.startswith("docker run --device ")
     assert f"--device {installed}/dev/nvidia1:/dev/nvidia1" in dry.stdout and "/dev/nvidia0" not in dry.stdout

@@ -83,3 +83,35 @@ def test_ecs_files_pass_botocore(images, tmp_path):
 def test_swarm_needs_the_nodes_gpus(images, tmp_path):
     result = run_cli("deploy", "swarm", "--root", str(tmp_path), "--image", images["driver"])
     assert result.returncode == 3 and "no GPUs under" in result.stderr and "cudabuild install" in result.stderr
+
+
+def test_output_never_replaces_what_deploy_did_not_write(images, tmp_path):
+    """A user's own file in --output is refused by name and kept; a link planted at a temporary
+    name leads nowhere; `/` and --json with --output are refused; a second deploy updates its own."""
+    def deploy(out, *extra):
+        return run_cli("deploy", "kubernetes", "--image", images["driver"], "--registry", "registry.example:5000/c",
+                       "--output", str(out), *extra)
+
+    out = tmp_path / "k8s"
+    assert deploy(out).returncode == 0
+    names = sorted(p.name for p in out.glob("*.yaml"))
+    again = deploy(out)
+    assert again.returncode == 0, again.stderr  # its own files: updated
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / names[0]).write_text("# the user's own\n")
+    victim = tmp_path / "victim"
+    victim.write_text("outside\n")
+    for name in names:
+        (mine / f".{name}.partial").symlink_to(victim)
+    refused = deploy(mine)
+    assert refused.returncode == 3 and names[0] in refused.stderr and "did not write" in refused.stderr
+    assert (mine / names[0]).read_text() == "# the user's own\n" and victim.read_text() == "outside\n"
+    (mine / names[0]).unlink()
+    assert deploy(mine).returncode == 0 and victim.read_text() == "outside\n"
+    root = deploy(Path("/"))
+    assert root.returncode == 3 and "root directory" in root.stderr
+    both = deploy(tmp_path / "x", "--json")
+    assert both.returncode == 3 and "choose one" in both.stderr and not (tmp_path / "x").exists()
+    for result in (again, refused, root, both):
+        assert "Traceback" not in result.stderr

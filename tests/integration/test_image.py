@@ -153,6 +153,7 @@ def test_the_driver_container_installs_into_the_host_and_waits(result, made, cli
     assert image.attrs["Config"]["Entrypoint"][-4:] == ["--root", "/host", "--modules", "/opt/cudabuild/artifact"]
     host = tmp_path / "host"
     env = {k: v.replace(str(host), "/host") for k, v in fake_host(host, gpus=3).items()}
+    assert os.readlink(host / "var/run") == "/run", "laid out as Debian: /host/var/run is the container's /run"
     container = client.containers.run(report["image"], ["--wait", "--json"], detach=True, network_mode="none",
                                       environment=env, volumes={str(host): {"bind": "/host", "mode": "rw"}})
     try:
@@ -167,7 +168,7 @@ def test_the_driver_container_installs_into_the_host_and_waits(result, made, cli
         assert (host / "insmod.log").read_text().split() == ["drm", "nvidia", "nvidia_uvm", "nvidia_modeset",
                                                              "nvidia_drm"]
         assert sorted(p.name for p in (host / "dev").glob("nvidia[0-9]*")) == ["nvidia0", "nvidia1", "nvidia2"]
-        spec = json.loads((host / "var/run/cdi/cudabuild-nvidia.json").read_text())
+        spec = json.loads((host / "run/cdi/cudabuild-nvidia.json").read_text())
         node = spec["devices"][0]["containerEdits"]["deviceNodes"][0]
         assert node == {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0}, "host paths as the host sees them"
         assert spec["cdiVersion"] == "0.3.0"

@@ -53,7 +53,7 @@ def test_install_loads_in_order_makes_nodes_copies_the_driver_and_writes_a_valid
     lib = root / "run/cudabuild/driver" / DRIVER / "lib"
     assert os.readlink(lib / "libcuda.so.1") == f"libcuda.so.{DRIVER}" and (lib / f"libcuda.so.{DRIVER}").is_file()
     assert (root / "run/cudabuild/driver" / DRIVER / "bin/nvidia-smi").is_file()
-    spec = json.loads((root / "var/run/cdi/cudabuild-nvidia.json").read_text())
+    spec = json.loads((root / "run/cdi/cudabuild-nvidia.json").read_text())
     validate(spec)
     assert spec["kind"] == "nvidia.com/gpu" and spec["cdiVersion"] == "0.5.0"  # hostPath on device nodes
     names = [d["name"] for d in spec["devices"]]
@@ -103,4 +103,4 @@ def test_the_loaders_refusals_hold(host, case, code, fragment):
     result = install(host, env_extra=env_extra)
     assert result.returncode == code, result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr
-    assert not (root / "var/run/cdi/cudabuild-nvidia.json").exists() and not (root / "run/cudabuild/driver/ready").exists()
+    assert not (root / "run/cdi/cudabuild-nvidia.json").exists() and not (root / "run/cudabuild/driver/ready").exists()

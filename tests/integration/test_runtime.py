@@ -41,7 +41,7 @@ def engine(tmp_path_factory, gpu_host):
     daemon = json.loads(deployed.stdout)["daemon.json"]
     assert daemon["node-generic-resources"] == [f"gpu=GPU-0000000{i}-fake" for i in range(3)]
     # The spec is in the fake root, not /var/run/cdi: say so to the runtime (runtimeArgs).
-    daemon["runtimes"]["cudabuild"]["runtimeArgs"] = ["--cdi-spec-dir", str(gpu_host / "var/run/cdi")]
+    daemon["runtimes"]["cudabuild"]["runtimeArgs"] = ["--cdi-spec-dir", str(gpu_host / "run/cdi")]
     daemon["runtimes"]["nvidia"] = daemon["runtimes"]["cudabuild"]  # the name the ECS agent uses
     daemon["runtimes"]["nospec"] = {"path": RUNTIME, "runtimeArgs": ["--cdi-spec-dir", str(gpu_host / "none")]}
     second = SecondEngine(tmp_path_factory.mktemp("engine2"), daemon).start()

@@ -1,0 +1,277 @@
+"""A host's file system seen under a root (`--root`, /host in the driver container), resolved as a
+chroot would resolve it.
+
+On Debian `/var/run` is a symlink to `/run`, an absolute one; under /host it must lead to /host/run,
+not to the container's own /run. Every path that install, `cdi generate` and the loader read or
+write under a root goes through here: each component is opened relative to its directory with
+O_NOFOLLOW, a symlink's target is taken inside the root (an absolute one from the root, `..` never
+above it), files are written as a temporary name made with O_EXCL|O_NOFOLLOW and renamed into place,
+and a path that cannot be resolved inside the root (a loop, a file where a directory must be) is
+refused with the reason. Reads are bounded in size."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from cudabuild.errors import InputError, shown
+
+MAX_LINKS = 40  # as the kernel's ELOOP
+READ_LIMIT = 1 << 20  # bytes read of a file the host's driver or a spec describes
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class HostPathError(InputError):
+    """A path under the root that cannot be resolved or used inside it."""
+
+
+def _parts(rel: str | PurePosixPath) -> list[str]:
+    return [p for p in PurePosixPath("/", rel).parts[1:] if p not in ("", ".")]
+
+
+class HostRoot:
+    """The host's file system under `root`. Paths given to it are the host's (`/var/run/cdi`)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.given = Path(os.path.abspath(root))
+        self.root = Path(os.path.realpath(root))
+
+    def __repr__(self) -> str:
+        return f"HostRoot({str(self.root)!r})"
+
+    # ---- resolving -------------------------------------------------------------------------------
+    @contextmanager
+    def directory(self, rel: str | PurePosixPath, *, create: bool = False) -> Iterator[int]:
+        """A file descriptor of the directory `rel`, every component resolved inside the root;
+        missing ones made (mode 0755) when `create`. HostPathError when it cannot be."""
+        fds = [self._open_root()]
+        try:
+            self._walk(fds, _parts(rel), rel, create=create)
+            yield fds[-1]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HostPathError(f"the root {self.root} cannot be opened: {exc.strerror}",
+                                hint="pass the host's file system as --root (a directory)") from exc
+
+    def _walk(self, fds: list[int], parts: list[str], rel, *, create: bool, missing_ok: bool = False) -> list[str]:
+        """Open each directory of `parts` onto `fds`; with `missing_ok`, stop at the first that does
+        not exist and return what is left of the path (else [])."""
+        links = 0
+        pending = list(parts)
+        while pending:
+            name = pending.pop(0)
+            if name == "..":
+                if len(fds) > 1:
+                    os.close(fds.pop())
+                continue
+            try:
+                fds.append(os.open(name, _DIR_FLAGS, dir_fd=fds[-1]))
+                continue
+            except FileNotFoundError:
+                if missing_ok:
+                    return [name, *pending]
+                if not create:
+                    raise HostPathError(f"{self.show(rel)} does not exist (no {shown(name)})",
+                                        hint="check --root and that the driver is installed there") from None
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fds[-1])
+                except FileExistsError:
+                    pass  # made meanwhile: opened (and checked) below
+                except OSError as exc:
+                    raise self._error(rel, exc) from exc
+                pending.insert(0, name)
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise self._error(rel, exc) from exc
+            # A symlink (ELOOP with O_NOFOLLOW) or not a directory (ENOTDIR).
+            target = self._readlink(name, fds[-1])
+            if target is None:
+                raise HostPathError(f"{self.show(rel)}: {shown(name)} is not a directory",
+                                    hint="remove or move what is there; cudabuild needs a directory")
+            links += 1
+            if links > MAX_LINKS:
+                raise HostPathError(f"{self.show(rel)}: too many symbolic links (a loop?)",
+                                    hint="fix the links under the root")
+            if target.startswith("/"):
+                while len(fds) > 1:
+                    os.close(fds.pop())
+            pending[:0] = _parts(target) if target.startswith("/") else [p for p in target.split("/") if p not in ("", ".")]
+        return []
+
+    @staticmethod
+    def _readlink(name: str, dir_fd: int) -> str | None:
+        try:
+            return os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return None
+
+    def _error(self, rel, exc: OSError) -> HostPathError:
+        if exc.errno == errno.EROFS:
+            return HostPathError(f"{self.show(rel)} is on a read-only file system",
+                                 hint="mount the host's root read-write where cudabuild installs (e.g. -v /:/host)")
+        return HostPathError(f"{self.show(rel)}: {exc.strerror}", hint="check --root and the permissions there")
+
+    def resolve(self, rel: str | PurePosixPath) -> Path:
+        """The path as this process reaches it, every directory resolved inside the root; the last
+        component is followed too while it is a symlink (inside the root). It may not exist: what
+        does not is taken as written, `..` never above the root."""
+        parts = _parts(rel)
+        for _ in range(MAX_LINKS):
+            if not parts:
+                return self.root
+            fds = [self._open_root()]
+            try:
+                left = self._walk(fds, parts[:-1], rel, create=False, missing_ok=True)
+                here = self._where(fds[-1])
+                name = parts[-1]
+                if left:  # a directory on the way does not exist: the rest is taken lexically
+                    path = PurePosixPath("/", *self._rel(here).parts)
+                    for part in [*left, name]:
+                        path = path.parent if part == ".." else path / part
+                    return self.root / str(path).lstrip("/")
+                if name == "..":
+                    return here.parent if here != self.root else here
+                target = self._readlink(name, fds[-1])
+                if target is None:
+                    return here / name
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            parts = _parts(target) if target.startswith("/") else _parts(
+                PurePosixPath("/", *self._rel(here).parts, target))
+        raise HostPathError(f"{self.show(rel)}: too many symbolic links (a loop?)", hint="fix the links under the root")
+
+    def _where(self, fd: int) -> Path:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def _rel(self, path: Path) -> PurePosixPath:
+        path = Path(os.path.abspath(path))
+        try:
+            return PurePosixPath(path.relative_to(self.root))
+        except ValueError:
+            return PurePosixPath(path.relative_to(self.given))  # a path named through the root as given
+
+    def host_path(self, path: Path, host_root: str = "/") -> str:
+        """Where the host sees `path` (a path under the root as this process sees it)."""
+        return str(PurePosixPath(host_root) / self._rel(Path(path)))
+
+    def show(self, rel) -> str:
+        return shown(str(self.root / str(rel).lstrip("/")))
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def exists(self, rel) -> bool:
+        try:
+            return self.resolve(rel).exists()
+        except HostPathError:
+            return False
+
+    def is_dir(self, rel) -> bool:
+        try:
+            return self.resolve(rel).is_dir()
+        except HostPathError:
+            return False
+
+    def read_bytes(self, rel, *, limit: int = READ_LIMIT) -> bytes:
+        """At most `limit` bytes of a regular file (HostPathError past that, or for anything else)."""
+        path = self.resolve(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise self._error(rel, exc) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise HostPathError(f"{self.show(rel)} is not a regular file", hint="check what is there")
+            data = b""
+            while len(data) <= limit:
+                chunk = os.read(fd, limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            raise HostPathError(f"{self.show(rel)} is larger than {limit} bytes, more than it can hold",
+                                hint="check what is there; it is not what the driver writes")
+        return data
+
+    def read_text(self, rel, *, limit: int = READ_LIMIT) -> str:
+        return self.read_bytes(rel, limit=limit).decode(errors="replace")
+
+    def listdir(self, rel) -> list[str]:
+        """The names in a directory (none when it does not exist)."""
+        try:
+            with self.directory(rel) as fd:
+                return sorted(os.listdir(fd))
+        except HostPathError:
+            return []
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def makedirs(self, rel) -> Path:
+        with self.directory(rel, create=True) as fd:
+            return self._where(fd)
+
+    def write_atomic(self, rel, data: bytes, *, mode: int = 0o644) -> tuple[Path, bool]:
+        """Write a file whole: a new temporary name (O_EXCL|O_NOFOLLOW) in the resolved directory,
+        then a rename over the name, which replaces what is there rather than following it. Whether
+        the content changed."""
+        parts = _parts(rel)
+        parent, name = PurePosixPath("/", *parts[:-1]), parts[-1]
+        with self.directory(parent, create=True) as fd:
+            where = self._where(fd) / name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise HostPathError(f"{self.show(rel)} is a directory, where cudabuild writes a file",
+                                        hint="remove or move that directory")
+                if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                    current = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        if os.read(current, len(data) + 1) == data:
+                            return where, False
+                    finally:
+                        os.close(current)
+            except FileNotFoundError:
+                pass
+            tmp = f".{name}.{secrets.token_hex(6)}.partial"
+            try:
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                              dir_fd=fd)
+            except OSError as exc:
+                raise self._error(rel, exc) from exc
+            try:
+                with os.fdopen(out, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fchmod(f.fileno(), mode)  # not the umask's
+                    os.fsync(f.fileno())
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=fd)
+                except OSError:
+                    pass
+                raise
+            return where, True
+
+    def remove_file(self, rel) -> None:
+        """Remove a file or symlink that cudabuild wrote (never a directory; the link itself, not
+        what it points to)."""
+        parts = _parts(rel)
+        try:
+            with self.directory(PurePosixPath("/", *parts[:-1])) as fd:
+                os.unlink(parts[-1], dir_fd=fd)
+        except (HostPathError, FileNotFoundError):
+            pass
