@@ -41,6 +41,33 @@ PARTS = ("modules", "userspace")  # the directories an artifact has beside its m
 USERSPACE_TOPS = ("lib", "bin", "firmware")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+
+# The NVIDIA driver's own userspace files: the only ones an artifact may carry, since each library
+# and binary is mounted into every GPU container by its name (FACTS.md, "Userspace a CUDA container
+# needs"; NVIDIA/libnvidia-container's nvc_info.c). The first two libraries must be there.
+REQUIRED_LIBRARIES = ("libcuda", "libnvidia-ml")
+OPTIONAL_LIBRARIES = ("libnvidia-ptxjitcompiler", "libnvidia-nvvm", "libnvidia-cfg", "libnvidia-allocator",
+                      "libnvidia-opencl", "libcudadebugger", "libnvidia-fatbinaryloader", "libnvidia-compiler",
+                      "libnvidia-pkcs11-openssl3", "libnvidia-pkcs11")
+BINARIES = ("nvidia-smi",)
+_LIBRARY_RE = re.compile(r"(?:%s)\.so(?:\.[0-9]{1,6}){0,4}" % "|".join(
+    re.escape(n) for n in (*REQUIRED_LIBRARIES, *OPTIONAL_LIBRARIES)))
+_FIRMWARE_RE = re.compile(r"firmware/nvidia/[0-9]{3}\.[0-9]{1,4}(?:\.[0-9]{1,4})?/gsp[A-Za-z0-9_]{0,32}\.bin")
+
+
+def library_name_ok(name: str) -> bool:
+    """Whether `name` is a plain file name of one of the NVIDIA driver's libraries."""
+    return bool(_LIBRARY_RE.fullmatch(name))
+
+
+def driver_file_ok(path: str) -> bool:
+    """Whether `path` (under userspace/) is one of the driver's own files at its place."""
+    top, _, name = path.partition("/")
+    if top == "lib":
+        return library_name_ok(name)
+    if top == "bin":
+        return name in BINARIES
+    return bool(_FIRMWARE_RE.fullmatch(path))
 _VERMAGIC_RE = re.compile(r"[A-Za-z0-9._+-]+(?: [A-Za-z0-9._+-]+)* ?")
 _DEPEND_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
@@ -310,8 +337,14 @@ class _Checker:
         if not parts or parts[0] not in USERSPACE_TOPS or len(parts) > 8 or path != "/".join(parts) \
                 or not all(_NAME_RE.fullmatch(p) for p in parts) or ".." in path.split("/"):
             self.fail(f"userspace path {shown(path)} is not a plain path under {', '.join(USERSPACE_TOPS)}")
+        if not driver_file_ok(path):
+            self.fail(f"userspace path {shown(path)} is not one of the NVIDIA driver's own files (lib/: "
+                      f"{', '.join(REQUIRED_LIBRARIES + OPTIONAL_LIBRARIES)}; bin/: {', '.join(BINARIES)}; "
+                      "firmware/nvidia/VERSION/gsp*.bin); it would be mounted into every GPU container")
         if "link" in entry:
             link = self.text(entry, "link", _NAME_RE)
+            if not (path.startswith("lib/") and library_name_ok(link)):
+                self.fail(f"userspace link {shown(path)} -> {shown(link)} does not name one of the driver's libraries")
             return UserspaceEntry(path=path, link=link)
         size = entry.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -456,6 +489,7 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
                 if info.version != m.version:
                     problems.append(f"{m.file} has version {shown(info.version)}, the manifest says "
                                     f"{shown(m.version)}")
+        problems += _soname_problems(root, manifest)
         for path, digest in digests.result().items():
             if digest != files[path].sha256:
                 problems.append(f"{path.relative_to(root)} has sha256 {digest}, the manifest says "
@@ -465,6 +499,20 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
     if problems:
         _refuse(root, problems)
     return artifact
+
+
+def _soname_problems(root: Path, manifest: Manifest) -> list[str]:
+    """Each library's DT_SONAME is a name of the driver's libraries: it becomes a mount path."""
+    from cudabuild.verify import soname
+
+    problems = []
+    for entry in manifest.userspace:
+        if entry.link is None and entry.path.startswith("lib/"):
+            so = soname(root / "userspace" / entry.path)
+            if so is not None and not library_name_ok(so):
+                problems.append(f"userspace/{entry.path} has the DT_SONAME {shown(so)}, which is not a name of the "
+                                "NVIDIA driver's libraries (it would become a mount path in every GPU container)")
+    return problems
 
 
 def check_signatures(artifact: Artifact) -> list[str]:

@@ -147,3 +147,19 @@ def verify_modules(directory: Path, *, release: str, driver_version: str, expect
                           hint="the modules were not published; check that the kernel headers, config and "
                           "Module.symvers all belong to the target kernel")
     return infos
+
+
+def soname(path: Path) -> str | None:
+    """A shared library's DT_SONAME (libcuda.so.VERSION -> libcuda.so.1), or None."""
+    from elftools.elf.dynamic import DynamicSection
+
+    try:
+        with open(path, "rb") as f:
+            for section in ELFFile(f).iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags():
+                        if tag.entry.d_tag == "DT_SONAME":
+                            return str(tag.soname)
+    except (ELFError, ELFParseError, ConstructError, OSError, ValueError, UnicodeDecodeError):
+        return None
+    return None

@@ -67,6 +67,42 @@ def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, m
     return manifest
 
 
+HOSTILE_USERSPACE = ("libc-added", "hostile-soname")
+
+
+def make_userspace_hostile(root: Path, how: str) -> str:
+    """Change an artifact's userspace as the hostile tester did, with the manifest rewritten to
+    match (digests and sizes true), so that only the names give it away; the file to be named.
+    libc-added: userspace/lib/libc.so.6 listed beside the driver's libraries.
+    hostile-soname: libcuda replaced by a real shared library whose DT_SONAME is ../../bin/sh."""
+    import json
+
+    from cudabuild.digests import sha256_file
+
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    lib = root / "userspace" / "lib"
+    if how == "libc-added":
+        target = lib / "libc.so.6"
+        target.write_bytes(b"\x7fELF not the C library\n")
+        manifest["userspace"].append({"path": "lib/libc.so.6"})
+        named = "libc.so.6"
+    else:
+        [target] = [p for p in lib.iterdir() if p.name.startswith("libcuda.so.") and not p.is_symlink()]
+        source = root.parent / "hostile.c"
+        source.write_text("int cuInit(unsigned int flags) { return 100; }\n")
+        target.chmod(0o644)
+        subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,../../bin/sh", "-o", str(target), str(source)],
+                       check=True)
+        named = f"userspace/lib/{target.name}"
+    for entry in manifest["userspace"]:
+        if entry["path"] == f"lib/{target.name}":
+            entry.update(size=target.stat().st_size, sha256=sha256_file(target))
+    manifest_path.chmod(0o644)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return named
+
+
 @dataclass
 class Served:
     data: bytes

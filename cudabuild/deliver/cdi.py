@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cudabuild.artifact import BINARIES, OPTIONAL_LIBRARIES, REQUIRED_LIBRARIES, library_name_ok
 from cudabuild.deliver import devices
 from cudabuild.errors import InputError, shown
 from cudabuild.hostfs import HostRoot
@@ -23,39 +24,18 @@ SPEC_DIRS = ("etc/cdi", "var/run/cdi")  # CDI's standard places, under a root; t
 CONTAINER_LIBS = "/usr/lib/x86_64-linux-gnu"
 CONTAINER_BIN = "/usr/bin"
 MOUNT_OPTIONS = ["ro", "nosuid", "nodev", "bind"]
-# The userspace a CUDA container needs (NVIDIA/libnvidia-container, FACTS.md); the first two must be there.
-REQUIRED_LIBRARIES = ("libcuda", "libnvidia-ml")
-OPTIONAL_LIBRARIES = ("libnvidia-ptxjitcompiler", "libnvidia-nvvm", "libnvidia-cfg", "libnvidia-allocator",
-                      "libnvidia-opencl", "libcudadebugger", "libnvidia-fatbinaryloader", "libnvidia-compiler",
-                      "libnvidia-pkcs11-openssl3", "libnvidia-pkcs11")
-BINARIES = ("nvidia-smi",)
 # Where hosts keep the userspace driver: distributions' own places, Debian's alternatives, ours.
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/nvidia/current", "usr/lib64", "usr/lib",
                 "lib/x86_64-linux-gnu", "usr/local/nvidia/lib64")
 BINARY_DIRS = ("usr/bin", "usr/lib/nvidia/current", "bin", "usr/local/nvidia/bin")
 
 
-def soname(path: Path) -> str | None:
-    """A shared library's DT_SONAME (libcuda.so.VERSION -> libcuda.so.1), read with pyelftools."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.dynamic import DynamicSection
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        with open(path, "rb") as f:
-            for section in ELFFile(f).iter_sections():
-                if isinstance(section, DynamicSection):
-                    for tag in section.iter_tags():
-                        if tag.entry.d_tag == "DT_SONAME":
-                            return str(tag.soname)
-    except (ELFError, OSError, ValueError):
-        return None
-    return None
-
-
 def names_of(library: Path) -> list[str]:
     """The names a library is found by: its file name, every link beside it that leads to it
-    (libcuda.so.1, libcuda.so), and its DT_SONAME."""
+    (libcuda.so.1, libcuda.so), and its DT_SONAME; only names of the NVIDIA driver's own libraries
+    (each becomes a mount path in every GPU container)."""
+    from cudabuild.verify import soname
+
     names = [library.name]
     target = library.resolve()
     for link in sorted(library.parent.iterdir()):
@@ -64,7 +44,7 @@ def names_of(library: Path) -> list[str]:
     so = soname(library)
     if so and so not in names:
         names.append(so)
-    return names
+    return [n for n in names if library_name_ok(n)]
 
 
 @dataclass(frozen=True)

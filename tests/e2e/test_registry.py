@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.helpers import STANDINS, run_cli
+from tests.helpers import HOSTILE_USERSPACE, STANDINS, make_userspace_hostile, run_cli
 from tests.registry import LocalRegistry
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
@@ -80,13 +80,21 @@ def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, 
     assert not [t for i in client.images.list() for t in i.tags if t.startswith(registry.host)]
 
 
-def tampered_image(client, source: Path, tag: str, labels: dict, *, keep_manifest_true: bool) -> None:
-    """The build's files with nvidia.ko changed, under the same tag and the same labels (key
-    included): a byte of its vermagic altered, with or without the manifest updated to match."""
+def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) -> str:
+    """The build's files changed, under the same tag and the same labels (key included): a byte of
+    nvidia.ko's vermagic altered, with or without the manifest updated to match (digest-mismatch,
+    manifest-rewritten), or the userspace made hostile with true digests (HOSTILE_USERSPACE). The
+    name the refusal must give."""
     from cudabuild.digests import sha256_file
 
-    context = source.parent / f"tampered-{keep_manifest_true}"
+    context = source.parent / f"tampered-{how}"
     shutil.copytree(source, context / "payload", symlinks=True, ignore=shutil.ignore_patterns("build.log"))
+    if how in HOSTILE_USERSPACE:
+        named = make_userspace_hostile(context / "payload", how)
+        (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
+        client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
+        return named
+    keep_manifest_true = how == "manifest-rewritten"
     ko = context / "payload" / "modules" / "nvidia.ko"
     ko.chmod(0o644)
     blob = ko.read_bytes()
@@ -101,20 +109,20 @@ def tampered_image(client, source: Path, tag: str, labels: dict, *, keep_manifes
         (context / "payload" / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
     client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
+    return "nvidia.ko"
 
 
-@pytest.mark.parametrize("keep_manifest_true", [False, True], ids=["digest-mismatch", "manifest-rewritten"])
-def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(build, registry, pushed, tmp_path,
-                                                                            keep_manifest_true):
+@pytest.mark.parametrize("how", ["digest-mismatch", "manifest-rewritten", *HOSTILE_USERSPACE])
+def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(build, registry, pushed, tmp_path, how):
     data = build[0]
     client = docker.from_env()
     original = client.images.get(data["modules_image"])
     labels = {k: v for k, v in original.labels.items() if k.startswith("io.cudabuild.")}
-    repo = registry.repo(f"tampered-{int(keep_manifest_true)}")
+    repo = registry.repo(f"tampered-{how}")
     ref = f"{repo}/modules:{data['modules_image'].split(':', 1)[1]}"
     source = tmp_path / "source"
     shutil.copytree(data["cache_dir"], source, symlinks=True)
-    tampered_image(client, source, ref, labels, keep_manifest_true=keep_manifest_true)
+    named = tampered_image(client, source, ref, labels, how=how)
     client.images.push(ref.rsplit(":", 1)[0], tag=ref.rsplit(":", 1)[1])
     client.images.remove(ref, force=True)
     assert registry.labels(ref)["io.cudabuild.key"] == labels["io.cudabuild.key"]
@@ -123,8 +131,9 @@ def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(bui
     result = run_cli(*args_of(data, repo), env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 7, result.stderr
     assert f"refused the registry's {ref}" in result.stderr
-    assert ("nvidia.ko" in result.stderr) and ("vermagic" in result.stderr or "sha256" in result.stderr
-                                                or "changed" in result.stderr)
+    assert named in result.stderr
+    assert ("NVIDIA driver's" in result.stderr if how in HOSTILE_USERSPACE else
+            "vermagic" in result.stderr or "sha256" in result.stderr or "changed" in result.stderr)
     assert list((cache / "results").iterdir()) == []
     assert list((cache / "tmp").iterdir()) == []
     assert not [t for i in client.images.list() for t in i.tags if t.startswith(registry.host)]
