@@ -266,6 +266,37 @@ class HostRoot:
                 raise
             return where, True
 
+    @contextmanager
+    def lock(self, rel, *, timeout: float = 600.0, waiting=None) -> Iterator[None]:
+        """An exclusive lock (flock) on the file `rel`, made if missing without following a link
+        planted there; `waiting()` is called once if another holder makes us wait."""
+        import fcntl
+        import time
+
+        parts = _parts(rel)
+        with self.directory(PurePosixPath("/", *parts[:-1]), create=True) as fd:
+            try:
+                lock_fd = os.open(parts[-1], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+            except OSError as exc:
+                raise self._error(rel, exc) from exc
+        try:
+            deadline, told = time.monotonic() + timeout, False
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise HostPathError(f"{self.show(rel)} is held by another cudabuild for over {timeout:.0f} s",
+                                            hint="wait for the other install to finish, or stop it") from None
+                    if waiting and not told:
+                        waiting()
+                        told = True
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(lock_fd)  # releases the lock
+
     def remove_file(self, rel) -> None:
         """Remove a file or symlink that cudabuild wrote (never a directory; the link itself, not
         what it points to)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, Artifact, read_manifest
+from cudabuild.digests import sha256_files
 from cudabuild.deliver import cdi, devices
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.errors import ArtifactError, InputError, LoaderError
@@ -33,6 +34,7 @@ from cudabuild.ui import Reporter
 
 DRIVER_DIR = "run/cudabuild/driver"
 READY = "ready"
+INSTALL_LOCK = "run/cudabuild/.install.lock"  # one install at a time on a host
 
 
 @dataclass
@@ -56,15 +58,30 @@ class Installed:
                 "spec_changed": self.spec_changed, "changed": self.changed}
 
 
-def _same(target: Path, checked: Artifact) -> bool:
-    """Whether `target` already holds this artifact's driver (its manifest, and every file there)."""
+def changed_files(target: Path, checked: Artifact) -> list[str] | None:
+    """What of `target` differs from this artifact (each file's sha256 against the manifest, each
+    link's target): [] when it holds exactly this driver, None when it holds no copy of it at all."""
     try:
         installed = read_manifest(target / MANIFEST)
     except ArtifactError:
-        return False
+        return None
     if installed.key != checked.manifest.key:
-        return False
-    return all(p.exists() or p.is_symlink() for p in (_place(target, rel) for rel, _ in checked.files()))
+        return None
+    changed, files = [], {}
+    for rel, entry in checked.files():
+        place = _place(target, rel)
+        link = getattr(entry, "link", None)
+        if link is not None:
+            if not place.is_symlink() or os.readlink(place) != link:
+                changed.append(rel)
+        elif place.is_symlink() or not place.is_file() or place.stat().st_size != entry.size:
+            changed.append(rel)
+        else:
+            files[place] = (rel, entry.sha256)
+    for place, digest in sha256_files(list(files)).items():
+        if digest != files[place][1]:
+            changed.append(files[place][0])
+    return sorted(changed)
 
 
 def _place(target: Path, rel: str) -> Path:
@@ -72,15 +89,20 @@ def _place(target: Path, rel: str) -> Path:
     return target / rel.removeprefix("userspace/")
 
 
-def put_driver(checked: Artifact, target: Path) -> bool:
-    """The driver files in `target` (a resolved path whose parent exists); False when they were
-    there already."""
+def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
+    """The driver files in `target` (a resolved path whose parent exists), checked file by file
+    against the artifact's manifest; False when they were there already, unchanged. A copy that
+    changed since it was installed is replaced (and `note` told what changed)."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise HostPathError(f"{target} is not a directory that cudabuild made (it is a "
                             f"{'symbolic link' if target.is_symlink() else 'file'})",
                             hint="remove it; cudabuild installs the driver there")
-    if _same(target, checked):
+    changed = changed_files(target, checked)
+    if changed == []:
         return False
+    if changed and note:
+        note(f"the installed copy changed since it was installed ({', '.join(changed[:5])}"
+             f"{', ...' if len(changed) > 5 else ''}); installing it again from the verified artifact")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         for rel, _ in checked.files():
@@ -137,11 +159,20 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
         raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
     host = HostRoot(root)
     version = checked.manifest.driver_version
-    target = host.makedirs(DRIVER_DIR) / version
-    with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
-        files_changed = put_driver(checked, target)
-    with reporter.step("load the modules and make the device nodes (the image loader)"):
-        loaded = run_loader(target, root=root, env=env)
+    with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
+        target = host.makedirs(DRIVER_DIR) / version
+        with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
+            files_changed = put_driver(checked, target, note=reporter.note)
+        with reporter.step("load the modules and make the device nodes (the image loader)"):
+            loaded = run_loader(target, root=root, env=env)
+        return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,
+                       files_changed=files_changed)
+
+
+def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, target: Path, loaded: list[str],
+            files_changed: bool) -> Installed:
+    """The CDI spec of what is loaded, then the ready file."""
+    version = checked.manifest.driver_version
     libraries = tuple(p for p in sorted((target / "lib").iterdir()) if p.is_file() and not p.is_symlink())
     binaries = tuple(p for p in sorted((target / "bin").iterdir()) if p.is_file())
     userspace = cdi.Userspace(version=version, libraries=libraries, binaries=binaries)

@@ -104,3 +104,41 @@ def test_the_loaders_refusals_hold(host, case, code, fragment):
     assert result.returncode == code, result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr
     assert not (root / "run/cdi/cudabuild-nvidia.json").exists() and not (root / "run/cudabuild/driver/ready").exists()
+
+
+def test_an_installed_module_replaced_afterwards_is_put_back_before_it_is_loaded(host):
+    """The hostile tester replaced nvidia-uvm.ko in the installed copy; the next install loaded it
+    without notice. Now every install checks the copy's digests against the manifest first."""
+    import hashlib
+    import shutil
+
+    root, _, art = host
+    assert install(host).returncode == 0
+    installed = root / "run/cudabuild/driver" / DRIVER / "modules" / "nvidia-uvm.ko"
+    verified = hashlib.sha256((art / "modules" / "nvidia-uvm.ko").read_bytes()).hexdigest()
+    installed.chmod(0o644)
+    installed.write_bytes(b"\x7fELF not the module that was verified\n")
+    shutil.rmtree(root / "sys/module/nvidia_uvm")  # as if unloaded since
+    (root / "insmod.log").unlink()
+    result = install(host)
+    assert result.returncode == 0, result.stderr
+    assert "changed since it was installed (modules/nvidia-uvm.ko)" in result.stderr
+    assert hashlib.sha256(installed.read_bytes()).hexdigest() == verified
+    assert (root / "insmod.log").read_text().split() == ["nvidia_uvm"]
+
+
+def test_concurrent_installs_take_turns(host):
+    """Ten installs, two at a time, on one host: each ends 0 (three of ten pairs failed before)."""
+    import subprocess
+    import sys
+
+    root, env, art = host
+    exe = Path(sys.executable).parent / "cudabuild"
+    for _ in range(5):
+        pair = [subprocess.Popen([str(exe), "install", "--modules", str(art), "--root", str(root)],
+                                 env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+        for process in pair:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0 and "Traceback" not in err, err
+    assert json.loads((root / "run/cudabuild/driver/ready").read_text())["driver_version"] == DRIVER
