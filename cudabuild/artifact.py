@@ -550,9 +550,10 @@ def describe_userspace(root: Path) -> tuple[UserspaceEntry, ...]:
     return tuple(entries)
 
 
-def find(reference: str | None, cache, engine_factory) -> Artifact:
+def find(reference: str | None, cache, engine_factory, *, import_image=None) -> Artifact:
     """The checked artifact of a modules image, an --output directory, or the newest build in
-    the cache."""
+    the cache. A modules image whose build is not in the cache is read from the image by
+    `import_image(reference, labels)` (which checks it and puts it there) when one is given."""
     if reference is None:
         newest: tuple[str, Path] | None = None
         for manifest_path in (cache.root / "results").glob("*/manifest.json"):
@@ -577,11 +578,16 @@ def find(reference: str | None, cache, engine_factory) -> Artifact:
     if engine.image_id(reference) is None:
         raise InputError(f"--modules {shown(reference)}: neither a modules image nor a directory", hint=hint)
     labels = read_labels(engine.image(reference)["Config"].get("Labels"), reference)
-    result = cache.result(labels.key) if labels else None
-    if result is None:
+    if labels is None:
+        raise InputError(f"--modules {shown(reference)} is not a cudabuild modules image (it has no {LABEL_PREFIX} "
+                         "labels)", hint=hint)
+    result = cache.result(labels.key)
+    if result is not None:
+        return load(result)
+    if import_image is None:
         raise InputError(f"{reference} was not built with this cache ({cache.root})",
                          hint="build it here with cudabuild modules, or pass the directory --output wrote")
-    return load(result)
+    return import_image(reference, labels)
 
 
 # ---- image labels ------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
 
         checked = build_modules(options, env=os.environ, reporter=reporter, engine_factory=engine).artifact
     else:
-        checked = artifact.find(modules_ref, cache, engine)
+        checked = artifact.find(modules_ref, cache, engine, import_image=_importer(cache, engine, reporter))
     reporter.note(f"modules: {checked.root}")
     report = images.build_image(profile=chosen, checked=checked, engine=engine(), cache=cache, tag=tag,
                                 reporter=reporter)
@@ -432,7 +432,8 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
                                      "boot_timeout": timeout}, os.environ)
     reporter = Reporter()
     cache = Cache(default_cache_dir(os.environ))
-    checked = artifact.find(modules_ref, cache, functools.cache(Engine.from_env))
+    engine = functools.cache(Engine.from_env)
+    checked = artifact.find(modules_ref, cache, engine, import_image=_importer(cache, engine, reporter))
     fetcher = Fetcher(reporter=reporter)
 
     def archive() -> DebianArchive:
@@ -515,8 +516,10 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
 
         return Engine.from_env()
 
-    checked = artifact.find(modules_ref, None if modules_ref and os.path.isdir(modules_ref) else cache(),
-                            functools.cache(engine))
+    engine = functools.cache(engine)
+    where = None if modules_ref and os.path.isdir(modules_ref) else cache()
+    checked = artifact.find(modules_ref, where, engine,
+                            import_image=_importer(where, engine, reporter) if where is not None else None)
     result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=os.environ, reporter=reporter)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
@@ -628,6 +631,17 @@ def deploy() -> None:
       cudabuild deploy kubernetes --image cudabuild/driver:535.309.01-6.1.0-56-amd64 --output ./k8s
       cudabuild deploy kubernetes --kmm --registry registry.example:5000/cudabuild
     """
+
+
+def _importer(cache, engine, reporter):
+    """Reads a modules image that is not in the cache (docker pull'ed, or made elsewhere) into it,
+    checked as a registry pull is."""
+    def import_image(reference, labels):
+        from cudabuild.build.modules import import_image as read_image
+
+        return read_image(reference, labels, cache=cache, engine=engine(), env=os.environ, reporter=reporter)
+
+    return import_image
 
 
 def _deploy_flags(command):

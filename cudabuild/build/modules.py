@@ -392,6 +392,74 @@ def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
         plan.engine.untag(remote)
 
 
+def import_image(reference: str, labels, *, cache: Cache, engine: Engine, env: Mapping[str, str],
+                 reporter: Reporter) -> Artifact:
+    """A modules image that was not built with this cache (`docker pull`ed, or made on another
+    machine), read from the engine and checked as a registry pull is: one layer of modules/,
+    userspace/ and the manifest, every digest, the driver's own file names, vermagic and version,
+    the labels against the manifest, and the symbol CRCs against the kernel's Module.symvers where
+    Debian has that kernel. Then it is put in the cache; a refusal leaves nothing there."""
+    work = cache.workdir(f"import-{labels.key[:12]}")
+    try:
+        with reporter.step(f"read {reference} (it was not built with this cache)"):
+            saved = work / "image.tar"
+            with open(saved, "wb") as out:
+                for chunk in engine.save(reference):
+                    out.write(chunk)
+            unpack_image(saved, work / "out")
+            saved.unlink()
+        with reporter.step("verify its modules (digests, vermagic, version, symbol CRCs)"):
+            try:
+                m = artifact.load(work / "out").manifest
+                if m.key != labels.key or tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
+                    raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., "
+                                      f"the manifest's {m.key[:16]}...)")
+                symvers = _debian_symvers(m.kernel_release, work, cache=cache, env=env, reporter=reporter)
+                if symvers is not None:
+                    modversions = config_enabled(symvers[1], "CONFIG_MODVERSIONS")
+                    verify_modules(work / "out" / "modules", release=m.kernel_release, driver_version=m.driver_version,
+                                   expected=[e.name for e in m.modules], symvers=symvers[0] if modversions else None,
+                                   modversions=modversions)
+            except (ArtifactError, VerifyError) as exc:
+                raise VerifyError(f"refused {reference}: {exc.message}",
+                                  hint="nothing was put in the cache; use an unchanged image cudabuild made, or build "
+                                       "the modules here: cudabuild modules --kernel RELEASE --driver VERSION") from exc
+        cache.publish(work / "out", labels.key)
+    finally:
+        cache.discard(work)
+    return artifact.load(cache.result_dir(labels.key))
+
+
+def _debian_symvers(release: str, work: Path, *, cache: Cache, env: Mapping[str, str],
+                    reporter: Reporter) -> tuple[Path, Path] | None:
+    """Module.symvers and .config of a Debian kernel release, from its headers package; None (said)
+    when Debian has no such kernel or its archive cannot be read."""
+    from cudabuild.errors import FetchError
+
+    if not DEBIAN_RELEASE_RE.fullmatch(release):
+        reporter.note(f"symbol CRCs not checked: {release} is not a Debian kernel, and only Debian's "
+                      "Module.symvers can be fetched here")
+        return None
+    from cudabuild.options import resolve_build_options
+
+    options = resolve_build_options({}, env)
+    fetcher = Fetcher(reporter=reporter)
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
+                            security_mirror=options.apt_security_mirror, distribution=options.distribution)
+    try:
+        found = archive.versions(f"linux-headers-{release}")
+        if not found:
+            reporter.note(f"symbol CRCs not checked: Debian {options.distribution} has no linux-headers-{release}")
+            return None
+        headers = found[0]
+        deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size,
+                            label=headers.filename.rsplit("/", 1)[-1])
+    except (FetchError, InputError) as exc:
+        reporter.note(f"symbol CRCs not checked: Debian's archive could not be read ({exc.message})")
+        return None
+    return headers_files(deb, release, work)
+
+
 def _kernel_files(plan: ModulesPlan, work: Path) -> tuple[Path | None, Path]:
     """The kernel's Module.symvers and .config on this host: given (git), in the cache's unpacked
     tree, or read from Debian's linux-headers-RELEASE package without a container."""

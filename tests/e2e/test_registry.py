@@ -80,6 +80,29 @@ def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, 
     assert not [t for i in client.images.list() for t in i.tags if t.startswith(registry.host)]
 
 
+def test_a_docker_pulled_modules_image_works_with_image_modules(build, registry, pushed, tmp_path):
+    """As a user who has no cudabuild cache: `docker pull` the modules image, then bake a driver
+    image from it. It is read from the image and checked as a pull is (symbol CRCs against Debian's
+    Module.symvers of that kernel included), then cached."""
+    data = build[0]
+    client = docker.from_env()
+    ref = pushed["registry"]["ref"]
+    client.images.pull(ref)
+    cache = empty_cache(tmp_path)
+    tag = "cudabuild-test/driver-from-pulled:1"
+    try:
+        result = run_cli("image", "driver", "--modules", ref, "--tag", tag, "--json", env={"CUDABUILD_CACHE": str(cache)})
+        assert result.returncode == 0, result.stderr
+        assert "it was not built with this cache" in result.stderr and "symbol CRCs not checked" not in result.stderr
+        key = client.images.get(ref).labels["io.cudabuild.key"]
+        assert (cache / "results" / key / "manifest.json").is_file()
+        assert client.images.get(tag).labels["io.cudabuild.kernel-release"] == data["kernel_release"]
+    finally:
+        client.images.remove(ref, force=True)
+        if any(tag in i.tags for i in client.images.list(name=tag.split(":")[0])):
+            client.images.remove(tag, force=True)
+
+
 def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) -> str:
     """The build's files changed, under the same tag and the same labels (key included): a byte of
     nvidia.ko's vermagic altered, with or without the manifest updated to match (digest-mismatch,
