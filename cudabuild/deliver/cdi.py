@@ -23,6 +23,7 @@ SPEC_FILE = "cudabuild-nvidia.json"
 SPEC_DIRS = ("etc/cdi", "var/run/cdi")  # CDI's standard places, under a root; the second wins a clash
 CONTAINER_LIBS = "/usr/lib/x86_64-linux-gnu"
 CONTAINER_BIN = "/usr/bin"
+MAX_SPEC_BYTES = 4 << 20  # a spec is a few kB
 MOUNT_OPTIONS = ["ro", "nosuid", "nodev", "bind"]
 # Where hosts keep the userspace driver: distributions' own places, Debian's alternatives, ours.
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/nvidia/current", "usr/lib64", "usr/lib",
@@ -153,7 +154,10 @@ def write(spec: dict, root: Path) -> tuple[Path, bool]:
 def read_spec(path: Path) -> dict:
     """A spec file, JSON or YAML (nvidia-ctk writes YAML), checked to be one."""
     try:
-        text = path.read_text()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+        if len(text) > MAX_SPEC_BYTES:
+            raise ValueError(f"it is larger than {MAX_SPEC_BYTES} bytes")
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -164,8 +168,11 @@ def read_spec(path: Path) -> dict:
         raise InputError(f"cannot read the CDI spec {path}: {shown(str(exc))}", hint="fix or remove the file") from exc
     except Exception as exc:  # noqa: BLE001 - yaml's errors have no common base we can import lazily
         raise InputError(f"cannot read the CDI spec {path}: {shown(str(exc))}", hint="fix or remove the file") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not isinstance(data.get("devices"), list):
-        raise InputError(f"{path} is not a CDI spec (it needs kind and devices)", hint="fix or remove the file")
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not isinstance(data.get("devices"), list) \
+            or not all(isinstance(d, dict) for d in data["devices"]) \
+            or not isinstance(data.get("containerEdits") or {}, dict):
+        raise InputError(f"{path} is not a CDI spec (it needs kind, and devices that are objects)",
+                         hint="fix or remove the file")
     return data
 
 
@@ -176,7 +183,12 @@ def specs(directories: list[Path]) -> list[tuple[Path, dict]]:
         if directory.is_dir():
             for path in sorted(directory.iterdir()):
                 if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-                    found.append((path, read_spec(path)))
+                    try:
+                        found.append((path, read_spec(path)))
+                    except InputError:
+                        if path.name == SPEC_FILE:
+                            raise  # ours: nothing can work until it is rewritten
+                        continue  # another tool's broken spec must not refuse every GPU container (CDI skips it too)
     return found
 
 

@@ -24,6 +24,7 @@ OUR_OPTIONS = ("--cdi-spec-dir", "--runtime-path", "--runtime-log")
 # runc's global options that take a value (`runc [global options] command ...`).
 RUNC_VALUED = ("--log", "--log-format", "--root", "--criu", "--rootless")
 CONFIG_FILE = "/etc/cudabuild/runtime.json"
+MAX_CONFIG_BYTES = 4 << 20  # a bundle's config.json
 DEFAULTS = {"cdi_spec_dirs": ["/etc/cdi", "/var/run/cdi"], "runtime_path": "runc",
             "log_file": "/var/log/cudabuild-runtime.log"}
 
@@ -67,13 +68,14 @@ def command_of(args: list[str]) -> tuple[str | None, int]:
     return None, -1
 
 
-def bundle_of(args: list[str], at: int) -> str:
-    """The --bundle/-b of a create or run command (default: the current directory)."""
+def bundle_of(args: list[str], at: int) -> str | None:
+    """The --bundle/-b of a create or run command (default: the current directory); None when
+    --bundle ends the command line with no value."""
     i = at + 1
     while i < len(args):
         arg = args[i]
-        if arg in ("--bundle", "-b") and i + 1 < len(args):
-            return args[i + 1]
+        if arg in ("--bundle", "-b"):
+            return args[i + 1] if i + 1 < len(args) else None
         if arg.startswith("--bundle="):
             return arg.split("=", 1)[1]
         i += 1
@@ -105,11 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     command, at = command_of(args)
     if command not in ("create", "run"):  # the path that changes nothing: no json, no cudabuild imported
         configured = os.path.exists(os.environ.get("CUDABUILD_RUNTIME_CONFIG", CONFIG_FILE))
-        exec_runtime(ours.get("runtime_path") or (_config()["runtime_path"] if configured else "runc"), args)
-    config = {**_config(), **ours}
+        # state, delete, kill...: always reach runc, whatever is wrong with the configuration file
+        exec_runtime(ours.get("runtime_path") or (_config()[0]["runtime_path"] if configured else "runc"), args)
+    settings, problem = _config()
+    config = {**settings, **ours}
     runtime = config.get("runtime_path") or "runc"
     try:
-        _edit_bundle(bundle_of(args, at), [os_path(d) for d in config.get("cdi_spec_dirs") or []])
+        if problem:
+            raise _Refused(problem)
+        bundle = bundle_of(args, at)
+        if bundle is None:
+            raise _Refused(f"{command} --bundle has no value")
+        _edit_bundle(bundle, [os_path(d) for d in config.get("cdi_spec_dirs") or []])
     except _Refused as refused:
         _report(str(refused), args, config)
         return 1
@@ -127,22 +136,43 @@ class _Refused(Exception):
     pass
 
 
-def _config() -> dict:
-    """The configuration file's keys over the defaults (a missing file: the defaults)."""
+def _config() -> tuple[dict, str | None]:
+    """The configuration file's keys over the defaults (a missing file: the defaults), and what is
+    wrong with the file, if anything (then only its valid keys are taken)."""
     import json
 
     path = os.environ.get("CUDABUILD_RUNTIME_CONFIG", CONFIG_FILE)
     settings = dict(DEFAULTS)
     try:
         with open(path) as f:
-            data = json.load(f)
+            data = json.loads(f.read(1 << 16))
     except FileNotFoundError:
-        return settings
+        return settings, None
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"cudabuild-runtime: cannot read {path}: {exc}")
-    if isinstance(data, dict):
-        settings.update({k: v for k, v in data.items() if k in DEFAULTS})
-    return settings
+        return settings, f"cannot read the configuration {path}: {_shown(str(exc))}; fix or remove it"
+    if not isinstance(data, dict):
+        return settings, f"the configuration {path} is not a JSON object; fix or remove it"
+    problems = []
+    for key, value in data.items():
+        if key not in DEFAULTS:
+            continue
+        if key == "cdi_spec_dirs":
+            ok = isinstance(value, list) and all(isinstance(v, str) and v.startswith("/") for v in value)
+            what = "a list of absolute directories"
+        else:
+            ok = isinstance(value, str) and value != ""
+            what = "a path"
+        if ok:
+            settings[key] = value
+        else:
+            problems.append(f"{key} must be {what}, not {_shown(json.dumps(value))}")
+    return settings, (f"the configuration {path}: {'; '.join(problems)}" if problems else None)
+
+
+def _shown(value: str, limit: int = 200) -> str:
+    """A value from outside, for a message or a log: escaped, one line, and cut at `limit`."""
+    text = value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
 def _edit_bundle(bundle: str, spec_dirs: list) -> None:
@@ -153,35 +183,68 @@ def _edit_bundle(bundle: str, spec_dirs: list) -> None:
     from cudabuild.errors import CudabuildError
 
     path = os.path.join(bundle, "config.json")
-    with open(path) as f:
-        spec = json.load(f)
-    env = dict(item.split("=", 1) for item in (spec.get("process") or {}).get("env") or [] if "=" in item)
+    try:
+        with open(path) as f:
+            spec = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+    except FileNotFoundError:
+        raise _Refused(f"the bundle {_shown(bundle)} has no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise _Refused(f"cannot read the bundle's {_shown(path)}: {_shown(str(exc))}") from None
+    process = spec.get("process") if isinstance(spec, dict) else None
+    listed = process.get("env") if isinstance(process, dict) else None
+    if not isinstance(spec, dict) or not isinstance(process, (dict, type(None))) \
+            or not isinstance(listed, (list, type(None))) or not all(isinstance(e, str) for e in listed or []):
+        raise _Refused(f"the bundle's {_shown(path)} is not an OCI runtime spec (process.env must be a list of "
+                       "strings)")
+    env = dict(item.split("=", 1) for item in listed or [] if "=" in item)
     requested = devices.requested(env)
     if requested is None:
         return  # names no GPU: untouched
     variable, value = requested
     try:
-        chosen = devices.select(cdi.gpus_in_spec(spec_dirs), value, what=f"{variable}={value}")
+        chosen = devices.select(cdi.gpus_in_spec(spec_dirs), value, what=f"{variable}={_shown(value)}")
         if chosen is None:  # void
             return
         edits = cdi.edits_for(spec_dirs, cdi.device_names(chosen))
     except CudabuildError as exc:
         raise _Refused(f"{exc.message}; the container was not started (cudabuild-runtime, CDI specs in "
                        f"{', '.join(str(d) for d in spec_dirs)})") from exc
-    apply_edits(spec, edits)
+    try:
+        apply_edits(spec, edits)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Refused(f"the CDI spec's edits are malformed ({_shown(str(exc))}); the container was not started; "
+                       "rewrite the spec: cudabuild cdi generate") from None
     tmp = path + ".cudabuild-partial"
     with open(tmp, "w") as f:
         json.dump(spec, f)
     os.replace(tmp, path)
 
 
+def _number(value, what: str, limit: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ValueError(f"{what} {value!r} is not a number from 0 to {limit}")
+    return value
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError(f"{what} {value!r} is not an absolute path")
+    return value
+
+
 def apply_edits(spec: dict, edits: dict) -> None:
-    """CDI container edits into an OCI runtime spec (what a CDI-aware engine does)."""
+    """CDI container edits into an OCI runtime spec (what a CDI-aware engine does); every value
+    checked to be of CDI's type first (ValueError otherwise): nothing unchecked reaches runc."""
     linux = spec.setdefault("linux", {})
     nodes = linux.setdefault("devices", [])
     rules = linux.setdefault("resources", {}).setdefault("devices", [])
     for node in edits.get("deviceNodes", []):
-        entry = {"path": node["path"], "type": node.get("type", "c"), "major": node["major"], "minor": node["minor"],
+        kind = node.get("type", "c")
+        if kind not in ("c", "b", "u", "p"):
+            raise ValueError(f"device type {kind!r} is not c, b, u or p")
+        entry = {"path": _text(node["path"], "a device's path"), "type": kind,
+                 "major": _number(node["major"], "a device's major", 4095),
+                 "minor": _number(node["minor"], "a device's minor", (1 << 20) - 1),
                  "fileMode": 0o666, "uid": 0, "gid": 0}
         nodes[:] = [n for n in nodes if n.get("path") != entry["path"]] + [entry]
         rules.append({"allow": True, "type": entry["type"], "major": entry["major"], "minor": entry["minor"],
@@ -189,11 +252,16 @@ def apply_edits(spec: dict, edits: dict) -> None:
     mounts = spec.setdefault("mounts", [])
     for mount in edits.get("mounts", []):
         options = list(mount.get("options") or ["ro", "nosuid", "nodev", "bind"])
-        mounts.append({"destination": mount["containerPath"], "source": mount["hostPath"],
+        if not all(isinstance(o, str) for o in options):
+            raise ValueError(f"mount options {options!r} are not strings")
+        mounts.append({"destination": _text(mount["containerPath"], "a mount's containerPath"),
+                       "source": _text(mount["hostPath"], "a mount's hostPath"),
                        "type": mount.get("type") or "bind", "options": options})
     process = spec.setdefault("process", {})
     env = process.setdefault("env", [])
     for variable in edits.get("env", []):
+        if not isinstance(variable, str) or "=" not in variable:
+            raise ValueError(f"environment entry {variable!r} is not NAME=VALUE")
         name = variable.split("=", 1)[0]
         env[:] = [e for e in env if e.split("=", 1)[0] != name] + [variable]
     hooks = spec.setdefault("hooks", {})
@@ -208,6 +276,7 @@ def _report(message: str, args: list[str], config: dict) -> None:
     import json
     import time
 
+    message = _shown(message, 2000)  # one line, escaped: no value can forge a log line
     print(f"cudabuild-runtime: {message}", file=sys.stderr)
     log, fmt = runc_log_of(args)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -220,7 +289,7 @@ def _report(message: str, args: list[str], config: dict) -> None:
         except OSError:
             pass
     own = config.get("log_file")
-    if own:
+    if isinstance(own, str) and own:
         try:
             with open(own, "a") as f:
                 f.write(f"{stamp} create refused: {message}\n")
