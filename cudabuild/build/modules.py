@@ -290,6 +290,9 @@ def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Re
                     if in_registry:
                         _pull(plan, remote, reporter=reporter)
                         origin = "pulled"
+                if origin is None and options.no_build and registry_down is not None:
+                    raise RegistryError(f"--no-build: the cache ({cache.root}) does not have it, and "
+                                        f"{registry_down.message}", hint=registry_down.hint)  # exit 9, not 21
                 if origin is None and options.no_build:
                     wanted = f"NVIDIA {plan.spec.driver_version} {plan.spec.flavor} for {plan.spec.kernel_release}"
                     raise RegistryError(f"--no-build: neither the cache ({cache.root}) nor the registry ({remote}) "

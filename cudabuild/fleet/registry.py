@@ -24,12 +24,19 @@ from cudabuild.options import validate_registry
 
 MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                             "application/vnd.oci.image.manifest.v1+json"])
-TIMEOUT = 20
+TIMEOUT = 20  # seconds for a connection or one read
+DEADLINE = 60.0  # seconds for a whole answer, however it trickles in
+MAX_ANSWER = 4 << 20  # bytes of a manifest, a config or a token: a real one is a few kB
+
+
+class _TooSlow(Exception):
+    pass
 
 
 @dataclass(frozen=True)
 class Registry:
     repo: str  # HOST[:PORT]/PATH, e.g. 127.0.0.1:5055/cudabuild
+    deadline: float = DEADLINE
 
     def __post_init__(self) -> None:
         validate_registry(self.repo)
@@ -39,49 +46,119 @@ class Registry:
         return self.repo.split("/", 1)[0]
 
     @property
+    def loopback(self) -> bool:
+        name = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host.split("]")[0] + "]"
+        return name == "localhost" or name.startswith("127.") or name == "[::1]"
+
+    @property
     def base_url(self) -> str:
-        name = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host
-        insecure = name == "localhost" or name.startswith("127.") or name == "[::1]"
-        return f"{'http' if insecure else 'https'}://{self.host}"
+        return f"{'http' if self.loopback else 'https'}://{self.host}"
 
     def ref(self, local: str) -> str:
         """The registry's name for a local image: cudabuild/modules:TAG -> REPO/modules:TAG."""
         return f"{self.repo}/{local.rsplit('/', 1)[-1]}"
 
-    def _get(self, url: str, name: str, **headers) -> requests.Response:
-        """GET with the token the registry asks for (anonymous, or `docker login`'s credentials)."""
-        answer = requests.get(url, headers=headers, timeout=TIMEOUT)
-        challenge = answer.headers.get("WWW-Authenticate", "")
-        if answer.status_code != 401 or not challenge.lower().startswith("bearer "):
-            return answer
+    def _fetch(self, url: str, *, params=None, auth=None, **headers) -> tuple[int, dict, bytes]:
+        """One GET, bounded: TIMEOUT per read, `deadline` for the whole answer, MAX_ANSWER bytes."""
+        import time
+
+        started = time.monotonic()
+        with requests.get(url, params=params, auth=auth, headers=headers, timeout=TIMEOUT, stream=True,
+                          allow_redirects=False) as answer:
+            body = bytearray()
+            # read1: what has arrived (a trickle cannot hold a read past TIMEOUT, nor the whole past the deadline)
+            read = getattr(answer.raw, "read1", None)
+            chunks = iter(lambda: read(1 << 16), b"") if read else answer.iter_content(1024)
+            for chunk in chunks:
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    raise RegistryError(f"the registry {self.host} sent more than {MAX_ANSWER} bytes for {shown(url)}, "
+                                        "more than a manifest or token ever is",
+                                        hint="check --registry: it is not an OCI registry, or not a sound one")
+                if time.monotonic() - started > self.deadline:
+                    raise _TooSlow()
+            if time.monotonic() - started > self.deadline:
+                raise _TooSlow()
+            return answer.status_code, dict(answer.headers), bytes(body)
+
+    def _credentials_for(self, realm: str) -> tuple[str, str] | None:
+        """`docker login`'s credentials, only for a token server on the registry's own host and
+        port, and only over HTTPS unless the registry itself is on loopback."""
+        from urllib.parse import urlsplit
+
+        try:
+            where = urlsplit(realm)
+            port = where.port
+        except ValueError:
+            return None
+        default = 443 if where.scheme == "https" else 80
+        ours_name, _, ours_port = self.host.rpartition(":") if not self.host.endswith("]") else (self.host, "", "")
+        if not ours_port.isdigit():
+            ours_name, ours_port = self.host, ""
+        same_host = (where.hostname or "").lower() == ours_name.strip("[]").lower() \
+            and (port or default) == (int(ours_port) if ours_port else default)
+        if not same_host or not (where.scheme == "https" or (where.scheme == "http" and self.loopback)):
+            return None
+        return _login(self.host)
+
+    def _get(self, url: str, name: str, **headers) -> tuple[int, bytes]:
+        """GET with the token the registry asks for (anonymous, or `docker login`'s credentials
+        where the token server is the registry's own)."""
+        status, answer_headers, body = self._fetch(url, **headers)
+        challenge = answer_headers.get("WWW-Authenticate", "")
+        if status != 401 or not challenge.lower().startswith("bearer "):
+            return status, body
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        realm = fields.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError(f"the registry {self.host} asks for a token from {shown(realm)}, which is not a URL",
+                                hint="check --registry")
         params = {"service": fields.get("service", ""), "scope": fields.get("scope", f"repository:{name}:pull")}
-        token = requests.get(fields.get("realm", ""), params=params, auth=_login(self.host), timeout=TIMEOUT)
-        token.raise_for_status()
-        bearer = token.json().get("token") or token.json().get("access_token")
-        return requests.get(url, headers={**headers, "Authorization": f"Bearer {bearer}"}, timeout=TIMEOUT)
+        status, _, token = self._fetch(realm, params=params, auth=self._credentials_for(realm))
+        if status != 200:
+            return 401, b""
+        data = json.loads(token)
+        bearer = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
+        if not isinstance(bearer, str):
+            raise ValueError("the token server's answer has no token")
+        status, _, body = self._fetch(url, **headers, Authorization=f"Bearer {bearer}")
+        return status, body
 
     def labels(self, ref: str) -> dict[str, str] | None:
         """The labels of `ref` in the registry, or None when it has no such tag."""
         name, _, tag = ref[len(self.host) + 1:].rpartition(":")
         try:
-            manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
-            if manifest.status_code == 404:
+            status, manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
+            if status == 404:
                 return None
-            if manifest.status_code in (401, 403):
-                raise RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {manifest.status_code})",
+            if status in (401, 403):
+                raise RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
                                     hint=f"log in first: docker login {self.host}")
-            manifest.raise_for_status()
-            config = self._get(f"{self.base_url}/v2/{name}/blobs/{manifest.json()['config']['digest']}", name)
-            config.raise_for_status()
-            return (config.json().get("config") or {}).get("Labels") or {}
+            if status != 200:
+                raise ValueError(f"HTTP {status} for the manifest")
+            digest = json.loads(manifest)["config"]["digest"]
+            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise ValueError(f"the manifest's config digest {shown(digest)} is not a sha256 digest")
+            status, config = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
+            if status != 200:
+                raise ValueError(f"HTTP {status} for the image's config")
+            data = json.loads(config)
+            labels = (data.get("config") or {}).get("Labels") if isinstance(data, dict) else None
+            labels = labels or {}
+            if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in labels.items()):
+                raise ValueError("its labels are not a mapping of strings to strings")
+            return labels
+        except _TooSlow:
+            raise RegistryError(f"the registry {self.host} did not answer for {ref} within {self.deadline:g} s",
+                                hint="check the registry and the network; it sends too slowly") from None
         except requests.ConnectionError as exc:
             raise RegistryError(f"the registry {self.host} does not answer ({_reason(exc)})",
                                 hint="check --registry (or CUDABUILD_REGISTRY) and that the registry runs") from exc
         except requests.Timeout as exc:
             raise RegistryError(f"the registry {self.host} did not answer within {TIMEOUT} s",
                                 hint="check --registry (or CUDABUILD_REGISTRY) and the network") from exc
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the registry {self.host} answered for {ref} with something cudabuild cannot "
                                 f"read ({_reason(exc)})", hint="check that it is an OCI registry (v2 API)") from exc
 
