@@ -275,8 +275,14 @@ def run_guest(image: KernelImage, initrd: Path, *, append: str, accel: str, time
     command = [_qemu(), *accel_args, "-m", GUEST_MEMORY, "-smp", "2", "-nographic", "-no-reboot",
                "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
                "-append", f"console=ttyS0 quiet panic=-1 {append}".strip()]
+    def stop(signum, frame):  # SIGTERM ends us as Ctrl-C does: through the cleanup below
+        raise SystemExit(128 + signum)
+
+    import threading
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True)  # its own group: Ctrl-C reaches us, and we stop it
     try:
         out, _ = proc.communicate(timeout=timeout)
         finished = True
@@ -284,6 +290,13 @@ def run_guest(image: KernelImage, initrd: Path, *, append: str, accel: str, time
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         finished = False
+    except BaseException:  # Ctrl-C, SIGTERM, anything: the guest never outlives us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", line) for line in out.decode("utf-8", "replace").splitlines()]
     return lines, finished
 
@@ -457,7 +470,8 @@ def boot_test(checked: Artifact, image: KernelImage, *, cache: Cache, reporter: 
             why = f"did not finish within {timeout:g} s and was killed" if not finished else "stopped before the end"
             raise VerifyError(f"the boot-test guest (kernel {image.release}, {accel}) {why}",
                               log_tail=tail, hint="read the console's last lines above: a module that crashes the "
-                              "kernel stops the guest; raise the limit with --boot-timeout on a slow host")
+                              "kernel stops the guest; raise the limit on a slow host (modules --boot-timeout, "
+                              "boot-test --timeout)")
         result = parse_console(lines, checked, image=image, accel=accel, append=append, seconds=seconds)
         if missing and image.modules is not None:
             result.notes.append(f"the kernel image has no module {', '.join(missing)}")

@@ -428,8 +428,16 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
     from cudabuild.build.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
 
-    options = resolve_build_options({**mirrors, "kernel_image": kernel_image, "boot_append": append,
-                                     "boot_timeout": timeout}, os.environ)
+    from cudabuild.errors import InputError
+
+    try:
+        options = resolve_build_options({**mirrors, "kernel_image": kernel_image, "boot_append": append,
+                                         "boot_timeout": timeout}, os.environ)
+    except InputError as exc:  # the options' words are `modules`'; this command's flags are --append, --timeout
+        for theirs, ours in (("--boot-append", "--append"), ("--boot-timeout", "--timeout")):
+            exc.message, exc.hint = exc.message.replace(theirs, ours), (exc.hint or "").replace(theirs, ours) or None
+        exc.args = (exc.message,)
+        raise
     reporter = Reporter()
     cache = Cache(default_cache_dir(os.environ))
     engine = functools.cache(Engine.from_env)

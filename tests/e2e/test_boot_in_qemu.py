@@ -136,3 +136,51 @@ def test_enforced_signatures_reject_unsigned_modules(build, before_modules):
     nvidia = next(m for m in result["modules"] if m["name"] == "nvidia")
     assert nvidia["verdict"] == "rejected" and "unsigned" in nvidia["reason"], nvidia
     assert host_modules() == before_modules
+
+
+def guests_of(cache: Path) -> list[int]:
+    """The QEMU processes booting from this cache (their initramfs is in it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"qemu-system-x86_64") and any(str(cache).encode() in a for a in cmdline):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_stopped_boot_test_leaves_no_guest_running(build, other_kernel_deb, how):
+    """Ctrl-C (SIGINT) or SIGTERM while the guest boots: cudabuild stops, and so does QEMU."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, output, cache, _ = build
+    exe = Path(sys.executable).parent / "cudabuild"
+    process = subprocess.Popen([str(exe), "boot-test", "--modules", str(output), "--kernel-image", str(other_kernel_deb)],
+                               env={**os.environ, "CUDABUILD_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if guests_of(cache):
+                break
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.2)
+        assert guests_of(cache), "the guest never started"
+        process.send_signal(getattr(signal, how))
+        assert process.wait(60) != 0
+        assert "Traceback" not in process.stderr.read()
+        for _ in range(50):
+            if not guests_of(cache):
+                break
+            time.sleep(0.2)
+        assert guests_of(cache) == [], f"QEMU still runs after {how}"
+    finally:
+        for pid in guests_of(cache):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()

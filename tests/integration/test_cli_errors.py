@@ -83,3 +83,10 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
     result = run_cli("modules", "--kernel", "latest", env={"CUDABUILD_CACHE": str(blocker / "cache")})
     assert result.returncode == 8 and "CUDABUILD_CACHE" in result.stderr
     assert os.listdir(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("args,flag", [(["--append", "a;b"], "--append"), (["--timeout", "5"], "--timeout")])
+def test_boot_test_errors_name_its_own_flags(args, flag, tmp_path):
+    result = run_cli("boot-test", *args, env={"CUDABUILD_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 3, result.stderr
+    assert flag in result.stderr and "--boot-" not in result.stderr and "Traceback" not in result.stderr
