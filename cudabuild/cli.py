@@ -237,6 +237,10 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     with `docker run --privileged IMAGE [COMMAND]`. With --kernel or --driver the modules are built
     (or found in the cache) first, with every build option of `cudabuild modules`.
 
+    The profile `tool` makes cudabuild's own image (cudabuild/cudabuild:VERSION), which `matrix
+    --backend swarm|kubernetes` runs on the nodes, from the cudabuild installed here (no checkout
+    needed); with --registry it is pushed there too.
+
     The profile `driver` makes the driver container instead: its entrypoint is `cudabuild install
     --root /host`; run once per host as `docker run --rm --privileged --pid host -v /:/host IMAGE
     [install options]` (--wait keeps it running, for a DaemonSet), it loads the driver and writes the
@@ -248,6 +252,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
       cudabuild image tensorflow --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
       cudabuild image --base debian:bookworm --kernel latest --driver 535 --tag my/gpu:535
       cudabuild image torch --dry-run
+      cudabuild image tool --registry 127.0.0.1:5000/cudabuild
       cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64 \\
           --registry registry.example/gpu     # pushed as registry.example/gpu/driver:TAG
     """
@@ -260,6 +265,9 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
         return
     if profile is None and base is None:
         raise click.UsageError("name a PROFILE (cuda, tensorflow, torch, device-query) or pass --base IMAGE")
+    if profile == "tool":
+        _tool_image(base, modules_ref, tag, dry_run, as_json, flags)
+        return
     chosen = images.load_profile(profile, base)
     if tag is not None:
         validate_image_ref(tag, "--tag")
@@ -639,6 +647,29 @@ def deploy() -> None:
       cudabuild deploy kubernetes --image cudabuild/driver:535.309.01-6.1.0-56-amd64 --output ./k8s
       cudabuild deploy kubernetes --kmm --registry registry.example:5000/cudabuild
     """
+
+
+def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
+    """`cudabuild image tool`: cudabuild's own image, from the installed cudabuild."""
+    from cudabuild.build.engine import Engine
+    from cudabuild.deliver.toolimage import make_tool_image
+
+    given = [name for name, value in (("--base", base), ("--modules", modules_ref), ("--tag", tag),
+                                      ("--dry-run", dry_run or None)) if value is not None]
+    given += [f"--{k.replace('_', '-')}" for k, v in flags.items() if v not in (None, False, ()) and k != "registry"]
+    if given:
+        raise click.UsageError(f"the tool image takes --registry and --json only, not {', '.join(given)}")
+    registry = flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY")
+    if registry:
+        from cudabuild.fleet.registry import Registry
+
+        registry = Registry(registry)
+    reporter = Reporter()
+    report = make_tool_image(Engine.from_env(), registry=registry or None, reporter=reporter)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(report["image"] + (f" (pushed as {report['registry_ref']})" if report["registry_ref"] else ""))
 
 
 def _importer(cache, engine, reporter):

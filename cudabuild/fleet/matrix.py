@@ -25,7 +25,6 @@ from cudabuild.options import ENVIRONMENT, FLAVORS, BuildOptions, validate_drive
 from cudabuild.ui import Reporter
 
 BACKENDS = ("local", "swarm", "kubernetes")
-TOOL_REPOSITORY = "cudabuild/cudabuild"  # cudabuild's own image (scripts/tool-image makes it from the wheel)
 DEBIAN_ALL = re.compile(r"debian:([a-z]+)")
 
 
@@ -223,23 +222,27 @@ def _say(reporter: Reporter, job: BuildJob, state: str, detail: str) -> None:
 
 
 def _tool_image_ref(registry) -> str:
+    from cudabuild.deliver.toolimage import tool_tag
+
     version = cudabuild.__version__
-    return f"{registry.repo}/cudabuild:{version}" if registry else f"{TOOL_REPOSITORY}:{version}"
+    return f"{registry.repo}/cudabuild:{version}" if registry else tool_tag(version)
 
 
 def _ensure_tool_image(engine, registry, image: str | None, reporter: Reporter) -> str:
     """cudabuild's own image in the registry, where every node pulls it from: pushed from this
-    engine when the registry lacks it; made from the wheel by scripts/tool-image."""
+    engine when the registry lacks it; `cudabuild image tool` makes it."""
+    from cudabuild.deliver.toolimage import tool_tag
+
     if image is not None:
         return image
     ref = _tool_image_ref(registry)
     if registry.labels(ref) is not None:
         return ref
-    local = f"{TOOL_REPOSITORY}:{cudabuild.__version__}"
+    local = tool_tag(cudabuild.__version__)
     if engine.image_id(local) is None:
         raise RegistryError(f"cudabuild's own image is neither in the registry ({ref}) nor in this engine ({local})",
-                            hint="make it from the wheel: bash scripts/tool-image (in cudabuild's checkout), "
-                                 "then run this again; or pass --image", exit_code=RegistryError.NOT_THERE)
+                            hint=f"make it: cudabuild image tool --registry {registry.repo}, then run this again; "
+                                 "or pass --image", exit_code=RegistryError.NOT_THERE)
     with reporter.step(f"push cudabuild's image {ref}"):
         engine.push(local, ref)
     return ref

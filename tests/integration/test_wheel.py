@@ -1,12 +1,18 @@
 """The built wheel, installed into a fresh virtual environment, works away from the checkout."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import REPO
 
 
-def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """cudabuild installed from its wheel into a fresh virtual environment, as a pip user has it."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
                    check=True, capture_output=True)
@@ -16,6 +22,11 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
     away = tmp_path / "elsewhere"
     away.mkdir()
+    return venv, away
+
+
+def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
+    venv, away = installed
     version = subprocess.run([str(venv / "bin" / "cudabuild"), "--version"], cwd=away, capture_output=True,
                              text=True, check=True)
     assert "cudabuild, version" in version.stdout
@@ -36,3 +47,26 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(tmp_path):
     assert found.returncode == 0, found.stderr
     for line in found.stdout.splitlines():
         assert line.startswith(str(venv)), f"{line} must come from the installed wheel, not the checkout"
+
+
+def test_image_tool_makes_the_tool_image_without_a_checkout(installed, docker_client):
+    """`cudabuild image tool` from a pip-installed cudabuild, run away from any checkout: the image
+    the matrix runs on the nodes, and the cudabuild inside it is the installed one."""
+    import json
+
+    import cudabuild
+
+    venv, away = installed
+    tag = f"cudabuild/cudabuild:{cudabuild.__version__}"
+    made = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--json"], cwd=away, capture_output=True,
+                          text=True, env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["image"] == tag
+    image = docker_client.images.get(tag)
+    assert image.labels["io.cudabuild.role"] == "tool" and image.labels["io.cudabuild.version"] == cudabuild.__version__
+    ran = docker_client.containers.run(tag, ["--version"], remove=True, network_mode="none").decode()
+    assert f"cudabuild, version {cudabuild.__version__}" in ran
+    runtime = docker_client.containers.run(tag, remove=True, network_mode="none", entrypoint=["sh", "-c"],
+                                           command=["command -v cudabuild-runtime && python3 -c "
+                                                    "'import cudabuild.deliver.toolimage'"]).decode()
+    assert "cudabuild-runtime" in runtime
