@@ -89,12 +89,12 @@ class HostRoot:
                 except FileExistsError:
                     pass  # made meanwhile: opened (and checked) below
                 except OSError as exc:
-                    raise self._error(rel, exc) from exc
+                    raise self.error(rel, exc) from exc
                 pending.insert(0, name)
                 continue
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise self._error(rel, exc) from exc
+                    raise self.error(rel, exc) from exc
             # A symlink (ELOOP with O_NOFOLLOW) or not a directory (ENOTDIR).
             target = self._readlink(name, fds[-1])
             if target is None:
@@ -117,7 +117,8 @@ class HostRoot:
         except OSError:
             return None
 
-    def _error(self, rel, exc: OSError) -> HostPathError:
+    def error(self, rel, exc: OSError) -> HostPathError:
+        """An OSError met at `rel` under the root, said as a HostPathError with its fix."""
         if exc.errno == errno.EROFS:
             return HostPathError(f"{self.show(rel)} is on a read-only file system",
                                  hint="mount the host's root read-write where cudabuild installs (e.g. -v /:/host)")
@@ -189,7 +190,7 @@ class HostRoot:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise self._error(rel, exc) from exc
+            raise self.error(rel, exc) from exc
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
@@ -250,7 +251,7 @@ class HostRoot:
                 out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                               dir_fd=fd)
             except OSError as exc:
-                raise self._error(rel, exc) from exc
+                raise self.error(rel, exc) from exc
             try:
                 with os.fdopen(out, "wb") as f:
                     f.write(data)
@@ -278,7 +279,7 @@ class HostRoot:
             try:
                 lock_fd = os.open(parts[-1], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
             except OSError as exc:
-                raise self._error(rel, exc) from exc
+                raise self.error(rel, exc) from exc
         try:
             deadline, told = time.monotonic() + timeout, False
             while True:

@@ -663,6 +663,7 @@ def _sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
     its modules signed by the kernel's own sign-file in a container that alone sees the key,
     then every signature checked on the host against the certificate."""
     cache, key, signing = plan.cache, plan.key, plan.signing
+    started = time.monotonic()  # the signed build's time: this run's (signing, and the build when not cached)
     unsigned = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, signing=None), key=plan.unsigned_key,
                                    signing=None, certificate=None)
     if plan.options.use_cache and cache.result(unsigned.key):
@@ -694,7 +695,8 @@ def _sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
                       for name in plan.spec.modules}
         manifest = dataclasses.replace(
             source.manifest, key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()))
+            modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()),
+            build_seconds=round(time.monotonic() - started, 1))
         manifest.write(out)
         artifact.load(out)  # every reader's check, signatures included
         with open(out / "build.log", "a") as log:

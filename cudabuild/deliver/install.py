@@ -162,7 +162,10 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         target = host.makedirs(DRIVER_DIR) / version
         with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
-            files_changed = put_driver(checked, target, note=reporter.note)
+            try:
+                files_changed = put_driver(checked, target, note=reporter.note)
+            except OSError as exc:  # a read-only or full file system, a file where a directory belongs
+                raise host.error(f"{DRIVER_DIR}/{version}", exc) from exc
         with reporter.step("load the modules and make the device nodes (the image loader)"):
             loaded = run_loader(target, root=root, env=env)
         return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,

@@ -34,6 +34,8 @@ def docker_arguments(edits: dict) -> list[str]:
 def command(docker_args: list[str], *, gpus: str | None, cdi_dirs: list[Path], env: Mapping[str, str]) -> list[str]:
     """The whole `docker run` command line: the selection (--gpus, else NV_GPU, NVIDIA_VISIBLE_DEVICES
     as the device facts order them, else all), the spec's edits for it, then the user's arguments."""
+    if gpus is not None and not gpus.strip(" ,"):
+        raise InputError("--gpus is empty: it names no GPU", hint="name GPUs (--gpus 0,1 or a UUID), all, or none")
     value = gpus if gpus is not None else (devices.requested(env) or (None, "all"))[1]
     available = cdi.gpus_in_spec(cdi_dirs)
     chosen = devices.select(available, value, what="--gpus" if gpus is not None else "the GPU selection")

@@ -154,6 +154,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
     # ---- plan every cell here; the registry's cells are done -------------------------------------
     jobs: list[BuildJob] = []
     done: dict[tuple, Outcome] = {}
+    planned: dict[str, str] = {}  # cache key -> the cell planned with it (535 and 535.309.01 are one cell)
     with reporter.step(f"plan {len(cells)} cell(s)" + (f", ask {registry.host} for each" if registry else "")):
         for kernel, driver, flavor in cells:
             job = BuildJob(kernel=kernel, driver=driver, flavor=flavor, argv=())
@@ -166,6 +167,10 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
                 done[(kernel, driver, flavor)] = Outcome(job, "failed", error=f"could not be planned: {exc.message}",
                                                          log_tail=[f"fix: {exc.hint}"] if exc.hint else [])
                 continue
+            if plan.key in planned:
+                reporter.note(f"{kernel} x {driver} {flavor} is the cell {planned[plan.key]}: planned once")
+                continue
+            planned[plan.key] = f"{kernel} x {plan.spec.driver_version} {flavor}"
             remote = registry.ref(plan.tag) if registry else None
             argv = ("modules", "--kernel", kernel, "--driver", plan.spec.driver_version, "--flavor", flavor,
                     *common_argv, "--json")

@@ -50,7 +50,7 @@ def signed(build, keys, tmp_path_factory):
     return json.loads(result.stdout), output, result.stderr
 
 
-def test_every_module_is_signed_and_verifies_with_openssl(signed, keys, tmp_path):
+def test_every_module_is_signed_and_verifies_with_openssl(build, signed, keys, tmp_path):
     data, output, stderr = signed
     assert data["origin"] == "built" and "==> sign modules (sha256, the kernel's sign-file)" in stderr
     assert "==> make modules" not in stderr, "signing starts from the unsigned build in the cache"
@@ -59,6 +59,8 @@ def test_every_module_is_signed_and_verifies_with_openssl(signed, keys, tmp_path
         signer = subprocess.run(["/sbin/modinfo", "-F", "signer", str(module)], capture_output=True, text=True)
         assert signer.stdout.strip() == keys["subject"], (module.name, signer.stdout, signer.stderr)
     manifest = json.loads((output / "manifest.json").read_text())
+    unsigned = json.loads((Path(build[0]["cache_dir"]) / "manifest.json").read_text())
+    assert manifest["build_seconds"] < unsigned["build_seconds"], "the signing's own time, not the cached build's"
     cert_sha256 = hashlib.sha256(keys["der"].read_bytes()).hexdigest()
     assert manifest["signature"]["signer"] == keys["subject"]
     assert manifest["signature"]["cert_sha256"] == cert_sha256

@@ -142,3 +142,29 @@ def test_cdi_generate_on_a_debian_layout(host, tmp_path):
     # --output a directory: refused, naming the fix (was a traceback)
     result = run_cli("cdi", "generate", "--root", str(root), "--output", str(tmp_path), env=env)
     assert result.returncode == 3 and "is a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_read_only_root_is_refused_with_the_fix(host, tmp_path):
+    import subprocess
+
+    root, env, art, outside = host
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ro)]).returncode != 0:
+        pytest.fail("this test mounts a tmpfs and must run as root")
+    try:
+        env = fake_host(ro, gpus=1)
+        (ro / "run/cudabuild/driver").mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        result = install(ro, env, art)
+        assert result.returncode == 3, result.stderr
+        assert "read-only" in result.stderr and "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_directory_where_the_ready_file_belongs_is_refused(host):
+    root, env, art, outside = host
+    (root / "run/cudabuild/driver/ready").mkdir(parents=True)
+    result = install(root, env, art)
+    assert result.returncode == 3 and "is a directory" in result.stderr and "Traceback" not in result.stderr

@@ -40,6 +40,15 @@ def test_kubernetes_backend_prints_one_valid_job_per_cell(engine, tmp_path):
     assert "printed" in result.stderr  # the summary goes to stderr, the Jobs alone to stdout
 
 
+def test_a_driver_named_twice_is_one_cell(engine):
+    """535 and 535.309.01 resolve to the same build: one Job, and the second name is said to be it."""
+    result = run_cli("matrix", "--kernels", "6.1.0-56-amd64", "--drivers", "535,535.309.01", "--backend", "kubernetes",
+                     "--image", "registry.example/gpu/cudabuild:0.1.0", env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert [j["kind"] for j in yaml.safe_load_all(result.stdout)] == ["Job"]
+    assert "6.1.0-56-amd64 x 535.309.01 proprietary is the cell 6.1.0-56-amd64 x 535.309.01 proprietary" in result.stderr
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--backend", "swarm"], 3, "--backend swarm needs --registry"),
     (["--backend", "swarm", "--registry", "127.0.0.1:9/cudabuild"], 3, "needs an engine that is a Swarm manager"),
