@@ -112,8 +112,12 @@ def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) ->
 
     context = source.parent / f"tampered-{how}"
     shutil.copytree(source, context / "payload", symlinks=True, ignore=shutil.ignore_patterns("build.log"))
-    if how in HOSTILE_USERSPACE:
-        named = make_userspace_hostile(context / "payload", how)
+    if how in (*HOSTILE_USERSPACE, "extra-file"):
+        if how == "extra-file":  # a file the manifest does not list, beside the listed ones
+            (context / "payload" / "userspace" / "lib" / "libnvidia-extra.so.1").write_bytes(b"\x7fELF extra\n")
+            named = "userspace/lib/libnvidia-extra.so.1 is not listed"
+        else:
+            named = make_userspace_hostile(context / "payload", how)
         (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
         client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
         return named
@@ -135,7 +139,7 @@ def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) ->
     return "nvidia.ko"
 
 
-@pytest.mark.parametrize("how", ["digest-mismatch", "manifest-rewritten", *HOSTILE_USERSPACE])
+@pytest.mark.parametrize("how", ["digest-mismatch", "manifest-rewritten", *HOSTILE_USERSPACE, "extra-file"])
 def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(build, registry, pushed, tmp_path, how):
     data = build[0]
     client = docker.from_env()
@@ -155,7 +159,7 @@ def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(bui
     assert result.returncode == 7, result.stderr
     assert f"refused the registry's {ref}" in result.stderr
     assert named in result.stderr
-    assert ("NVIDIA driver's" in result.stderr if how in HOSTILE_USERSPACE else
+    assert ("NVIDIA driver's" in result.stderr if how in HOSTILE_USERSPACE else how == "extra-file" or
             "vermagic" in result.stderr or "sha256" in result.stderr or "changed" in result.stderr)
     assert list((cache / "results").iterdir()) == []
     assert list((cache / "tmp").iterdir()) == []
