@@ -168,3 +168,30 @@ def test_a_directory_where_the_ready_file_belongs_is_refused(host):
     (root / "run/cudabuild/driver/ready").mkdir(parents=True)
     result = install(root, env, art)
     assert result.returncode == 3 and "is a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("minor", ["\u0663", "1" + "0" * 23, "255"], ids=["arabic-indic-3", "10^23", "255"])
+def test_a_gpu_minor_that_is_not_one_is_refused(host, minor):
+    """The driver's information file names a minor no /dev/nvidiaN can have: the loader (install)
+    and cdi generate both refuse it, naming the file."""
+    root, env, art, outside = host
+    gpu = root / "proc/driver/nvidia/gpus/0000:09:00.0"
+    gpu.mkdir(parents=True)
+    (gpu / "information").write_text(f"Model: \t NVIDIA H100\nDevice Minor: \t {minor}\nGPU UUID: \t GPU-9-fake\n")
+    result = install(root, env, art)
+    assert result.returncode == 16 and "information" in result.stderr and "Traceback" not in result.stderr
+    (root / "sys/module/nvidia").mkdir(parents=True, exist_ok=True)
+    (root / "sys/module/nvidia/version").write_text(f"{DRIVER}\n")
+    (root / "lib/x86_64-linux-gnu").mkdir(parents=True, exist_ok=True)
+    for lib in ("libcuda", "libnvidia-ml"):
+        (root / f"lib/x86_64-linux-gnu/{lib}.so.{DRIVER}").write_bytes(b"\x7fELF not really\n")
+    generated = run_cli("cdi", "generate", "--root", str(root), "--output", "-", env=env)
+    assert generated.returncode == 3 and "device minor" in generated.stderr and "Traceback" not in generated.stderr
+
+
+def test_run_gpus_empty_is_an_error(host):
+    root, env, art, outside = host
+    assert install(root, env, art).returncode == 0
+    result = run_cli("run", "--gpus", "", "--cdi-dir", str(root / "run/cdi"), "--dry-run", "--rm", "debian:bookworm",
+                     "true", env=env)
+    assert result.returncode == 3 and "--gpus is empty" in result.stderr and "Traceback" not in result.stderr
