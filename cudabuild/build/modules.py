@@ -368,12 +368,7 @@ def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
     try:
         with reporter.step(f"pull {remote} (the registry has this build)"):
             plan.engine.pull_or_fail(remote)
-            saved = work / "image.tar"
-            with open(saved, "wb") as out:
-                for chunk in plan.engine.save(remote):
-                    out.write(chunk)
-            unpack_image(saved, work / "out")
-            saved.unlink()
+            _unpack_from_engine(plan.engine, remote, work)
         with reporter.step("verify pulled modules (digests, vermagic, version, symbol CRCs)"):
             try:
                 made = artifact.load(work / "out")
@@ -395,6 +390,16 @@ def _pull(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
         plan.engine.untag(remote)
 
 
+def _unpack_from_engine(engine: Engine, ref: str, work: Path) -> None:
+    """The modules image `ref`'s one layer, saved from the engine, into work/out."""
+    saved = work / "image.tar"
+    with open(saved, "wb") as out:
+        for chunk in engine.save(ref):
+            out.write(chunk)
+    unpack_image(saved, work / "out")
+    saved.unlink()
+
+
 def import_image(reference: str, labels, *, cache: Cache, engine: Engine, env: Mapping[str, str],
                  reporter: Reporter) -> Artifact:
     """A modules image that was not built with this cache (`docker pull`ed, or made on another
@@ -405,12 +410,7 @@ def import_image(reference: str, labels, *, cache: Cache, engine: Engine, env: M
     work = cache.workdir(f"import-{labels.key[:12]}")
     try:
         with reporter.step(f"read {reference} (it was not built with this cache)"):
-            saved = work / "image.tar"
-            with open(saved, "wb") as out:
-                for chunk in engine.save(reference):
-                    out.write(chunk)
-            unpack_image(saved, work / "out")
-            saved.unlink()
+            _unpack_from_engine(engine, reference, work)
         with reporter.step("verify its modules (digests, vermagic, version, symbol CRCs)"):
             try:
                 m = artifact.load(work / "out").manifest
