@@ -410,6 +410,21 @@ class Artifact:
         listed += [(f"userspace/{u.path}", u) for u in self.manifest.userspace]
         return listed
 
+    def copy_to(self, place, *, manifest: Path | None = None) -> None:
+        """Copy every listed file to `place(rel)` (a path; its directories are made), links as
+        links (to a file beside them); then the manifest to `manifest`, when given, last."""
+        import shutil
+
+        for rel, _ in self.files():
+            source, target = self.root / rel, Path(place(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                os.symlink(os.readlink(source), target)
+            else:
+                shutil.copy2(source, target)
+        if manifest is not None:
+            shutil.copy2(self.root / MANIFEST, manifest)
+
 
 def walk(root: Path) -> dict[str, str]:
     """Everything under root/modules and root/userspace, by relative path: 'file', 'link', 'dir'

@@ -32,12 +32,13 @@ from debian.arfile import ArFile
 
 from cudabuild.artifact import Artifact
 from cudabuild.build.cache import Cache
+from cudabuild.deliver import devices
 from cudabuild.deliver.devices import FACTS_FILE
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.digests import sha256_file
 from cudabuild.errors import InputError, VerifyError, shown
 from cudabuild.options import BOOT_APPEND_RE
-from cudabuild.resources import resource_dir
+from cudabuild.resources import resource_dir, static_busybox
 from cudabuild.ui import Reporter
 from cudabuild.verify import read_module
 
@@ -47,7 +48,6 @@ KVM_PROBE_TIMEOUT = 20.0
 GUEST_MEMORY = "2048"
 APPLETS = ("sh", "insmod", "modprobe", "mount", "dmesg", "poweroff", "cat", "echo", "uname", "sed", "ls", "tr",
            "mknod", "mkdir", "rm", "touch", "basename", "sort", "true", "false", "sleep")
-LOAD_ORDER = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem")
 
 
 def _name(module: str) -> str:
@@ -195,26 +195,13 @@ def _depends(path: Path) -> tuple[str, ...]:
 
 
 # ---- the initramfs ------------------------------------------------------------------------------
-def _busybox() -> Path:
-    for candidate in ("/bin/busybox", "/usr/bin/busybox"):
-        path = Path(candidate)
-        if path.is_file():
-            with open(path, "rb") as f:
-                from elftools.elf.elffile import ELFFile
-
-                if not any(seg["p_type"] == "PT_INTERP" for seg in ELFFile(f).iter_segments()):
-                    return path
-    raise InputError("the boot test needs a static busybox on this host",
-                     hint="install it: apt-get install busybox-static (bash scripts/setup does)")
-
-
 def make_initramfs(checked: Artifact, image: KernelImage, dependencies: list[Path], into: Path) -> Path:
     """The guest's root: busybox, the kernel's modules ours need (with a modules.dep), the
     artifact's modules, the real loader with its settings, and /init. Written as a newc cpio."""
     root = into / "root"
     for d in ("bin", "proc", "sys", "dev", "tmp", "cudabuild", "opt/cudabuild/modules"):
         (root / d).mkdir(parents=True)
-    shutil.copy2(_busybox(), root / "bin" / "busybox")
+    shutil.copy2(static_busybox(), root / "bin" / "busybox")
     for applet in APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
     boot = resource_dir("images") / "boot"
@@ -231,7 +218,8 @@ def make_initramfs(checked: Artifact, image: KernelImage, dependencies: list[Pat
         shutil.copy2(checked.module_path(m.name), home / "modules" / m.file)
     ours = {_name(m.name) for m in checked.manifest.modules}
     lines = []
-    for name in LOAD_ORDER:
+    facts = devices.facts()  # the load order, written once (images/nvidia-devices.conf)
+    for name in (*facts.load_order, *facts.optional_modules):
         if name in {m.name for m in checked.manifest.modules}:
             needs = [d for d in checked.manifest.module(name).depends if _name(d) in ours]
             lines.append(" ".join([name, *needs]))
@@ -316,7 +304,7 @@ def accelerator(image: KernelImage, cache: Cache, reporter: Reporter) -> str:
             try:
                 root = staging / "root"
                 (root / "bin").mkdir(parents=True)
-                shutil.copy2(_busybox(), root / "bin" / "busybox")
+                shutil.copy2(static_busybox(), root / "bin" / "busybox")
                 (root / "init").write_text(f"#!/bin/busybox sh\n/bin/busybox echo {MARK}probe\n/bin/busybox poweroff -f\n")
                 (root / "init").chmod(0o755)
                 initrd = staging / "probe.cpio"

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.build.job import BuildJob
 from cudabuild.errors import LOG_TAIL_LINES, InputError
 
@@ -127,7 +128,7 @@ def run_swarm(client, jobs: list[BuildJob], *, place: SwarmPlace, parallel: int,
                     mode=docker.types.ServiceMode("replicated-job"), networks=["host"], mounts=mounts,
                     env=[f"{k}={v}" for k, v in sorted(environment.items())],
                     restart_policy=docker.types.RestartPolicy(condition="none"),
-                    labels={"io.cudabuild.role": SWARM_ROLE, "io.cudabuild.matrix": run_id})
+                    labels={f"{LABEL_PREFIX}.role": SWARM_ROLE, f"{LABEL_PREFIX}.matrix": run_id})
                 running[service.id] = (index, job, time.monotonic(), "queued")
             time.sleep(poll)
             for service_id, (index, job, started, shown_state) in list(running.items()):

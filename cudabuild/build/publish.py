@@ -123,14 +123,7 @@ def write_output(artifact: Artifact, output: Path, *, cache: Cache) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".cudabuild-staging-", dir=output))
         moved: list[str] = []
         try:
-            for rel, _ in artifact.files():
-                source, target = artifact.root / rel, staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if source.is_symlink():
-                    os.symlink(os.readlink(source), target)
-                else:
-                    shutil.copy2(source, target)
-            shutil.copy2(artifact.root / MANIFEST, staging / MANIFEST)
+            artifact.copy_to(lambda rel: staging / rel, manifest=staging / MANIFEST)
             for part in PARTS:
                 (staging / part).mkdir(exist_ok=True)
             for name in ENTRIES:

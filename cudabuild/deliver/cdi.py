@@ -15,16 +15,15 @@ from pathlib import Path, PurePosixPath
 
 from cudabuild.artifact import BINARIES, OPTIONAL_LIBRARIES, REQUIRED_LIBRARIES, library_name_ok
 from cudabuild.deliver import devices
+from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
 from cudabuild.errors import InputError, shown
 from cudabuild.hostfs import HostRoot
 
 KIND = "nvidia.com/gpu"
 SPEC_FILE = "cudabuild-nvidia.json"
-SPEC_DIRS = ("etc/cdi", "var/run/cdi")  # CDI's standard places, under a root; the second wins a clash
 CONTAINER_LIBS = "/usr/lib/x86_64-linux-gnu"
 CONTAINER_BIN = "/usr/bin"
 MAX_SPEC_BYTES = 4 << 20  # a spec is a few kB
-MOUNT_OPTIONS = ["ro", "nosuid", "nodev", "bind"]
 # Where hosts keep the userspace driver: distributions' own places, Debian's alternatives, ours.
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/nvidia/current", "usr/lib64", "usr/lib",
                 "lib/x86_64-linux-gnu", "usr/local/nvidia/lib64")

@@ -116,10 +116,10 @@ def stage_kmm(checked: Artifact, into: Path) -> None:
     firmware = checked.root / "userspace" / "firmware"
     if firmware.is_dir():
         shutil.copytree(firmware, root / "firmware")
-    from cudabuild.boottest import _busybox
+    from cudabuild.resources import static_busybox
 
     (root / "bin").mkdir()
-    shutil.copy2(_busybox(), root / "bin" / "busybox")
+    shutil.copy2(static_busybox(), root / "bin" / "busybox")
     for applet in ("cp", "sh", "ls"):
         (root / "bin" / applet).symlink_to("busybox")
 
@@ -130,15 +130,7 @@ def stage_driver(checked: Artifact, into: Path) -> None:
     import importlib
 
     home = into / "rootfs" / "opt" / "cudabuild"
-    for rel, _ in checked.files():
-        target = home / "artifact" / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source = checked.root / rel
-        if source.is_symlink():
-            target.symlink_to(source.readlink())
-        else:
-            shutil.copy2(source, target)
-    shutil.copy2(checked.root / artifact.MANIFEST, home / "artifact" / artifact.MANIFEST)
+    checked.copy_to(lambda rel: home / "artifact" / rel, manifest=home / "artifact" / artifact.MANIFEST)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_data")
     for name in VENDORED:
         found = Path(importlib.import_module(name).__file__)
@@ -156,14 +148,7 @@ def stage_rootfs(checked: Artifact, into: Path) -> None:
     home = into / "rootfs" / "opt" / "cudabuild"
     (home / "modules").mkdir(parents=True)
     (home / "bin").mkdir()
-    for rel, _ in checked.files():
-        source = checked.root / rel
-        target = home / "modules" / source.name if rel.startswith("modules/") else home / rel.removeprefix("userspace/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_symlink():
-            target.symlink_to(source.readlink())
-        else:
-            shutil.copy2(source, target)
+    checked.copy_to(lambda rel: home / rel if rel.startswith("modules/") else home / rel.removeprefix("userspace/"))
     shutil.copy2(resource_dir("images") / "loader.sh", home / "loader.sh")
     shutil.copy2(resource_dir("images") / FACTS_FILE, home / FACTS_FILE)
     shutil.copy2(resource_dir("images") / "device-query.py", home / "bin" / "device-query")

@@ -105,13 +105,7 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
              f"{', ...' if len(changed) > 5 else ''}); installing it again from the verified artifact")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
-        for rel, _ in checked.files():
-            source, destination = checked.root / rel, _place(staging, rel)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_symlink():
-                destination.symlink_to(os.readlink(source))
-            else:
-                shutil.copy2(source, destination)
+        checked.copy_to(lambda rel: _place(staging, rel))
         for part in ("lib", "bin", "modules"):
             (staging / part).mkdir(exist_ok=True)
         images = resource_dir("images")

@@ -15,17 +15,19 @@ Configuration, all optional: `runtimeArgs` in daemon.json (--cdi-spec-dir DIR, r
 "runtime_path": "...", "log_file": "..."}. Defaults: CDI's /etc/cdi and /var/run/cdi, runc on PATH,
 /var/log/cudabuild-runtime.log.
 
-Nothing but os and sys is imported before runc is exec'ed on the path that changes nothing."""
+Nothing but os, sys and CDI's paths is imported before runc is exec'ed on the path that changes nothing."""
 
 import os
 import sys
+
+from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
 
 OUR_OPTIONS = ("--cdi-spec-dir", "--runtime-path", "--runtime-log")
 # runc's global options that take a value (`runc [global options] command ...`).
 RUNC_VALUED = ("--log", "--log-format", "--root", "--criu", "--rootless")
 CONFIG_FILE = "/etc/cudabuild/runtime.json"
 MAX_CONFIG_BYTES = 4 << 20  # a bundle's config.json
-DEFAULTS = {"cdi_spec_dirs": ["/etc/cdi", "/var/run/cdi"], "runtime_path": "runc",
+DEFAULTS = {"cdi_spec_dirs": [f"/{d}" for d in SPEC_DIRS], "runtime_path": "runc",
             "log_file": "/var/log/cudabuild-runtime.log"}
 
 
@@ -251,7 +253,7 @@ def apply_edits(spec: dict, edits: dict) -> None:
                       "access": node.get("permissions") or "rwm"})
     mounts = spec.setdefault("mounts", [])
     for mount in edits.get("mounts", []):
-        options = list(mount.get("options") or ["ro", "nosuid", "nodev", "bind"])
+        options = list(mount.get("options") or MOUNT_OPTIONS)
         if not all(isinstance(o, str) for o in options):
             raise ValueError(f"mount options {options!r} are not strings")
         mounts.append({"destination": _text(mount["containerPath"], "a mount's containerPath"),

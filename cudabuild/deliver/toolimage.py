@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import cudabuild
+from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.errors import FetchError, InputError
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter
@@ -132,8 +133,8 @@ def make_tool_image(engine, *, registry=None, reporter: Reporter) -> dict:
         entries = [(f"wheels/{w.name}", w) for w in sorted(wheels.iterdir())]
         with reporter.step(f"build {tag}"):
             with tar_context(files, entries) as context:
-                engine.build(context=context, tag=tag, labels={"io.cudabuild.role": "tool",
-                                                               "io.cudabuild.version": version}, network="host")
+                engine.build(context=context, tag=tag, labels={f"{LABEL_PREFIX}.role": "tool",
+                                                               f"{LABEL_PREFIX}.version": version}, network="host")
     report = {"image": tag, "version": version, "registry_ref": None}
     if registry is not None:
         ref = f"{registry.repo}/cudabuild:{version}"

@@ -12,15 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.artifact import read_labels
+from cudabuild.artifact import LABEL_PREFIX, read_labels
 from cudabuild.deliver import devices
+from cudabuild.deliver.install import DRIVER_DIR, READY
 from cudabuild.errors import InputError
 from cudabuild.options import validate_image_ref
 
 # A workload example: an unmodified CUDA image that lists the GPUs.
 EXAMPLE_IMAGE = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 RUNTIME_NAME = "cudabuild"
-READY_FILE = "/run/cudabuild/driver/ready"
+READY_FILE = f"/{DRIVER_DIR}/{READY}"  # where install writes it (cudabuild/deliver/install.py)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -
     """The named images (or, none named, every local cudabuild image of this kind), checked to be
     cudabuild's images of that kind."""
     if not refs:
-        refs = engine.tagged(f"io.cudabuild.profile={kind}")
+        refs = engine.tagged(f"{LABEL_PREFIX}.profile={kind}")
         if not refs:
             raise InputError(f"no cudabuild {kind} image in the engine",
                              hint=f"make one: cudabuild image {kind} --modules IMAGE|DIR, or name one with --image")

@@ -68,7 +68,7 @@ def kmm_module(images: list[DriverImage]) -> dict:
             "selector": {NVIDIA_PCI_LABEL: "true"},
             "moduleLoader": {"container": {
                 "modprobe": {"moduleName": "nvidia_drm", "dirName": "/opt", "firmwarePath": "/firmware",
-                             "modulesLoadingOrder": ["nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia"]},
+                             "modulesLoadingOrder": _kmm_loading_order()},
                 "inTreeModulesToRemove": ["nouveau"],
                 "kernelMappings": [{"literal": i.kernel_release, "containerImage": i.ref} for i in images],
             }},
@@ -81,3 +81,11 @@ def files(images: list[DriverImage], *, kmm: bool) -> list[File]:
         return [File("namespace.yaml", namespace()), File("module.yaml", kmm_module(images))]
     return [File("namespace.yaml", namespace())] + [File(f"{daemonset(i)['metadata']['name']}.yaml", daemonset(i))
                                                     for i in images]
+
+
+def _kmm_loading_order() -> list[str]:
+    """KMM's modulesLoadingOrder: the top module first, down to nvidia (the load order reversed,
+    in the kernel's names); images/nvidia-devices.conf is where the order is written."""
+    from cudabuild.deliver.devices import facts
+
+    return [m.replace("-", "_") for m in reversed(facts().load_order)]

@@ -157,3 +157,30 @@ def test_cdi_list_passes_over_a_spec_whose_devices_are_not_objects(host, tmp_pat
         assert "nvidia.com/gpu=all" in json.loads(result.stdout)["devices"]
     finally:
         other.unlink()
+
+
+@pytest.mark.parametrize("variable", ["NVIDIA_VISIBLE_DEVICES", "DOCKER_RESOURCE_GPU", "NV_GPU"])
+def test_the_front_end_takes_the_gpu_variables_from_the_device_facts(host, tmp_path, variable):
+    """The shell front end sends a create to Python exactly when config.json names one of
+    nvidia-devices.conf's SELECTION_VARIABLES. Laid out as in a checkout (bin/ beside images/),
+    with a python3 beside it that only says it was started."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    (checkout / "bin").mkdir(parents=True)
+    (checkout / "images").mkdir()
+    shutil.copy2(REPO / "bin" / "cudabuild-runtime", checkout / "bin" / "cudabuild-runtime")
+    shutil.copy2(REPO / "images" / "nvidia-devices.conf", checkout / "images" / "nvidia-devices.conf")
+    marker = tmp_path / "python-started"
+    (checkout / "bin" / "python3").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (checkout / "bin" / "python3").chmod(0o755)
+    facts = (REPO / "images" / "nvidia-devices.conf").read_text()
+    assert variable in facts.split("SELECTION_VARIABLES=", 1)[1].split("\n", 1)[0].split()
+    env = {**os.environ, "CUDABUILD_RUNTIME_CONFIG": str(tmp_path / "none")}
+    for names_gpu in (False, True):
+        b = bundle(tmp_path, oci(["PATH=/bin"] + ([f"{variable}=0"] if names_gpu else [])))
+        result = subprocess.run([str(checkout / "bin" / "cudabuild-runtime"), "--runtime-path", str(host["runc"]),
+                                 "create", "--bundle", str(b), "c9"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert marker.exists() == names_gpu, (names_gpu, result.stderr)
+        assert (result.returncode == 0) != names_gpu  # no GPU: runc, straight from the shell
