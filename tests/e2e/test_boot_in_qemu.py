@@ -162,25 +162,24 @@ def test_a_stopped_boot_test_leaves_no_guest_running(build, other_kernel_deb, ho
 
     _, output, cache, _ = build
     exe = Path(sys.executable).parent / "cudabuild"
-    process = subprocess.Popen([str(exe), "boot-test", "--modules", str(output), "--kernel-image", str(other_kernel_deb)],
-                               env={**os.environ, "CUDABUILD_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(600):
-            if guests_of(cache):
-                break
-            assert process.poll() is None, process.stderr.read()
-            time.sleep(0.2)
-        assert guests_of(cache), "the guest never started"
-        process.send_signal(getattr(signal, how))
-        assert process.wait(60) != 0
-        assert "Traceback" not in process.stderr.read()
-        for _ in range(50):
-            if not guests_of(cache):
-                break
-            time.sleep(0.2)
-        assert guests_of(cache) == [], f"QEMU still runs after {how}"
-    finally:
-        for pid in guests_of(cache):
-            os.kill(pid, signal.SIGKILL)
-        process.kill()
+    with subprocess.Popen([str(exe), "boot-test", "--modules", str(output), "--kernel-image", str(other_kernel_deb)],
+                          env={**os.environ, "CUDABUILD_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as process:
+        try:
+            for _ in range(600):
+                if guests_of(cache) or process.poll() is not None:
+                    break
+                time.sleep(0.2)
+            assert guests_of(cache), f"the guest never started: {process.stderr.read() if process.poll() else ''}"
+            process.send_signal(getattr(signal, how))
+            assert process.wait(60) != 0
+            assert "Traceback" not in process.stderr.read()
+            for _ in range(50):
+                if not guests_of(cache):
+                    break
+                time.sleep(0.2)
+            assert guests_of(cache) == [], f"QEMU still runs after {how}"
+        finally:
+            for pid in guests_of(cache):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
