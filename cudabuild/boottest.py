@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from debian.arfile import ArFile
 
 from cudabuild.artifact import Artifact
-from cudabuild.build.cache import Cache
+from cudabuild.cache import Cache
 from cudabuild.deliver import devices
 from cudabuild.deliver.devices import FACTS_FILE
 from cudabuild.deliver.loader import SETTINGS, settings

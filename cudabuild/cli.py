@@ -187,7 +187,7 @@ def modules(as_json: bool, **flags) -> None:
       cudabuild modules --kernel 4.3.6-coreos --kernel-config ./config --symvers ./Module.symvers \\
           --driver 352.39 --driver-source run
     """
-    from cudabuild.build.modules import build_modules
+    from cudabuild.compile.modules import build_modules
 
     options = _build_options(flags)
     reporter = Reporter()
@@ -283,14 +283,14 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     if dry_run:
         click.echo(images.render_runtime(chosen), nl=False)
         return
-    from cudabuild.build.cache import Cache, default_cache_dir
-    from cudabuild.build.engine import Engine
+    from cudabuild.cache import Cache, default_cache_dir
+    from cudabuild.engine import Engine
 
     reporter = Reporter()
     engine = functools.cache(Engine.from_env)  # made when first needed: bad input is refused before
     cache = Cache(default_cache_dir(os.environ))
     if options is not None:
-        from cudabuild.build.modules import build_modules
+        from cudabuild.compile.modules import build_modules
 
         checked = build_modules(options, env=os.environ, reporter=reporter, engine_factory=engine).artifact
     else:
@@ -360,8 +360,8 @@ def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache,
           --backend swarm --registry registry.example/gpu
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --backend kubernetes > jobs.yaml
     """
-    from cudabuild.build.engine import Engine
-    from cudabuild.build.job import command_line
+    from cudabuild.engine import Engine
+    from cudabuild.compile.job import command_line
     from cudabuild.fleet.matrix import parse_request, run_matrix, summary_lines
 
     for name in ("kernel", "driver"):
@@ -431,9 +431,9 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
       cudabuild boot-test --modules ./nvidia --append module.sig_enforce=1 --json
     """
     from cudabuild import artifact, boottest
-    from cudabuild.build.cache import Cache, default_cache_dir
-    from cudabuild.build.engine import Engine
-    from cudabuild.build.fetch import Fetcher
+    from cudabuild.cache import Cache, default_cache_dir
+    from cudabuild.engine import Engine
+    from cudabuild.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
 
     from cudabuild.errors import InputError
@@ -523,12 +523,12 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
     reporter = Reporter()
 
     def cache():
-        from cudabuild.build.cache import Cache, default_cache_dir
+        from cudabuild.cache import Cache, default_cache_dir
 
         return Cache(default_cache_dir(os.environ))
 
     def engine():  # only for an image: the driver container installs a directory and has no docker SDK
-        from cudabuild.build.engine import Engine
+        from cudabuild.engine import Engine
 
         return Engine.from_env()
 
@@ -651,7 +651,7 @@ def deploy() -> None:
 
 def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
     """`cudabuild image tool`: cudabuild's own image, from the installed cudabuild."""
-    from cudabuild.build.engine import Engine
+    from cudabuild.engine import Engine
     from cudabuild.deliver.toolimage import make_tool_image
 
     given = [name for name, value in (("--base", base), ("--modules", modules_ref), ("--tag", tag),
@@ -676,7 +676,7 @@ def _importer(cache, engine, reporter):
     """Reads a modules image that is not in the cache (docker pull'ed, or made elsewhere) into it,
     checked as a registry pull is."""
     def import_image(reference, labels):
-        from cudabuild.build.modules import import_image as read_image
+        from cudabuild.compile.modules import import_image as read_image
 
         return read_image(reference, labels, cache=cache, engine=engine(), env=os.environ, reporter=reporter)
 
@@ -726,7 +726,7 @@ def _emit(files, output, as_json) -> None:
 
 
 def _deploy_images(images, registry, kind):
-    from cudabuild.build.engine import Engine
+    from cudabuild.engine import Engine
     from cudabuild.deploy import driver_images
 
     return driver_images(Engine.from_env(), list(images), kind=kind, registry=registry)
@@ -835,8 +835,8 @@ def inspect(target: str, verify: bool, as_json: bool) -> None:
       cudabuild inspect ./nvidia/modules/nvidia.ko
       cudabuild inspect cudabuild/modules:535.309.01-6.1.0-56-amd64 --verify
     """
-    from cudabuild.build.cache import Cache, default_cache_dir
-    from cudabuild.build.engine import Engine
+    from cudabuild.cache import Cache, default_cache_dir
+    from cudabuild.engine import Engine
     from cudabuild.inspection import inspect as inspect_target
 
     report = inspect_target(target, Engine.from_env, verify=verify,

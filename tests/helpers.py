@@ -254,8 +254,8 @@ def cdi_validator():
 def debian_debs(names: list[str], version: str) -> list[Path]:
     """Debian's .debs of these packages at `version` (upstream), fetched once into the shared
     stand-ins cache and checked against the archive's index."""
-    from cudabuild.build.cache import Cache
-    from cudabuild.build.fetch import Fetcher
+    from cudabuild.cache import Cache
+    from cudabuild.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
     from cudabuild.ui import Reporter
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from cudabuild import artifact
 from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag
-from cudabuild.build.builder import render_template, tar_context
-from cudabuild.build.cache import Cache
-from cudabuild.build.engine import Engine
+from cudabuild.compile.builder import render_template, tar_context
+from cudabuild.cache import Cache
+from cudabuild.engine import Engine
 from cudabuild.deliver.devices import FACTS_FILE
 from cudabuild.deliver.loader import SETTINGS, settings
 from cudabuild.errors import InputError, VerifyError, shown

@@ -121,7 +121,7 @@ def wheels_for_image(into: Path, reporter: Reporter) -> None:
 
 def make_tool_image(engine, *, registry=None, reporter: Reporter) -> dict:
     """Build cudabuild/cudabuild:VERSION (and push it to REGISTRY/cudabuild:VERSION)."""
-    from cudabuild.build.builder import tar_context
+    from cudabuild.compile.builder import tar_context
 
     version = cudabuild.__version__
     tag = tool_tag(version)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import cudabuild
-from cudabuild.build import backends
-from cudabuild.build.backends import Outcome
-from cudabuild.build.cache import Cache, default_cache_dir
-from cudabuild.build.job import BuildJob
+from cudabuild.compile import backends
+from cudabuild.compile.backends import Outcome
+from cudabuild.cache import Cache, default_cache_dir
+from cudabuild.compile.job import BuildJob
 from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
 from cudabuild.options import ENVIRONMENT, FLAVORS, BuildOptions, validate_driver, validate_release
 from cudabuild.ui import Reporter
@@ -114,7 +114,7 @@ class MatrixResult:
 def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: list[str],
                local_files: list[tuple[str, str]], env: Mapping[str, str], reporter: Reporter,
                engine_factory) -> MatrixResult:
-    from cudabuild.build.modules import _registry_has, plan_modules
+    from cudabuild.compile.modules import _registry_has, plan_modules
     from cudabuild.fleet.registry import Registry
     from cudabuild.sources.debian import DebianArchive
 
@@ -130,7 +130,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
                          "CUDABUILD_REGISTRY)")
 
     def archive_for(codename: str) -> DebianArchive:
-        from cudabuild.build.fetch import Fetcher
+        from cudabuild.fetch import Fetcher
 
         return DebianArchive(cache=cache, fetcher=Fetcher(reporter=reporter), reporter=reporter,
                              mirror=options.apt_mirror, security_mirror=options.apt_security_mirror,

@@ -16,9 +16,9 @@ from functools import cmp_to_key
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
 
-from cudabuild.build.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
+from cudabuild.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
 from cudabuild.errors import FetchError, InputError
-from cudabuild.build.fetch import Fetcher
+from cudabuild.fetch import Fetcher
 from cudabuild.options import version_tuple
 from cudabuild.ui import Reporter
 

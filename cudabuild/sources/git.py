@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.build.fetch import store_local
+from cudabuild.fetch import store_local
 from cudabuild.errors import FetchError, InputError, VerifyError, shown
 from cudabuild.options import existing_file, kernel_tag, version_tuple
 from cudabuild.verify import read_symvers

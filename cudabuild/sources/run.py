@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from cudabuild.build.fetch import Fetcher, store_local
+from cudabuild.fetch import Fetcher, store_local
 from cudabuild.digests import sha256_file
 from cudabuild.errors import InputError, shown
 from cudabuild.options import FULL_DRIVER_RE, existing_file

@@ -107,9 +107,9 @@ def target_kernel_files(kernel_repo, tmp_path_factory):
     would take them from the target host."""
     from debian.debfile import DebFile
 
-    from cudabuild.build.cache import Cache
+    from cudabuild.cache import Cache
     from cudabuild.sources.debian import DebianArchive
-    from cudabuild.build.fetch import Fetcher
+    from cudabuild.fetch import Fetcher
     from cudabuild.ui import Reporter
 
     reporter = Reporter(quiet=True)

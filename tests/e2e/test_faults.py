@@ -155,7 +155,7 @@ def test_engine_lost_during_a_build_is_a_clear_error(cache, tmp_path):
     assert "lost the Docker engine" in err and "nothing was published" in err
     assert list((cache / "results").iterdir()) == [] and list((cache / "tmp").iterdir()) == []
     # The abandoned builder is still on the engine; the next run's reaper removes it.
-    from cudabuild.build.engine import Engine
+    from cudabuild.engine import Engine
 
     reaped, _ = Engine.from_env().reap_builders()
     assert builders_of(proc.pid) == [] and reaped

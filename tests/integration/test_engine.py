@@ -6,9 +6,9 @@ import tarfile
 import pytest
 
 from cudabuild import artifact
-from cudabuild.build.builder import tar_context
-from cudabuild.build.engine import Engine, Mount
-from cudabuild.build.publish import publish_image
+from cudabuild.compile.builder import tar_context
+from cudabuild.engine import Engine, Mount
+from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
 from tests.helpers import make_artifact
 

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from cudabuild import artifact
-from cudabuild.build.engine import Engine
-from cudabuild.build.publish import publish_image
+from cudabuild.engine import Engine
+from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
 from tests.helpers import make_artifact, make_userspace_hostile, run_cli
 

@@ -37,7 +37,7 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
                                  cwd=away, capture_output=True, text=True)
     assert python_side.returncode == 0 and "runc version" in python_side.stdout
     probe = ("from cudabuild.resources import resource_dir\n"
-             "from cudabuild.build.builder import render_template\n"
+             "from cudabuild.compile.builder import render_template\n"
              "for name in ('builder', 'dockerfiles', 'images'):\n"
              "    print(resource_dir(name))\n"
              "assert (resource_dir('builder') / 'build.sh').is_file()\n"

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import kubernetes_validate
 import pytest
 
-from cudabuild.build import backends
-from cudabuild.build.cache import pid_alive, pid_namespace
-from cudabuild.build.engine import Engine
-from cudabuild.build.job import BuildJob, command_line
+from cudabuild.compile import backends
+from cudabuild.cache import pid_alive, pid_namespace
+from cudabuild.engine import Engine
+from cudabuild.compile.job import BuildJob, command_line
 from cudabuild.cli import matrix as matrix_command
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.fleet.matrix import MatrixRequest, MatrixResult, expand_kernels, summary_lines

@@ -211,7 +211,7 @@ def test_output_that_is_a_file_or_unwritable(capsys, tmp_path):
 
 
 def test_an_earlier_output_is_recognised(capsys, tmp_path):
-    from cudabuild.build.publish import check_output
+    from cudabuild.compile.publish import check_output
 
     earlier = artifact_dir(tmp_path / "earlier")
     assert check_output(str(earlier), force=False) == earlier.resolve()

@@ -20,7 +20,7 @@ import requests
 from docker.utils.utils import parse_host
 
 from cudabuild.artifact import LABEL_PREFIX
-from cudabuild.build.cache import pid_alive, pid_namespace
+from cudabuild.cache import pid_alive, pid_namespace
 from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, RegistryError, shown
 
 # How long to wait for the engine to answer its first request (CUDABUILD_ENGINE_TIMEOUT, seconds);

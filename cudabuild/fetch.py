@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from cudabuild.build.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
+from cudabuild.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
 from cudabuild.digests import sha256_file
 from cudabuild.errors import FetchError, InputError, shown
 from cudabuild.ui import Reporter

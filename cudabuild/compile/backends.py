@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cudabuild.artifact import LABEL_PREFIX
-from cudabuild.build.job import BuildJob
+from cudabuild.compile.job import BuildJob
 from cudabuild.errors import LOG_TAIL_LINES, InputError
 
 OnState = Callable[[BuildJob, str, str], None]  # job, state, detail

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import LABEL_PREFIX
-from cudabuild.build.engine import Engine, Mount
+from cudabuild.engine import Engine, Mount
 from cudabuild.errors import LOG_TAIL_LINES, BuildError
 from cudabuild.options import DEFAULT_APT_MIRROR, DEFAULT_APT_SECURITY_MIRROR
 from cudabuild.resources import resource_dir

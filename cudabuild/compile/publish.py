@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, PARTS, Artifact, walk, read_manifest
-from cudabuild.build.builder import render_template, tar_context
-from cudabuild.build.cache import Cache, key_of
-from cudabuild.build.engine import Engine
+from cudabuild.compile.builder import render_template, tar_context
+from cudabuild.cache import Cache, key_of
+from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
 from cudabuild.ui import Reporter
 

@@ -25,12 +25,12 @@ import cudabuild
 from cudabuild import artifact
 from cudabuild.artifact import (MODULES_REPOSITORY, Artifact, Manifest, ModuleEntry, describe_userspace, image_tag,
                                 read_labels)
-from cudabuild.build.builder import builder_scripts, builder_user, ensure_builder, plan_builder, run_build
-from cudabuild.build.cache import Cache, default_cache_dir, key_of
-from cudabuild.build.engine import Engine, Mount
-from cudabuild.build.fetch import Fetcher
-from cudabuild.build.publish import check_output, publish_image, write_output
-from cudabuild.build.spec import BuildSpec
+from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, plan_builder, run_build
+from cudabuild.cache import Cache, default_cache_dir, key_of
+from cudabuild.engine import Engine, Mount
+from cudabuild.fetch import Fetcher
+from cudabuild.compile.publish import check_output, publish_image, write_output
+from cudabuild.compile.spec import BuildSpec
 from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError
 from cudabuild.fleet.registry import Registry, headers_files, unpack_image
 from cudabuild.signing import Certificate, SigningKey, load_signing_key, verify_signature
