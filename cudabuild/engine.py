@@ -316,6 +316,43 @@ class Engine:
         return reaped, alive
 
 
+    # ---- Swarm: a build as a replicated job (cudabuild/compile/backends.py) ---------------------
+    def swarm_state(self) -> dict:
+        """This engine's Swarm: LocalNodeState, ControlAvailable, ... ({} when it has none)."""
+        return self.client.info().get("Swarm") or {}
+
+    def create_job_service(self, *, image: str, args: list[str], name: str, binds: list[tuple[str, str]],
+                           env: Mapping[str, str], labels: Mapping[str, str]) -> str:
+        """A replicated-job service that runs once (no restart) on the host network, with each
+        (source, target) of `binds` bind-mounted; its id."""
+        import docker.types
+
+        mounts = [docker.types.Mount(target=target, source=source, type="bind") for source, target in binds]
+        service = self.client.services.create(
+            image, args=list(args), name=name, mode=docker.types.ServiceMode("replicated-job"), networks=["host"],
+            mounts=mounts, env=[f"{k}={v}" for k, v in sorted(env.items())],
+            restart_policy=docker.types.RestartPolicy(condition="none"), labels=dict(labels))
+        return service.id
+
+    def service_tasks(self, service_id: str) -> list[dict]:
+        return self.client.api.tasks(filters={"service": service_id})
+
+    def node(self, node_id: str) -> dict:
+        return self.client.api.inspect_node(node_id)
+
+    def service_logs(self, service_id: str, *, stderr: bool) -> bytes:
+        """A service's standard output, or its standard error, as far as it goes now."""
+        raw = self.client.api.service_logs(service_id, follow=False, stdout=not stderr, stderr=stderr)
+        return raw if isinstance(raw, bytes) else b"".join(raw)
+
+    def remove_service(self, service_id: str) -> None:
+        """Remove a service; one already gone is no error."""
+        try:
+            self.client.api.remove_service(service_id)
+        except (docker.errors.APIError, requests.RequestException):
+            pass
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, docker.errors.APIError) and getattr(exc, "explanation", None):

@@ -98,63 +98,59 @@ class SwarmPlace:
     cache: str
 
 
-def swarm_manager(client) -> None:
+def swarm_manager(engine) -> None:
     """This engine must manage a Swarm: jobs are services."""
-    info = client.info().get("Swarm") or {}
+    info = engine.swarm_state()
     if info.get("LocalNodeState") != "active" or not info.get("ControlAvailable"):
         raise InputError("--backend swarm needs an engine that is a Swarm manager, and this one is not "
                          f"(swarm state: {info.get('LocalNodeState') or 'inactive'})",
                          hint="run it against a manager (DOCKER_HOST), or make one: docker swarm init")
 
 
-def run_swarm(client, jobs: list[BuildJob], *, place: SwarmPlace, parallel: int, logs: Path, on_state: OnState,
+def run_swarm(engine, jobs: list[BuildJob], *, place: SwarmPlace, parallel: int, logs: Path, on_state: OnState,
               run_id: str, timeout: float, poll: float = 2.0) -> list[Outcome]:
     """One replicated-job per BuildJob (at most `parallel` at a time), followed until it ends, its
-    node goes away, or `timeout` passes; its logs collected and the service removed."""
-    import docker.types
-
+    node goes away, or `timeout` passes; its logs collected and the service removed. `engine` is
+    cudabuild/engine.py's Engine (or a stand-in with its Swarm methods)."""
     pending, running, outcomes = list(enumerate(jobs)), {}, {}
     for job in jobs:
         on_state(job, "queued", "")
-    mounts = [docker.types.Mount(target=path, source=path, type="bind") for path in place.cache_paths]
-    mounts.append(docker.types.Mount(target="/var/run/docker.sock", source=place.socket, type="bind"))
+    binds = [(path, path) for path in place.cache_paths] + [(place.socket, "/var/run/docker.sock")]
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 index, job = pending.pop(0)
                 environment = {**job.environment, "CUDABUILD_CACHE": place.cache, "CI": "true"}
-                service = client.services.create(
-                    place.image, args=list(job.argv), name=f"cudabuild-{run_id}-{job.name}"[:63].rstrip("-"),
-                    mode=docker.types.ServiceMode("replicated-job"), networks=["host"], mounts=mounts,
-                    env=[f"{k}={v}" for k, v in sorted(environment.items())],
-                    restart_policy=docker.types.RestartPolicy(condition="none"),
+                service_id = engine.create_job_service(
+                    image=place.image, args=list(job.argv), name=f"cudabuild-{run_id}-{job.name}"[:63].rstrip("-"),
+                    binds=binds, env=environment,
                     labels={f"{LABEL_PREFIX}.role": SWARM_ROLE, f"{LABEL_PREFIX}.matrix": run_id})
-                running[service.id] = (index, job, time.monotonic(), "queued")
+                running[service_id] = (index, job, time.monotonic(), "queued")
             time.sleep(poll)
             for service_id, (index, job, started, shown_state) in list(running.items()):
-                state, reason = _task_state(client, service_id)
+                state, reason = _task_state(engine, service_id)
                 if time.monotonic() - started > timeout and state != "complete" and state not in TERMINAL_FAILED:
                     state, reason = "failed", f"it did not finish within {timeout:g} s"
                 if state == "running" and shown_state != "building":
                     on_state(job, "building", "")
                     running[service_id] = (index, job, started, "building")
                 if state == "complete" or state in TERMINAL_FAILED:
-                    stdout, stderr = _service_logs(client, service_id)
+                    stdout, stderr = _service_logs(engine, service_id)
                     code = 0 if state == "complete" else None
                     outcomes[index] = outcome_of(job, code, stdout, stderr, seconds=time.monotonic() - started,
                                                log_path=logs / f"{job.name}.log",
                                                reason=None if code == 0 else reason)
-                    _remove_service(client, service_id)
+                    engine.remove_service(service_id)
                     del running[service_id]
     finally:
         for service_id in running:  # interrupted: no job is left behind
-            _remove_service(client, service_id)
+            engine.remove_service(service_id)
     return [outcomes[index] for index in range(len(jobs))]
 
 
-def _task_state(client, service_id: str) -> tuple[str, str]:
+def _task_state(engine, service_id: str) -> tuple[str, str]:
     """The service's newest task: its state, and why it failed (its error, its exit code, its node)."""
-    tasks = client.api.tasks(filters={"service": service_id})
+    tasks = engine.service_tasks(service_id)
     if not tasks:
         return "new", ""
     task = max(tasks, key=lambda t: t.get("CreatedAt", ""))
@@ -164,7 +160,7 @@ def _task_state(client, service_id: str) -> tuple[str, str]:
     reason = status.get("Err") or (f"exit code {code}" if code else status.get("Message", ""))
     node_id = task.get("NodeID")
     if state == "running" and node_id:
-        node = client.api.inspect_node(node_id)
+        node = engine.node(node_id)
         if (node.get("Status") or {}).get("State") == "down":
             name = (node.get("Description") or {}).get("Hostname", node_id)
             return "orphaned", f"its node {name} went away"
@@ -173,23 +169,14 @@ def _task_state(client, service_id: str) -> tuple[str, str]:
     return state, reason
 
 
-def _service_logs(client, service_id: str) -> tuple[str, str]:
-    def read(**which) -> str:
+def _service_logs(engine, service_id: str) -> tuple[str, str]:
+    def read(stderr: bool) -> str:
         try:
-            raw = client.api.service_logs(service_id, follow=False, **which)
-            data = raw if isinstance(raw, bytes) else b"".join(raw)
+            return engine.service_logs(service_id, stderr=stderr).decode(errors="replace")
         except Exception as exc:  # noqa: BLE001 - a node that went away keeps its logs
             return f"(the logs could not be read: {exc})\n"
-        return data.decode(errors="replace")
 
-    return read(stdout=True, stderr=False), read(stdout=False, stderr=True)
-
-
-def _remove_service(client, service_id: str) -> None:
-    try:
-        client.api.remove_service(service_id)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
+    return read(stderr=False), read(stderr=True)
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
 
     engine = engine_factory()
     if request.backend == "swarm":
-        backends.swarm_manager(engine.client)  # before anything is planned
+        backends.swarm_manager(engine)  # before anything is planned
     kernels = expand_kernels(",".join(request.kernels), archive_for)
     cells = [(k, d, f) for k in kernels for d in request.drivers for f in request.flavors]
     reporter.note(f"matrix: {len(kernels)} kernel(s) x {len(request.drivers)} driver(s) x "
@@ -205,7 +205,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
         image = _ensure_tool_image(engine, registry, request.image, reporter)
         paths = (request.node_cache,) if request.node_cache else backends.cache_paths(cache.root)
         place = backends.SwarmPlace(image=image, socket=request.node_socket, cache_paths=paths, cache=paths[0])
-        outcomes = backends.run_swarm(engine.client, jobs, place=place, parallel=request.parallel or len(jobs),
+        outcomes = backends.run_swarm(engine, jobs, place=place, parallel=request.parallel or len(jobs),
                                       logs=logs, run_id=run_id, timeout=request.timeout,
                                       on_state=lambda j, s, d: None if s == "queued" else on_state(j, s, d))
         for outcome in outcomes:

@@ -84,16 +84,27 @@ def test_a_finished_job_becomes_its_outcome(tmp_path):
 
 
 class _HungSwarm:
-    """A Swarm whose one task runs for ever: the api calls run_swarm makes, recorded."""
+    """An engine (cudabuild/engine.py's Swarm methods) whose one task runs for ever; what run_swarm
+    asks of it, recorded."""
 
     def __init__(self):
-        self.removed = []
-        self.services = SimpleNamespace(create=lambda *a, **kw: SimpleNamespace(id="svc1"))
-        self.api = SimpleNamespace(
-            tasks=lambda filters: [{"CreatedAt": "1", "NodeID": "n1", "Status": {"State": "running"}}],
-            inspect_node=lambda node_id: {"Status": {"State": "ready"}},
-            service_logs=lambda service_id, follow, stdout, stderr: b"==> make modules\n" if stderr else b"",
-            remove_service=self.removed.append)
+        self.removed, self.created = [], []
+
+    def create_job_service(self, **kw):
+        self.created.append(kw)
+        return "svc1"
+
+    def service_tasks(self, service_id):
+        return [{"CreatedAt": "1", "NodeID": "n1", "Status": {"State": "running"}}]
+
+    def node(self, node_id):
+        return {"Status": {"State": "ready"}}
+
+    def service_logs(self, service_id, *, stderr):
+        return b"==> make modules\n" if stderr else b""
+
+    def remove_service(self, service_id):
+        self.removed.append(service_id)
 
 
 def test_a_swarm_job_past_its_time_limit_is_failed_and_removed(tmp_path):
@@ -104,6 +115,10 @@ def test_a_swarm_job_past_its_time_limit_is_failed_and_removed(tmp_path):
                                    poll=0, on_state=lambda job, state, detail: states.append(state))
     assert outcome.state == "failed" and outcome.error == "it did not finish within 0 s"
     assert swarm.removed == ["svc1"] and states == ["queued"]
+    [created] = swarm.created
+    assert created["binds"] == [("/var/cache/cudabuild", "/var/cache/cudabuild"),
+                                ("/var/run/docker.sock", "/var/run/docker.sock")]
+    assert created["env"]["CUDABUILD_CACHE"] == "/var/cache/cudabuild"
 
 
 def test_kubernetes_jobs_validate_strictly_against_1_30():
