@@ -391,7 +391,7 @@ def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache,
         for line in summary_lines(result):
             click.echo(line)
     if result.exit_code:
-        sys.exit(result.exit_code)
+        click.get_current_context().exit(result.exit_code)
 
 
 for _param in matrix.params:  # a matrix names its kernels and drivers as lists
@@ -864,19 +864,25 @@ def inspect(target: str, verify: bool, as_json: bool) -> None:
         click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def invoke(argv: list[str] | None = None) -> int:
+    """The command line, in this process: every error printed as the README says and mapped to its
+    exit code, which is returned (tests call this; `main` exits with it)."""
     try:
         code = cli.main(args=argv, prog_name="cudabuild", standalone_mode=False)
     except click.exceptions.Abort:
         print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except CudabuildError as exc:
         print(exc.render(), file=sys.stderr)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted: the builder container was removed; nothing was published", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(code if isinstance(code, int) else 0)
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(invoke(argv))

@@ -186,6 +186,29 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
     return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line in this process (cudabuild.cli.invoke), with `env` laid over os.environ for
+    the call: what run_cli checks, without a new interpreter. For refusals, --help and other quick
+    answers; a build or anything that must be killed runs with run_cli."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from cudabuild.cli import invoke
+
+    import gc
+    import warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.environ.pop("CUDABUILD_KEEP_BUILDER", None)
+        code = invoke(list(args))
+    with warnings.catch_warnings():  # a command's engine connection is closed by its process's exit, not here
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    return subprocess.CompletedProcess(["cudabuild", *args], code, out.getvalue(), err.getvalue())
+
+
 def fake_host(root: Path, *, gpus: int = 3) -> dict:
     """A host's /proc, /sys and /dev under `root`, laid out as Debian lays out a host (`var/run -> /run`
     and `var/lock -> /run/lock`, absolute; merged /usr: `lib -> usr/lib`, `bin -> usr/bin`, ...),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cudabuild.errors import EngineError, InputError
-from tests.helpers import run_cli
+from tests.helpers import run_here as run_cli  # in this process: these are refusals
 
 
 @pytest.fixture

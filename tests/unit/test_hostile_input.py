@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from cudabuild.cli import main
+from cudabuild.cli import invoke
 from tests.elf import SHT_NOBITS, module_bytes, write_artifact as artifact_dir
 
 RELEASE, DRIVER = "6.1.0-56-amd64", "535.309.01"
@@ -24,19 +24,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
+    code = invoke(list(args))
     _, err = capsys.readouterr()
     assert "Traceback" not in err
-    return info.value.code, err
+    return code, err
 
 
 def test_a_valid_artifact_is_inspected(capsys, tmp_path):
-    code = None
-    try:
-        main(["inspect", str(artifact_dir(tmp_path / "a")), "--json"])
-    except SystemExit as exc:
-        code = exc.code
+    code = invoke(["inspect", str(artifact_dir(tmp_path / "a")), "--json"])
     out, _ = capsys.readouterr()
     assert code == 0 and json.loads(out)["verified"] is True
 
