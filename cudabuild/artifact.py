@@ -671,3 +671,32 @@ def read_labels(labels: Mapping[str, str] | None, ref: str) -> ImageLabels | Non
     return ImageLabels(key=ours["key"], driver_version=ours["driver-version"], kernel_release=ours["kernel-release"],
                        vermagic=ours["vermagic"], flavor=ours["flavor"], modules=tuple(modules), profile=profile,
                        boot_test=boot, signer=signer, cert_sha256=cert)
+
+
+# ---- a saved modules image ---------------------------------------------------------------------
+def unpack_image(saved_path: Path, into: Path) -> None:
+    """The one layer of a saved modules image (`docker save`) into `into`: only modules/,
+    userspace/ and manifest.json, regular files, directories and links inside their directory."""
+    import tarfile  # only to pull: a cache hit reads no tar
+
+    with tarfile.open(saved_path) as saved:
+        try:
+            index = json.load(saved.extractfile("manifest.json"))
+            layers = index[0]["Layers"]
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
+            raise VerifyError("the pulled image is not a saved image cudabuild can read",
+                              hint="use images `cudabuild modules --registry` pushed") from exc
+        if len(layers) != 1:
+            raise VerifyError(f"the pulled modules image has {len(layers)} layers, not one: cudabuild did not "
+                              "make it", hint="use images `cudabuild modules --registry` pushed")
+        with tarfile.open(fileobj=saved.extractfile(layers[0])) as layer:
+            for member in layer:
+                name = PurePosixPath(member.name.removeprefix("./"))
+                if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
+                    continue
+                outward = member.issym() and (member.linkname.startswith("/") or ".." in member.linkname.split("/"))
+                if ".." in name.parts or not (member.isfile() or member.isdir() or member.issym()) or outward:
+                    raise VerifyError(f"the pulled modules image holds {shown(member.name)}, which cudabuild "
+                                      "never writes", hint="use images `cudabuild modules --registry` pushed")
+                member.name = str(name)
+                layer.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))

@@ -277,7 +277,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     options = _build_options(flags) if building else None
     registry = options.registry if options else (flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY"))
     if registry:
-        from cudabuild.fleet.registry import Registry
+        from cudabuild.registry import Registry
 
         registry = Registry(registry)
     if dry_run:
@@ -661,7 +661,7 @@ def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
         raise click.UsageError(f"the tool image takes --registry and --json only, not {', '.join(given)}")
     registry = flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY")
     if registry:
-        from cudabuild.fleet.registry import Registry
+        from cudabuild.registry import Registry
 
         registry = Registry(registry)
     reporter = Reporter()
@@ -676,7 +676,7 @@ def _importer(cache, engine, reporter):
     """Reads a modules image that is not in the cache (docker pull'ed, or made elsewhere) into it,
     checked as a registry pull is."""
     def import_image(reference, labels):
-        from cudabuild.compile.modules import import_image as read_image
+        from cudabuild.compile.steps import import_image as read_image
 
         return read_image(reference, labels, cache=cache, engine=engine(), env=os.environ, reporter=reporter)
 

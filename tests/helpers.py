@@ -186,6 +186,69 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
     return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# NVIDIA's layout, written with the tools the format is defined by: line 1 the shebang, lines 2-3
+# CRCsum (cksum) and MD5 (md5sum) of `tail -n +4`, then the assignments and the stub's code, the
+# decompressor binary from line skip_decompress for size_decompress lines, the payload from line skip.
+MAKE_RUN = r'''
+set -eu
+dir=$1 version=$2 comp=$3 out=$4
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$dir" && tar cf - $(find . -maxdepth 1 -mindepth 1 | sort)) > "$work/payload.tar"
+case $comp in
+    zstd)  zstd -q -3 -c "$work/payload.tar" > "$work/payload"; dec=$(command -v zstd) ;;
+    xz)    xz -c -3 -T0 "$work/payload.tar" > "$work/payload"; dec=$(command -v xz) ;;
+    gzip)  gzip -c "$work/payload.tar" > "$work/payload"; dec=$(command -v gzip) ;;
+    bzip2) bzip2 -c "$work/payload.tar" > "$work/payload"; dec=$(command -v bzip2) ;;
+    none)  cp "$work/payload.tar" "$work/payload"; dec= ;;
+esac
+if [ -n "$dec" ]; then { cat "$dec"; echo; } > "$work/dec"; else : > "$work/dec"; fi
+size=$(wc -l < "$work/dec")
+body() {
+cat <<EOF
+skip=$1
+skip_decompress=$2
+size_decompress=$size
+label="NVIDIA Accelerated Graphics Driver for Linux-x86_64 $version"
+version_string=$version
+pkg_version=1
+script=./nvidia-installer
+targetdir=NVIDIA-Linux-x86_64-$version
+scriptargs=""
+keep=n
+TARGET_OS="Linux"
+TARGET_ARCH="x86_64"
+[ "\${1:-}" = -x ] || { echo "pass -x" >&2; exit 1; }
+[ ! -e "\$targetdir" ] || exit 1
+mkdir "\$targetdir"
+if [ "\$size_decompress" -gt 0 ]; then
+    d=\$(mktemp); tail -n +\$skip_decompress "\$0" | head -n \$size_decompress > "\$d"; chmod +x "\$d"
+    tail -n +\$skip "\$0" | "\$d" -dc | tar xf - -C "\$targetdir"; s=\$?; rm -f "\$d"; exit \$s
+fi
+tail -n +\$skip "\$0" | tar xf - -C "\$targetdir"
+exit \$?
+EOF
+}
+lines=$(body 0 0 | wc -l)
+skip_decompress=$((3 + lines + 1))
+if [ "$size" -eq 0 ]; then skip_decompress=0; skip=$((3 + lines + 1)); else skip=$((skip_decompress + size)); fi
+{ body $skip $skip_decompress; cat "$work/dec" "$work/payload"; } > "$work/tail"
+crc=$(cksum < "$work/tail" | cut -d' ' -f1)
+md5=$(md5sum < "$work/tail" | cut -d' ' -f1)
+{ printf '#! /bin/sh\nCRCsum=%s\nMD5=%s\n' "$crc" "$md5"; cat "$work/tail"; } > "$out"
+chmod +x "$out"
+'''
+
+
+
+
+def make_nvidia_run(source: Path, version: str, compression: str, out: Path) -> Path:
+    """`out`, an installer of `source`'s contents laid out as NVIDIA's makeself lays it out
+    (MAKE_RUN), with `compression` (zstd, xz, gzip, bzip2 or none) and that compressor embedded."""
+    subprocess.run(["sh", "-c", MAKE_RUN, "make-run", str(source), version, compression, str(out)], check=True)
+    return out
+
+
 def run_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The command line in this process (cudabuild.cli.invoke), with `env` laid over os.environ for
     the call: what run_cli checks, without a new interpreter. For refusals, --help and other quick

@@ -65,6 +65,6 @@ class LocalRegistry:
         return (answer.json().get("tags") or []) if answer.status_code == 200 else []
 
     def labels(self, ref: str) -> dict | None:
-        from cudabuild.fleet.registry import Registry
+        from cudabuild.registry import Registry
 
         return Registry(ref.rsplit("/", 1)[0]).labels(ref)

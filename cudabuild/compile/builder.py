@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import LABEL_PREFIX
+from cudabuild.compile.contract import SCRIPTS, STEP_MARK
 from cudabuild.engine import Engine, Mount
 from cudabuild.errors import LOG_TAIL_LINES, BuildError
 from cudabuild.options import DEFAULT_APT_MIRROR, DEFAULT_APT_SECURITY_MIRROR
@@ -21,7 +22,6 @@ from cudabuild.ui import Reporter, Step
 
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
              "git", "binutils", "ca-certificates", "patch", "python3"]  # python3: resolve_btfids on BTF kernels
-STEP_MARK = "::cudabuild-step::"
 # Builds never run as root: when cudabuild does, its containers run as nobody.
 UNPRIVILEGED = (65534, 65534)
 
@@ -142,7 +142,7 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
     """Run a script of builder/ in a container, as an unprivileged user; its step markers become
     named steps with durations, its whole output goes to `log_path`. A failure raises BuildError
     with the log's last lines. Only the kernel fetch gets a network."""
-    mounts = [Mount(str(scripts), "/cudabuild/builder"), *mounts]
+    mounts = [Mount(str(scripts), SCRIPTS), *mounts]
     uid, gid = builder_user()
     current: Step | None = None
     started = 0.0
@@ -153,7 +153,7 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
             reporter.finish(current, time.monotonic() - started)
 
     with open(log_path, "a") as log, engine.container(
-            image=image, command=["sh", f"/cudabuild/builder/{script}"], mounts=mounts, network=network,
+            image=image, command=["sh", f"{SCRIPTS}/{script}"], mounts=mounts, network=network,
             environment=environment, user=f"{uid}:{gid}", name_prefix="cudabuild-builder", keep=keep) as container:
         reporter.note(f"builder container {container.name}; log: {log_path}")
         for line in container.lines():

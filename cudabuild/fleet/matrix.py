@@ -114,8 +114,8 @@ class MatrixResult:
 def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: list[str],
                local_files: list[tuple[str, str]], env: Mapping[str, str], reporter: Reporter,
                engine_factory) -> MatrixResult:
-    from cudabuild.compile.modules import _registry_has, plan_modules
-    from cudabuild.fleet.registry import Registry
+    from cudabuild.compile.plan import plan_modules
+    from cudabuild.registry import Registry
     from cudabuild.sources.debian import DebianArchive
 
     cache = Cache(default_cache_dir(env))
@@ -178,7 +178,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
                                       driver_version=plan.spec.driver_version,
                                       registry_ref=remote, inputs=tuple(plan.inputs),
                                       kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
-            if registry is not None and options.use_cache and _registry_has(registry, remote, plan.key, reporter):
+            if registry is not None and options.use_cache and registry.has(remote, plan.key, note=reporter.note):
                 done[(kernel, driver, flavor)] = Outcome(job, "in-registry")
                 continue
             jobs.append(job)

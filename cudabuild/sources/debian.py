@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import lzma
+import shutil
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from functools import cmp_to_key
 
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
 
 from cudabuild.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
-from cudabuild.errors import FetchError, InputError
+from cudabuild.errors import FetchError, InputError, VerifyError
 from cudabuild.fetch import Fetcher
 from cudabuild.options import version_tuple
 from cudabuild.ui import Reporter
@@ -291,3 +293,27 @@ def _parse_packages(text: bytes, base_url: str) -> list[dict]:
                     "sha256": para["SHA256"], "size": int(para["Size"]), "base_url": base_url,
                     "depends": para.get("Depends", "")})
     return out
+
+
+def headers_files(deb: Path, release: str, into: Path) -> tuple[Path, Path]:
+    """Module.symvers and .config of a Debian kernel, read on the host from its
+    linux-headers-RELEASE package: what a pulled result is verified against."""
+    from debian.debfile import DebFile
+
+    wanted = {f"linux-headers-{release}/Module.symvers": into / "Module.symvers",
+              f"linux-headers-{release}/.config": into / "config"}
+    package = DebFile(str(deb))
+    try:
+        data = package.data.tgz()
+        for member in data.getmembers():
+            for suffix, target in wanted.items():
+                if member.isfile() and member.name.endswith(suffix):
+                    with data.extractfile(member) as source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out)
+    finally:
+        package.close()
+    missing = [t.name for t in wanted.values() if not t.is_file()]
+    if missing:
+        raise VerifyError(f"{deb.name} has no {' or '.join(missing)} for {release}",
+                          hint="the kernel's headers package is needed to verify pulled modules")
+    return wanted[f"linux-headers-{release}/Module.symvers"], wanted[f"linux-headers-{release}/.config"]

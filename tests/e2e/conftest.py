@@ -87,6 +87,7 @@ def installers():
                                str(directory), "--cache", str(STANDINS / "standin-cache")],
                               capture_output=True, text=True)
         assert made.returncode == 0, made.stderr
+    independent_installer(directory, "535.309.01")
     handler = functools.partial(QuietHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -94,6 +95,33 @@ def installers():
     yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "dir": directory}
     server.shutdown()
     server.server_close()
+
+
+def independent_installer(directory: Path, version: str) -> Path:
+    """directory/independent/NVIDIA-Linux-x86_64-VERSION.run: the stand-in's tree, as its own stub
+    extracts it (with its embedded zstd), made again into an installer by tests/helpers.make_nvidia_run,
+    which follows NVIDIA's layout with coreutils and the zstd command, not scripts/makeself.py."""
+    from cudabuild.errors import InputError
+    from cudabuild.sources.run import check_installer
+    from tests.helpers import make_nvidia_run
+
+    out = directory / "independent" / f"NVIDIA-Linux-x86_64-{version}.run"
+    standin = directory / out.name
+    if out.exists():
+        try:
+            if check_installer(out).compression == "zstd" and out.stat().st_mtime >= standin.stat().st_mtime:
+                return out
+        except InputError:
+            pass
+    out.parent.mkdir(exist_ok=True)
+    work = out.parent / f".work-{version}"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir()
+    try:
+        subprocess.run(["sh", str(standin), "-x", "--target", str(work / "tree")], check=True, capture_output=True)
+        return make_nvidia_run(work / "tree", version, "zstd", out)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

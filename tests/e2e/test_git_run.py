@@ -43,8 +43,10 @@ def crc_disagreements(modules_dir: Path, release: str, symvers: Path, tmp_path: 
 
 @pytest.fixture(scope="session")
 def git_535(fresh_cache, kernel_repo, target_kernel_files, installers):
+    """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
+    embedded zstd; tests/e2e/conftest.py independent_installer), built, verified and published."""
     result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run")
+                       f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run")
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 
@@ -100,7 +102,8 @@ def test_open_flavor_builds_the_open_modules(fresh_cache, installers):
 def test_sparse_fetch_is_small_and_builds_the_same_modules(git_535, fresh_cache, kernel_repo,
                                                            target_kernel_files, installers):
     result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run", "--kernel-checkout", "full")
+                       f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run", "--kernel-checkout",
+                       "full")
     assert result.returncode == 0, result.stderr[-4000:]
     full = json.loads(result.stdout)
     sizes = {}

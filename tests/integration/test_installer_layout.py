@@ -1,6 +1,6 @@
-"""NVIDIA's .run installers as NVIDIA lays them out (FACTS.md, "The .run installer"), made here by a
+"""NVIDIA's .run installers as NVIDIA lays them out (FACTS.md, "The .run installer"), made by a
 shell script that follows that layout with coreutils and the real compressors, independently of
-scripts/makeself.py: the stub's own code extracts each one with its embedded decompressor, and
+scripts/makeself.py (tests/helpers.make_nvidia_run; the e2e build of a git kernel uses one too): the stub's own code extracts each one with its embedded decompressor, and
 cudabuild, which never runs either, must read the same tree from it."""
 
 from __future__ import annotations
@@ -15,64 +15,10 @@ import pytest
 
 from cudabuild.errors import InputError
 from cudabuild.sources.run import check_installer, extract_installer
-from tests.helpers import DRIVER, REPO, run_cli
+from tests.helpers import DRIVER, REPO, make_nvidia_run, run_cli
 
 sys.path.insert(0, str(REPO / "scripts"))
 from makeself import tar_bytes, write_installer  # noqa: E402
-
-# NVIDIA's layout, written with the tools the format is defined by: line 1 the shebang, lines 2-3
-# CRCsum (cksum) and MD5 (md5sum) of `tail -n +4`, then the assignments and the stub's code, the
-# decompressor binary from line skip_decompress for size_decompress lines, the payload from line skip.
-MAKE_RUN = r'''
-set -eu
-dir=$1 version=$2 comp=$3 out=$4
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-(cd "$dir" && tar cf - $(find . -maxdepth 1 -mindepth 1 | sort)) > "$work/payload.tar"
-case $comp in
-    zstd)  zstd -q -19 -c "$work/payload.tar" > "$work/payload"; dec=$(command -v zstd) ;;
-    xz)    xz -c -9 "$work/payload.tar" > "$work/payload"; dec=$(command -v xz) ;;
-    gzip)  gzip -c -9 "$work/payload.tar" > "$work/payload"; dec=$(command -v gzip) ;;
-    bzip2) bzip2 -c "$work/payload.tar" > "$work/payload"; dec=$(command -v bzip2) ;;
-    none)  cp "$work/payload.tar" "$work/payload"; dec= ;;
-esac
-if [ -n "$dec" ]; then { cat "$dec"; echo; } > "$work/dec"; else : > "$work/dec"; fi
-size=$(wc -l < "$work/dec")
-body() {
-cat <<EOF
-skip=$1
-skip_decompress=$2
-size_decompress=$size
-label="NVIDIA Accelerated Graphics Driver for Linux-x86_64 $version"
-version_string=$version
-pkg_version=1
-script=./nvidia-installer
-targetdir=NVIDIA-Linux-x86_64-$version
-scriptargs=""
-keep=n
-TARGET_OS="Linux"
-TARGET_ARCH="x86_64"
-[ "\${1:-}" = -x ] || { echo "pass -x" >&2; exit 1; }
-[ ! -e "\$targetdir" ] || exit 1
-mkdir "\$targetdir"
-if [ "\$size_decompress" -gt 0 ]; then
-    d=\$(mktemp); tail -n +\$skip_decompress "\$0" | head -n \$size_decompress > "\$d"; chmod +x "\$d"
-    tail -n +\$skip "\$0" | "\$d" -dc | tar xf - -C "\$targetdir"; s=\$?; rm -f "\$d"; exit \$s
-fi
-tail -n +\$skip "\$0" | tar xf - -C "\$targetdir"
-exit \$?
-EOF
-}
-lines=$(body 0 0 | wc -l)
-skip_decompress=$((3 + lines + 1))
-if [ "$size" -eq 0 ]; then skip_decompress=0; skip=$((3 + lines + 1)); else skip=$((skip_decompress + size)); fi
-{ body $skip $skip_decompress; cat "$work/dec" "$work/payload"; } > "$work/tail"
-crc=$(cksum < "$work/tail" | cut -d' ' -f1)
-md5=$(md5sum < "$work/tail" | cut -d' ' -f1)
-{ printf '#! /bin/sh\nCRCsum=%s\nMD5=%s\n' "$crc" "$md5"; cat "$work/tail"; } > "$out"
-chmod +x "$out"
-'''
-
 
 def package_tree(root: Path) -> Path:
     """A package directory as NVIDIA's: kernel/ with a Kbuild tree, the installer, a link, .manifest."""
@@ -99,9 +45,7 @@ def tree(root: Path) -> dict[str, object]:
 
 def make_run(tmp_path: Path, compression: str, version: str = DRIVER) -> Path:
     source = package_tree(tmp_path / "pkg")
-    out = tmp_path / f"NVIDIA-Linux-x86_64-{version}.run"
-    subprocess.run(["sh", "-c", MAKE_RUN, "make-run", str(source), version, compression, str(out)], check=True)
-    return out
+    return make_nvidia_run(source, version, compression, tmp_path / f"NVIDIA-Linux-x86_64-{version}.run")
 
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "gzip", "bzip2", "none"])

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cudabuild.errors import RegistryError
-from cudabuild.fleet.registry import Registry
+from cudabuild.registry import Registry
 from tests.helpers import run_cli
 
 CONFIG_DIGEST = "sha256:" + "a" * 64

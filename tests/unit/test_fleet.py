@@ -17,7 +17,8 @@ from cudabuild.compile.job import BuildJob, command_line
 from cudabuild.cli import matrix as matrix_command
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.fleet.matrix import MatrixRequest, MatrixResult, expand_kernels, summary_lines
-from cudabuild.fleet.registry import Registry, unpack_image
+from cudabuild.artifact import unpack_image
+from cudabuild.registry import Registry
 from cudabuild.options import validate_registry
 
 JOB = BuildJob(kernel="6.1.0-56-amd64", driver="535", flavor="open", driver_version="535.261.03",

@@ -13,13 +13,12 @@ import base64
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import requests
 
-from cudabuild.errors import RegistryError, VerifyError, shown
+from cudabuild.errors import RegistryError, shown
 from cudabuild.options import validate_registry
 
 MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
@@ -124,6 +123,19 @@ class Registry:
         status, _, body = self._fetch(url, **headers, Authorization=f"Bearer {bearer}")
         return status, body
 
+    def has(self, ref: str, key: str, *, note=lambda message: None) -> bool:
+        """Whether the registry holds `ref` as a modules image of the build `key` (another build
+        under that tag is said through `note`, and is not it)."""
+        from cudabuild.artifact import read_labels
+
+        labels = read_labels(self.labels(ref), ref)
+        if labels is None:
+            return False
+        if labels.key != key:
+            note(f"{ref} in the registry is another build (key {labels.key[:16]}..., ours {key[:16]}...)")
+            return False
+        return True
+
     def labels(self, ref: str) -> dict[str, str] | None:
         """The labels of `ref` in the registry, or None when it has no such tag."""
         name, _, tag = ref[len(self.host) + 1:].rpartition(":")
@@ -178,55 +190,3 @@ def _login(host: str) -> tuple[str, str] | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return (user, password) if user else None
-
-
-def unpack_image(saved_path: Path, into: Path) -> None:
-    """The one layer of a saved modules image (`docker save`) into `into`: only modules/,
-    userspace/ and manifest.json, regular files, directories and links inside their directory."""
-    import tarfile  # only to pull: a cache hit reads no tar
-
-    with tarfile.open(saved_path) as saved:
-        try:
-            index = json.load(saved.extractfile("manifest.json"))
-            layers = index[0]["Layers"]
-        except (KeyError, ValueError, IndexError, TypeError) as exc:
-            raise VerifyError("the pulled image is not a saved image cudabuild can read",
-                              hint="use images `cudabuild modules --registry` pushed") from exc
-        if len(layers) != 1:
-            raise VerifyError(f"the pulled modules image has {len(layers)} layers, not one: cudabuild did not "
-                              "make it", hint="use images `cudabuild modules --registry` pushed")
-        with tarfile.open(fileobj=saved.extractfile(layers[0])) as layer:
-            for member in layer:
-                name = PurePosixPath(member.name.removeprefix("./"))
-                if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
-                    continue
-                outward = member.issym() and (member.linkname.startswith("/") or ".." in member.linkname.split("/"))
-                if ".." in name.parts or not (member.isfile() or member.isdir() or member.issym()) or outward:
-                    raise VerifyError(f"the pulled modules image holds {shown(member.name)}, which cudabuild "
-                                      "never writes", hint="use images `cudabuild modules --registry` pushed")
-                member.name = str(name)
-                layer.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-
-
-def headers_files(deb: Path, release: str, into: Path) -> tuple[Path, Path]:
-    """Module.symvers and .config of a Debian kernel, read on the host from its
-    linux-headers-RELEASE package: what a pulled result is verified against."""
-    from debian.debfile import DebFile
-
-    wanted = {f"linux-headers-{release}/Module.symvers": into / "Module.symvers",
-              f"linux-headers-{release}/.config": into / "config"}
-    package = DebFile(str(deb))
-    try:
-        data = package.data.tgz()
-        for member in data.getmembers():
-            for suffix, target in wanted.items():
-                if member.isfile() and member.name.endswith(suffix):
-                    with data.extractfile(member) as source, open(target, "wb") as out:
-                        shutil.copyfileobj(source, out)
-    finally:
-        package.close()
-    missing = [t.name for t in wanted.values() if not t.is_file()]
-    if missing:
-        raise VerifyError(f"{deb.name} has no {' or '.join(missing)} for {release}",
-                          hint="the kernel's headers package is needed to verify pulled modules")
-    return wanted[f"linux-headers-{release}/Module.symvers"], wanted[f"linux-headers-{release}/.config"]

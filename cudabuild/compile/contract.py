@@ -1,0 +1,63 @@
+"""The builder container's contract, written once: where cudabuild mounts things inside it, the
+environment its scripts (builder/*.sh) read, and the marker a script prints to name a step.
+tests/unit/test_builder_contract.py checks that every variable the scripts read is a field of
+BuilderEnv (or one they set themselves), and that every field is read by some script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+SCRIPTS = "/cudabuild/builder"  # builder/*.sh, read-only
+INPUTS = "/cudabuild/inputs"  # the download store (packages by sha256), read-only
+KERNELS = "/cudabuild/kernels"  # the cache's kernel trees; read-only but for the one being made
+INSTALLER = "/cudabuild/installer"  # an extracted .run, read-only
+WORK = "/cudabuild/work"  # the build's own directory, writable
+KEY = "/cudabuild/key"  # a signing key, in the signing container only
+STEP_MARK = "::cudabuild-step::"  # builder/lib.sh's step(): a line that names the next step
+
+
+@dataclass(frozen=True)
+class BuilderEnv:
+    """The variables the builder scripts read; each field is one, its name upper-cased. Plans carry
+    the part they know (a kernel's, a driver's) and `merged` joins them for a container."""
+
+    kernel_release: str = ""
+    driver_version: str = ""
+    modules: str = ""  # the module names to build, space-separated
+    jobs: str = ""  # make -j
+    work: str = WORK
+    # the kernel: Debian's headers packages, or a git tag prepared out of tree
+    kernel_source: str = ""  # debian | git
+    kernel_debs: str = ""
+    kernel_tree: str = ""
+    kernel_repo: str = ""
+    kernel_tag: str = ""
+    kernel_commit: str = ""
+    kernel_checkout: str = ""
+    kernel_clone: str = ""
+    kernel_suffix: str = ""
+    kernel_config: str = ""
+    kernel_symvers: str = ""
+    kernel_prepared: str = ""
+    # the driver: Debian's module source package, or an installer's tree
+    driver_source: str = ""  # debian | run
+    driver_deb: str = ""
+    userspace_debs: str = ""
+    driver_tree: str = ""
+    driver_subdir: str = ""  # kernel/ or kernel-open/ of an installer
+
+    def to_env(self) -> dict[str, str]:
+        """Every variable, set ones and empty ones alike (the scripts run with `set -u`)."""
+        return {f.name.upper(): getattr(self, f.name) for f in fields(self)}
+
+    def merged(self, *others: "BuilderEnv", **changes: str) -> "BuilderEnv":
+        """This one with what each of `others` sets, then `changes`."""
+        values = {}
+        for other in others:
+            values.update({f.name: getattr(other, f.name) for f in fields(other)
+                           if getattr(other, f.name) != f.default})
+        return replace(self, **values, **changes)
+
+    @classmethod
+    def variables(cls) -> set[str]:
+        return {f.name.upper() for f in fields(cls)}

@@ -1,0 +1,207 @@
+"""What to build, resolved on the host before anything is built: the kernel's and the driver's
+sources, the builder, the spec and its cache key. Every plan is a frozen value; nothing here
+downloads (but package indices), builds or publishes."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cudabuild.artifact import MODULES_REPOSITORY, image_tag
+from cudabuild.cache import Cache, default_cache_dir, key_of
+from cudabuild.compile.builder import plan_builder
+from cudabuild.compile.contract import INPUTS, INSTALLER, KERNELS, BuilderEnv
+from cudabuild.compile.spec import BuildSpec
+from cudabuild.engine import Engine
+from cudabuild.errors import InputError
+from cudabuild.fetch import Fetcher
+from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
+                               validate_release)
+from cudabuild.signing import Certificate, SigningKey, load_signing_key
+from cudabuild.sources.debian import DebianArchive, Package
+from cudabuild.sources.git import BASE_BY_GCC, resolve_git_kernel
+from cudabuild.sources.run import RunDriver, resolve_run_driver
+from cudabuild.ui import Reporter
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """A kernel source resolved on the host: what it is (for the key), what to download, and how
+    the builder finds it."""
+
+    release: str
+    gcc_major: int | None
+    canonical: dict
+    tree_dir: str  # the unpacked or prepared tree under the cache's kernels/
+    tree_step: str  # its step's name, as the prepare container announces it
+    downloads: tuple[Package, ...] = ()
+    env: BuilderEnv = BuilderEnv()  # what the builder scripts are told of this kernel
+    clone: dict | None = None  # git: what the fetch container clones, when it is not cached yet
+    symvers: Path | None = None  # on the host, for verification
+    config: Path | None = None
+
+
+@dataclass(frozen=True)
+class DriverPlan:
+    version: str
+    canonical: dict
+    description: str
+    downloads: tuple[Package, ...] = ()
+    env: BuilderEnv = BuilderEnv()  # what the builder scripts are told of this driver
+    run: RunDriver | None = None
+
+
+def _pkg(p: Package) -> dict:
+    return {"name": p.name, "version": p.version, "sha256": p.sha256}
+
+
+def _inside(p: Package) -> str:
+    return f"{INPUTS}/{p.sha256}"
+
+
+# ---- kernel sources --------------------------------------------------------------------------
+def plan_debian_kernel(archive: DebianArchive, release: str, cache: Cache) -> KernelPlan:
+    packages, gcc = archive.kernel_packages(release)
+    tree = f"debian-{key_of([p.sha256 for p in packages])[:24]}"
+    headers = cache.kernels / tree / "usr" / "src" / f"linux-headers-{release}"
+    return KernelPlan(
+        release=release, gcc_major=gcc, downloads=tuple(packages), tree_dir=tree, tree_step="unpack kernel headers",
+        canonical={"kind": "debian", "packages": [_pkg(p) for p in packages]},
+        env=BuilderEnv(kernel_source="debian", kernel_debs=" ".join(_inside(p) for p in packages),
+                       kernel_tree=f"{KERNELS}/{tree}"),
+        symvers=headers / "Module.symvers", config=headers / ".config")
+
+
+def plan_git_kernel(options: BuildOptions, release: str, cache: Cache, reporter: Reporter) -> KernelPlan:
+    kernel = resolve_git_kernel(release=release, repo=options.kernel_repo, config=options.kernel_config,
+                                symvers=options.symvers, checkout=options.kernel_checkout,
+                                for_host=options.kernel is None, store=cache.downloads, note=reporter.note)
+    clone = f"git-{key_of([kernel.repo, kernel.tag, kernel.commit, kernel.checkout])[:24]}"
+    env = BuilderEnv(kernel_source="git", kernel_clone=f"{KERNELS}/{clone}", kernel_suffix=kernel.suffix,
+                     kernel_config=f"{INPUTS}/{kernel.config_sha256}",
+                     kernel_symvers=f"{INPUTS}/{kernel.symvers_sha256}" if kernel.symvers_sha256 else "")
+    return KernelPlan(release=release, gcc_major=kernel.gcc_major, canonical=kernel.canonical(), env=env,
+                      tree_dir="", tree_step="prepare kernel",
+                      clone={"repo": kernel.repo, "tag": kernel.tag, "commit": kernel.commit, "dir": clone,
+                             "checkout": kernel.checkout, "reason": kernel.gcc_reason},
+                      symvers=kernel.symvers, config=kernel.config)
+
+
+# ---- driver sources --------------------------------------------------------------------------
+def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: str) -> DriverPlan:
+    source, userspace, version = archive.driver_packages(options.driver, options.flavor, release)
+    how = "the newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
+    return DriverPlan(
+        version=version, downloads=(source, *userspace),
+        description=f"{source.name} {source.version}; {how}",
+        canonical={"kind": "debian", "package": _pkg(source), "userspace": [_pkg(p) for p in userspace]},
+        env=BuilderEnv(driver_source="debian", driver_deb=_inside(source),
+                       userspace_debs=" ".join(_inside(p) for p in userspace)))
+
+
+def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
+    run = resolve_run_driver(version=options.driver, installer=options.installer, template=options.installer_url,
+                             sha256=options.sha256, store=cache.downloads, fetcher=fetcher)
+    if options.flavor == "open":
+        require_open_support(run.version)
+    return DriverPlan(version=run.version, canonical=run.canonical(), run=run,
+                      description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
+                      env=BuilderEnv(driver_source="run", driver_tree=INSTALLER))
+
+
+# ---- the whole ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModulesPlan:
+    """A build resolved on the host, before anything is built: what it is (the spec and its key),
+    where its sources come from, and the names of its results."""
+
+    options: BuildOptions
+    spec: BuildSpec
+    key: str
+    tag: str  # the local modules image, cudabuild/modules:DRIVER[-FLAVOR]-RELEASE
+    kernel: KernelPlan
+    driver: DriverPlan
+    builder: object  # BuilderImage
+    cache: Cache
+    fetcher: Fetcher
+    archive: DebianArchive
+    engine: Engine
+    signing: SigningKey | None = None  # the user's key, when the modules are signed
+    certificate: Certificate | None = None  # the signing certificate (alone with --no-build)
+    unsigned_key: str | None = None  # the key of the same build unsigned, which a signed one starts from
+
+    @property
+    def inputs(self) -> list[str]:
+        """The sha256 of every downloaded input."""
+        found = [p.sha256 for p in (*self.kernel.downloads, *self.driver.downloads)]
+        return found + ([self.driver.run.sha256] if self.driver.run is not None else [])
+
+
+def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
+                 engine_factory: Callable[[], Engine] | None = None) -> ModulesPlan:
+    """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing."""
+    signing, certificate = None, None
+    if options.sign_key is not None:  # checked first: a wrong key or PIN fails before any download
+        signing = load_signing_key(options.sign_key, options.sign_cert, env.get("KBUILD_SIGN_PIN") or None)
+        certificate = signing.certificate
+    elif options.sign_cert is not None:
+        certificate = Certificate.load(Path(options.sign_cert))
+    cache = Cache(default_cache_dir(env))
+    fetcher = Fetcher(reporter=reporter)
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
+                            security_mirror=options.apt_security_mirror, distribution=options.distribution,
+                            refresh=options.refresh_index)
+    if options.kernel is None:
+        release = validate_release(platform.release(), what="this host's kernel release")
+        reporter.note(f"kernel: {release} (this host's `uname -r`; pass --kernel to build for another)")
+    elif options.kernel == "latest":
+        release = archive.latest_kernel()
+        reporter.note(f"kernel: {release} (the newest headers in Debian {options.distribution})")
+    else:
+        release = options.kernel
+    kernel_source = options.kernel_source
+    if kernel_source is None:
+        kernel_source = "debian" if options.kernel == "latest" or DEBIAN_RELEASE_RE.fullmatch(release) else "git"
+        reporter.note(f"kernel source: {kernel_source} ({'a Debian kernel release' if kernel_source == 'debian' else 'not a Debian release: its tag from ' + options.kernel_repo}; "
+                      "choose with --kernel-source)")
+    if kernel_source == "debian":
+        kernel = plan_debian_kernel(archive, release, cache)
+    else:
+        kernel = plan_git_kernel(options, release, cache, reporter)
+        reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo} (commit "
+                      f"{kernel.clone['commit'][:12]}), release suffix {kernel.env.kernel_suffix!r}")
+    if options.driver_source == "debian":
+        driver = plan_debian_driver(archive, options, release)
+    else:
+        driver = plan_run_driver(options, cache, fetcher)
+    reporter.note(f"driver: {driver.version} {options.flavor} ({driver.description})")
+
+    base = options.builder_base or BASE_BY_GCC.get(kernel.gcc_major)
+    if base is None:
+        raise InputError(f"kernel {release} was built with gcc {kernel.gcc_major}, and cudabuild knows no builder "
+                         "base image with that compiler",
+                         hint="pass --builder-base IMAGE naming an image whose gcc has that major version")
+    why = "--builder-base" if options.builder_base else f"gcc {kernel.gcc_major}, the kernel's own compiler"
+    reporter.note(f"builder base: {base} ({why})")
+    engine = (engine_factory or (lambda: Engine.from_env(env)))()  # every input was checked before this
+    builder = plan_builder(engine, base=base, distribution=base.split(":", 1)[-1], gcc_major=kernel.gcc_major,
+                           mirror=options.apt_mirror, security_mirror=options.apt_security_mirror)
+    if kernel.clone is not None:  # a git tree is prepared by this builder: named after both
+        prepared = f"prepared-{key_of([kernel.canonical, builder.tag])[:24]}"
+        kernel = dataclasses.replace(kernel, tree_dir=prepared,
+                                     env=kernel.env.merged(kernel_prepared=f"{KERNELS}/{prepared}"))
+    spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
+                     kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
+                     modules=tuple(expected_modules(driver.version)))
+    unsigned_key = key_of(spec.canonical())
+    if certificate is not None:
+        spec = dataclasses.replace(spec, signing={"cert_sha256": certificate.sha256})
+        reporter.note(f"signing: with the key of {certificate.signer} (certificate sha256 {certificate.sha256[:16]}...)")
+    return ModulesPlan(options=options, spec=spec, key=key_of(spec.canonical()),
+                       tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release,
+                                     certificate.sha256 if certificate else None), kernel=kernel,
+                       driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine,
+                       signing=signing, certificate=certificate, unsigned_key=unsigned_key)

@@ -1,0 +1,384 @@
+"""The steps of a build, each on the host or in its own disposable container: the workshop (downloads,
+the builder image, the kernel tree fetched, unpacked or prepared once per kernel), the build, the
+signing, the verification, the boot test; and the other ways a result reaches the cache: a registry
+pull, verified as a build is, and a modules image from elsewhere, read and verified the same way.
+
+The containers of a build, each with only what it needs (cudabuild/compile/contract.py):
+- fetch (git kernels): the one with a network; writes a clone into a staging directory;
+- prepare: unpacks Debian's headers or prepares a git tag, into a staging directory; the host
+  renames it into the cache, where every later container sees it read-only;
+- build: kernel trees, inputs and an installer tree read-only, its own work directory writable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cudabuild
+from cudabuild import artifact
+from cudabuild.artifact import Artifact, ImageLabels, Manifest, ModuleEntry, describe_userspace, unpack_image
+from cudabuild.cache import Cache
+from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
+from cudabuild.compile.contract import INPUTS, INSTALLER, KERNELS, KEY, WORK, BuilderEnv
+from cudabuild.compile.plan import ModulesPlan
+from cudabuild.engine import Engine, Mount
+from cudabuild.errors import ArtifactError, InputError, VerifyError
+from cudabuild.fetch import Fetcher
+from cudabuild.options import DEBIAN_RELEASE_RE, BuildOptions
+from cudabuild.signing import verify_signature
+from cudabuild.sources.debian import DebianArchive, headers_files
+from cudabuild.sources.run import RunDriver, driver_subdir, extract_installer
+from cudabuild.ui import Reporter
+from cudabuild.verify import config_enabled, verify_modules
+
+
+def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
+    """The registry's modules image into the cache, verified on this host as a build would be:
+    every file's digest against its manifest, the key, vermagic, version and symbol CRCs against
+    this kernel's Module.symvers. A refusal leaves nothing in the cache."""
+    spec, cache = plan.spec, plan.cache
+    work = cache.workdir(f"pull-{plan.key[:12]}")
+    try:
+        with reporter.step(f"pull {remote} (the registry has this build)"):
+            plan.engine.pull_or_fail(remote)
+            _unpack_from_engine(plan.engine, remote, work)
+        with reporter.step("verify pulled modules (digests, vermagic, version, symbol CRCs)"):
+            try:
+                made = artifact.load(work / "out")
+                m = made.manifest
+                if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
+                                                                              spec.driver_version, spec.flavor):
+                    raise VerifyError(f"its manifest describes another build (key {m.key[:16]}..., "
+                                      f"{m.driver_version} {m.flavor} for {m.kernel_release})")
+                verify(plan, work / "out" / "modules", work)
+            except (ArtifactError, VerifyError) as exc:
+                raise VerifyError(f"refused the registry's {remote}: {exc.message}",
+                                  hint=f"nothing was put in the cache; build and push it again: cudabuild modules "
+                                       f"--kernel {spec.kernel_release} --driver {spec.driver_version} --no-cache "
+                                       "--registry REPO") from exc
+        cache.publish(work / "out", plan.key)
+        plan.engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
+    finally:
+        cache.discard(work)
+        plan.engine.untag(remote)
+
+
+def _unpack_from_engine(engine: Engine, ref: str, work: Path) -> None:
+    """The modules image `ref`'s one layer, saved from the engine, into work/out."""
+    saved = work / "image.tar"
+    with open(saved, "wb") as out:
+        for chunk in engine.save(ref):
+            out.write(chunk)
+    unpack_image(saved, work / "out")
+    saved.unlink()
+
+
+def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: Engine, env: Mapping[str, str],
+                 reporter: Reporter) -> Artifact:
+    """A modules image that was not built with this cache (`docker pull`ed, or made on another
+    machine), read from the engine and checked as a registry pull is: one layer of modules/,
+    userspace/ and the manifest, every digest, the driver's own file names, vermagic and version,
+    the labels against the manifest, and the symbol CRCs against the kernel's Module.symvers where
+    Debian has that kernel. Then it is put in the cache; a refusal leaves nothing there."""
+    work = cache.workdir(f"import-{labels.key[:12]}")
+    try:
+        with reporter.step(f"read {reference} (it was not built with this cache)"):
+            _unpack_from_engine(engine, reference, work)
+        with reporter.step("verify its modules (digests, vermagic, version, symbol CRCs)"):
+            try:
+                m = artifact.load(work / "out").manifest
+                if m.key != labels.key or tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
+                    raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., "
+                                      f"the manifest's {m.key[:16]}...)")
+                symvers = _debian_symvers(m.kernel_release, work, cache=cache, env=env, reporter=reporter)
+                if symvers is not None:
+                    modversions = config_enabled(symvers[1], "CONFIG_MODVERSIONS")
+                    verify_modules(work / "out" / "modules", release=m.kernel_release, driver_version=m.driver_version,
+                                   expected=[e.name for e in m.modules], symvers=symvers[0] if modversions else None,
+                                   modversions=modversions)
+            except (ArtifactError, VerifyError) as exc:
+                raise VerifyError(f"refused {reference}: {exc.message}",
+                                  hint="nothing was put in the cache; use an unchanged image cudabuild made, or build "
+                                       "the modules here: cudabuild modules --kernel RELEASE --driver VERSION") from exc
+        cache.publish(work / "out", labels.key)
+    finally:
+        cache.discard(work)
+    return artifact.load(cache.result_dir(labels.key))
+
+
+def _debian_symvers(release: str, work: Path, *, cache: Cache, env: Mapping[str, str],
+                    reporter: Reporter) -> tuple[Path, Path] | None:
+    """Module.symvers and .config of a Debian kernel release, from its headers package; None (said)
+    when Debian has no such kernel or its archive cannot be read."""
+    from cudabuild.errors import FetchError
+
+    if not DEBIAN_RELEASE_RE.fullmatch(release):
+        reporter.note(f"symbol CRCs not checked: {release} is not a Debian kernel, and only Debian's "
+                      "Module.symvers can be fetched here")
+        return None
+    from cudabuild.options import resolve_build_options
+
+    options = resolve_build_options({}, env)
+    fetcher = Fetcher(reporter=reporter)
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
+                            security_mirror=options.apt_security_mirror, distribution=options.distribution)
+    try:
+        found = archive.versions(f"linux-headers-{release}")
+        if not found:
+            reporter.note(f"symbol CRCs not checked: Debian {options.distribution} has no linux-headers-{release}")
+            return None
+        headers = found[0]
+        deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size,
+                            label=headers.filename.rsplit("/", 1)[-1])
+    except (FetchError, InputError) as exc:
+        reporter.note(f"symbol CRCs not checked: Debian's archive could not be read ({exc.message})")
+        return None
+    return headers_files(deb, release, work)
+
+
+def _kernel_files(plan: ModulesPlan, work: Path) -> tuple[Path | None, Path]:
+    """The kernel's Module.symvers and .config on this host: given (git), in the cache's unpacked
+    tree, or read from Debian's linux-headers-RELEASE package without a container."""
+    kernel = plan.kernel
+    if kernel.config is not None and kernel.config.is_file():
+        return kernel.symvers, kernel.config
+    release = plan.spec.kernel_release
+    headers = next(p for p in kernel.downloads if p.name == f"linux-headers-{release}")
+    deb = plan.fetcher.fetch(headers.url, store=plan.cache.downloads, sha256=headers.sha256, size=headers.size,
+                             label=headers.filename.rsplit("/", 1)[-1])
+    return headers_files(deb, release, work)
+
+
+def boot_test(checked: Artifact, *, options: BuildOptions, archive: DebianArchive, cache: Cache, fetcher: Fetcher,
+               reporter: Reporter) -> Artifact:
+    """Boot the artifact's kernel in a QEMU guest with its modules; the verdict goes into the
+    manifest; a refusal raises VerifyError (exit 7)."""
+    from cudabuild import boottest
+
+    result = boottest.run_for(checked, kernel_image=options.kernel_image, append=options.boot_append,
+                              timeout=options.boot_timeout, archive=lambda: archive, cache=cache, fetcher=fetcher,
+                              reporter=reporter)
+    if result is None:
+        return checked
+    checked = boottest.record(checked, result)
+    reporter.note(f"boot test: {checked.manifest.boot_summary}, {result.seconds:g} s in the guest")
+    boottest.refuse_rejected(result)
+    return checked
+
+
+def _ensure_tree(name: str, *, what: str, cache: Cache, reporter: Reporter, make: Callable[[Path], None]) -> Path:
+    """A kernel tree in the cache: reused when it is there, else made by `make(staging)` in a
+    staging directory and renamed into place. One maker at a time per tree."""
+    target = cache.kernels / name
+    if target.is_dir():
+        reporter.cached(what, f"reusing {target}")
+        return target
+    lock = cache.acquire(f"tree-{name}", on_wait=lambda: reporter.note(f"another cudabuild is making {name}; "
+                                                                       "waiting for it"))
+    staging = None
+    try:
+        if target.is_dir():
+            reporter.cached(what, f"reusing {target}")
+            return target
+        staging = cache.workdir(f"tree-{name[:20]}", owner=builder_user())
+        make(staging)
+        os.chmod(staging, 0o755)
+        return cache.publish_tree(staging, target)
+    finally:
+        if staging is not None:
+            cache.discard(staging)
+        lock.release()
+
+
+def _installer_tree(run: RunDriver, *, cache: Cache, reporter: Reporter) -> Path:
+    """The installer extracted on the host (checked member by member), once per installer."""
+    target = cache.sources / f"run-{run.sha256[:24]}"
+    if target.is_dir():
+        reporter.cached("extract installer", f"reusing {target}")
+        return target
+    with cache.lock(f"tree-{target.name}"):
+        if not target.is_dir():
+            with reporter.step("extract installer (on the host, every member checked)"):
+                staging = cache.workdir("installer")
+                try:
+                    extract_installer(run.path, run.installer, staging / "tree")
+                    cache.publish_tree(staging / "tree", target)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _give_back(tree: Path) -> None:
+    """Files a build container wrote as nobody become the caller's again."""
+    if os.getuid() != 0:
+        return
+    for path in [tree, *tree.rglob("*")]:
+        os.lchown(path, os.getuid(), os.getgid())
+
+
+@dataclass(frozen=True)
+class _Workshop:
+    """What a build's containers share: the builder image, the log, the mounts, the kernel tree."""
+
+    run: Callable[..., None]  # run(script, env: BuilderEnv, mounts, network="none")
+    env: BuilderEnv
+    inputs: Mount
+    log_path: Path
+    image_id: str
+    started: float
+
+
+def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True) -> _Workshop:
+    """Downloads on the host, the builder image, and the kernel tree (fetched, unpacked or
+    prepared once per kernel, shared through the cache): everything before the driver's build,
+    or before signing (for_driver=False: the driver's sources are not needed)."""
+    spec, key, kernel, driver, cache, engine = plan.spec, plan.key, plan.kernel, plan.driver, plan.cache, plan.engine
+    fetcher, builder, options = plan.fetcher, plan.builder, plan.options
+    engine.require_shared_files()
+    cache.check_space()
+    reaped, _ = engine.reap_builders()
+    if reaped:
+        reporter.note(f"removed builder containers left by killed runs: {', '.join(reaped)}")
+    cache.reap_stale()
+    started = time.monotonic()
+    packages = [*kernel.downloads, *(driver.downloads if for_driver else ())]
+    if packages:
+        with reporter.step(f"download {len(packages)} packages "
+                           f"({sum(p.size for p in packages) / 1024**2:.0f} MiB, cached by content)"):
+            for p in packages:
+                fetcher.fetch(p.url, store=cache.downloads, sha256=p.sha256, size=p.size,
+                              label=p.filename.rsplit("/", 1)[-1])
+    image_id = ensure_builder(engine, builder, reporter, verbose=options.verbose)
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    log_path = cache.logs / f"{key[:16]}-{stamp}.log"
+    inputs = Mount(str(cache.downloads), INPUTS)
+    scripts = builder_scripts(cache)
+
+    def container(script: str, env: BuilderEnv, mounts: list[Mount], network: str = "none") -> None:
+        run_build(engine, image=builder.tag, reporter=reporter, verbose=options.verbose, log_path=log_path,
+                  scripts=scripts, keep=options.keep_builder, script=script, mounts=mounts, network=network,
+                  environment=env.to_env())
+
+    prepare_mounts = [inputs]
+    if kernel.clone is not None:
+        clone = kernel.clone
+        clone_dir = _ensure_tree(clone["dir"], what="fetch kernel source", cache=cache, reporter=reporter,
+                                 make=lambda staging: container(
+                                     "fetch-kernel-git.sh", network="host",
+                                     mounts=[Mount(str(staging), f"{KERNELS}/{clone['dir']}", read_only=False)],
+                                     env=BuilderEnv(kernel_repo=clone["repo"], kernel_tag=clone["tag"],
+                                                    kernel_commit=clone["commit"],
+                                                    kernel_clone=f"{KERNELS}/{clone['dir']}",
+                                                    kernel_checkout=clone["checkout"])))
+        prepare_mounts.append(Mount(str(clone_dir), f"{KERNELS}/{clone['dir']}"))
+    env = BuilderEnv().merged(kernel.env, driver.env, kernel_release=spec.kernel_release,
+                              driver_version=spec.driver_version, modules=" ".join(spec.modules),
+                              jobs=str(options.jobs))
+    _ensure_tree(kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
+                 make=lambda staging: container(
+                     "prepare-kernel.sh", env=env,
+                     mounts=[*prepare_mounts, Mount(str(staging), f"{KERNELS}/{kernel.tree_dir}", read_only=False)]))
+    return _Workshop(run=container, env=env, inputs=inputs, log_path=log_path, image_id=image_id,
+                     started=started)
+
+
+def build(plan: ModulesPlan, *, reporter: Reporter) -> None:
+    spec, key, driver, cache = plan.spec, plan.key, plan.driver, plan.cache
+    fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
+    build_mounts, subdir = [], ""
+    if driver.run is not None:
+        # On the host and first: a hostile installer is refused before any container starts.
+        tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
+        subdir = driver_subdir(tree, spec.flavor, spec.driver_version)
+        build_mounts.append(Mount(str(tree), INSTALLER))
+    shop = _workshop(plan, reporter=reporter)
+    work = cache.workdir(key[:16], owner=builder_user())
+    try:
+        shop.run("build.sh", env=shop.env.merged(driver_subdir=subdir),
+                 mounts=[shop.inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
+                         Mount(str(work), WORK, read_only=False)])
+        out = work / "out"
+        _give_back(out)
+        with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
+            modversions, infos = verify(plan, out / "modules", work)
+        manifest = Manifest(
+            key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            kernel_release=spec.kernel_release, driver_version=spec.driver_version, flavor=spec.flavor,
+            vermagic=infos[0].vermagic, modules=tuple(ModuleEntry.of(i) for i in infos),
+            userspace=describe_userspace(out / "userspace"), modversions=modversions,
+            cudabuild_version=cudabuild.__version__, build_seconds=round(time.monotonic() - shop.started, 1),
+            kernel_source=spec.kernel, driver_source=spec.driver,
+            builder_image={"tag": builder.tag, "id": shop.image_id, "base": builder.base})
+        manifest.write(out)
+        made = artifact.load(out)  # what the build made passes the check every reader applies
+        if options.boot_test:  # the real kernel judges before anything is published
+            boot_test(made, options=options, archive=archive, cache=cache, fetcher=fetcher, reporter=reporter)
+        shutil.copy2(shop.log_path, out / "build.log")
+        cache.publish(out, key)
+    finally:
+        cache.discard(work)
+
+
+def verify(plan: ModulesPlan, modules: Path, work: Path):
+    """Every module present, vermagic, version and (with CONFIG_MODVERSIONS) symbol CRCs against
+    this kernel's Module.symvers: after a build, after signing, and after a pull."""
+    spec = plan.spec
+    symvers, config = _kernel_files(plan, work)
+    modversions = config_enabled(config, "CONFIG_MODVERSIONS")
+    return modversions, verify_modules(modules, release=spec.kernel_release, driver_version=spec.driver_version,
+                                       expected=list(spec.modules), symvers=symvers if modversions else None,
+                                       modversions=modversions)
+
+
+def sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
+    """A signed build: the unsigned build of the same inputs (from the cache, or built first),
+    its modules signed by the kernel's own sign-file in a container that alone sees the key,
+    then every signature checked on the host against the certificate."""
+    cache, key, signing = plan.cache, plan.key, plan.signing
+    started = time.monotonic()  # the signed build's time: this run's (signing, and the build when not cached)
+    unsigned = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, signing=None), key=plan.unsigned_key,
+                                   signing=None, certificate=None)
+    if plan.options.use_cache and cache.result(unsigned.key):
+        reporter.cached("build modules", f"the unsigned build is in the cache ({cache.result_dir(unsigned.key)})")
+    else:
+        with cache.lock(unsigned.key):
+            if not (plan.options.use_cache and cache.result(unsigned.key)):  # another run may have built it
+                build(unsigned, reporter=reporter)
+    source = artifact.load(cache.result_dir(unsigned.key))
+    shop = _workshop(plan, reporter=reporter, for_driver=False)
+    owner = builder_user()
+    work = cache.workdir(f"sign-{key[:12]}", owner=owner)
+    try:
+        out = work / "out"
+        shutil.copytree(source.root, out, symlinks=True)
+        for path in (out / "modules", *(out / "modules").iterdir()):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            if os.getuid() == 0:
+                os.chown(path, *owner)
+        with signing.staged(owner) as keys:
+            shop.run("sign.sh", env=shop.env,
+                     mounts=[Mount(str(cache.kernels), KERNELS), Mount(str(keys), KEY),
+                             Mount(str(out / "modules"), f"{WORK}/modules", read_only=False)])
+        _give_back(out)
+        with reporter.step(f"verify signed modules (signatures against {signing.certificate.signer}, vermagic, "
+                           "version, symbol CRCs)"):
+            _, infos = verify(plan, out / "modules", work)
+            hashes = {verify_signature(out / "modules" / f"{name}.ko", signing.certificate).hash_name
+                      for name in plan.spec.modules}
+        manifest = dataclasses.replace(
+            source.manifest, key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()),
+            build_seconds=round(time.monotonic() - started, 1))
+        manifest.write(out)
+        artifact.load(out)  # every reader's check, signatures included
+        with open(out / "build.log", "a") as log:
+            log.write(shop.log_path.read_text())
+        cache.publish(out, key)
+    finally:
+        cache.discard(work)
