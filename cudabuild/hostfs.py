@@ -172,12 +172,6 @@ class HostRoot:
         return shown(str(self.root / str(rel).lstrip("/")))
 
     # ---- reading ---------------------------------------------------------------------------------
-    def exists(self, rel) -> bool:
-        try:
-            return self.resolve(rel).exists()
-        except HostPathError:
-            return False
-
     def is_dir(self, rel) -> bool:
         try:
             return self.resolve(rel).is_dir()

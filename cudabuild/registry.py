@@ -45,9 +45,16 @@ class Registry:
         return self.repo.split("/", 1)[0]
 
     @property
+    def _address(self):
+        """HOST[:PORT] split as a URL's network location is (hostname lower-cased, [::1] -> ::1)."""
+        from urllib.parse import urlsplit
+
+        return urlsplit(f"//{self.host}")
+
+    @property
     def loopback(self) -> bool:
-        name = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host.split("]")[0] + "]"
-        return name == "localhost" or name.startswith("127.") or name == "[::1]"
+        name = self._address.hostname or ""
+        return name == "localhost" or name.startswith("127.") or name == "::1"
 
     @property
     def base_url(self) -> str:
@@ -91,11 +98,8 @@ class Registry:
         except ValueError:
             return None
         default = 443 if where.scheme == "https" else 80
-        ours_name, _, ours_port = self.host.rpartition(":") if not self.host.endswith("]") else (self.host, "", "")
-        if not ours_port.isdigit():
-            ours_name, ours_port = self.host, ""
-        same_host = (where.hostname or "").lower() == ours_name.strip("[]").lower() \
-            and (port or default) == (int(ours_port) if ours_port else default)
+        ours = self._address
+        same_host = where.hostname == ours.hostname and (port or default) == (ours.port or default)
         if not same_host or not (where.scheme == "https" or (where.scheme == "http" and self.loopback)):
             return None
         return _login(self.host)

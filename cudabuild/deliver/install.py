@@ -129,13 +129,13 @@ def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]
     refusals become LoaderError with its exit code and words. Its /dev, /proc and /sys are
     ROOT's, resolved inside ROOT here (the loader, in shell, takes them as given)."""
     selection = devices.facts().selection_variables
+    host = HostRoot(root)
     loader_env = {k: v for k, v in env.items() if k not in selection and k != "CUDABUILD_ROOT"}
     loader_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     loader_env.update({"CUDABUILD_HOME": str(target), "CUDABUILD_LDCONFIG": "true",
-                       "CUDABUILD_FIRMWARE": HostRoot(root).host_path(target / "firmware"),  # the kernel reads it from the host
+                       "CUDABUILD_FIRMWARE": host.host_path(target / "firmware"),  # the kernel reads it from the host
                        "NVIDIA_VISIBLE_DEVICES": "all"})  # the host gets a node for every GPU
     if root != Path("/"):
-        host = HostRoot(root)
         loader_env["CUDABUILD_ROOT"] = str(host.root)
         loader_env["CUDABUILD_DEV"] = str(host.makedirs("dev"))
         for name in ("proc", "sys"):
