@@ -16,12 +16,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import platformdirs
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -36,12 +35,6 @@ SUBDIRS = ("downloads", "index", "kernels", "sources", "results", "tmp", "locks"
 _WRITE_ERRORS = {errno.ENOSPC: "the file system is full", errno.EROFS: "the file system is read-only",
                  errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
                  errno.EPERM: "operation not permitted"}
-
-
-def default_cache_dir(env: Mapping[str, str]) -> Path:
-    if env.get("CUDABUILD_CACHE"):
-        return Path(env["CUDABUILD_CACHE"]).expanduser()
-    return Path(platformdirs.user_cache_dir("cudabuild"))
 
 
 def key_of(obj: object) -> str:

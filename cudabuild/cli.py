@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 
 import click
 
@@ -15,7 +16,8 @@ import cudabuild
 from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
 from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, default_of,
                                resolve_build_options, validate_image_ref)
-from cudabuild.ui import Reporter, format_seconds
+from cudabuild.settings import Settings
+from cudabuild.ui import format_seconds
 
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
 
@@ -23,7 +25,8 @@ EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for co
 @click.group(epilog=EXIT_CODE_HELP, context_settings={"help_option_names": ["-h", "--help"],
                                                       "max_content_width": 100})
 @click.version_option(cudabuild.__version__, prog_name="cudabuild")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Build NVIDIA kernel modules for one exact kernel in a disposable container, verify them,
     and bake them into GPU container images that load the driver at start.
 
@@ -32,6 +35,13 @@ def cli() -> None:
       cudabuild image device-query                              # phase 2: a runtime image
       docker run --privileged cudabuild/device-query:535.309.01-6.1.0-56-amd64
     """
+    if ctx.obj is None:  # invoke() reads the settings; a caller of the click group directly gets this process's
+        ctx.obj = Settings.from_env(os.environ)
+
+
+def _settings() -> Settings:
+    """The command's settings: read once, when the command line started (invoke)."""
+    return click.get_current_context().find_root().obj
 
 
 def _env_help(name: str) -> str:
@@ -139,7 +149,7 @@ def _build_options(flags: dict, **more):
         flags["use_cache"] = False
     if flags.get("kernel_image") is not None or flags.get("boot_append") is not None:
         flags["boot_test"] = True
-    return resolve_build_options({**flags, **more}, os.environ)
+    return resolve_build_options({**flags, **more}, _settings())
 
 
 def _show_boot_test(result: dict) -> None:
@@ -169,7 +179,9 @@ def _show_boot_test(result: dict) -> None:
               help="With --output: add the result to a directory that holds other files (nothing there is "
                    "replaced that cudabuild did not write).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
-def modules(as_json: bool, **flags) -> None:
+@click.option("--options-json", "options_json", hidden=True, metavar="JSON",
+              help="Every build option as data, resolved by `cudabuild matrix` for one cell.")
+def modules(as_json: bool, options_json: str | None, **flags) -> None:
     """Build, verify and cache the NVIDIA kernel modules for one kernel.
 
     Packages are downloaded on the host (cached by content), the modules are compiled in a
@@ -189,9 +201,18 @@ def modules(as_json: bool, **flags) -> None:
     """
     from cudabuild.compile.modules import build_modules
 
-    options = _build_options(flags)
-    reporter = Reporter()
-    result = build_modules(options, env=os.environ, reporter=reporter)
+    if options_json is not None:  # a matrix cell: its options resolved by the matrix, as data
+        from cudabuild.options import options_from_json
+
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+        if given:
+            raise click.UsageError(f"--options-json carries every build option; do not also pass {', '.join(given)}")
+        options = options_from_json(options_json)
+    else:
+        options = _build_options(flags)
+    settings = _settings()
+    reporter = settings.reporter()
+    result = build_modules(options, settings=settings, reporter=reporter)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
@@ -274,25 +295,19 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     building = flags.get("kernel") is not None or flags.get("driver") is not None
     if building and modules_ref is not None:
         raise click.UsageError("pass either --modules or --kernel/--driver, not both")
+    settings = _settings()
     options = _build_options(flags) if building else None
-    registry = options.registry if options else (flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY"))
-    if registry:
-        from cudabuild.registry import Registry
-
-        registry = Registry(registry)
+    registry = _registry(options.registry if options else flags.get("registry"))
     if dry_run:
         click.echo(images.render_runtime(chosen), nl=False)
         return
-    from cudabuild.cache import Cache, default_cache_dir
-    from cudabuild.engine import Engine
-
-    reporter = Reporter()
-    engine = functools.cache(Engine.from_env)  # made when first needed: bad input is refused before
-    cache = Cache(default_cache_dir(os.environ))
+    reporter = settings.reporter()
+    engine = functools.cache(settings.engine)  # made when first needed: bad input is refused before
+    cache = settings.cache()
     if options is not None:
         from cudabuild.compile.modules import build_modules
 
-        checked = build_modules(options, env=os.environ, reporter=reporter, engine_factory=engine).artifact
+        checked = build_modules(options, settings=settings, reporter=reporter, engine_factory=engine).artifact
     else:
         checked = artifact.find(modules_ref, cache, engine, import_image=_importer(cache, engine, reporter))
     reporter.note(f"modules: {checked.root}")
@@ -341,8 +356,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
               help="A Swarm job still unfinished after this long is reported as failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, one entry per cell, on stdout.")
 @build_flags
-@click.pass_context
-def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache, node_socket, cell_timeout, as_json,
+def matrix(kernels, drivers, flavors, backend, parallel, image, node_cache, node_socket, cell_timeout, as_json,
            **flags) -> None:
     """Build every kernel x driver pair: on this engine, as Swarm jobs, or as Kubernetes Jobs.
 
@@ -360,8 +374,6 @@ def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache,
           --backend swarm --registry registry.example/gpu
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --backend kubernetes > jobs.yaml
     """
-    from cudabuild.engine import Engine
-    from cudabuild.compile.job import command_line
     from cudabuild.fleet.matrix import parse_request, run_matrix, summary_lines
 
     for name in ("kernel", "driver"):
@@ -373,12 +385,9 @@ def matrix(ctx, kernels, drivers, flavors, backend, parallel, image, node_cache,
     options = _build_options(dict(flags))
     if image is not None:
         validate_image_ref(image, "--image")
-    skip = {"kernel", "driver", "flavor", "registry", "kernels", "drivers", "flavors", "backend", "parallel", "image",
-            "node_cache", "node_socket", "cell_timeout", "as_json"}
-    common, files = command_line(ctx.command.params, flags, skip)
-    reporter = Reporter()
-    result = run_matrix(request, options, common_argv=common, local_files=files, env=os.environ, reporter=reporter,
-                        engine_factory=functools.cache(Engine.from_env))
+    settings = _settings()
+    result = run_matrix(request, options, settings=settings, reporter=settings.reporter(),
+                        engine_factory=functools.cache(settings.engine))
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
     elif backend == "kubernetes":
@@ -431,8 +440,6 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
       cudabuild boot-test --modules ./nvidia --append module.sig_enforce=1 --json
     """
     from cudabuild import artifact, boottest
-    from cudabuild.cache import Cache, default_cache_dir
-    from cudabuild.engine import Engine
     from cudabuild.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
 
@@ -440,15 +447,16 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
 
     try:
         options = resolve_build_options({**mirrors, "kernel_image": kernel_image, "boot_append": append,
-                                         "boot_timeout": timeout}, os.environ)
+                                         "boot_timeout": timeout}, _settings())
     except InputError as exc:  # the options' words are `modules`'; this command's flags are --append, --timeout
         for theirs, ours in (("--boot-append", "--append"), ("--boot-timeout", "--timeout")):
             exc.message, exc.hint = exc.message.replace(theirs, ours), (exc.hint or "").replace(theirs, ours) or None
         exc.args = (exc.message,)
         raise
-    reporter = Reporter()
-    cache = Cache(default_cache_dir(os.environ))
-    engine = functools.cache(Engine.from_env)
+    settings = _settings()
+    reporter = settings.reporter()
+    cache = settings.cache()
+    engine = functools.cache(settings.engine)
     checked = artifact.find(modules_ref, cache, engine, import_image=_importer(cache, engine, reporter))
     fetcher = Fetcher(reporter=reporter)
 
@@ -520,23 +528,14 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
     from cudabuild import artifact
     from cudabuild.deliver import install as installer
 
-    reporter = Reporter()
-
-    def cache():
-        from cudabuild.cache import Cache, default_cache_dir
-
-        return Cache(default_cache_dir(os.environ))
-
-    def engine():  # only for an image: the driver container installs a directory and has no docker SDK
-        from cudabuild.engine import Engine
-
-        return Engine.from_env()
-
-    engine = functools.cache(engine)
-    where = None if modules_ref and os.path.isdir(modules_ref) else cache()
+    settings = _settings()
+    reporter = settings.reporter()
+    engine = functools.cache(settings.engine)  # only for an image: the driver container installs a directory
+    where = None if modules_ref and os.path.isdir(modules_ref) else settings.cache()
     checked = artifact.find(modules_ref, where, engine,
                             import_image=_importer(where, engine, reporter) if where is not None else None)
-    result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=os.environ, reporter=reporter)
+    result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=settings.environ,
+                               reporter=reporter)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -651,7 +650,6 @@ def deploy() -> None:
 
 def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
     """`cudabuild image tool`: cudabuild's own image, from the installed cudabuild."""
-    from cudabuild.engine import Engine
     from cudabuild.deliver.toolimage import make_tool_image
 
     given = [name for name, value in (("--base", base), ("--modules", modules_ref), ("--tag", tag),
@@ -659,17 +657,23 @@ def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
     given += [f"--{k.replace('_', '-')}" for k, v in flags.items() if v not in (None, False, ()) and k != "registry"]
     if given:
         raise click.UsageError(f"the tool image takes --registry and --json only, not {', '.join(given)}")
-    registry = flags.get("registry") or os.environ.get("CUDABUILD_REGISTRY")
-    if registry:
-        from cudabuild.registry import Registry
-
-        registry = Registry(registry)
-    reporter = Reporter()
-    report = make_tool_image(Engine.from_env(), registry=registry or None, reporter=reporter)
+    settings = _settings()
+    report = make_tool_image(settings.engine(), registry=_registry(flags.get("registry")), reporter=settings.reporter())
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(report["image"] + (f" (pushed as {report['registry_ref']})" if report["registry_ref"] else ""))
+
+
+def _registry(flag: str | None):
+    """The Registry of --registry, or of CUDABUILD_REGISTRY (None: neither)."""
+    settings = _settings()
+    repo = flag or settings.option_values.get("registry")
+    if not repo:
+        return None
+    from cudabuild.registry import Registry
+
+    return Registry(repo, docker_config=settings.docker_config)
 
 
 def _importer(cache, engine, reporter):
@@ -678,7 +682,7 @@ def _importer(cache, engine, reporter):
     def import_image(reference, labels):
         from cudabuild.compile.steps import import_image as read_image
 
-        return read_image(reference, labels, cache=cache, engine=engine(), env=os.environ, reporter=reporter)
+        return read_image(reference, labels, cache=cache, engine=engine(), settings=_settings(), reporter=reporter)
 
     return import_image
 
@@ -726,10 +730,9 @@ def _emit(files, output, as_json) -> None:
 
 
 def _deploy_images(images, registry, kind):
-    from cudabuild.engine import Engine
     from cudabuild.deploy import driver_images
 
-    return driver_images(Engine.from_env(), list(images), kind=kind, registry=registry)
+    return driver_images(_settings().engine(), list(images), kind=kind, registry=registry)
 
 
 @deploy.command("swarm", epilog=EXIT_CODE_HELP)
@@ -807,7 +810,7 @@ def run(gpus, cdi_dirs, dry_run, docker_args) -> None:
     from cudabuild.errors import InputError
 
     line = command(list(docker_args), gpus=gpus, cdi_dirs=[Path(d) for d in cdi_dirs] or list(DEFAULT_DIRS),
-                   env=os.environ)
+                   env=_settings().environ)
     if dry_run:
         click.echo(shlex.join(line))
         return
@@ -835,12 +838,10 @@ def inspect(target: str, verify: bool, as_json: bool) -> None:
       cudabuild inspect ./nvidia/modules/nvidia.ko
       cudabuild inspect cudabuild/modules:535.309.01-6.1.0-56-amd64 --verify
     """
-    from cudabuild.cache import Cache, default_cache_dir
-    from cudabuild.engine import Engine
     from cudabuild.inspection import inspect as inspect_target
 
-    report = inspect_target(target, Engine.from_env, verify=verify,
-                            cache=Cache(default_cache_dir(os.environ)) if verify else None)
+    settings = _settings()
+    report = inspect_target(target, settings.engine, verify=verify, cache=settings.cache() if verify else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -864,11 +865,13 @@ def inspect(target: str, verify: bool, as_json: bool) -> None:
         click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")
 
 
-def invoke(argv: list[str] | None = None) -> int:
-    """The command line, in this process: every error printed as the README says and mapped to its
-    exit code, which is returned (tests call this; `main` exits with it)."""
+def invoke(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """The command line, in this process, with the settings read once from `env` (default: this
+    process's environment): every error printed as the README says and mapped to its exit code,
+    which is returned (tests call this; `main` exits with it)."""
     try:
-        code = cli.main(args=argv, prog_name="cudabuild", standalone_mode=False)
+        settings = Settings.from_env(os.environ if env is None else env)
+        code = cli.main(args=argv, prog_name="cudabuild", standalone_mode=False, obj=settings)
     except click.exceptions.Abort:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,7 +1,7 @@
 """The Docker engine behind one small class. Nothing else in cudabuild imports `docker`.
 
 The engine is found the way the docker CLI finds it (DOCKER_HOST, DOCKER_TLS_VERIFY,
-DOCKER_CERT_PATH), so a remote engine needs no flag of ours."""
+DOCKER_CERT_PATH, from the command's Settings), so a remote engine needs no flag of ours."""
 
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.cache import pid_alive, pid_namespace
 from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, RegistryError, shown
 
-# How long to wait for the engine to answer its first request (CUDABUILD_ENGINE_TIMEOUT, seconds);
-# later requests may take as long as an image build step.
-ANSWER_TIMEOUT = 20.0
+# Later requests may take as long as an image build step (the first one's limit is a setting:
+# settings.ENGINE_ANSWER_TIMEOUT, CUDABUILD_ENGINE_TIMEOUT).
 OPERATION_TIMEOUT = 600
 
 ENGINE_HINT = ("start the engine (`sudo dockerd &`, `sudo systemctl start docker`, or `bash scripts/setup`), "
@@ -79,14 +78,11 @@ class Engine:
         self.where = where  # DOCKER_HOST, or the local socket
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Engine":
-        env = dict(os.environ if env is None else env)
+    def connect(cls, env: Mapping[str, str], *, answer_timeout: float) -> "Engine":
+        """The engine the docker SDK's variables in `env` name (the local socket without them),
+        once it has answered within `answer_timeout` seconds. Use Settings.engine()."""
+        env, answer = dict(env), answer_timeout
         where = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        try:
-            answer = float(env.get("CUDABUILD_ENGINE_TIMEOUT") or ANSWER_TIMEOUT)
-        except ValueError:
-            raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(env['CUDABUILD_ENGINE_TIMEOUT'])} is not a number "
-                             "of seconds", hint="set it to e.g. 20, or unset it") from None
         try:
             parse_host(where, False, bool(env.get("DOCKER_TLS_VERIFY")))
         except (docker.errors.DockerException, ValueError) as exc:

@@ -1,12 +1,15 @@
 """What users ask for: flags and environment resolved once, into frozen options, every value checked
 once. Every string that can reach a shell, a path, an image tag or a container is validated here.
 
-Precedence: the defaults below < `CUDABUILD_*` environment < flags. The environment is a parameter
-(`resolve_build_options(flags, env)`), so tests pass `env={}`."""
+Precedence: the defaults below < `CUDABUILD_*` environment < flags. The environment comes in as the
+command's Settings (`resolve_build_options(flags, settings)`), read once from an explicit mapping, so
+tests pass `Settings()` or `Settings.from_env({...})`."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import re
 import stat
@@ -15,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cudabuild.errors import InputError, shown
+from cudabuild.settings import Settings
 
 # ASCII only: Python's \d also matches other scripts' digits (e.g. Arabic-Indic), which no kernel
 # release, driver version or URL contains.
@@ -184,7 +188,7 @@ class BuildOptions:
     installer: str | None = None  # a URL or a file
     installer_url: str = DEFAULT_INSTALLER_URL  # template with {version}
     sha256: str | None = None
-    jobs: int = 2
+    jobs: int | None = None  # None: the CPU count of the machine that builds (Settings.cpu_count)
     use_cache: bool = True
     refresh_index: bool = False
     apt_mirror: str = DEFAULT_APT_MIRROR
@@ -218,7 +222,7 @@ class BuildOptions:
             if value not in allowed:
                 raise InputError(f"{what} {shown(value)} is not supported",
                                  hint=f"choose one of: {', '.join(allowed)}")
-        if not 1 <= self.jobs <= JOBS_MAX:
+        if self.jobs is not None and not 1 <= self.jobs <= JOBS_MAX:
             raise InputError(f"--jobs {self.jobs} is out of range", hint=f"pass 1 to {JOBS_MAX}")
         for url, what in ((self.apt_mirror, "--apt-mirror"), (self.apt_security_mirror, "--apt-security-mirror")):
             if not re.fullmatch(r"https?://[A-Za-z0-9._~:/%@+-]+", url):
@@ -278,6 +282,15 @@ class BuildOptions:
         if not 10 <= self.boot_timeout <= 3600:
             raise InputError(f"--boot-timeout {self.boot_timeout:g} is out of range", hint="pass 10 to 3600 seconds")
 
+    def local_files(self) -> list[tuple[str, str]]:
+        """(flag, path) of each file on this machine the options name: a build elsewhere cannot read them."""
+        return [(f"--{name.replace('_', '-')}", value) for name in LOCAL_FILE_OPTIONS
+                if isinstance(value := getattr(self, name), str) and value != "host" and "://" not in value]
+
+
+# The options that may name a file on this machine.
+LOCAL_FILE_OPTIONS = ("kernel_config", "symvers", "installer", "kernel_image", "sign_key", "sign_cert")
+
 
 # Which environment variable sets which option; the flag of the same name wins over it.
 ENVIRONMENT = {
@@ -295,24 +308,26 @@ ENVIRONMENT = {
 _BOOLEAN = {"keep_builder"}
 
 
+def environment_value(name: str, raw: str) -> object:
+    """An option's value as its environment variable spells it."""
+    return raw not in ("0", "false", "no") if name in _BOOLEAN else raw
+
+
 def default_of(name: str):
     """The default of a BuildOptions field (for --help texts)."""
-    return next(f.default for f in fields(BuildOptions) if f.name == name)
+    f = next(f for f in fields(BuildOptions) if f.name == name)
+    return None if f.default is dataclasses.MISSING else f.default
 
 
-def resolve_build_options(flags: Mapping[str, object], env: Mapping[str, str]) -> BuildOptions:
-    """Defaults, then the environment, then the flags that were given (None: not given)."""
+def resolve_build_options(flags: Mapping[str, object], settings: Settings) -> BuildOptions:
+    """Defaults, then the environment (as the settings read it), then the flags that were given
+    (None: not given)."""
     known = {f.name for f in fields(BuildOptions)}
     unknown = set(flags) - known
     if unknown:
         raise TypeError(f"not build options: {sorted(unknown)}")
-    values: dict[str, object] = {"jobs": os.cpu_count() or 1}
-    from_env: dict[str, str] = {}
-    for name, variable in ENVIRONMENT.items():
-        raw = env.get(variable)
-        if raw:
-            values[name] = raw not in ("0", "false", "no") if name in _BOOLEAN else raw
-            from_env[name] = variable
+    values: dict[str, object] = dict(settings.option_values)
+    from_env = dict(settings.option_variables)
     for name, value in flags.items():
         if value is not None:
             values[name] = value
@@ -325,3 +340,29 @@ def resolve_build_options(flags: Mapping[str, object], env: Mapping[str, str]) -
                 exc.message += f" (set by the environment variable {variable})"
                 exc.args = (exc.message,)
         raise
+
+
+def options_to_json(options: BuildOptions) -> str:
+    """A resolved BuildOptions as data for another process (a matrix cell's build)."""
+    return json.dumps(dataclasses.asdict(options), sort_keys=True)
+
+
+def options_from_json(text: str) -> BuildOptions:
+    """BuildOptions from options_to_json's data, checked again as every BuildOptions is."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"the build options given as data are not JSON ({exc})",
+                         hint="pass what `cudabuild matrix` writes for a cell") from None
+    known = {f.name for f in fields(BuildOptions)}
+    if not isinstance(data, dict) or set(data) - known:
+        raise InputError("the build options given as data are not cudabuild's "
+                         f"(unknown: {', '.join(sorted(set(data) - known)) if isinstance(data, dict) else 'all'})",
+                         hint="pass what `cudabuild matrix` writes for a cell, from the same cudabuild version")
+    for f in fields(BuildOptions):
+        value = data.get(f.name)
+        kind = {"bool": bool, "int": int, "float": (int, float)}.get(str(f.type).removesuffix(" | None"), str)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise InputError(f"the build options given as data have {f.name} = {shown(str(value))}, not a {f.type}",
+                             hint="pass what `cudabuild matrix` writes for a cell")
+    return BuildOptions(**data)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ class _TooSlow(Exception):
 class Registry:
     repo: str  # HOST[:PORT]/PATH, e.g. 127.0.0.1:5055/cudabuild
     deadline: float = DEADLINE
+    docker_config: Path | None = None  # where `docker login` keeps credentials (Settings.docker_config)
 
     def __post_init__(self) -> None:
         validate_registry(self.repo)
@@ -102,7 +102,7 @@ class Registry:
         same_host = where.hostname == ours.hostname and (port or default) == (ours.port or default)
         if not same_host or not (where.scheme == "https" or (where.scheme == "http" and self.loopback)):
             return None
-        return _login(self.host)
+        return _login(self.host, self.docker_config)
 
     def _get(self, url: str, name: str, **headers) -> tuple[int, bytes]:
         """GET with the token the registry asks for (anonymous, or `docker login`'s credentials
@@ -185,9 +185,11 @@ def _reason(exc: BaseException) -> str:
     return shown((found.group(1) if found else text)[:200])
 
 
-def _login(host: str) -> tuple[str, str] | None:
+def _login(host: str, config_dir: Path | None) -> tuple[str, str] | None:
     """The user name and password `docker login HOST` stored, when they are stored in the file."""
-    path = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
+    if config_dir is None:
+        return None
+    path = config_dir / "config.json"
     try:
         auth = json.loads(path.read_text()).get("auths", {}).get(host, {}).get("auth")
         user, _, password = base64.b64decode(auth).decode().partition(":") if auth else ("", "", "")

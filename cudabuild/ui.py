@@ -4,7 +4,6 @@ go to stdout from the CLI; nothing here writes to stdout."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -24,13 +23,15 @@ class Reporter:
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     quiet: bool = False
     steps: list[Step] = field(default_factory=list)
+    ci: bool = False  # under CI: no progress bars (Settings.ci)
+    no_color: bool = False  # NO_COLOR (Settings.no_color)
 
     @property
     def interactive(self) -> bool:
-        return self.stream.isatty() and os.environ.get("CI") is None
+        return self.stream.isatty() and not self.ci
 
     def _colour(self, code: str, text: str) -> str:
-        if not self.stream.isatty() or "NO_COLOR" in os.environ:
+        if not self.stream.isatty() or self.no_color:
             return text
         return f"\033[{code}m{text}\033[0m"
 

@@ -250,22 +250,22 @@ def make_nvidia_run(source: Path, version: str, compression: str, out: Path) -> 
 
 
 def run_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The command line in this process (cudabuild.cli.invoke), with `env` laid over os.environ for
-    the call: what run_cli checks, without a new interpreter. For refusals, --help and other quick
-    answers; a build or anything that must be killed runs with run_cli."""
+    """The command line in this process (cudabuild.cli.invoke), its settings read from os.environ
+    with `env` laid over it (the process's environment is not changed): what run_cli checks, without
+    a new interpreter. For refusals, --help and other quick answers; a build or anything that must be
+    killed runs with run_cli."""
     import contextlib
+    import gc
     import io
-    from unittest import mock
+    import warnings
 
     from cudabuild.cli import invoke
 
-    import gc
-    import warnings
-
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("CUDABUILD_KEEP_BUILDER", None)
     out, err = io.StringIO(), io.StringIO()
-    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        os.environ.pop("CUDABUILD_KEEP_BUILDER", None)
-        code = invoke(list(args))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = invoke(list(args), env=full_env)
     with warnings.catch_warnings():  # a command's engine connection is closed by its process's exit, not here
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()

@@ -73,7 +73,7 @@ def run_local(jobs: list[BuildJob], *, parallel: int, logs: Path, on_state: OnSt
         on_state(job, "building", "")
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "cudabuild", *job.argv], capture_output=True, text=True,
-                              env={**env, **job.environment}, stdin=subprocess.DEVNULL, check=False)
+                              env=dict(env), stdin=subprocess.DEVNULL, check=False)
         return outcome_of(job, done.returncode, done.stdout, done.stderr, seconds=time.monotonic() - started,
                           log_path=logs / f"{job.name}.log")
 
@@ -120,7 +120,7 @@ def run_swarm(engine, jobs: list[BuildJob], *, place: SwarmPlace, parallel: int,
         while pending or running:
             while pending and len(running) < parallel:
                 index, job = pending.pop(0)
-                environment = {**job.environment, "CUDABUILD_CACHE": place.cache, "CI": "true"}
+                environment = {"CUDABUILD_CACHE": place.cache, "CI": "true"}
                 service_id = engine.create_job_service(
                     image=place.image, args=list(job.argv), name=f"cudabuild-{run_id}-{job.name}"[:63].rstrip("-"),
                     binds=binds, env=environment,
@@ -188,7 +188,7 @@ def kubernetes_jobs(jobs: Iterable[BuildJob], *, image: str, cache: str, socket:
     for job in jobs:
         labels = {"app.kubernetes.io/name": "cudabuild", "app.kubernetes.io/component": "modules-build",
                   "cudabuild.io/driver": job.driver, "cudabuild.io/flavor": job.flavor}
-        environment = {**job.environment, "CUDABUILD_CACHE": cache, "CI": "true"}
+        environment = {"CUDABUILD_CACHE": cache, "CI": "true"}
         out.append({
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": f"cudabuild-{job.name}"[:63].rstrip("-"), "namespace": namespace,

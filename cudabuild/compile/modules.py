@@ -5,7 +5,7 @@ image, --output, and the registry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, RegistryError
 from cudabuild.options import BuildOptions
 from cudabuild.registry import Registry
+from cudabuild.settings import Settings
 from cudabuild.ui import Reporter
 
 
@@ -56,12 +57,12 @@ class ModulesResult:
         }
 
 
-def build_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
+def build_modules(options: BuildOptions, *, settings: Settings, reporter: Reporter,
                   engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
     output = check_output(options.output, force=options.force) if options.output else None
-    plan = plan_modules(options, env=env, reporter=reporter, engine_factory=engine_factory)
+    plan = plan_modules(options, settings=settings, reporter=reporter, engine_factory=engine_factory)
     cache, key, tag, engine = plan.cache, plan.key, plan.tag, plan.engine
-    registry = Registry(options.registry) if options.registry else None
+    registry = Registry(options.registry, docker_config=settings.docker_config) if options.registry else None
     remote = registry.ref(tag) if registry else None
     in_registry: bool | None = None  # whether the registry has this key (None: not asked)
     registry_down: RegistryError | None = None

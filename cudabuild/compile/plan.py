@@ -5,13 +5,12 @@ downloads (but package indices), builds or publishes."""
 from __future__ import annotations
 
 import dataclasses
-import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import MODULES_REPOSITORY, image_tag
-from cudabuild.cache import Cache, default_cache_dir, key_of
+from cudabuild.cache import Cache, key_of
 from cudabuild.compile.builder import plan_builder
 from cudabuild.compile.contract import INPUTS, INSTALLER, KERNELS, BuilderEnv
 from cudabuild.compile.spec import BuildSpec
@@ -20,6 +19,7 @@ from cudabuild.errors import InputError
 from cudabuild.fetch import Fetcher
 from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
                                validate_release)
+from cudabuild.settings import Settings
 from cudabuild.signing import Certificate, SigningKey, load_signing_key
 from cudabuild.sources.debian import DebianArchive, Package
 from cudabuild.sources.git import BASE_BY_GCC, resolve_git_kernel
@@ -140,22 +140,24 @@ class ModulesPlan:
         return found + ([self.driver.run.sha256] if self.driver.run is not None else [])
 
 
-def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Reporter,
+def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporter,
                  engine_factory: Callable[[], Engine] | None = None) -> ModulesPlan:
     """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing."""
+    if options.jobs is None:
+        options = dataclasses.replace(options, jobs=settings.cpu_count)
     signing, certificate = None, None
     if options.sign_key is not None:  # checked first: a wrong key or PIN fails before any download
-        signing = load_signing_key(options.sign_key, options.sign_cert, env.get("KBUILD_SIGN_PIN") or None)
+        signing = load_signing_key(options.sign_key, options.sign_cert, settings.sign_pin)
         certificate = signing.certificate
     elif options.sign_cert is not None:
         certificate = Certificate.load(Path(options.sign_cert))
-    cache = Cache(default_cache_dir(env))
+    cache = settings.cache()
     fetcher = Fetcher(reporter=reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution,
                             refresh=options.refresh_index)
     if options.kernel is None:
-        release = validate_release(platform.release(), what="this host's kernel release")
+        release = validate_release(settings.host_release, what="this host's kernel release")
         reporter.note(f"kernel: {release} (this host's `uname -r`; pass --kernel to build for another)")
     elif options.kernel == "latest":
         release = archive.latest_kernel()
@@ -186,7 +188,7 @@ def plan_modules(options: BuildOptions, *, env: Mapping[str, str], reporter: Rep
                          hint="pass --builder-base IMAGE naming an image whose gcc has that major version")
     why = "--builder-base" if options.builder_base else f"gcc {kernel.gcc_major}, the kernel's own compiler"
     reporter.note(f"builder base: {base} ({why})")
-    engine = (engine_factory or (lambda: Engine.from_env(env)))()  # every input was checked before this
+    engine = (engine_factory or settings.engine)()  # every input was checked before this
     builder = plan_builder(engine, base=base, distribution=base.split(":", 1)[-1], gcc_major=kernel.gcc_major,
                            mirror=options.apt_mirror, security_mirror=options.apt_security_mirror)
     if kernel.clone is not None:  # a git tree is prepared by this builder: named after both

@@ -15,7 +15,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +31,7 @@ from cudabuild.engine import Engine, Mount
 from cudabuild.errors import ArtifactError, InputError, VerifyError
 from cudabuild.fetch import Fetcher
 from cudabuild.options import DEBIAN_RELEASE_RE, BuildOptions
+from cudabuild.settings import Settings
 from cudabuild.signing import verify_signature
 from cudabuild.sources.debian import DebianArchive, headers_files
 from cudabuild.sources.run import RunDriver, driver_subdir, extract_installer
@@ -79,7 +80,7 @@ def _unpack_from_engine(engine: Engine, ref: str, work: Path) -> None:
     saved.unlink()
 
 
-def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: Engine, env: Mapping[str, str],
+def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: Engine, settings: Settings,
                  reporter: Reporter) -> Artifact:
     """A modules image that was not built with this cache (`docker pull`ed, or made on another
     machine), read from the engine and checked as a registry pull is: one layer of modules/,
@@ -96,7 +97,7 @@ def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: E
                 if m.key != labels.key or tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
                     raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., "
                                       f"the manifest's {m.key[:16]}...)")
-                symvers = _debian_symvers(m.kernel_release, work, cache=cache, env=env, reporter=reporter)
+                symvers = _debian_symvers(m.kernel_release, work, cache=cache, settings=settings, reporter=reporter)
                 if symvers is not None:
                     modversions = config_enabled(symvers[1], "CONFIG_MODVERSIONS")
                     verify_modules(work / "out" / "modules", release=m.kernel_release, driver_version=m.driver_version,
@@ -112,7 +113,7 @@ def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: E
     return artifact.load(cache.result_dir(labels.key))
 
 
-def _debian_symvers(release: str, work: Path, *, cache: Cache, env: Mapping[str, str],
+def _debian_symvers(release: str, work: Path, *, cache: Cache, settings: Settings,
                     reporter: Reporter) -> tuple[Path, Path] | None:
     """Module.symvers and .config of a Debian kernel release, from its headers package; None (said)
     when Debian has no such kernel or its archive cannot be read."""
@@ -124,7 +125,7 @@ def _debian_symvers(release: str, work: Path, *, cache: Cache, env: Mapping[str,
         return None
     from cudabuild.options import resolve_build_options
 
-    options = resolve_build_options({}, env)
+    options = resolve_build_options({}, settings)
     fetcher = Fetcher(reporter=reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution)

@@ -18,6 +18,7 @@ Configuration, all optional: `runtimeArgs` in daemon.json (--cdi-spec-dir DIR, r
 Nothing but os, sys and CDI's paths is imported before runc is exec'ed on the path that changes nothing."""
 
 import os
+from collections.abc import Mapping
 import sys
 
 from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
@@ -103,15 +104,18 @@ def exec_runtime(path: str, args: list[str]) -> None:
     os.execvp(path, [path, *args])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """The runtime's one entry: its arguments and environment are read here, once (the runtime is its
+    own program, started by the engine for each container; it does not go through the CLI's Settings)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    path = config_path(os.environ if env is None else env)
     ours, args = split(argv)
     command, at = command_of(args)
     if command not in ("create", "run"):  # the path that changes nothing: no json, no cudabuild imported
-        configured = os.path.exists(os.environ.get("CUDABUILD_RUNTIME_CONFIG", CONFIG_FILE))
+        configured = os.path.exists(path)
         # state, delete, kill...: always reach runc, whatever is wrong with the configuration file
-        exec_runtime(ours.get("runtime_path") or (_config()[0]["runtime_path"] if configured else "runc"), args)
-    settings, problem = _config()
+        exec_runtime(ours.get("runtime_path") or (_config(path)[0]["runtime_path"] if configured else "runc"), args)
+    settings, problem = _config(path)
     config = {**settings, **ours}
     runtime = config.get("runtime_path") or "runc"
     try:
@@ -138,12 +142,16 @@ class _Refused(Exception):
     pass
 
 
-def _config() -> tuple[dict, str | None]:
+def config_path(env: Mapping[str, str]) -> str:
+    """The runtime's configuration file: CUDABUILD_RUNTIME_CONFIG, or /etc/cudabuild/runtime.json."""
+    return env.get("CUDABUILD_RUNTIME_CONFIG") or CONFIG_FILE
+
+
+def _config(path: str) -> tuple[dict, str | None]:
     """The configuration file's keys over the defaults (a missing file: the defaults), and what is
     wrong with the file, if anything (then only its valid keys are taken)."""
     import json
 
-    path = os.environ.get("CUDABUILD_RUNTIME_CONFIG", CONFIG_FILE)
     settings = dict(DEFAULTS)
     try:
         with open(path) as f:

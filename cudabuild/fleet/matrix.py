@@ -12,16 +12,16 @@ import dataclasses
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cudabuild
 from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
-from cudabuild.cache import Cache, default_cache_dir
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
-from cudabuild.options import ENVIRONMENT, FLAVORS, BuildOptions, validate_driver, validate_release
+from cudabuild.options import FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
+from cudabuild.settings import Settings
 from cudabuild.ui import Reporter
 
 BACKENDS = ("local", "swarm", "kubernetes")
@@ -111,15 +111,17 @@ class MatrixResult:
                 **({"jobs": self.manifests} if self.backend == "kubernetes" else {})}
 
 
-def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: list[str],
-               local_files: list[tuple[str, str]], env: Mapping[str, str], reporter: Reporter,
+def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Settings, reporter: Reporter,
                engine_factory) -> MatrixResult:
+    """Every cell planned here; each cell's build gets its resolved options as data (`cudabuild
+    modules --options-json`), run by the backend the request names."""
     from cudabuild.compile.plan import plan_modules
     from cudabuild.registry import Registry
     from cudabuild.sources.debian import DebianArchive
 
-    cache = Cache(default_cache_dir(env))
-    registry = Registry(options.registry) if options.registry else None
+    cache = settings.cache()
+    registry = Registry(options.registry, docker_config=settings.docker_config) if options.registry else None
+    local_files = options.local_files()
     if request.backend != "local" and local_files:
         named = ", ".join(f"{flag} {path}" for flag, path in local_files)
         raise InputError(f"--backend {request.backend} runs each build on a node, which cannot read this machine's "
@@ -147,9 +149,6 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
     logs = cache.logs / f"matrix-{run_id}"
     logs.mkdir(parents=True, exist_ok=True)
     result = MatrixResult(backend=request.backend, registry=options.registry, logs=str(logs))
-    passed_env = {variable: env[variable] for variable in ENVIRONMENT.values() if env.get(variable)}
-    if registry is not None:
-        passed_env["CUDABUILD_REGISTRY"] = registry.repo
 
     # ---- plan every cell here; the registry's cells are done -------------------------------------
     jobs: list[BuildJob] = []
@@ -161,7 +160,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
             try:
                 cell_options = dataclasses.replace(options, kernel=kernel, driver=driver, flavor=flavor, output=None,
                                                    force=False)
-                plan = plan_modules(cell_options, env=env, reporter=Reporter(quiet=True),
+                plan = plan_modules(cell_options, settings=settings, reporter=Reporter(quiet=True),
                                     engine_factory=lambda: engine)
             except CudabuildError as exc:
                 done[(kernel, driver, flavor)] = Outcome(job, "failed", error=f"could not be planned: {exc.message}",
@@ -172,9 +171,9 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
                 continue
             planned[plan.key] = f"{kernel} x {plan.spec.driver_version} {flavor}"
             remote = registry.ref(plan.tag) if registry else None
-            argv = ("modules", "--kernel", kernel, "--driver", plan.spec.driver_version, "--flavor", flavor,
-                    *common_argv, "--json")
-            job = dataclasses.replace(job, argv=argv, environment=passed_env, key=plan.key, tag=plan.tag,
+            resolved = dataclasses.replace(cell_options, driver=plan.spec.driver_version)
+            argv = ("modules", "--options-json", options_to_json(resolved), "--json")
+            job = dataclasses.replace(job, argv=argv, key=plan.key, tag=plan.tag,
                                       driver_version=plan.spec.driver_version,
                                       registry_ref=remote, inputs=tuple(plan.inputs),
                                       kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
@@ -197,7 +196,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, common_argv: li
         outcomes = [Outcome(job, "printed") for job in jobs]
     elif jobs and request.backend == "local":
         engine.require_shared_files()
-        outcomes = backends.run_local(jobs, parallel=request.parallel or 1, logs=logs, env=env,
+        outcomes = backends.run_local(jobs, parallel=request.parallel or 1, logs=logs, env=settings.environ,
                                       on_state=lambda j, s, d: None if s == "queued" else on_state(j, s, d))
         for outcome in outcomes:
             on_state(outcome.job, outcome.state, _detail(outcome))

@@ -157,7 +157,7 @@ def test_engine_lost_during_a_build_is_a_clear_error(cache, tmp_path):
     # The abandoned builder is still on the engine; the next run's reaper removes it.
     from cudabuild.engine import Engine
 
-    reaped, _ = Engine.from_env().reap_builders()
+    reaped, _ = Settings.from_env(os.environ).engine().reap_builders()
     assert builders_of(proc.pid) == [] and reaped
 
 

@@ -1,5 +1,6 @@
 """The engine wrapper and image publishing against the real engine."""
 
+import os
 import io
 import tarfile
 
@@ -7,6 +8,7 @@ import pytest
 
 from cudabuild import artifact
 from cudabuild.compile.builder import tar_context
+from cudabuild.settings import Settings
 from cudabuild.engine import Engine, Mount
 from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
@@ -15,7 +17,7 @@ from tests.helpers import make_artifact
 
 @pytest.fixture
 def engine(docker_client):
-    return Engine.from_env()
+    return Settings.from_env(os.environ).engine()
 
 
 def test_container_is_removed_when_its_block_fails(engine, docker_client, tmp_path):

@@ -1,6 +1,7 @@
 """`cudabuild matrix` as a user meets it without building: Kubernetes Jobs that kubernetes-validate
 accepts (strict, 1.30), and the refusals that come before anything is scheduled."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def engine(docker_client):
 def test_kubernetes_backend_prints_one_valid_job_per_cell(engine, tmp_path):
     result = run_cli("matrix", "--kernels", "6.1.0-56-amd64,6.1.0-47-amd64", "--drivers", "535", "--flavors",
                      "proprietary,open", "--backend", "kubernetes", "--image", "registry.example/gpu/cudabuild:0.1.0",
-                     env=ENV)
+                     env={**ENV, "CUDABUILD_KERNEL_REPO": "git://mirror.example/linux-stable.git"})
     assert result.returncode == 0, result.stderr
     jobs = list(yaml.safe_load_all(result.stdout))
     assert [j["kind"] for j in jobs] == ["Job"] * 4
@@ -36,7 +37,10 @@ def test_kubernetes_backend_prints_one_valid_job_per_cell(engine, tmp_path):
                                "--quiet", str(path)], capture_output=True, text=True)
     assert validate.returncode == 0, validate.stdout + validate.stderr
     args = jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:5] == ["modules", "--kernel", "6.1.0-56-amd64", "--driver", "535.309.01"]
+    assert args[:2] == ["modules", "--options-json"] and args[3:] == ["--json"]
+    cell = json.loads(args[2])  # the cell's options, resolved here: the environment's settings travel as data
+    assert (cell["kernel"], cell["driver"], cell["flavor"]) == ("6.1.0-56-amd64", "535.309.01", "proprietary")
+    assert cell["kernel_repo"] == "git://mirror.example/linux-stable.git" and cell["jobs"] is None
     assert "printed" in result.stderr  # the summary goes to stderr, the Jobs alone to stdout
 
 

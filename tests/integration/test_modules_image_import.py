@@ -5,11 +5,13 @@ a real `docker pull` from a registry: tests/e2e/test_registry.py.)"""
 
 from __future__ import annotations
 
+import os
 import json
 
 import pytest
 
 from cudabuild import artifact
+from cudabuild.settings import Settings
 from cudabuild.engine import Engine
 from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
@@ -29,7 +31,7 @@ def modules_image(tmp_path, docker_client):
         tag = f"cudabuild-test/modules-elsewhere:{name}"
         made.append(tag)
         if not hostile:
-            publish_image(Engine.from_env(), artifact.load(art), tag=tag, reporter=Reporter(quiet=True))
+            publish_image(Settings.from_env(os.environ).engine(), artifact.load(art), tag=tag, reporter=Reporter(quiet=True))
             return tag, ""
         # Changed after cudabuild made it, digests kept true, the labels the same: as the hostile tester did.
         named = make_userspace_hostile(art, hostile)

@@ -10,11 +10,13 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from cudabuild.errors import RegistryError
 from cudabuild.registry import Registry
+from cudabuild.settings import Settings
 from tests.helpers import run_cli
 
 CONFIG_DIGEST = "sha256:" + "a" * 64
@@ -106,12 +108,13 @@ def test_a_huge_manifest_is_refused_without_reading_it_all(server):
 
 
 @pytest.fixture
-def logged_in(tmp_path, monkeypatch):
-    """`docker login` credentials stored for a registry host (DOCKER_CONFIG)."""
-    def store(host: str) -> None:
+def logged_in(tmp_path):
+    """`docker login` credentials stored for a registry host, in the directory returned (what
+    DOCKER_CONFIG names, as Settings reads it)."""
+    def store(host: str) -> Path:
         auth = base64.b64encode(b"alice:s3cret").decode()
         (tmp_path / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
-        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+        return Settings.from_env({"DOCKER_CONFIG": str(tmp_path)}).docker_config
 
     return store
 
@@ -140,16 +143,16 @@ def token_server(server):
 def test_credentials_never_go_to_a_token_realm_on_another_host(server, logged_in):
     elsewhere = token_server(server)
     s = registry_with_realm(server, lambda _: f"http://{elsewhere.host}/token")
-    logged_in(s.host)
-    assert Registry(f"{s.host}/cudabuild").labels(f"{s.host}/cudabuild/modules:x") is None
+    config = logged_in(s.host)
+    assert Registry(f"{s.host}/cudabuild", docker_config=config).labels(f"{s.host}/cudabuild/modules:x") is None
     assert elsewhere.requests and all("Authorization" not in headers for _, headers in elsewhere.requests)
 
 
 def test_credentials_go_to_the_registrys_own_token_realm_on_loopback(server, logged_in):
     """The control: the same registry, its realm on its own host and port, gets them."""
     s = registry_with_realm(server, lambda host: f"http://{host}/token")
-    logged_in(s.host)
-    assert Registry(f"{s.host}/cudabuild").labels(f"{s.host}/cudabuild/modules:x") is None
+    config = logged_in(s.host)
+    assert Registry(f"{s.host}/cudabuild", docker_config=config).labels(f"{s.host}/cudabuild/modules:x") is None
     tokens = [headers for path, headers in s.requests if path.startswith("/token")]
     assert tokens and tokens[0]["Authorization"] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
 

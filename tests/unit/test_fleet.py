@@ -13,17 +13,17 @@ import pytest
 from cudabuild.compile import backends
 from cudabuild.cache import pid_alive, pid_namespace
 from cudabuild.engine import Engine
-from cudabuild.compile.job import BuildJob, command_line
-from cudabuild.cli import matrix as matrix_command
+from cudabuild.compile.job import BuildJob
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.fleet.matrix import MatrixRequest, MatrixResult, expand_kernels, summary_lines
 from cudabuild.artifact import unpack_image
 from cudabuild.registry import Registry
-from cudabuild.options import validate_registry
+from cudabuild.options import BuildOptions, options_from_json, options_to_json, validate_registry
 
+CELL = BuildOptions(kernel="6.1.0-56-amd64", driver="535.261.03", flavor="open",
+                    registry="127.0.0.1:5055/cudabuild")
 JOB = BuildJob(kernel="6.1.0-56-amd64", driver="535", flavor="open", driver_version="535.261.03",
-               argv=("modules", "--kernel", "6.1.0-56-amd64", "--driver", "535.261.03", "--flavor", "open", "--json"),
-               environment={"CUDABUILD_REGISTRY": "127.0.0.1:5055/cudabuild"}, key="ab" * 32,
+               argv=("modules", "--options-json", options_to_json(CELL), "--json"), key="ab" * 32,
                tag="cudabuild/modules:535.261.03-open-6.1.0-56-amd64")
 
 
@@ -48,14 +48,33 @@ def test_registry_names_and_transport():
     assert Registry("registry.example/gpu").base_url == "https://registry.example"
 
 
-def test_the_command_line_of_a_job_repeats_only_the_flags_given():
-    flags = {p.name: None for p in matrix_command.params}
-    flags.update(apt_mirror="http://mirror.example/debian", no_cache=True, jobs=4, kernel_config="./config",
-                 verbose=False)
-    argv, files = command_line(matrix_command.params, flags, skip={"kernels"})
-    assert argv == ["--kernel-config", "./config", "--jobs", "4", "--no-cache", "--apt-mirror",
-                    "http://mirror.example/debian"]
-    assert files == [("--kernel-config", "./config")]
+def test_a_cells_options_go_to_its_build_as_data_and_come_back_the_same():
+    cell = BuildOptions(kernel="6.1.0-56-amd64", driver="535.309.01", apt_mirror="http://mirror.example/debian",
+                        use_cache=False, jobs=4, boot_timeout=120.0, registry="127.0.0.1:5055/cudabuild")
+    assert options_from_json(options_to_json(cell)) == cell
+    assert options_from_json(options_to_json(BuildOptions())).jobs is None, "the node's CPU count, not ours"
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ("{not json", "not JSON"),
+    ('{"kernel": "6.1.0-56-amd64", "colour": "red"}', "unknown: colour"),
+    ('{"jobs": "4"}', "jobs"),
+    ('{"use_cache": 1}', "use_cache"),
+    ('{"kernel": "6.1.0-56-amd64; rm -rf /"}', "is not valid"),
+])
+def test_options_data_that_is_not_a_cells_is_refused(data, fragment):
+    with pytest.raises(InputError) as refused:
+        options_from_json(data)
+    assert fragment in refused.value.message
+
+
+def test_the_files_on_this_machine_an_option_names(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("CONFIG_MODVERSIONS=y\n")
+    options = BuildOptions(kernel="4.3.6-coreos", kernel_config=str(config), symvers="host",
+                           installer="https://mirror.example/NVIDIA-Linux-x86_64-535.309.01.run",
+                           driver_source="run", driver="535.309.01")
+    assert options.local_files() == [("--kernel-config", str(config))]
 
 
 def test_a_job_has_a_name_for_services_and_files():

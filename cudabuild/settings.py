@@ -1,0 +1,97 @@
+"""Everything cudabuild takes from its environment, read once, when a command starts, from an
+explicit mapping (`Settings.from_env(os.environ)` in the CLI; tests pass their own). Every command
+receives this one frozen value; no other module reads `os.environ`.
+
+What is here:
+- the option defaults set by `CUDABUILD_*` variables (the flag of the same name wins; see
+  options.ENVIRONMENT and options.resolve_build_options),
+- where things are: the cache (CUDABUILD_CACHE), Docker's client configuration (DOCKER_CONFIG),
+- how to reach and wait for the engine (DOCKER_HOST and the SDK's own variables, passed to it as
+  they are; CUDABUILD_ENGINE_TIMEOUT),
+- secrets a build may need (KBUILD_SIGN_PIN: kept out of every repr),
+- this machine's facts that stand in for a default (the CPU count for --jobs, `uname -r` for --kernel),
+- how to talk to people (CI, NO_COLOR), and
+- the environment as it was, for the child processes that inherit it (the loader, `docker run`).
+
+The OCI runtime (deliver/runtime.py) is its own program, started by the engine for each container;
+it reads its one variable, CUDABUILD_RUNTIME_CONFIG, at its own entry."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import platformdirs
+
+from cudabuild.errors import InputError, shown
+
+# How long to wait for the engine to answer its first request, in seconds (CUDABUILD_ENGINE_TIMEOUT).
+ENGINE_ANSWER_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # as it was, for child processes
+    option_values: Mapping[str, object] = field(default_factory=dict)  # BuildOptions field -> value
+    option_variables: Mapping[str, str] = field(default_factory=dict)  # BuildOptions field -> its variable
+    cache_dir: Path = field(default_factory=lambda: Path(platformdirs.user_cache_dir("cudabuild")))
+    engine_timeout: float = ENGINE_ANSWER_TIMEOUT
+    docker_config: Path = field(default_factory=lambda: Path.home() / ".docker")
+    sign_pin: str | None = field(default=None, repr=False)
+    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)  # the default of --jobs
+    host_release: str = field(default_factory=platform.release)
+    ci: bool = False
+    no_color: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        from cudabuild.options import ENVIRONMENT, environment_value
+
+        env = MappingProxyType(dict(env))
+        values, variables = {}, {}
+        for name, variable in ENVIRONMENT.items():
+            if env.get(variable):
+                values[name] = environment_value(name, env[variable])
+                variables[name] = variable
+        raw_timeout = env.get("CUDABUILD_ENGINE_TIMEOUT") or ""
+        try:
+            timeout = float(raw_timeout) if raw_timeout else ENGINE_ANSWER_TIMEOUT
+            if not 0 < timeout <= 3600:
+                raise ValueError(raw_timeout)
+        except ValueError:
+            raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(raw_timeout)} is not a number of seconds (0 to 3600)",
+                             hint="set it to e.g. 20, or unset it") from None
+        defaults = cls()
+        return cls(
+            environ=env,
+            option_values=MappingProxyType(values),
+            option_variables=MappingProxyType(variables),
+            cache_dir=Path(env["CUDABUILD_CACHE"]).expanduser() if env.get("CUDABUILD_CACHE") else defaults.cache_dir,
+            engine_timeout=timeout,
+            docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
+            sign_pin=env.get("KBUILD_SIGN_PIN") or None,
+            ci="CI" in env,
+            no_color="NO_COLOR" in env,
+        )
+
+    def reporter(self, **kwargs):
+        """A Reporter that talks to people as these settings say (no bars under CI, no colour with
+        NO_COLOR)."""
+        from cudabuild.ui import Reporter
+
+        return Reporter(ci=self.ci, no_color=self.no_color, **kwargs)
+
+    def engine(self):
+        """The Docker engine these settings name (DOCKER_HOST and the SDK's variables)."""
+        from cudabuild.engine import Engine
+
+        return Engine.connect(self.environ, answer_timeout=self.engine_timeout)
+
+    def cache(self):
+        from cudabuild.cache import Cache
+
+        return Cache(self.cache_dir)

@@ -1,0 +1,66 @@
+"""The settings: one frozen value read once from an explicit environment mapping, which every
+command receives; no other module of the package reads the process's environment."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import cudabuild
+from cudabuild.errors import InputError
+from cudabuild.options import resolve_build_options
+from cudabuild.settings import ENGINE_ANSWER_TIMEOUT, Settings
+
+PACKAGE = Path(cudabuild.__file__).parent
+
+
+def test_settings_come_from_the_mapping_given_not_the_process(monkeypatch):
+    monkeypatch.setenv("CUDABUILD_CACHE", "/from/the/process")
+    settings = Settings.from_env({"CUDABUILD_CACHE": "/srv/cache", "DOCKER_CONFIG": "/srv/docker",
+                                  "CUDABUILD_ENGINE_TIMEOUT": "7.5", "CUDABUILD_REGISTRY": "127.0.0.1:5055/team",
+                                  "CUDABUILD_KEEP_BUILDER": "no", "CI": "true"})
+    assert settings.cache_dir == Path("/srv/cache") and settings.docker_config == Path("/srv/docker")
+    assert settings.engine_timeout == 7.5 and settings.ci and not settings.no_color
+    assert settings.option_values == {"registry": "127.0.0.1:5055/team", "keep_builder": False}
+    empty = Settings.from_env({})
+    assert empty.cache_dir != Path("/from/the/process") and empty.engine_timeout == ENGINE_ANSWER_TIMEOUT
+    with pytest.raises(Exception):
+        settings.cache_dir = Path("/elsewhere")  # frozen
+
+
+def test_the_signing_pin_is_never_shown():
+    settings = Settings.from_env({"KBUILD_SIGN_PIN": "hunter2-pin"})
+    assert settings.sign_pin == "hunter2-pin"
+    assert "hunter2-pin" not in repr(settings) and "hunter2-pin" not in str(settings)
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "0", "1e9"])
+def test_an_engine_timeout_that_is_not_seconds_is_refused(value):
+    with pytest.raises(InputError) as refused:
+        Settings.from_env({"CUDABUILD_ENGINE_TIMEOUT": value})
+    assert "CUDABUILD_ENGINE_TIMEOUT" in refused.value.message and refused.value.hint
+
+
+def test_flags_win_over_the_environment_and_a_bad_variable_is_named():
+    settings = Settings.from_env({"CUDABUILD_DISTRIBUTION": "trixie", "CUDABUILD_APT_MIRROR": "ftp://mirror"})
+    with pytest.raises(InputError) as refused:
+        resolve_build_options({}, settings)
+    assert "CUDABUILD_APT_MIRROR" in refused.value.message
+    options = resolve_build_options({"apt_mirror": "http://mirror.example/debian"}, settings)
+    assert options.distribution == "trixie" and options.apt_mirror == "http://mirror.example/debian"
+    assert options.jobs is None, "the CPU count is the building machine's, decided when the build is planned"
+
+
+def _reads_environ(path: Path) -> list[int]:
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree)
+            if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb")
+                and isinstance(node.value, ast.Name) and node.value.id == "os")]
+
+
+def test_only_the_entries_read_the_process_environment():
+    """cli.invoke (and the group, when called without it) and the OCI runtime's own entry; every
+    other module gets the settings."""
+    readers = {str(p.relative_to(PACKAGE)): lines for p in PACKAGE.rglob("*.py") if (lines := _reads_environ(p))}
+    assert set(readers) == {"cli.py", "deliver/runtime.py"}, readers
+    assert len(readers["cli.py"]) == 2 and len(readers["deliver/runtime.py"]) == 1, readers
