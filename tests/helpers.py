@@ -186,6 +186,37 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
     return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """The installed `cudabuild` started as a user would, not waited for (to be killed, or raced)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("CUDABUILD_KEEP_BUILDER", None)
+    exe = Path(sys.executable).parent / "cudabuild"
+    return subprocess.Popen([str(exe), *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
+    """Read the process's stderr until a line holds `text`; what was read."""
+    import time
+
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen}")
+
+
+def builders_of(pid: int) -> list:
+    """The builder containers a cudabuild process (by pid) started."""
+    import docker
+
+    return docker.from_env().containers.list(all=True, filters={"label": f"io.cudabuild.pid={pid}"})
+
+
 # NVIDIA's layout, written with the tools the format is defined by: line 1 the shebang, lines 2-3
 # CRCsum (cksum) and MD5 (md5sum) of `tail -n +4`, then the assignments and the stub's code, the
 # decompressor binary from line skip_decompress for size_decompress lines, the payload from line skip.

@@ -289,6 +289,13 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
                      started=started)
 
 
+def prepare_kernel(plan: ModulesPlan, *, reporter: Reporter) -> Path:
+    """The first half of a build alone: the kernel tree module builds read, fetched and prepared
+    (or found in the cache). Returns its directory in the cache."""
+    _workshop(plan, reporter=reporter, for_driver=False)
+    return plan.cache.kernels / plan.kernel.tree_dir
+
+
 def build(plan: ModulesPlan, *, reporter: Reporter) -> None:
     spec, key, driver, cache = plan.spec, plan.key, plan.driver, plan.cache
     fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive

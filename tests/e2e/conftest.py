@@ -163,10 +163,42 @@ def target_kernel_files(kernel_repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def build(fresh_cache, tmp_path_factory):
-    """Debian's newest bookworm kernel with Debian's current 535 driver, built once per run."""
-    output = tmp_path_factory.mktemp("out") / "nvidia"
-    result = run_cli("modules", "--kernel", "latest", "--driver", "535", "--output", str(output), "--json",
-                     env={"CUDABUILD_CACHE": str(fresh_cache)})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout), output, fresh_cache, result.stderr
+def session_runs(fresh_cache, tmp_path_factory) -> dict:
+    """The run's one build of Debian's newest bookworm kernel with Debian's current 535 driver, made
+    the way test_faults needs a fresh-cache build: a first run is killed (SIGKILL) in the middle of
+    its compile; then two identical runs (each with its own --output) start at once: one reaps the
+    killed run's builder and builds, the other waits for it and answers from the cache. What each
+    saw is kept for test_faults; `build` is the run that built."""
+    import signal
+
+    from tests.helpers import builders_of, start_cli, wait_for_line
+
+    env = {"CUDABUILD_CACHE": str(fresh_cache)}
+    args = ["modules", "--kernel", "latest", "--driver", "535", "--json"]
+    results = fresh_cache / "results"
+    before = set(results.iterdir()) if results.exists() else set()
+    killed = start_cli(*args, env=env)
+    wait_for_line(killed, "==> make modules")
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    left = [c.name for c in builders_of(killed.pid)]
+    after_kill = set(results.iterdir()) if results.exists() else set()
+    outputs = [tmp_path_factory.mktemp("out") / "nvidia" for _ in range(2)]
+    racers = [start_cli(*args, "--output", str(out), env=env) for out in outputs]
+    outs = [p.communicate(timeout=1800) for p in racers]
+    ran = [(p.returncode, out, err) for p, (out, err) in zip(racers, outs)]
+    return {"killed_pid": killed.pid, "left_by_kill": left, "results_before": before, "results_after_kill": after_kill,
+            "runs": ran, "outputs": outputs, "builders_after": [c.name for c in builders_of(killed.pid)],
+            "tmp_after": [p.name for p in (fresh_cache / "tmp").iterdir()], "cache": fresh_cache}
+
+
+@pytest.fixture(scope="session")
+def build(session_runs):
+    """Debian's newest bookworm kernel with Debian's current 535 driver, built once per run: the
+    racing run that built it (session_runs), its --output, the cache and its progress."""
+    for (code, out, err), output in zip(session_runs["runs"], session_runs["outputs"]):
+        assert code == 0, err[-4000:]
+        data = json.loads(out)
+        if not data["cache_hit"]:
+            return data, output, session_runs["cache"], err
+    raise AssertionError("neither racing run built: " + " | ".join(err[-1000:] for _, _, err in session_runs["runs"]))

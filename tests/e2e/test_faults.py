@@ -13,34 +13,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import builders_of, run_cli, start_cli, wait_for_line
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 ARGS = ["modules", "--kernel", "latest", "--driver", "470"]  # tesla 470: the quickest real build
 
 
 def start(cache: Path, *args, env=None) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "cudabuild"
-    full = {**os.environ, "CUDABUILD_CACHE": str(cache), **(env or {})}
-    full.pop("CUDABUILD_KEEP_BUILDER", None)
-    return subprocess.Popen([str(exe), *(args or ARGS)], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
-    seen, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen += line
-        if text in line:
-            return seen
-    raise AssertionError(f"{text!r} never appeared:\n{seen}")
-
-
-def builders_of(pid: int) -> list:
-    return docker.from_env().containers.list(all=True, filters={"label": f"io.cudabuild.pid={pid}"})
+    return start_cli(*(args or ARGS), env={"CUDABUILD_CACHE": str(cache), **(env or {})})
 
 
 def nothing_half_written(cache: Path):
@@ -59,43 +39,34 @@ def cache(tmp_path):
     return c
 
 
-def test_sigkill_mid_build_then_the_next_run_rebuilds_cleanly(cache):
-    proc = start(cache)
-    wait_for(proc, "==> make modules")
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    left = builders_of(proc.pid)
-    assert left, "the killed run's builder is still there (it will be reaped)"
-    assert list((cache / "results").iterdir()) == []
-    again = run_cli(*ARGS, "--json", env={"CUDABUILD_CACHE": str(cache)})
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "removed builder containers left by killed runs" in again.stderr
-    assert builders_of(proc.pid) == []
-    assert json.loads(again.stdout)["cache_hit"] is False
-    assert not [p for p in (cache / "tmp").iterdir() if f"-pid{proc.pid}-" in p.name]
+def test_sigkill_mid_build_then_two_runs_at_once_rebuild_cleanly_and_once(session_runs):
+    """The run's session build is made this way (tests/e2e/conftest.py session_runs): a run killed
+    mid-build leaves its builder and nothing half-written; then two identical runs at once: one
+    reaps the killed run's builder and builds, the other waits for it and answers from the cache."""
+    runs, cache = session_runs, session_runs["cache"]
+    assert runs["left_by_kill"], "the killed run's builder is still there (it will be reaped)"
+    assert runs["results_after_kill"] == runs["results_before"], "the killed run published nothing"
+    assert [code for code, _, _ in runs["runs"]] == [0, 0], [err[-3000:] for _, _, err in runs["runs"]]
+    data = [json.loads(out) for _, out, _ in runs["runs"]]
+    assert sorted(d["cache_hit"] for d in data) == [False, True]
+    built, waited = (runs["runs"][[d["cache_hit"] for d in data].index(hit)][2] for hit in (False, True))
+    assert "waiting for it" in waited
+    assert "removed builder containers left by killed runs" in built
+    assert runs["builders_after"] == []
+    assert data[0]["modules"] == data[1]["modules"]
+    assert not [name for name in runs["tmp_after"] if f"-pid{runs['killed_pid']}-" in name]
     nothing_half_written(cache)
 
 
 def test_ctrl_c_removes_the_builder_and_exits_130(cache):
     proc = start(cache)
-    wait_for(proc, "==> make modules")
+    wait_for_line(proc, "==> make modules")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert builders_of(proc.pid) == []
     assert list((cache / "results").iterdir()) == [] and list((cache / "tmp").iterdir()) == []
-
-
-def test_two_identical_builds_at_once_build_once(cache):
-    first, second = start(cache, *ARGS, "--json"), start(cache, *ARGS, "--json")
-    outs = [p.communicate(timeout=1200) for p in (first, second)]
-    assert first.returncode == second.returncode == 0, outs
-    data = [json.loads(out) for out, _ in outs]
-    assert sorted(d["cache_hit"] for d in data) == [False, True]
-    assert "waiting for it" in outs[[d["cache_hit"] for d in data].index(True)][1]
-    assert data[0]["modules"] == data[1]["modules"]
-    nothing_half_written(cache)
 
 
 class EngineProxy:
@@ -148,7 +119,7 @@ class EngineProxy:
 def test_engine_lost_during_a_build_is_a_clear_error(cache, tmp_path):
     proxy = EngineProxy(tmp_path / "engine.sock")
     proc = start(cache, env={"DOCKER_HOST": f"unix://{tmp_path}/engine.sock"})
-    wait_for(proc, "==> make modules")
+    wait_for_line(proc, "==> make modules")
     proxy.cut()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 4, err

@@ -2,6 +2,8 @@
 .run installers (served over HTTP on 127.0.0.1), built for real."""
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -83,44 +85,60 @@ def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_r
         assert modinfo("vermagic", m["path"]).startswith(data["kernel_release"] + " ")
 
 
-def test_open_flavor_builds_the_open_modules(fresh_cache, installers):
-    # Debian's open 535.261.03 source does not build against 6.1.192 (FACTS.md); it does against 6.1.170.
-    result = run_cli("modules", "--kernel", "6.1.0-47-amd64", "--kernel-source", "debian", "--flavor", "open",
-                     "--driver-source", "run", "--installer",
-                     f"{installers['url']}/NVIDIA-Linux-x86_64-535.261.03.run", "--json",
-                     env={"CUDABUILD_CACHE": str(fresh_cache)})
-    assert result.returncode == 0, result.stderr[-4000:]
-    data = json.loads(result.stdout)
-    assert data["flavor"] == "open" and data["modules_image"].endswith("535.261.03-open-6.1.0-47-amd64")
-    licenses = {m["name"]: modinfo("license", m["path"]) for m in data["modules"]}
-    # The proprietary nvidia.ko and nvidia-modeset.ko say "NVIDIA"; the open ones are Dual MIT/GPL.
-    assert licenses["nvidia"] == licenses["nvidia-modeset"] == "Dual MIT/GPL", licenses
-    for m in data["modules"]:
-        assert modinfo("version", m["path"]) == "535.261.03"
+def tree_files(root: Path, *, skip=(".git",)) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink() and p.relative_to(root).parts[0] not in skip}
 
 
-def test_sparse_fetch_is_small_and_builds_the_same_modules(git_535, fresh_cache, kernel_repo,
-                                                           target_kernel_files, installers):
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run", "--kernel-checkout",
-                       "full")
-    assert result.returncode == 0, result.stderr[-4000:]
-    full = json.loads(result.stdout)
-    sizes = {}
-    for clone in (fresh_cache / "kernels").glob("git-*"):
-        objects = sum(p.stat().st_size for p in (clone / ".git" / "objects").rglob("*") if p.is_file())
-        kind = "sparse" if (clone / ".git" / "info" / "sparse-checkout").exists() else "full"
-        sizes[kind] = objects
-    assert set(sizes) == {"sparse", "full"}
-    assert sizes["sparse"] <= 0.20 * sizes["full"], sizes
-    for sparse_module, full_module in zip(git_535["modules"], full["modules"], strict=True):
-        fields = [line for line in subprocess.run(["/sbin/modinfo", sparse_module["path"]], capture_output=True,
-                                                  text=True, check=True).stdout.splitlines()
-                  if not line.startswith("filename:")]
-        others = [line for line in subprocess.run(["/sbin/modinfo", full_module["path"]], capture_output=True,
-                                                  text=True, check=True).stdout.splitlines()
-                  if not line.startswith("filename:")]
-        assert fields == others, sparse_module["name"]
+# What modules_prepare writes that a module build reads, byte for byte (the rest of the prepared
+# tree is host programs and .cmd files, which name the clone's own path).
+PREPARED_CONTENT = re.compile(r"\.config|Module\.symvers|include/(generated|config)/.*|arch/x86/include/generated/.*")
+
+
+def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, fresh_cache, kernel_repo, target_kernel_files,
+                                                          installers):
+    """A full checkout of the same tag, fetched and prepared (not compiled again): the sparse clone
+    has a fifth of its objects, every header a module build can include, and a prepared tree with
+    the same generated files; the sparse tree's modules are the ones git_535 verified."""
+    from cudabuild.compile.plan import plan_modules
+    from cudabuild.compile.steps import prepare_kernel
+    from cudabuild.options import resolve_build_options
+    from cudabuild.settings import Settings
+    from cudabuild.ui import Reporter
+
+    settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(fresh_cache)})
+    flags = {"kernel": kernel_repo["version"] + RELEASE_SUFFIX, "kernel_source": "git",
+             "kernel_repo": kernel_repo["url"], "kernel_config": str(target_kernel_files["config"]),
+             "symvers": str(target_kernel_files["symvers"]), "driver_source": "run",
+             "installer": f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run"}
+    reporter = Reporter(quiet=True)
+    trees = {}
+    for checkout in ("sparse", "full"):
+        plan = plan_modules(resolve_build_options({**flags, "kernel_checkout": checkout}, settings),
+                            settings=settings, reporter=reporter)
+        trees[checkout] = (fresh_cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
+    (sparse_clone, sparse_prepared), (full_clone, full_prepared) = trees["sparse"], trees["full"]
+    assert sparse_prepared != full_prepared and sparse_clone != full_clone
+
+    def objects(clone: Path) -> int:
+        return sum(p.stat().st_size for p in (clone / ".git" / "objects").rglob("*") if p.is_file())
+
+    assert (sparse_clone / ".git" / "info" / "sparse-checkout").exists()
+    assert objects(sparse_clone) <= 0.20 * objects(full_clone), (objects(sparse_clone), objects(full_clone))
+    # Every header a module build can include is in the sparse checkout, the same bytes.
+    sparse_files, full_files = tree_files(sparse_clone), tree_files(full_clone)
+    headers = [name for name in full_files if re.match(r"(include|arch/x86/include)/.*\.h$", name)]
+    assert len(headers) > 1000
+    missing = [name for name in headers if name not in sparse_files]
+    assert missing == [], missing[:20]
+    assert all(sparse_files[n].read_bytes() == full_files[n].read_bytes() for n in headers)
+    # The prepared trees: the same files, and the same generated configuration, headers and symbols.
+    sparse_out, full_out = tree_files(sparse_prepared, skip=()), tree_files(full_prepared, skip=())
+    assert set(sparse_out) == set(full_out), sorted(set(sparse_out) ^ set(full_out))[:20]
+    generated = [name for name in full_out if PREPARED_CONTENT.fullmatch(name)]
+    assert "include/generated/autoconf.h" in generated and "Module.symvers" in generated
+    differ = [n for n in generated if sparse_out[n].read_bytes() != full_out[n].read_bytes()]
+    assert differ == [], differ
 
 
 # ---- what goes wrong ---------------------------------------------------------------------------

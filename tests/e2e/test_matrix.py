@@ -1,8 +1,8 @@
 """cudabuild matrix on a real single-node Swarm (a second dockerd) with a real registry: each cell a
 replicated-job running cudabuild's own image (made from the wheel by scripts/tool-image) beside the
-node's engine; a second identical run schedules nothing; a cell that cannot build fails alone with
-the compiler's line. Kept lean: one real build (6.1.0-47) and one real failing compile; the run's
-other kernel comes from the run's cache."""
+node's engine; a second run schedules nothing the registry holds; a cell that cannot build fails
+alone with the compiler's line. Kept lean: one run, one real build (the open modules for 6.1.0-47,
+the suite's only open build) and one real failing compile."""
 
 import json
 import subprocess
@@ -17,6 +17,12 @@ from tests.helpers import REPO, run_cli
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 
 OLDER = "6.1.0-47-amd64"  # bookworm's headers that Debian's open 535.261.03 still builds against (FACTS.md)
+OPEN = "535.261.03"
+
+
+def modinfo(field: str, path) -> str:
+    return subprocess.run(["/sbin/modinfo", "-F", field, str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -53,38 +59,67 @@ def matrix(swarm, cache, registry, *args):
     return result, [name for name in created.stdout.splitlines() if name]
 
 
-def test_swarm_jobs_build_and_push_then_a_second_run_schedules_nothing(build, swarm, registry, tool_image):
+@pytest.fixture(scope="module")
+def open_run(build, swarm, registry, tool_image, installers):
+    """One Swarm run of two cells, both the open modules from NVIDIA's .run installer (served over
+    HTTP on 127.0.0.1; the jobs run on the host network): the older kernel builds, the newest does
+    not compile (Debian's open 535.261.03 source, FACTS.md). The built cell is also the suite's one
+    build of the open modules (test_the_open_cell_holds_the_open_modules)."""
     data, _, cache, _ = build
-    kernels = f"{data['kernel_release']},{OLDER}"
-    first, services = matrix(swarm, cache, registry, "--kernels", kernels, "--drivers", "535", "--json")
-    assert first.returncode == 0, first.stderr[-4000:]
-    cells = json.loads(first.stdout)["cells"]
-    assert len(services) == 2, services
-    assert {c["kernel"]: c["state"] for c in cells} == {data["kernel_release"]: "cached", OLDER: "built"}
-    for cell in cells:
-        name, tag = cell["registry_ref"].rsplit(":", 1)
-        assert tag in registry.tags(name.split("/", 1)[1])
-        assert registry.labels(cell["registry_ref"])["io.cudabuild.key"] == cell["key"]
-    assert "building" in first.stderr and "built" in first.stderr
-    assert not swarm.docker("service", "ls", "-q").stdout.strip(), "the jobs' services are removed"
-
-    again, services = matrix(swarm, cache, registry, "--kernels", kernels, "--drivers", "535", "--json")
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert services == [], "cells already in the registry are not scheduled"
-    assert [c["state"] for c in json.loads(again.stdout)["cells"]] == ["in-registry", "in-registry"]
+    result, services = matrix(swarm, cache, registry, "--kernels", f"{data['kernel_release']},{OLDER}",
+                              "--drivers", OPEN, "--flavors", "open", "--driver-source", "run", "--installer",
+                              installer_url(installers))
+    return result, services
 
 
-def test_a_cell_that_cannot_build_fails_alone_with_the_compilers_line(build, swarm, registry, tool_image):
-    data, _, cache, _ = build
-    result, services = matrix(swarm, cache, registry, "--kernels", data["kernel_release"], "--drivers", "535",
-                              "--flavors", "proprietary,open")
+def installer_url(installers) -> str:
+    return f"{installers['url']}/NVIDIA-Linux-x86_64-{OPEN}.run"
+
+
+def test_swarm_jobs_build_and_push_and_a_cell_that_cannot_build_fails_alone(build, swarm, registry, open_run):
+    data, _, _, _ = build
+    result, services = open_run
     assert result.returncode == 22, result.stderr[-4000:]
-    assert len(services) == 1, "only the open cell is scheduled: the proprietary one is in the registry"
-    rows = {tuple(line.split()[:4]) for line in result.stdout.splitlines()}
-    assert (data["kernel_release"], data["driver_version"], "proprietary", "in-registry") in rows
-    assert any(r[2:4] == ("open", "failed") for r in rows), result.stdout
+    assert len(services) == 2, services
+    rows = {tuple(line.split()[:4]): line.split()[-1] for line in result.stdout.splitlines() if line.strip()}
+    built = rows.get((OLDER, OPEN, "open", "built"))
+    assert built is not None, result.stdout
+    assert (data["kernel_release"], OPEN, "open", "failed") in rows, result.stdout
+    name, tag = built.rsplit(":", 1)
+    assert tag in registry.tags(name.split("/", 1)[1])
     assert "error: too few arguments to function 'pci_resize_resource'" in result.stdout
     assert "whole log:" in result.stdout
+    assert "building" in result.stderr and "built" in result.stderr
+    assert not swarm.docker("service", "ls", "-q").stdout.strip(), "the jobs' services are removed"
+
+
+def test_a_second_run_schedules_nothing_the_registry_holds(build, swarm, registry, open_run, installers):
+    _, _, cache, _ = build
+    again, services = matrix(swarm, cache, registry, "--kernels", OLDER, "--drivers", OPEN, "--flavors", "open",
+                             "--driver-source", "run", "--installer", installer_url(installers), "--json")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert services == [], "cells already in the registry are not scheduled"
+    cells = json.loads(again.stdout)["cells"]
+    assert [c["state"] for c in cells] == ["in-registry"]
+    assert registry.labels(cells[0]["registry_ref"])["io.cudabuild.key"] == cells[0]["key"]
+
+
+def test_the_open_cell_holds_the_open_modules(build, open_run, installers):
+    """The Swarm job built into this run's cache (mounted at the same path on the node): the same
+    build asked for here is answered from it, and its modules are the open ones."""
+    _, _, cache, _ = build
+    result = run_cli("modules", "--kernel", OLDER, "--kernel-source", "debian", "--flavor", "open",
+                     "--driver-source", "run", "--installer", installer_url(installers), "--json",
+                     env={"CUDABUILD_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(result.stdout)
+    assert data["origin"] == "cached", "the Swarm job's build, not another"
+    assert data["flavor"] == "open" and data["modules_image"].endswith(f"{OPEN}-open-{OLDER}")
+    licenses = {m["name"]: modinfo("license", m["path"]) for m in data["modules"]}
+    # The proprietary nvidia.ko and nvidia-modeset.ko say "NVIDIA"; the open ones are Dual MIT/GPL.
+    assert licenses["nvidia"] == licenses["nvidia-modeset"] == "Dual MIT/GPL", licenses
+    for m in data["modules"]:
+        assert modinfo("version", m["path"]) == OPEN
 
 
 def test_local_matrix_reports_each_cell_and_a_failure_does_not_stop_the_others(build, tmp_path):

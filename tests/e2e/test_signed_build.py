@@ -74,7 +74,11 @@ def test_the_key_appears_nowhere(build, signed, keys, tmp_path):
     data, output, stderr = signed
     fragments = key_fragments(keys["key"])
     assert not leaks(fragments, stderr.encode())
-    found = [str(p) for root in (cache, output) for p in files_under(root) if leaks(fragments, p.read_bytes())]
+    # Every file the cache and the output hold, but the kernel trees: they are unpacked or prepared
+    # before any key is given, and the one container that sees the key mounts them read-only.
+    scanned = [p for p in files_under(cache) if p.relative_to(cache).parts[0] != "kernels"]
+    assert any(p.name == "build.log" for p in scanned) and any(p.suffix == ".ko" for p in scanned)
+    found = [str(p) for p in [*scanned, *files_under(output)] if leaks(fragments, p.read_bytes())]
     assert found == [], f"the key's bytes are in {found}"
     client = docker.from_env()
     runtime = run_cli("image", "device-query", "--modules", data["modules_image"], "--json",
