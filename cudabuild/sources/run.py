@@ -270,8 +270,10 @@ def extract_installer(path: Path, installer: Installer, dest: Path) -> None:
                                          "write outside its own directory")
                     if hasattr(tarfile, "data_filter"):
                         tar.extract(member, dest, filter="data")
-                    else:  # Python < 3.11.4: the checks above are the filter
+                    else:  # Python < 3.11.4 (Debian 12 has 3.11.2): the checks above are the filter
                         tar.extract(member, dest, set_attrs=False)
+                        if not member.issym():  # modes as the data filter leaves them (else dirs are 0700)
+                            os.chmod(dest / member.name, member.mode & 0o755)
     except (tarfile.TarError, lzma.LZMAError, zstandard.ZstdError, OSError, EOFError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise InputError(f"{path}: its archive cannot be unpacked ({shown(str(exc))})",

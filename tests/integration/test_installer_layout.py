@@ -122,3 +122,33 @@ def test_the_stand_ins_are_laid_out_as_nvidias(tmp_path, version, compression):
     ours = tmp_path / "ours"
     extract_installer(run, checked, ours)
     assert tree(ours) == tree(by_stub / f"NVIDIA-Linux-x86_64-{version}") == tree(source)
+
+
+DEBIAN_PYTHON = Path("/usr/bin/python3")  # Debian 12's own: 3.11.2, whose tarfile has no data filter
+
+
+@pytest.mark.skipif(not DEBIAN_PYTHON.exists(), reason="needs Debian 12's /usr/bin/python3")
+def test_a_python_without_tarfiles_data_filter_extracts_the_same_readable_tree(tmp_path):
+    """Before 3.11.4 (Debian 12's 3.11.2, the Python of cudabuild's own image that Swarm and
+    Kubernetes jobs run) tarfile has no data filter: the tree must still have the filter's modes,
+    so that the unprivileged builder can enter every directory and read every source."""
+    check = subprocess.run([str(DEBIAN_PYTHON), "-c", "import tarfile; print(hasattr(tarfile, 'data_filter'))"],
+                           capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "False", "this Python has the filter: the test would not test the fallback"
+    run = make_run(tmp_path, "zstd")
+    ours = tmp_path / "ours"
+    extract_installer(run, check_installer(run), ours)
+    fallback = tmp_path / "fallback"
+    site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))  # zstandard, built for CPython 3.11
+    code = ("import sys; from pathlib import Path; from cudabuild.sources.run import check_installer, "
+            "extract_installer; run = Path(sys.argv[1]); extract_installer(run, check_installer(run), Path(sys.argv[2]))")
+    done = subprocess.run([str(DEBIAN_PYTHON), "-c", code, str(run), str(fallback)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}:{site}"})
+    assert done.returncode == 0, done.stderr
+
+    def modes(root: Path) -> dict[str, int]:
+        return {str(p.relative_to(root)): p.lstat().st_mode & 0o7777 for p in root.rglob("*") if not p.is_symlink()}
+
+    assert tree(fallback) == tree(ours)
+    assert modes(fallback) == modes(ours)
+    assert all(mode & 0o005 == 0o005 for name, mode in modes(fallback).items() if (fallback / name).is_dir())
