@@ -126,7 +126,7 @@ def test_engine_lost_during_a_build_is_a_clear_error(cache, tmp_path):
     assert "lost the Docker engine" in err and "nothing was published" in err
     assert list((cache / "results").iterdir()) == [] and list((cache / "tmp").iterdir()) == []
     # The abandoned builder is still on the engine; the next run's reaper removes it.
-    from cudabuild.engine import Engine
+    from cudabuild.settings import Settings
 
     reaped, _ = Settings.from_env(os.environ).engine().reap_builders()
     assert builders_of(proc.pid) == [] and reaped

@@ -55,9 +55,7 @@ def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, 
     client.images.remove(data["modules_image"], force=True)
     cache = empty_cache(tmp_path)
     started_ns, since = time.time_ns(), int(time.time()) - 1
-    began = time.monotonic()
     result = run_cli(*args_of(data, registry.repo()), env={"CUDABUILD_CACHE": str(cache)})
-    seconds = time.monotonic() - began
     until = int(time.time()) + 1
     assert result.returncode == 0, result.stderr
     pulled = json.loads(result.stdout)
@@ -66,8 +64,6 @@ def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, 
                                         filters={"type": "container", "event": "create"})
                if e["timeNano"] >= started_ns]
     assert created == [], "a pull starts no builder container"
-    cold = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())["build_seconds"]
-    assert seconds < cold / 3, f"the pull took {seconds:.0f} s, the cold build {cold:.0f} s"
     assert any(s["name"].startswith("verify pulled modules") and s["status"] == "done" for s in pulled["steps"])
     assert [m["sha256"] for m in pulled["modules"]] == [m["sha256"] for m in data["modules"]]
     # The same verification a build gets, once more by a user: inspect checks every digest.
@@ -112,12 +108,8 @@ def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) ->
 
     context = source.parent / f"tampered-{how}"
     shutil.copytree(source, context / "payload", symlinks=True, ignore=shutil.ignore_patterns("build.log"))
-    if how in (*HOSTILE_USERSPACE, "extra-file"):
-        if how == "extra-file":  # a file the manifest does not list, beside the listed ones
-            (context / "payload" / "userspace" / "lib" / "libnvidia-extra.so.1").write_bytes(b"\x7fELF extra\n")
-            named = "userspace/lib/libnvidia-extra.so.1 is not listed"
-        else:
-            named = make_userspace_hostile(context / "payload", how)
+    if how in HOSTILE_USERSPACE:
+        named = make_userspace_hostile(context / "payload", how)
         (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
         client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
         return named
@@ -139,7 +131,11 @@ def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) ->
     return "nvidia.ko"
 
 
-@pytest.mark.parametrize("how", ["digest-mismatch", "manifest-rewritten", *HOSTILE_USERSPACE, "extra-file"])
+# One of each kind of tampering on the registry's path (a module's bytes, a manifest made to match
+# them, a hostile userspace); the other kinds (a libc added with a true digest, a file the manifest
+# does not list) are refused by the same check every load runs (artifact.load), which
+# tests/integration/test_tampered_userspace.py and tests/unit/test_hostile_input.py try for each.
+@pytest.mark.parametrize("how", ["digest-mismatch", "manifest-rewritten", "hostile-soname"])
 def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(build, registry, pushed, tmp_path, how):
     data = build[0]
     client = docker.from_env()
@@ -159,7 +155,7 @@ def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(bui
     assert result.returncode == 7, result.stderr
     assert f"refused the registry's {ref}" in result.stderr
     assert named in result.stderr
-    assert ("NVIDIA driver's" in result.stderr if how in HOSTILE_USERSPACE else how == "extra-file" or
+    assert ("NVIDIA driver's" in result.stderr if how in HOSTILE_USERSPACE else
             "vermagic" in result.stderr or "sha256" in result.stderr or "changed" in result.stderr)
     assert list((cache / "results").iterdir()) == []
     assert list((cache / "tmp").iterdir()) == []
