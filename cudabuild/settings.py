@@ -40,6 +40,7 @@ class Settings:
     option_variables: Mapping[str, str] = field(default_factory=dict)  # BuildOptions field -> its variable
     cache_dir: Path = field(default_factory=lambda: Path(platformdirs.user_cache_dir("cudabuild")))
     engine_timeout: float = ENGINE_ANSWER_TIMEOUT
+    engine_timeout_invalid: str | None = None  # CUDABUILD_ENGINE_TIMEOUT as given, when it is not seconds
     docker_config: Path = field(default_factory=lambda: Path.home() / ".docker")
     sign_pin: str | None = field(default=None, repr=False)
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)  # the default of --jobs
@@ -58,13 +59,13 @@ class Settings:
                 values[name] = environment_value(name, env[variable])
                 variables[name] = variable
         raw_timeout = env.get("CUDABUILD_ENGINE_TIMEOUT") or ""
+        timeout, invalid = ENGINE_ANSWER_TIMEOUT, None
         try:
             timeout = float(raw_timeout) if raw_timeout else ENGINE_ANSWER_TIMEOUT
             if not 0 < timeout <= 3600:
                 raise ValueError(raw_timeout)
-        except ValueError:
-            raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(raw_timeout)} is not a number of seconds (0 to 3600)",
-                             hint="set it to e.g. 20, or unset it") from None
+        except ValueError:  # refused when an engine is asked for: a command that needs none still runs
+            timeout, invalid = ENGINE_ANSWER_TIMEOUT, raw_timeout
         defaults = cls()
         return cls(
             environ=env,
@@ -72,6 +73,7 @@ class Settings:
             option_variables=MappingProxyType(variables),
             cache_dir=Path(env["CUDABUILD_CACHE"]).expanduser() if env.get("CUDABUILD_CACHE") else defaults.cache_dir,
             engine_timeout=timeout,
+            engine_timeout_invalid=invalid,
             docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
             sign_pin=env.get("KBUILD_SIGN_PIN") or None,
             ci="CI" in env,
@@ -89,6 +91,9 @@ class Settings:
         """The Docker engine these settings name (DOCKER_HOST and the SDK's variables)."""
         from cudabuild.engine import Engine
 
+        if self.engine_timeout_invalid is not None:
+            raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(self.engine_timeout_invalid)} is not a number of "
+                             "seconds (0 to 3600)", hint="set it to e.g. 20, or unset it")
         return Engine.connect(self.environ, answer_timeout=self.engine_timeout)
 
     def cache(self):

@@ -90,3 +90,14 @@ def test_boot_test_errors_name_its_own_flags(args, flag, tmp_path):
     result = run_cli("boot-test", *args, env={"CUDABUILD_CACHE": str(tmp_path / "c")})
     assert result.returncode == 3, result.stderr
     assert flag in result.stderr and "--boot-" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_engine_timeout_refuses_only_what_needs_the_engine(tmp_path):
+    env = {"CUDABUILD_ENGINE_TIMEOUT": "soon", "CUDABUILD_CACHE": str(tmp_path / "cache")}
+    assert run_cli("--version", env=env).returncode == 0
+    listed = run_cli("cdi", "list", "--root", str(tmp_path), env=env)
+    assert listed.returncode == 0, listed.stderr
+    refused = run_cli("inspect", "cudabuild/modules:535.309.01-6.1.0-56-amd64", env=env)
+    assert refused.returncode == 3, refused.stderr  # bad input
+    assert "CUDABUILD_ENGINE_TIMEOUT 'soon' is not a number of seconds" in refused.stderr
+    assert "fix: set it to e.g. 20" in refused.stderr and "Traceback" not in refused.stderr

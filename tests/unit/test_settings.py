@@ -35,10 +35,12 @@ def test_the_signing_pin_is_never_shown():
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "0", "1e9"])
-def test_an_engine_timeout_that_is_not_seconds_is_refused(value):
+def test_an_engine_timeout_that_is_not_seconds_is_refused_when_an_engine_is_asked_for(value):
+    settings = Settings.from_env({"CUDABUILD_ENGINE_TIMEOUT": value})  # a command that needs no engine runs
     with pytest.raises(InputError) as refused:
-        Settings.from_env({"CUDABUILD_ENGINE_TIMEOUT": value})
-    assert "CUDABUILD_ENGINE_TIMEOUT" in refused.value.message and refused.value.hint
+        settings.engine()  # refused before the docker SDK is reached (tests/unit/conftest.py)
+    assert "CUDABUILD_ENGINE_TIMEOUT" in refused.value.message and value in refused.value.message
+    assert refused.value.hint
 
 
 def test_flags_win_over_the_environment_and_a_bad_variable_is_named():
