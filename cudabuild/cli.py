@@ -668,12 +668,7 @@ def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
 def _registry(flag: str | None):
     """The Registry of --registry, or of CUDABUILD_REGISTRY (None: neither)."""
     settings = _settings()
-    repo = flag or settings.option_values.get("registry")
-    if not repo:
-        return None
-    from cudabuild.registry import Registry
-
-    return Registry(repo, docker_config=settings.docker_config)
+    return settings.registry(flag or settings.option_values.get("registry"))
 
 
 def _importer(cache, engine, reporter):

@@ -100,3 +100,11 @@ class Settings:
         from cudabuild.cache import Cache
 
         return Cache(self.cache_dir)
+
+    def registry(self, repo: str | None):
+        """The Registry at repo (HOST[:PORT]/PATH) with Docker's credentials for it; None for none."""
+        if not repo:
+            return None
+        from cudabuild.registry import Registry
+
+        return Registry(repo, docker_config=self.docker_config)

@@ -17,7 +17,6 @@ from cudabuild.compile.publish import check_output, publish_image, write_output
 from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, RegistryError
 from cudabuild.options import BuildOptions
-from cudabuild.registry import Registry
 from cudabuild.settings import Settings
 from cudabuild.ui import Reporter
 
@@ -62,7 +61,7 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
     output = check_output(options.output, force=options.force) if options.output else None
     plan = plan_modules(options, settings=settings, reporter=reporter, engine_factory=engine_factory)
     cache, key, tag, engine = plan.cache, plan.key, plan.tag, plan.engine
-    registry = Registry(options.registry, docker_config=settings.docker_config) if options.registry else None
+    registry = settings.registry(options.registry)
     remote = registry.ref(tag) if registry else None
     in_registry: bool | None = None  # whether the registry has this key (None: not asked)
     registry_down: RegistryError | None = None

@@ -116,11 +116,10 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
     """Every cell planned here; each cell's build gets its resolved options as data (`cudabuild
     modules --options-json`), run by the backend the request names."""
     from cudabuild.compile.plan import plan_modules
-    from cudabuild.registry import Registry
     from cudabuild.sources.debian import DebianArchive
 
     cache = settings.cache()
-    registry = Registry(options.registry, docker_config=settings.docker_config) if options.registry else None
+    registry = settings.registry(options.registry)
     local_files = options.local_files()
     if request.backend != "local" and local_files:
         named = ", ".join(f"{flag} {path}" for flag, path in local_files)
