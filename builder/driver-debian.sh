@@ -1,6 +1,7 @@
 # Driver from Debian's module source package (nvidia-kernel-source, nvidia-tesla-*-kernel-source,
 # nvidia-open-kernel-source): a tarball /usr/src/nvidia-*kernel.tar.xz with modules/<name>/.
-# In:  DRIVER_DEB, WORK   Out: DRIVER_DIR (the directory to run make in)
+# In:  DRIVER_DEB, MODULES (passed to NVIDIA's Kbuild as NV_KERNEL_MODULES), WORK
+# Out: DRIVER_DIR (the directory to run make in)
 extract_driver() {
     step "extract driver source"
     mkdir -p "$WORK/driver-deb" "$WORK/driver"
@@ -16,8 +17,8 @@ extract_driver() {
 
 build_driver() {
     step "make modules"
-    echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT modules"
-    make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_VERBOSE=1 modules
+    echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT NV_KERNEL_MODULES=\"$MODULES\" modules"
+    make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_KERNEL_MODULES="$MODULES" NV_VERBOSE=1 modules
 }
 
 # The userspace packages, flattened into userspace/{lib,bin,firmware}: the libraries with their

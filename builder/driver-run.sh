@@ -3,7 +3,8 @@
 # tree it builds from there. Layouts: 355 and newer have one Kbuild tree kernel/ (and kernel-open/
 # from 515); up to 352, kernel/ builds nvidia.ko and kernel/uvm/ builds nvidia-uvm.ko separately.
 # In: DRIVER_TREE (the extracted installer, read-only), DRIVER_SUBDIR (kernel or kernel-open),
-#     DRIVER_VERSION, WORK    Out: DRIVER_DIR
+#     DRIVER_VERSION, MODULES (NVIDIA's Kbuild builds the ones NV_KERNEL_MODULES names), WORK
+# Out: DRIVER_DIR
 extract_driver() {
     step "copy driver source"
     DRIVER_DIR="$WORK/$DRIVER_SUBDIR"
@@ -14,12 +15,12 @@ extract_driver() {
 build_driver() {
     step "make modules"
     if [ -f "$DRIVER_DIR/Kbuild" ]; then
-        echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT modules"
-        make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_VERBOSE=1 modules
+        echo "make -C $DRIVER_DIR -j$JOBS SYSSRC=$SYSSRC SYSOUT=$SYSOUT NV_KERNEL_MODULES=\"$MODULES\" modules"
+        make -C "$DRIVER_DIR" -j"$JOBS" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" NV_KERNEL_MODULES="$MODULES" NV_VERBOSE=1 modules
     else
         # 352-style: nvidia.ko from kernel/, nvidia-uvm.ko from kernel/uvm/.
         make -C "$DRIVER_DIR" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" module
-        if [ -d "$DRIVER_DIR/uvm" ]; then
+        if [ -d "$DRIVER_DIR/uvm" ] && case " $MODULES " in *" nvidia-uvm "*) true ;; *) false ;; esac; then
             make -C "$DRIVER_DIR/uvm" SYSSRC="$SYSSRC" SYSOUT="$SYSOUT" module
             cp "$DRIVER_DIR/uvm/nvidia-uvm.ko" "$DRIVER_DIR/"
         fi

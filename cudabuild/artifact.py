@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 
 from cudabuild.digests import sha256_files
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
-from cudabuild.options import (FLAVORS, FULL_DRIVER_RE, MODULE_NAMES, RELEASE_RE, SHA256_RE, path_kind,
-                               validate_image_ref, validate_release)
+from cudabuild.options import (FLAVORS, FULL_DRIVER_RE, MODULE_NAMES, RELEASE_RE, SHA256_RE, expected_modules,
+                               path_kind, validate_image_ref, validate_release)
 from cudabuild.verify import ModuleInfo, read_module
 
 MANIFEST = "manifest.json"
@@ -73,13 +73,17 @@ _DEPEND_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 def image_tag(repository: str, driver_version: str, flavor: str, kernel_release: str,
-              cert_sha256: str | None = None) -> str:
-    """The tag of an image made from an artifact: REPOSITORY:DRIVER[-FLAVOR][-signed.CERT]-RELEASE
-    (CERT: the signing certificate's sha256, 12 digits), with the release's '+' (not allowed in a
-    tag) as '_'."""
+              cert_sha256: str | None = None, *, modules: tuple[str, ...] | None = None) -> str:
+    """The tag of an image made from an artifact:
+    REPOSITORY:DRIVER[-FLAVOR][-only.SET][-signed.CERT]-RELEASE (SET: the modules of a build of
+    fewer than the driver has, without their "nvidia-" and joined by '_', as nvidia_uvm; CERT: the
+    signing certificate's sha256, 12 digits), with the release's '+' (not allowed in a tag) as '_'."""
     flavour = "" if flavor == "proprietary" else f"-{flavor}"
+    subset = ""
+    if modules is not None and list(modules) != expected_modules(driver_version):
+        subset = "-only." + "_".join(name.removeprefix("nvidia-") for name in modules)
     signed = f"-signed.{cert_sha256[:12]}" if cert_sha256 else ""
-    return f"{repository}:{driver_version}{flavour}{signed}-{kernel_release}".replace("+", "_")
+    return f"{repository}:{driver_version}{flavour}{subset}{signed}-{kernel_release}".replace("+", "_")
 
 
 @dataclass(frozen=True)

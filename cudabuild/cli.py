@@ -91,6 +91,10 @@ BUILD_FLAGS = [
     click.option("--flavor", type=click.Choice(FLAVORS),
                  help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open). "
                       + _env_help("flavor")),
+    click.option("--only-modules", "only_modules", metavar="NAMES",
+                 help="Build only these modules, comma-separated, each with what it needs (e.g. --only-modules "
+                      "nvidia,nvidia-uvm: a compute-only driver, no modeset, drm or peermem). Default: every module "
+                      "the driver has. " + _env_help("only_modules")),
     click.option("--jobs", "-j", type=int, help="Parallel compile jobs (e.g. -j 4). Default: the CPU count."),
     click.option("--no-cache", "no_cache", is_flag=True, default=None,
                  help="Build again even when the cache has the result."),
@@ -855,6 +859,9 @@ def inspect(target: str, verify: bool, as_json: bool) -> None:
     if report.get("verified"):
         where = "" if report["kind"] == "directory" else " (its artifact in the cache)"
         click.echo(f"  verified: every file's digest{', every signature' if signed else ''}{where}")
+    if report.get("modules_left_out"):
+        click.echo(f"  modules: {', '.join(m['name'] for m in report['modules'])} (built with --only-modules; "
+                   f"not {', '.join(report['modules_left_out'])})")
     for m in report["modules"]:
         size = f"{m['size'] / 1024**2:7.1f} MiB  " if "size" in m else ""
         click.echo(f"  {m['file']:<20} {size}sha256:{m['sha256']}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cudabuild import artifact
 from cudabuild.errors import InputError, VerifyError, shown
-from cudabuild.options import path_kind, validate_image_ref
+from cudabuild.options import expected_modules, path_kind, validate_image_ref
 from cudabuild.verify import read_module
 
 HINT = "pass a runtime or modules image, the directory `cudabuild modules --output` wrote, or a .ko"
@@ -68,6 +68,9 @@ def inspect(target: str, engine_factory, *, verify: bool = False, cache=None) ->
             report["verified"] = True
             report["signed"] = _signed(checked.manifest)
             report["cache_dir"] = str(checked.root)
+    if report["kind"] != "module":  # a build of fewer modules than the driver has (--only-modules)
+        names = {m["name"] for m in report["modules"]}
+        report["modules_left_out"] = [name for name in expected_modules(report["driver_version"]) if name not in names]
     host = platform.release()
     report["host_kernel_release"] = host
     report["matches_host"] = report["kernel_release"] == host

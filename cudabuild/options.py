@@ -59,6 +59,28 @@ _MODULES_SINCE = [
     ("nvidia-peermem", (465,)),
 ]
 MODULE_NAMES = tuple(name for name, _ in _MODULES_SINCE)
+# The module each one needs loaded before it (FACTS.md, load order): a subset built with
+# --only-modules holds what each of its modules needs.
+MODULE_NEEDS = {"nvidia-uvm": "nvidia", "nvidia-modeset": "nvidia", "nvidia-drm": "nvidia-modeset",
+                "nvidia-peermem": "nvidia"}
+
+
+def only_modules(value: str) -> tuple[str, ...]:
+    """--only-modules NAMES (comma-separated) as module names in load order, checked: NVIDIA's
+    modules only, each with what it needs."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODULE_NAMES]
+    if unknown or not names:
+        raise InputError(f"--only-modules {shown(value)}: " + (f"{', '.join(shown(n) for n in unknown)} "
+                         "is not an NVIDIA module" if unknown else "names no module"),
+                         hint=f"choose from {', '.join(MODULE_NAMES)}, e.g. --only-modules nvidia,nvidia-uvm "
+                              "(a compute-only driver)")
+    lacking = sorted({f"{name} needs {MODULE_NEEDS[name]}" for name in names
+                      if name in MODULE_NEEDS and MODULE_NEEDS[name] not in names})
+    if lacking:
+        raise InputError(f"--only-modules {shown(value)}: {'; '.join(lacking)}",
+                         hint="add the modules they need, e.g. --only-modules nvidia,nvidia-modeset,nvidia-drm")
+    return tuple(name for name in MODULE_NAMES if name in names)
 
 
 def validate_release(value: str, *, what: str = "kernel release") -> str:
@@ -130,6 +152,19 @@ def expected_modules(driver_version: str) -> list[str]:
     return [name for name, since in _MODULES_SINCE if v >= since]
 
 
+def modules_to_build(driver_version: str, only: str | None) -> tuple[str, ...]:
+    """The modules a build makes: all the driver has, or the --only-modules subset of them."""
+    has = expected_modules(driver_version)
+    if only is None:
+        return tuple(has)
+    chosen = only_modules(only)
+    lacking = [name for name in chosen if name not in has]
+    if lacking:
+        raise InputError(f"--only-modules: NVIDIA {driver_version} has no {', '.join(lacking)}",
+                         hint=f"choose from what it has: {', '.join(has)}")
+    return chosen
+
+
 # ---- paths the user names ----------------------------------------------------------------------
 _PATH_REASONS = {
     errno.ENOENT: "no such file or directory",
@@ -181,6 +216,7 @@ class BuildOptions:
     kernel_source: str | None = None  # None: debian for Debian's releases, git otherwise
     driver_source: str = "debian"
     flavor: str = "proprietary"
+    only_modules: str | None = None  # e.g. "nvidia,nvidia-uvm": build only these (None: all the driver has)
     kernel_repo: str = DEFAULT_KERNEL_REPO
     kernel_config: str | None = None  # a file, or "host"
     symvers: str | None = None  # a file, or "host"
@@ -222,6 +258,10 @@ class BuildOptions:
             if value not in allowed:
                 raise InputError(f"{what} {shown(value)} is not supported",
                                  hint=f"choose one of: {', '.join(allowed)}")
+        if self.only_modules is not None:
+            only_modules(self.only_modules)
+            if self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver):
+                modules_to_build(self.driver, self.only_modules)
         if self.jobs is not None and not 1 <= self.jobs <= JOBS_MAX:
             raise InputError(f"--jobs {self.jobs} is out of range", hint=f"pass 1 to {JOBS_MAX}")
         for url, what in ((self.apt_mirror, "--apt-mirror"), (self.apt_security_mirror, "--apt-security-mirror")):
@@ -300,6 +340,7 @@ ENVIRONMENT = {
     "apt_mirror": "CUDABUILD_APT_MIRROR",
     "apt_security_mirror": "CUDABUILD_APT_SECURITY_MIRROR",
     "builder_base": "CUDABUILD_BUILDER_BASE",
+    "only_modules": "CUDABUILD_ONLY_MODULES",
     "keep_builder": "CUDABUILD_KEEP_BUILDER",
     "registry": "CUDABUILD_REGISTRY",
     "sign_key": "CUDABUILD_SIGN_KEY",

@@ -17,7 +17,7 @@ from cudabuild.compile.spec import BuildSpec
 from cudabuild.engine import Engine
 from cudabuild.errors import InputError
 from cudabuild.fetch import Fetcher
-from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, expected_modules, require_open_support,
+from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, modules_to_build, require_open_support,
                                validate_release)
 from cudabuild.settings import Settings
 from cudabuild.signing import Certificate, SigningKey, load_signing_key
@@ -197,13 +197,13 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
                                      env=kernel.env.merged(kernel_prepared=f"{KERNELS}/{prepared}"))
     spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                      kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
-                     modules=tuple(expected_modules(driver.version)))
+                     modules=modules_to_build(driver.version, options.only_modules))
     unsigned_key = key_of(spec.canonical())
     if certificate is not None:
         spec = dataclasses.replace(spec, signing={"cert_sha256": certificate.sha256})
         reporter.note(f"signing: with the key of {certificate.signer} (certificate sha256 {certificate.sha256[:16]}...)")
     return ModulesPlan(options=options, spec=spec, key=key_of(spec.canonical()),
                        tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release,
-                                     certificate.sha256 if certificate else None), kernel=kernel,
+                                     certificate.sha256 if certificate else None, modules=spec.modules), kernel=kernel,
                        driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine,
                        signing=signing, certificate=certificate, unsigned_key=unsigned_key)

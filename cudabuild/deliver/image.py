@@ -164,7 +164,7 @@ def stage_rootfs(checked: Artifact, into: Path) -> None:
 def runtime_tag(profile: Profile, checked: Artifact) -> str:
     m = checked.manifest
     return image_tag(f"cudabuild/{profile.name}", m.driver_version, m.flavor, m.kernel_release,
-                     m.signature["cert_sha256"] if m.signature else None)
+                     m.signature["cert_sha256"] if m.signature else None, modules=tuple(e.name for e in m.modules))
 
 
 def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: Cache, tag: str | None,

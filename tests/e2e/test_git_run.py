@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests.helpers import run_cli
@@ -72,17 +73,23 @@ def test_git_tag_and_run_installer_build_the_five_modules(git_535, kernel_repo, 
 
 def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_repo, target_kernel_files,
                                                   installers):
+    """470 as a compute-only driver (--only-modules nvidia,nvidia-uvm, NVIDIA's NV_KERNEL_MODULES):
+    the kernel fetched and prepared for 535 is reused, and the artifact and its image hold the two
+    modules, verified like any build."""
     result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run")
+                       f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run", "--only-modules", "nvidia,nvidia-uvm")
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(result.stdout)
     assert steps(data)["fetch kernel source"] == "cached", "no clone for a kernel already fetched"
     assert steps(data)["prepare kernel"] == "cached", "no modules_prepare for a kernel already prepared"
     assert data["driver_version"] == "470.256.02"
-    assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm",
-                                                    "nvidia-peermem"]
+    assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-uvm"]
+    assert sorted(p.name for p in Path(data["modules"][0]["path"]).parent.iterdir()) == ["nvidia-uvm.ko", "nvidia.ko"]
     for m in data["modules"]:
         assert modinfo("vermagic", m["path"]).startswith(data["kernel_release"] + " ")
+    assert data["modules_image"] == f"cudabuild/modules:470.256.02-only.nvidia_uvm-{data['kernel_release']}"
+    labels = docker.from_env().images.get(data["modules_image"]).labels
+    assert [entry.split("@")[0] for entry in labels["io.cudabuild.modules"].split(",")] == ["nvidia.ko", "nvidia-uvm.ko"]
 
 
 def tree_files(root: Path, *, skip=(".git",)) -> dict[str, Path]:

@@ -18,6 +18,10 @@ pytestmark = [pytest.mark.engine, pytest.mark.build]
 
 OLDER = "6.1.0-47-amd64"  # bookworm's headers that Debian's open 535.261.03 still builds against (FACTS.md)
 OPEN = "535.261.03"
+# The two modules whose proprietary builds differ from the open ones (NVIDIA's binary cores): the
+# open build is the open path's, and the cells compile no more than it needs (uvm, drm and peermem
+# are the same sources in both flavors, and built for real by the suite's other builds).
+ONLY = ("--only-modules", "nvidia,nvidia-modeset")
 
 
 def modinfo(field: str, path) -> str:
@@ -67,7 +71,7 @@ def open_run(build, swarm, registry, tool_image, installers):
     build of the open modules (test_the_open_cell_holds_the_open_modules)."""
     data, _, cache, _ = build
     result, services = matrix(swarm, cache, registry, "--kernels", f"{data['kernel_release']},{OLDER}",
-                              "--drivers", OPEN, "--flavors", "open", "--driver-source", "run", "--installer",
+                              "--drivers", OPEN, "--flavors", "open", *ONLY, "--driver-source", "run", "--installer",
                               installer_url(installers))
     return result, services
 
@@ -96,7 +100,7 @@ def test_swarm_jobs_build_and_push_and_a_cell_that_cannot_build_fails_alone(buil
 def test_a_second_run_schedules_nothing_the_registry_holds(build, swarm, registry, open_run, installers):
     _, _, cache, _ = build
     again, services = matrix(swarm, cache, registry, "--kernels", OLDER, "--drivers", OPEN, "--flavors", "open",
-                             "--driver-source", "run", "--installer", installer_url(installers), "--json")
+                             *ONLY, "--driver-source", "run", "--installer", installer_url(installers), "--json")
     assert again.returncode == 0, again.stderr[-4000:]
     assert services == [], "cells already in the registry are not scheduled"
     cells = json.loads(again.stdout)["cells"]
@@ -108,13 +112,14 @@ def test_the_open_cell_holds_the_open_modules(build, open_run, installers):
     """The Swarm job built into this run's cache (mounted at the same path on the node): the same
     build asked for here is answered from it, and its modules are the open ones."""
     _, _, cache, _ = build
-    result = run_cli("modules", "--kernel", OLDER, "--kernel-source", "debian", "--flavor", "open",
+    result = run_cli("modules", "--kernel", OLDER, "--kernel-source", "debian", "--flavor", "open", *ONLY,
                      "--driver-source", "run", "--installer", installer_url(installers), "--json",
                      env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(result.stdout)
     assert data["origin"] == "cached", "the Swarm job's build, not another"
-    assert data["flavor"] == "open" and data["modules_image"].endswith(f"{OPEN}-open-{OLDER}")
+    assert data["flavor"] == "open" and data["modules_image"].endswith(f"{OPEN}-open-only.nvidia_modeset-{OLDER}")
+    assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-modeset"]
     licenses = {m["name"]: modinfo("license", m["path"]) for m in data["modules"]}
     # The proprietary nvidia.ko and nvidia-modeset.ko say "NVIDIA"; the open ones are Dual MIT/GPL.
     assert licenses["nvidia"] == licenses["nvidia-modeset"] == "Dual MIT/GPL", licenses

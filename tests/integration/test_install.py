@@ -142,3 +142,28 @@ def test_concurrent_installs_take_turns(host):
             _, err = process.communicate(timeout=120)
             assert process.returncode == 0 and "Traceback" not in err, err
     assert json.loads((root / "run/cudabuild/driver/ready").read_text())["driver_version"] == DRIVER
+
+
+def test_a_compute_only_build_loads_what_it_has_and_its_spec_lists_the_nodes_that_exist(tmp_path, validate):
+    """An artifact of --only-modules nvidia,nvidia-uvm: the loader loads nvidia then nvidia-uvm and
+    nothing else, makes no modeset node, and the CDI spec lists only the nodes that exist;
+    `inspect` says which modules the build left out."""
+    root = tmp_path / "host"
+    env = fake_host(root, gpus=1)
+    art = tmp_path / "artifact"
+    make_artifact(art, modules=("nvidia", "nvidia-uvm"))
+    result = run_cli("install", "--modules", str(art), "--root", str(root), "--cdi-host-root", str(root), "--json",
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    assert (root / "insmod.log").read_text().split() == ["drm", "nvidia", "nvidia_uvm"]
+    assert json.loads(result.stdout)["loaded"] == ["nvidia", "nvidia-uvm"]
+    assert not (root / "dev" / "nvidia-modeset").exists()
+    spec = json.loads((root / "run/cdi/cudabuild-nvidia.json").read_text())
+    validate(spec)
+    assert {n["path"] for n in spec["containerEdits"]["deviceNodes"]} == {"/dev/nvidiactl", "/dev/nvidia-uvm",
+                                                                          "/dev/nvidia-uvm-tools"}
+    shown = run_cli("inspect", str(art), "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert [m["name"] for m in report["modules"]] == ["nvidia", "nvidia-uvm"]
+    assert report["modules_left_out"] == ["nvidia-modeset", "nvidia-drm", "nvidia-peermem"]

@@ -44,3 +44,44 @@ def test_module_set_follows_the_driver_release():
     assert expected_modules("352.39") == ["nvidia", "nvidia-uvm"]
     assert expected_modules("361.42") == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
     assert expected_modules("390.157") == ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"]
+
+
+@pytest.mark.parametrize("value,built", [
+    ("nvidia-uvm,nvidia", ("nvidia", "nvidia-uvm")),  # in load order, whatever order they are given in
+    ("nvidia", ("nvidia",)),
+    (" nvidia , nvidia-modeset,nvidia-drm ", ("nvidia", "nvidia-modeset", "nvidia-drm")),
+])
+def test_only_modules_builds_the_subset_in_load_order(value, built):
+    from cudabuild.options import modules_to_build
+
+    assert BuildOptions(only_modules=value).only_modules == value
+    assert modules_to_build("535.309.01", value) == built
+    assert modules_to_build("535.309.01", None) == tuple(expected_modules("535.309.01"))
+
+
+@pytest.mark.parametrize("value,said", [
+    ("nvidia,nvidia-drm", "nvidia-drm needs nvidia-modeset"),
+    ("nvidia-uvm", "nvidia-uvm needs nvidia"),
+    ("nvidia,nvidia-vgpu", "'nvidia-vgpu' is not an NVIDIA module"),
+    (",", "names no module"),
+])
+def test_only_modules_that_cannot_work_are_refused_with_the_fix(value, said):
+    with pytest.raises(InputError) as info:
+        BuildOptions(only_modules=value)
+    assert said in info.value.message and info.value.hint
+
+
+def test_only_modules_the_driver_does_not_have_is_refused_before_anything_is_fetched():
+    with pytest.raises(InputError, match="NVIDIA 340.108 has no nvidia-peermem"):
+        BuildOptions(driver="340.108", driver_source="run", only_modules="nvidia,nvidia-peermem")
+
+
+def test_a_build_of_fewer_modules_has_its_own_tag():
+    from cudabuild.artifact import image_tag
+
+    full = image_tag("cudabuild/modules", "535.309.01", "proprietary", "6.1.0-57-amd64",
+                     modules=tuple(expected_modules("535.309.01")))
+    assert full == "cudabuild/modules:535.309.01-6.1.0-57-amd64"
+    assert image_tag("cudabuild/modules", "535.309.01", "open", "6.1.0-57-amd64", "ab" * 32,
+                     modules=("nvidia", "nvidia-uvm")) == \
+        "cudabuild/modules:535.309.01-open-only.nvidia_uvm-signed.abababababab-6.1.0-57-amd64"
