@@ -658,15 +658,18 @@ def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
 
     given = [name for name, value in (("--base", base), ("--modules", modules_ref), ("--tag", tag),
                                       ("--dry-run", dry_run or None)) if value is not None]
-    given += [f"--{k.replace('_', '-')}" for k, v in flags.items() if v not in (None, False, ()) and k != "registry"]
+    given += [f"--{k.replace('_', '-')}" for k, v in flags.items()
+              if v not in (None, False, ()) and k not in ("registry", "no_cache")]
     if given:
-        raise click.UsageError(f"the tool image takes --registry and --json only, not {', '.join(given)}")
+        raise click.UsageError(f"the tool image takes --registry, --no-cache and --json only, not {', '.join(given)}")
     settings = _settings()
-    report = make_tool_image(settings.engine(), registry=_registry(flags.get("registry")), reporter=settings.reporter())
+    report = make_tool_image(settings.engine(), registry=_registry(flags.get("registry")), reporter=settings.reporter(),
+                             rebuild=bool(flags.get("no_cache")))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(report["image"] + (f" (pushed as {report['registry_ref']})" if report["registry_ref"] else ""))
+    click.echo(report["image"] + (" (made earlier from the same wheel)" if report["reused"] else "")
+               + (f" (pushed as {report['registry_ref']})" if report["registry_ref"] else ""))
 
 
 def _registry(flag: str | None):

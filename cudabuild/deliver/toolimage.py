@@ -106,36 +106,62 @@ def _digest(content: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
 
 
-def wheels_for_image(into: Path, reporter: Reporter) -> None:
+def wheel_identity(wheel: Path) -> str:
+    """What a wheel of cudabuild holds, as one sha256: every file's name and bytes but its RECORD
+    (which lists them) and the zip's own metadata, so that the wheel pip builds from a checkout and
+    the one packed again from the same installed files are the same."""
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as archive:
+        for name in sorted(archive.namelist()):
+            if name.endswith(".dist-info/RECORD") or name.endswith("/"):
+                continue
+            digest.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
+    return digest.hexdigest()
+
+
+def wheels_for_image(own: Path, into: Path, reporter: Reporter) -> None:
     """cudabuild's wheel and the wheels of everything it needs, and pip's own, for the image's Python."""
-    with tempfile.TemporaryDirectory() as own_dir:
-        own = own_wheel(Path(own_dir))
-        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(into),
-                                  "--only-binary=:all:", *TARGET, str(own), "pip"], capture_output=True, text=True)
-        if fetched.returncode != 0:
-            said = [line for line in fetched.stderr.splitlines() if "is ignored: it is neither" not in line]
-            raise FetchError(f"pip could not fetch the wheels cudabuild needs: {' '.join(said)[-600:]}",
-                             hint="check pip's index (pip config list) and the network; the wheels are fetched on "
-                                  "this host, for CPython 3.11 on x86_64")
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(into),
+                              "--only-binary=:all:", *TARGET, str(own), "pip"], capture_output=True, text=True)
+    if fetched.returncode != 0:
+        said = [line for line in fetched.stderr.splitlines() if "is ignored: it is neither" not in line]
+        raise FetchError(f"pip could not fetch the wheels cudabuild needs: {' '.join(said)[-600:]}",
+                         hint="check pip's index (pip config list) and the network; the wheels are fetched on "
+                              "this host, for CPython 3.11 on x86_64")
 
 
-def make_tool_image(engine, *, registry=None, reporter: Reporter) -> dict:
-    """Build cudabuild/cudabuild:VERSION (and push it to REGISTRY/cudabuild:VERSION)."""
+WHEEL_LABEL = f"{LABEL_PREFIX}.wheel"  # the tool image's cudabuild, as wheel_identity says
+
+
+def make_tool_image(engine, *, registry=None, reporter: Reporter, rebuild: bool = False) -> dict:
+    """Build cudabuild/cudabuild:VERSION (and push it to REGISTRY/cudabuild:VERSION). An image of
+    that tag made from the same wheel is used as it is, unless `rebuild` (which also fetches what
+    cudabuild needs again)."""
     from cudabuild.compile.builder import tar_context
 
     version = cudabuild.__version__
     tag = tool_tag(version)
     with tempfile.TemporaryDirectory() as work:
-        wheels = Path(work) / "wheels"
-        with reporter.step(f"wheels of cudabuild {version} and what it needs (CPython 3.11, x86_64)"):
-            wheels_for_image(wheels, reporter)
-        files = {"Dockerfile": (resource_dir("dockerfiles") / "cudabuild.Dockerfile").read_bytes()}
-        entries = [(f"wheels/{w.name}", w) for w in sorted(wheels.iterdir())]
-        with reporter.step(f"build {tag}"):
-            with tar_context(files, entries) as context:
-                engine.build(context=context, tag=tag, labels={f"{LABEL_PREFIX}.role": "tool",
-                                                               f"{LABEL_PREFIX}.version": version}, network="host")
-    report = {"image": tag, "version": version, "registry_ref": None}
+        with reporter.step(f"cudabuild {version}'s wheel"):
+            own = own_wheel(Path(work) / "own")
+            identity = wheel_identity(own)
+        present = engine.image_id(tag) is not None and \
+            (engine.image(tag)["Config"].get("Labels") or {}).get(WHEEL_LABEL) == identity
+        reused = present and not rebuild
+        if reused:
+            reporter.note(f"{tag} was made from this wheel: used as it is (--no-cache makes it again)")
+        else:
+            wheels = Path(work) / "wheels"
+            with reporter.step("wheels of what it needs (CPython 3.11, x86_64)"):
+                wheels_for_image(own, wheels, reporter)
+            files = {"Dockerfile": (resource_dir("dockerfiles") / "cudabuild.Dockerfile").read_bytes()}
+            entries = [(f"wheels/{w.name}", w) for w in sorted(wheels.iterdir())]
+            with reporter.step(f"build {tag}"):
+                with tar_context(files, entries) as context:
+                    engine.build(context=context, tag=tag, network="host",
+                                 labels={f"{LABEL_PREFIX}.role": "tool", f"{LABEL_PREFIX}.version": version,
+                                         WHEEL_LABEL: identity})
+    report = {"image": tag, "version": version, "wheel": identity, "reused": reused, "registry_ref": None}
     if registry is not None:
         ref = f"{registry.repo}/cudabuild:{version}"
         with reporter.step(f"push {ref}"):

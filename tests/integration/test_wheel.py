@@ -58,10 +58,13 @@ def test_image_tool_makes_the_tool_image_without_a_checkout(installed, docker_cl
 
     venv, away = installed
     tag = f"cudabuild/cudabuild:{cudabuild.__version__}"
+    if any(tag in i.tags for i in docker_client.images.list(name=tag.split(":")[0])):
+        docker_client.images.remove(tag, force=True)  # made here, not found from an earlier run
     made = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--json"], cwd=away, capture_output=True,
                           text=True, env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
     assert made.returncode == 0, made.stderr
-    assert json.loads(made.stdout)["image"] == tag
+    report = json.loads(made.stdout)
+    assert report["image"] == tag and report["reused"] is False
     image = docker_client.images.get(tag)
     assert image.labels["io.cudabuild.role"] == "tool" and image.labels["io.cudabuild.version"] == cudabuild.__version__
     ran = docker_client.containers.run(tag, ["--version"], remove=True, network_mode="none").decode()
@@ -70,3 +73,11 @@ def test_image_tool_makes_the_tool_image_without_a_checkout(installed, docker_cl
                                            command=["command -v cudabuild-runtime && python3 -c "
                                                     "'import cudabuild.deliver.toolimage'"]).decode()
     assert "cudabuild-runtime" in runtime
+
+    # The checkout's own cudabuild (an editable install: its wheel built by pip from the source)
+    # holds the same files, so the image is used as it is; --no-cache makes it again.
+    again = subprocess.run([str(REPO / ".venv" / "bin" / "cudabuild"), "image", "tool", "--json"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {**report, "reused": True}
+    assert docker_client.images.get(tag).labels["io.cudabuild.wheel"] == report["wheel"]
