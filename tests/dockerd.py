@@ -44,11 +44,13 @@ class SecondEngine:
             time.sleep(0.5)
         raise AssertionError(f"the second dockerd did not answer: {(self.base / 'dockerd.log').read_text()[-2000:]}")
 
-    def load(self, image: str) -> None:
-        """Copy an image from the main engine (no registry is reachable)."""
-        if self.docker("image", "inspect", image, check=False).returncode == 0:
+    def load(self, *images: str) -> None:
+        """Copy images from the main engine (no registry is reachable), in one archive: the layers
+        they share travel once."""
+        images = tuple(i for i in images if self.docker("image", "inspect", i, check=False).returncode != 0)
+        if not images:
             return
-        with subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE) as save:
+        with subprocess.Popen(["docker", "save", *images], stdout=subprocess.PIPE) as save:
             subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, check=True,
                            capture_output=True)
 

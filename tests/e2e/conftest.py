@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -190,6 +191,43 @@ def session_runs(fresh_cache, tmp_path_factory) -> dict:
     return {"killed_pid": killed.pid, "left_by_kill": left, "results_before": before, "results_after_kill": after_kill,
             "runs": ran, "outputs": outputs, "builders_after": [c.name for c in builders_of(killed.pid)],
             "tmp_after": [p.name for p in (fresh_cache / "tmp").iterdir()], "cache": fresh_cache}
+
+
+class Started:
+    """Work running in a thread of its own; `wait` gives its result or raises its error."""
+
+    def __init__(self, function, *args) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="background")
+        self.future = self.executor.submit(function, *args)
+
+    def wait(self, timeout: float = 2400):
+        return self.future.result(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def swarm_matrix_started(build, installers, tmp_path_factory):
+    """test_matrix.py's Swarm run (tests/swarm_matrix.py), started in the background: its compile
+    fills the core the boot tests (QEMU, one thread), pushes and pulls leave idle. It has its
+    own registry and second engine, for the session."""
+    from tests.registry import LocalRegistry
+    from tests.swarm_matrix import swarm_matrix_run
+
+    with LocalRegistry(tmp_path_factory.mktemp("swarm-registry")) as registry:
+        started = Started(swarm_matrix_run, build, registry, installers, tmp_path_factory.mktemp("swarm"))
+        yield started
+        try:
+            started.wait()["engine"].stop()
+        except Exception:  # the tests that wait for it report its error; swarm_matrix_run stops its engine
+            pass
+        started.executor.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def starts_the_swarm_matrix_early(request):
+    """Starts the Swarm run at the first e2e test, once the session's build exists, when this
+    session runs a test that needs it."""
+    if any("swarm_matrix_started" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("swarm_matrix_started")
 
 
 @pytest.fixture(scope="session")

@@ -2,26 +2,18 @@
 replicated-job running cudabuild's own image (made from the wheel by scripts/tool-image) beside the
 node's engine; a second run schedules nothing the registry holds; a cell that cannot build fails
 alone with the compiler's line. Kept lean: one run, one real build (the open modules for 6.1.0-47,
-the suite's only open build) and one real failing compile."""
+the suite's only open build) and one real failing compile, started in the background as soon as the
+session's build exists (tests/swarm_matrix.py, tests/e2e/conftest.py)."""
 
 import json
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.dockerd import SecondEngine
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli
+from tests.swarm_matrix import OLDER, ONLY, OPEN, installer_url, matrix
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
-
-OLDER = "6.1.0-47-amd64"  # bookworm's headers that Debian's open 535.261.03 still builds against (FACTS.md)
-OPEN = "535.261.03"
-# The two modules whose proprietary builds differ from the open ones (NVIDIA's binary cores): the
-# open build is the open path's, and the cells compile no more than it needs (uvm, drm and peermem
-# are the same sources in both flavors, and built for real by the suite's other builds).
-ONLY = ("--only-modules", "nvidia,nvidia-modeset")
 
 
 def modinfo(field: str, path) -> str:
@@ -30,54 +22,29 @@ def modinfo(field: str, path) -> str:
 
 
 @pytest.fixture(scope="module")
-def swarm(build, tmp_path_factory):
-    """A second engine, a one-node Swarm manager, with the base and builder images the run's
-    build used (nothing can be pulled from Docker Hub here)."""
-    data, _, cache, _ = build
-    manifest = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())
-    engine = SecondEngine(tmp_path_factory.mktemp("swarm"), {}).start()
-    try:
-        engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377")
-        engine.load(manifest["builder_image"]["base"])
-        engine.load(manifest["builder_image"]["tag"])
-        yield engine
-    finally:
-        engine.stop()
+def swarm_matrix(swarm_matrix_started):
+    """The Swarm run started in the background once the session's build was made (conftest.py)."""
+    return swarm_matrix_started.wait()
 
 
 @pytest.fixture(scope="module")
-def tool_image(registry):
-    made = subprocess.run(["bash", str(REPO / "scripts" / "tool-image"), registry.repo()], capture_output=True,
-                          text=True, timeout=900)
-    assert made.returncode == 0, made.stderr[-3000:]
-    return made.stdout.strip().splitlines()[-1]
-
-
-def matrix(swarm, cache, registry, *args):
-    since = int(time.time()) - 1
-    result = run_cli("matrix", "--backend", "swarm", "--registry", registry.repo(), "--node-socket",
-                     str(swarm.socket), *args, env={"CUDABUILD_CACHE": str(cache), "DOCKER_HOST": swarm.host},
-                     timeout=1800)
-    created = swarm.docker("events", "--since", str(since), "--until", str(int(time.time()) + 1), "--filter",
-                           "type=service", "--filter", "event=create", "--format", "{{.Actor.Attributes.name}}")
-    return result, [name for name in created.stdout.splitlines() if name]
+def swarm(swarm_matrix):
+    return swarm_matrix["engine"]
 
 
 @pytest.fixture(scope="module")
-def open_run(build, swarm, registry, tool_image, installers):
+def registry(swarm_matrix):
+    """The registry the background run pushed to (this module's own)."""
+    return swarm_matrix["registry"]
+
+
+@pytest.fixture(scope="module")
+def open_run(swarm_matrix):
     """One Swarm run of two cells, both the open modules from NVIDIA's .run installer (served over
     HTTP on 127.0.0.1; the jobs run on the host network): the older kernel builds, the newest does
     not compile (Debian's open 535.261.03 source, FACTS.md). The built cell is also the suite's one
     build of the open modules (test_the_open_cell_holds_the_open_modules)."""
-    data, _, cache, _ = build
-    result, services = matrix(swarm, cache, registry, "--kernels", f"{data['kernel_release']},{OLDER}",
-                              "--drivers", OPEN, "--flavors", "open", *ONLY, "--driver-source", "run", "--installer",
-                              installer_url(installers))
-    return result, services
-
-
-def installer_url(installers) -> str:
-    return f"{installers['url']}/NVIDIA-Linux-x86_64-{OPEN}.run"
+    return swarm_matrix["result"], swarm_matrix["services"]
 
 
 def test_swarm_jobs_build_and_push_and_a_cell_that_cannot_build_fails_alone(build, swarm, registry, open_run):
