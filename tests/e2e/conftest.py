@@ -1,4 +1,5 @@
 import functools
+import json
 import socket
 import subprocess
 import sys
@@ -9,8 +10,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-import json
 
 from tests.helpers import REPO, STANDINS, run_cli
 

@@ -99,36 +99,28 @@ def test_a_docker_pulled_modules_image_works_with_image_modules(build, registry,
             client.images.remove(tag, force=True)
 
 
-def tampered_image(client, source: Path, tag: str, labels: dict, *, how: str) -> str:
-    """The build's files changed, under the same tag and the same labels (key included): a byte of
-    nvidia.ko's vermagic altered, with or without the manifest updated to match (digest-mismatch,
-    manifest-rewritten), or the userspace made hostile with true digests (HOSTILE_USERSPACE). The
-    name the refusal must give."""
+def tampered_payload(source: Path, payload: Path, release: str, *, how: str) -> tuple[Path, str]:
+    """The build's files changed: a byte of nvidia.ko's vermagic altered, with or without the
+    manifest updated to match (digest-mismatch, manifest-rewritten), or the userspace made hostile
+    with true digests (HOSTILE_USERSPACE), in a copy at `payload`. The payload, and the name the
+    refusal must give."""
     from cudabuild.digests import sha256_file
 
-    context = source.parent / f"tampered-{how}"
-    shutil.copytree(source, context / "payload", symlinks=True, ignore=shutil.ignore_patterns("build.log"))
+    shutil.copytree(source, payload, symlinks=True, ignore=shutil.ignore_patterns("build.log"))
     if how in HOSTILE_USERSPACE:
-        named = make_userspace_hostile(context / "payload", how)
-        (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
-        client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
-        return named
-    keep_manifest_true = how == "manifest-rewritten"
-    ko = context / "payload" / "modules" / "nvidia.ko"
+        return payload, make_userspace_hostile(payload, how)
+    ko = payload / "modules" / "nvidia.ko"
     ko.chmod(0o644)
     blob = ko.read_bytes()
-    release = labels["io.cudabuild.kernel-release"].encode()
-    changed = release[:-1] + (b"X" if release[-1:] != b"X" else b"Y")
-    ko.write_bytes(blob.replace(b"vermagic=" + release, b"vermagic=" + changed, 1))
-    if keep_manifest_true:
-        manifest = json.loads((context / "payload" / "manifest.json").read_text())
+    changed = release[:-1] + ("X" if release[-1:] != "X" else "Y")
+    ko.write_bytes(blob.replace(b"vermagic=" + release.encode(), b"vermagic=" + changed.encode(), 1))
+    if how == "manifest-rewritten":
+        manifest = json.loads((payload / "manifest.json").read_text())
         for entry in manifest["modules"]:
             if entry["file"] == "nvidia.ko":
                 entry["sha256"] = sha256_file(ko)
-        (context / "payload" / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (context / "Dockerfile").write_text("FROM scratch\nCOPY payload/ /\n")
-    client.images.build(path=str(context), tag=tag, labels=labels, rm=True)
-    return "nvidia.ko"
+        (payload / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return payload, "nvidia.ko"
 
 
 # One of each kind of tampering on the registry's path (a module's bytes, a manifest made to match
@@ -143,11 +135,9 @@ def test_a_tampered_registry_image_is_refused_and_nothing_lands_in_the_cache(bui
     labels = {k: v for k, v in original.labels.items() if k.startswith("io.cudabuild.")}
     repo = registry.repo(f"tampered-{how}")
     ref = f"{repo}/modules:{data['modules_image'].split(':', 1)[1]}"
-    source = tmp_path / "source"
-    shutil.copytree(data["cache_dir"], source, symlinks=True)
-    named = tampered_image(client, source, ref, labels, how=how)
-    client.images.push(ref.rsplit(":", 1)[0], tag=ref.rsplit(":", 1)[1])
-    client.images.remove(ref, force=True)
+    payload, named = tampered_payload(Path(data["cache_dir"]), tmp_path / "payload", data["kernel_release"],
+                                     how=how)
+    registry.push_directory(ref, payload, labels)  # the same tag and labels (key included)
     assert registry.labels(ref)["io.cudabuild.key"] == labels["io.cudabuild.key"]
 
     cache = empty_cache(tmp_path)
