@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import cdi_validator, fake_host, run_cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 RELEASE_SUFFIX = "-test"
@@ -72,7 +72,7 @@ def test_git_tag_and_run_installer_build_the_five_modules(git_535, kernel_repo, 
 
 
 def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_repo, target_kernel_files,
-                                                  installers):
+                                                  installers, tmp_path):
     """470 as a compute-only driver (--only-modules nvidia,nvidia-uvm, NVIDIA's NV_KERNEL_MODULES):
     the kernel fetched and prepared for 535 is reused, and the artifact and its image hold the two
     modules, verified like any build."""
@@ -90,6 +90,18 @@ def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_r
     assert data["modules_image"] == f"cudabuild/modules:470.256.02-only.nvidia_uvm-{data['kernel_release']}"
     labels = docker.from_env().images.get(data["modules_image"]).labels
     assert [entry.split("@")[0] for entry in labels["io.cudabuild.modules"].split(",")] == ["nvidia.ko", "nvidia-uvm.ko"]
+    # On a node (a fake root, the stub insmod): the loader loads the two in order, and the CDI spec
+    # lists the nodes that exist (no nvidia-modeset).
+    host = tmp_path / "host"
+    env = {**fake_host(host, gpus=1), "CUDABUILD_KERNEL_RELEASE": data["kernel_release"], "FAKE_VERSION": "470.256.02"}
+    installed = run_cli("install", "--modules", data["cache_dir"], "--root", str(host), "--cdi-host-root", str(host),
+                        "--json", env=env)
+    assert installed.returncode == 0, installed.stderr
+    assert [m for m in (host / "insmod.log").read_text().split() if m.startswith("nvidia")] == ["nvidia", "nvidia_uvm"]
+    spec = json.loads((host / "run/cdi/cudabuild-nvidia.json").read_text())
+    cdi_validator()(spec)
+    assert {n["path"] for n in spec["containerEdits"]["deviceNodes"]} == {"/dev/nvidiactl", "/dev/nvidia-uvm",
+                                                                          "/dev/nvidia-uvm-tools"}
 
 
 def tree_files(root: Path, *, skip=(".git",)) -> dict[str, Path]:
