@@ -210,6 +210,24 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 600) -> st
     raise AssertionError(f"{text!r} never appeared:\n{seen}")
 
 
+def run_cli_watched(*args: str, env: dict | None = None, timeout: float = 1800):
+    """run_cli, and the containers created on the main engine while the command ran, but those
+    another cudabuild process made: the suite's background builds (tests/background.py) run at
+    the same time, and cudabuild labels its builders with its own pid (io.cudabuild.pid)."""
+    import time
+
+    import docker
+
+    started_ns = time.time_ns()
+    proc = start_cli(*args, env=env)
+    out, err = proc.communicate(timeout=timeout)
+    events = docker.from_env().events(since=started_ns // 10**9 - 1, until=int(time.time()) + 1, decode=True,
+                                      filters={"type": "container", "event": "create"})
+    created = [e for e in events if e["timeNano"] >= started_ns
+               and e["Actor"]["Attributes"].get("io.cudabuild.pid", str(proc.pid)) == str(proc.pid)]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), created
+
+
 def builders_of(pid: int) -> list:
     """The builder containers a cudabuild process (by pid) started."""
     import docker

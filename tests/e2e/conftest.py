@@ -5,13 +5,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, STANDINS, run_cli
+from tests.helpers import REPO, STANDINS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,15 +39,20 @@ def registry(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="session")
-def fresh_cache(tmp_path_factory) -> Path:
-    """A new cache for this run: results must be built, not found. Downloaded packages (checked
-    by sha256 against Debian's index) are shared between runs to spare the mirror."""
-    cache = tmp_path_factory.mktemp("cache")
+def new_cache(tmp_path_factory, name: str = "cache") -> Path:
+    """A new cache: results must be built, not found. Downloaded packages (checked by sha256
+    against Debian's index) are shared between runs to spare the mirror."""
+    cache = tmp_path_factory.mktemp(name)
     shared = STANDINS / "downloads"
     shared.mkdir(parents=True, exist_ok=True)
     (cache / "downloads").symlink_to(shared, target_is_directory=True)
     return cache
+
+
+@pytest.fixture(scope="session")
+def fresh_cache(tmp_path_factory) -> Path:
+    """The session build's cache (session_runs)."""
+    return new_cache(tmp_path_factory)
 
 
 def free_port() -> int:
@@ -192,27 +196,30 @@ def session_runs(fresh_cache, tmp_path_factory) -> dict:
             "tmp_after": [p.name for p in (fresh_cache / "tmp").iterdir()], "cache": fresh_cache}
 
 
-class Started:
-    """Work running in a thread of its own; `wait` gives its result or raises its error."""
+@pytest.fixture(scope="session")
+def git_builds_started(kernel_repo, target_kernel_files, installers, tmp_path_factory):
+    """test_git_run.py's builds (tests/background.py git_builds), in a cache of their own, started
+    in the background at the first e2e test."""
+    from tests.background import Started, git_builds
 
-    def __init__(self, function, *args) -> None:
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="background")
-        self.future = self.executor.submit(function, *args)
-
-    def wait(self, timeout: float = 2400):
-        return self.future.result(timeout=timeout)
+    cache = new_cache(tmp_path_factory, "git-cache")
+    started = Started(git_builds, cache, kernel_repo, target_kernel_files, installers)
+    started.cache = cache
+    yield started
+    started.executor.shutdown()
 
 
 @pytest.fixture(scope="session")
 def swarm_matrix_started(build, installers, tmp_path_factory):
-    """test_matrix.py's Swarm run (tests/swarm_matrix.py), started in the background: its compile
-    fills the core the boot tests (QEMU, one thread), pushes and pulls leave idle. It has its
-    own registry and second engine, for the session."""
+    """test_matrix.py's Swarm run (tests/background.py swarm_matrix_run), started in the background
+    once the session's build (whose images it copies) exists, with a registry and a cache of its
+    own; its second engine lives for the session."""
+    from tests.background import Started, swarm_matrix_run
     from tests.registry import LocalRegistry
-    from tests.swarm_matrix import swarm_matrix_run
 
     with LocalRegistry(tmp_path_factory.mktemp("swarm-registry")) as registry:
-        started = Started(swarm_matrix_run, build, registry, installers, tmp_path_factory.mktemp("swarm"))
+        started = Started(swarm_matrix_run, build, new_cache(tmp_path_factory, "swarm-cache"), registry, installers,
+                          tmp_path_factory.mktemp("swarm"))
         yield started
         try:
             started.wait()["engine"].stop()
@@ -222,11 +229,13 @@ def swarm_matrix_started(build, installers, tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def starts_the_swarm_matrix_early(request):
-    """Starts the Swarm run at the first e2e test, once the session's build exists, when this
-    session runs a test that needs it."""
-    if any("swarm_matrix_started" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("swarm_matrix_started")
+def starts_the_background_builds(request):
+    """At the first e2e test, starts the background builds this session's tests need: the git
+    builds at once, the Swarm run once the session's build is made."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for name in ("git_builds_started", "swarm_matrix_started"):
+        if name in needed:
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

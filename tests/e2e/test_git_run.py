@@ -1,5 +1,6 @@
 """The classic path: a kernel from a git tag (served by git daemon on 127.0.0.1), drivers from
-.run installers (served over HTTP on 127.0.0.1), built for real."""
+.run installers (served over HTTP on 127.0.0.1), built for real, in the background from the first
+e2e test and in a cache of their own (tests/background.py git_builds)."""
 
 import json
 import os
@@ -10,23 +11,15 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.background import RELEASE_SUFFIX, git_build
 from tests.helpers import cdi_validator, fake_host, run_cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
-RELEASE_SUFFIX = "-test"
 
 
 def modinfo(field: str, path) -> str:
     return subprocess.run(["/sbin/modinfo", "-F", field, str(path)], capture_output=True, text=True,
                           check=True).stdout.strip()
-
-
-def git_build(cache, kernel_repo, files, installer_url, *extra, release=None):
-    release = release or kernel_repo["version"] + RELEASE_SUFFIX
-    return run_cli("modules", "--kernel", release, "--kernel-source", "git", "--kernel-repo", kernel_repo["url"],
-                   "--kernel-config", str(files["config"]), "--symvers", str(files["symvers"]),
-                   "--driver-source", "run", "--installer", installer_url, "--json", *extra,
-                   env={"CUDABUILD_CACHE": str(cache)})
 
 
 def steps(data) -> dict:
@@ -45,11 +38,22 @@ def crc_disagreements(modules_dir: Path, release: str, symvers: Path, tmp_path: 
 
 
 @pytest.fixture(scope="session")
-def git_535(fresh_cache, kernel_repo, target_kernel_files, installers):
-    """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
-    embedded zstd; tests/e2e/conftest.py independent_installer), built, verified and published."""
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run")
+def git_results(git_builds_started) -> dict:
+    """The background builds (tests/background.py git_builds), waited for: nothing writes to their
+    cache after this."""
+    return git_builds_started.wait()
+
+
+@pytest.fixture(scope="session")
+def git_cache(git_builds_started, git_results) -> Path:
+    return git_builds_started.cache
+
+
+@pytest.fixture(scope="session")
+def git_535(git_results):
+    """535 from an installer in NVIDIA's layout that our stand-in script did not write, built,
+    verified and published."""
+    result = git_results["535"]
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 
@@ -71,13 +75,11 @@ def test_git_tag_and_run_installer_build_the_five_modules(git_535, kernel_repo, 
     assert (lib / "libcuda.so.1").resolve().name == "libcuda.so.535.309.01"
 
 
-def test_second_driver_reuses_the_prepared_kernel(git_535, fresh_cache, kernel_repo, target_kernel_files,
-                                                  installers, tmp_path):
-    """470 as a compute-only driver (--only-modules nvidia,nvidia-uvm, NVIDIA's NV_KERNEL_MODULES):
-    the kernel fetched and prepared for 535 is reused, and the artifact and its image hold the two
-    modules, verified like any build."""
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
-                       f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run", "--only-modules", "nvidia,nvidia-uvm")
+def test_second_driver_reuses_the_prepared_kernel(git_535, git_results, tmp_path):
+    """470 as a compute-only driver (--only-modules nvidia,nvidia-uvm, NVIDIA's NV_KERNEL_MODULES),
+    built after 535 in the same cache: the kernel fetched and prepared for 535 is reused, and the
+    artifact and its image hold the two modules, verified like any build."""
+    result = git_results["470"]
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(result.stdout)
     assert steps(data)["fetch kernel source"] == "cached", "no clone for a kernel already fetched"
@@ -117,7 +119,7 @@ PREPARED_CONTENT = re.compile(r"\.config|Module\.symvers|(include/(generated|con
 NOT_READ_BY_MODULES = {"include/generated/compile.h"}
 
 
-def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, fresh_cache, kernel_repo, target_kernel_files,
+def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, git_cache, kernel_repo, target_kernel_files,
                                                           installers):
     """A full checkout of the same tag, fetched and prepared (not compiled again): the sparse clone
     has a fifth of its objects, every header a module build can include, and a prepared tree with
@@ -128,7 +130,7 @@ def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, fresh_cache, 
     from cudabuild.settings import Settings
     from cudabuild.ui import Reporter
 
-    settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(fresh_cache)})
+    settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(git_cache)})
     flags = {"kernel": kernel_repo["version"] + RELEASE_SUFFIX, "kernel_source": "git",
              "kernel_repo": kernel_repo["url"], "kernel_config": str(target_kernel_files["config"]),
              "symvers": str(target_kernel_files["symvers"]), "driver_source": "run",
@@ -138,7 +140,7 @@ def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, fresh_cache, 
     for checkout in ("sparse", "full"):
         plan = plan_modules(resolve_build_options({**flags, "kernel_checkout": checkout}, settings),
                             settings=settings, reporter=reporter)
-        trees[checkout] = (fresh_cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
+        trees[checkout] = (git_cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
     (sparse_clone, sparse_prepared), (full_clone, full_prepared) = trees["sparse"], trees["full"]
     assert sparse_prepared != full_prepared and sparse_clone != full_clone
 
@@ -171,61 +173,61 @@ def assert_no_result(cache: Path, before: set):
 
 
 @pytest.fixture
-def results_before(fresh_cache):
-    (fresh_cache / "results").mkdir(parents=True, exist_ok=True)
-    return set((fresh_cache / "results").iterdir())
+def results_before(git_cache):
+    (git_cache / "results").mkdir(parents=True, exist_ok=True)
+    return set((git_cache / "results").iterdir())
 
 
-def test_missing_tag_names_the_tag_the_repository_and_the_nearest(fresh_cache, kernel_repo, target_kernel_files,
+def test_missing_tag_names_the_tag_the_repository_and_the_nearest(git_cache, kernel_repo, target_kernel_files,
                                                                   installers, results_before):
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+    result = git_build(git_cache, kernel_repo, target_kernel_files,
                        f"{installers['url']}/NVIDIA-Linux-x86_64-535.309.01.run", release="6.1.999-test")
     assert result.returncode == 3, result.stderr
     assert f"{kernel_repo['url']} has no tag v6.1.999" in result.stderr
     assert kernel_repo["tag"] in result.stderr.split("fix:", 1)[1]
-    assert_no_result(fresh_cache, results_before)
+    assert_no_result(git_cache, results_before)
 
 
-def test_modversions_config_without_symvers_stops_before_building(fresh_cache, kernel_repo, target_kernel_files,
+def test_modversions_config_without_symvers_stops_before_building(git_cache, kernel_repo, target_kernel_files,
                                                                   results_before):
     result = run_cli("modules", "--kernel", "6.1.192-test", "--kernel-source", "git", "--kernel-repo",
                      kernel_repo["url"], "--kernel-config", str(target_kernel_files["config"]),
-                     "--driver-source", "run", "--driver", "535.309.01", env={"CUDABUILD_CACHE": str(fresh_cache)})
+                     "--driver-source", "run", "--driver", "535.309.01", env={"CUDABUILD_CACHE": str(git_cache)})
     assert result.returncode == 3
     assert "CONFIG_MODVERSIONS=y" in result.stderr and "--symvers" in result.stderr
     assert "==>" not in result.stderr, "nothing was started"
-    assert_no_result(fresh_cache, results_before)
+    assert_no_result(git_cache, results_before)
 
 
-def test_truncated_installer_is_a_clear_build_error(git_535, fresh_cache, kernel_repo, target_kernel_files,
+def test_truncated_installer_is_a_clear_build_error(git_535, git_cache, kernel_repo, target_kernel_files,
                                                     installers, results_before, tmp_path):
     whole = (installers["dir"] / "NVIDIA-Linux-x86_64-535.309.01.run").read_bytes()
     truncated = tmp_path / "NVIDIA-Linux-x86_64-535.309.01.run"
     truncated.write_bytes(whole[: len(whole) // 3])
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files, str(truncated))
+    result = git_build(git_cache, kernel_repo, target_kernel_files, str(truncated))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "truncated" in result.stderr and "==>" not in result.stderr, "refused on the host, before any step"
-    assert_no_result(fresh_cache, results_before)
+    assert_no_result(git_cache, results_before)
 
 
-def test_sha256_mismatch_removes_the_download(fresh_cache, kernel_repo, target_kernel_files, installers,
+def test_sha256_mismatch_removes_the_download(git_cache, kernel_repo, target_kernel_files, installers,
                                               results_before):
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files,
+    result = git_build(git_cache, kernel_repo, target_kernel_files,
                        f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run", "--sha256", "0" * 64)
     assert result.returncode == 5
     assert "expected " + "0" * 64 in result.stderr and "deleted" in result.stderr
-    assert not (fresh_cache / "downloads" / ".partial" / ("0" * 64)).exists()
-    assert not (fresh_cache / "downloads" / ("0" * 64)).exists()
-    assert_no_result(fresh_cache, results_before)
+    assert not (git_cache / "downloads" / ".partial" / ("0" * 64)).exists()
+    assert not (git_cache / "downloads" / ("0" * 64)).exists()
+    assert_no_result(git_cache, results_before)
 
 
 @pytest.mark.parametrize("where,fragment", [("/missing/NVIDIA-Linux-x86_64-535.309.01.run", "HTTP 404"),
                                             ("unreachable", "could not download")])
-def test_http_404_and_unreachable_server(fresh_cache, kernel_repo, target_kernel_files, installers, results_before,
+def test_http_404_and_unreachable_server(git_cache, kernel_repo, target_kernel_files, installers, results_before,
                                          where, fragment):
     url = ("http://127.0.0.1:9/NVIDIA-Linux-x86_64-535.309.01.run" if where == "unreachable"
            else installers["url"] + where)
-    result = git_build(fresh_cache, kernel_repo, target_kernel_files, url)
+    result = git_build(git_cache, kernel_repo, target_kernel_files, url)
     assert result.returncode == 5, result.stderr
     assert fragment in result.stderr and "fix:" in result.stderr
-    assert_no_result(fresh_cache, results_before)
+    assert_no_result(git_cache, results_before)

@@ -3,7 +3,7 @@ replicated-job running cudabuild's own image (made from the wheel by scripts/too
 node's engine; a second run schedules nothing the registry holds; a cell that cannot build fails
 alone with the compiler's line. Kept lean: one run, one real build (the open modules for 6.1.0-47,
 the suite's only open build) and one real failing compile, started in the background as soon as the
-session's build exists (tests/swarm_matrix.py, tests/e2e/conftest.py)."""
+session's build exists, with a cache of its own (tests/background.py, tests/e2e/conftest.py)."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.helpers import run_cli
-from tests.swarm_matrix import OLDER, ONLY, OPEN, installer_url, matrix
+from tests.background import OLDER, ONLY, OPEN, installer_url, matrix
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 
@@ -64,8 +64,8 @@ def test_swarm_jobs_build_and_push_and_a_cell_that_cannot_build_fails_alone(buil
     assert not swarm.docker("service", "ls", "-q").stdout.strip(), "the jobs' services are removed"
 
 
-def test_a_second_run_schedules_nothing_the_registry_holds(build, swarm, registry, open_run, installers):
-    _, _, cache, _ = build
+def test_a_second_run_schedules_nothing_the_registry_holds(swarm_matrix, swarm, registry, open_run, installers):
+    cache = swarm_matrix["cache"]
     again, services = matrix(swarm, cache, registry, "--kernels", OLDER, "--drivers", OPEN, "--flavors", "open",
                              *ONLY, "--driver-source", "run", "--installer", installer_url(installers), "--json")
     assert again.returncode == 0, again.stderr[-4000:]
@@ -75,10 +75,10 @@ def test_a_second_run_schedules_nothing_the_registry_holds(build, swarm, registr
     assert registry.labels(cells[0]["registry_ref"])["io.cudabuild.key"] == cells[0]["key"]
 
 
-def test_the_open_cell_holds_the_open_modules(build, open_run, installers):
-    """The Swarm job built into this run's cache (mounted at the same path on the node): the same
+def test_the_open_cell_holds_the_open_modules(swarm_matrix, open_run, installers):
+    """The Swarm job built into the run's cache (mounted at the same path on the node): the same
     build asked for here is answered from it, and its modules are the open ones."""
-    _, _, cache, _ = build
+    cache = swarm_matrix["cache"]
     result = run_cli("modules", "--kernel", OLDER, "--kernel-source", "debian", "--flavor", "open", *ONLY,
                      "--driver-source", "run", "--installer", installer_url(installers), "--json",
                      env={"CUDABUILD_CACHE": str(cache)})
