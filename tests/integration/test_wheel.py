@@ -58,10 +58,10 @@ def test_image_tool_makes_the_tool_image_without_a_checkout(installed, docker_cl
 
     venv, away = installed
     tag = f"cudabuild/cudabuild:{cudabuild.__version__}"
-    if any(tag in i.tags for i in docker_client.images.list(name=tag.split(":")[0])):
-        docker_client.images.remove(tag, force=True)  # made here, not found from an earlier run
-    made = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--json"], cwd=away, capture_output=True,
-                          text=True, env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+    # --no-cache: made here (the wheels fetched, the image built), not taken from an earlier run
+    made = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--no-cache", "--json"], cwd=away,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
     assert made.returncode == 0, made.stderr
     report = json.loads(made.stdout)
     assert report["image"] == tag and report["reused"] is False
