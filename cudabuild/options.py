@@ -258,10 +258,11 @@ class BuildOptions:
             if value not in allowed:
                 raise InputError(f"{what} {shown(value)} is not supported",
                                  hint=f"choose one of: {', '.join(allowed)}")
-        if self.only_modules is not None:
-            only_modules(self.only_modules)
+        if self.only_modules is not None:  # against what the driver has too, when its version is exact
             if self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver):
                 modules_to_build(self.driver, self.only_modules)
+            else:
+                only_modules(self.only_modules)
         if self.jobs is not None and not 1 <= self.jobs <= JOBS_MAX:
             raise InputError(f"--jobs {self.jobs} is out of range", hint=f"pass 1 to {JOBS_MAX}")
         for url, what in ((self.apt_mirror, "--apt-mirror"), (self.apt_security_mirror, "--apt-security-mirror")):

@@ -60,12 +60,15 @@ class Settings:
                 variables[name] = variable
         raw_timeout = env.get("CUDABUILD_ENGINE_TIMEOUT") or ""
         timeout, invalid = ENGINE_ANSWER_TIMEOUT, None
-        try:
-            timeout = float(raw_timeout) if raw_timeout else ENGINE_ANSWER_TIMEOUT
-            if not 0 < timeout <= 3600:
-                raise ValueError(raw_timeout)
-        except ValueError:  # refused when an engine is asked for: a command that needs none still runs
-            timeout, invalid = ENGINE_ANSWER_TIMEOUT, raw_timeout
+        if raw_timeout:  # refused when an engine is asked for: a command that needs none still runs
+            try:
+                given = float(raw_timeout)
+            except ValueError:
+                given = None
+            if given is not None and 0 < given <= 3600:
+                timeout = given
+            else:
+                invalid = raw_timeout
         defaults = cls()
         return cls(
             environ=env,
