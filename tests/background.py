@@ -50,7 +50,7 @@ def git_builds(cache, kernel_repo, files, installers) -> dict:
     if first.returncode == 0:
         second = git_build(cache, kernel_repo, files, f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run",
                            "--only-modules", "nvidia,nvidia-uvm")
-    return {"535": first, "470": second}
+    return {"cache": cache, "535": first, "470": second}
 
 
 # ---- the Swarm matrix (tests/e2e/test_matrix.py) -----------------------------------------------------

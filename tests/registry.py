@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from cudabuild.digests import sha256_file
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,14 +84,14 @@ class LocalRegistry:
         with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(directory.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-        layer_digest, layer_size = self._upload(name, layer)
+        layer_size = layer.stat().st_size
+        with open(layer, "rb") as body:
+            layer_digest = self._upload(name, body, f"sha256:{sha256_file(layer)}")
         layer.unlink()
         config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": labels},
                              "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).encode()
-        config_file = directory.parent / f"{directory.name}.config.json"
-        config_file.write_bytes(config)
-        config_digest, config_size = self._upload(name, config_file)
-        config_file.unlink()
+        config_digest = self._upload(name, config, f"sha256:{hashlib.sha256(config).hexdigest()}")
+        config_size = len(config)
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
                                "size": config_size},
@@ -99,18 +101,13 @@ class LocalRegistry:
                            headers={"Content-Type": manifest["mediaType"]}, timeout=60)
         assert put.status_code == 201, put.text
 
-    def _upload(self, name: str, file: Path) -> tuple[str, int]:
-        """A blob, uploaded in one request; its digest and size."""
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+    def _upload(self, name: str, body, digest: str) -> str:
+        """A blob (bytes or an open file) with its digest, uploaded in one request; the digest."""
         started = requests.post(f"http://{self.host}/v2/{name}/blobs/uploads/", timeout=60)
         assert started.status_code == 202, started.text
         location = started.headers["Location"]
         location = location if location.startswith("http") else f"http://{self.host}{location}"
-        with open(file, "rb") as f:
-            done = requests.put(location, params={"digest": f"sha256:{digest.hexdigest()}"}, data=f,
-                                headers={"Content-Type": "application/octet-stream"}, timeout=600)
+        done = requests.put(location, params={"digest": digest}, data=body,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=600)
         assert done.status_code == 201, done.text
-        return f"sha256:{digest.hexdigest()}", file.stat().st_size
+        return digest

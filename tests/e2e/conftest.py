@@ -202,9 +202,8 @@ def git_builds_started(kernel_repo, target_kernel_files, installers, tmp_path_fa
     in the background at the first e2e test."""
     from tests.background import Started, git_builds
 
-    cache = new_cache(tmp_path_factory, "git-cache")
-    started = Started(git_builds, cache, kernel_repo, target_kernel_files, installers)
-    started.cache = cache
+    started = Started(git_builds, new_cache(tmp_path_factory, "git-cache"), kernel_repo, target_kernel_files,
+                      installers)
     yield started
     started.executor.shutdown()
 

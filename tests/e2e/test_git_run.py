@@ -45,8 +45,8 @@ def git_results(git_builds_started) -> dict:
 
 
 @pytest.fixture(scope="session")
-def git_cache(git_builds_started, git_results) -> Path:
-    return git_builds_started.cache
+def git_cache(git_results) -> Path:
+    return git_results["cache"]
 
 
 @pytest.fixture(scope="session")
