@@ -444,7 +444,6 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
       cudabuild boot-test --modules ./nvidia --append module.sig_enforce=1 --json
     """
     from cudabuild import artifact, boottest
-    from cudabuild.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
 
     from cudabuild.errors import InputError
@@ -462,7 +461,7 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
     cache = settings.cache()
     engine = functools.cache(settings.engine)
     checked = artifact.find(modules_ref, cache, engine, import_image=_importer(cache, engine, reporter))
-    fetcher = Fetcher(reporter=reporter)
+    fetcher = settings.fetcher(reporter)
 
     def archive() -> DebianArchive:
         return DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,

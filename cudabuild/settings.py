@@ -7,7 +7,7 @@ What is here:
   options.ENVIRONMENT and options.resolve_build_options),
 - where things are: the cache (CUDABUILD_CACHE), Docker's client configuration (DOCKER_CONFIG),
 - how to reach and wait for the engine (DOCKER_HOST and the SDK's own variables, passed to it as
-  they are; CUDABUILD_ENGINE_TIMEOUT),
+  they are; CUDABUILD_ENGINE_TIMEOUT), and how often to retry a download (CUDABUILD_DOWNLOAD_RETRIES),
 - secrets a build may need (KBUILD_SIGN_PIN: kept out of every repr),
 - this machine's facts that stand in for a default (the CPU count for --jobs, `uname -r` for --kernel),
 - how to talk to people (CI, NO_COLOR), and
@@ -31,6 +31,9 @@ from cudabuild.errors import InputError, shown
 
 # How long to wait for the engine to answer its first request, in seconds (CUDABUILD_ENGINE_TIMEOUT).
 ENGINE_ANSWER_TIMEOUT = 20.0
+# How many times a failed download is tried again, with backoff 1, 2, 4, 8... s (CUDABUILD_DOWNLOAD_RETRIES).
+DOWNLOAD_RETRIES = 4
+MAX_DOWNLOAD_RETRIES = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,8 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: Path(platformdirs.user_cache_dir("cudabuild")))
     engine_timeout: float = ENGINE_ANSWER_TIMEOUT
     engine_timeout_invalid: str | None = None  # CUDABUILD_ENGINE_TIMEOUT as given, when it is not seconds
+    download_retries: int = DOWNLOAD_RETRIES
+    download_retries_invalid: str | None = None  # CUDABUILD_DOWNLOAD_RETRIES as given, when it is not 0-10
     docker_config: Path = field(default_factory=lambda: Path.home() / ".docker")
     sign_pin: str | None = field(default=None, repr=False)
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)  # the default of --jobs
@@ -69,6 +74,13 @@ class Settings:
                 timeout = given
             else:
                 invalid = raw_timeout
+        raw_retries = env.get("CUDABUILD_DOWNLOAD_RETRIES") or ""
+        retries, retries_invalid = DOWNLOAD_RETRIES, None
+        if raw_retries:  # refused when a download is asked for
+            if raw_retries.isdigit() and int(raw_retries) <= MAX_DOWNLOAD_RETRIES:
+                retries = int(raw_retries)
+            else:
+                retries_invalid = raw_retries
         defaults = cls()
         return cls(
             environ=env,
@@ -77,6 +89,8 @@ class Settings:
             cache_dir=Path(env["CUDABUILD_CACHE"]).expanduser() if env.get("CUDABUILD_CACHE") else defaults.cache_dir,
             engine_timeout=timeout,
             engine_timeout_invalid=invalid,
+            download_retries=retries,
+            download_retries_invalid=retries_invalid,
             docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
             sign_pin=env.get("KBUILD_SIGN_PIN") or None,
             ci="CI" in env,
@@ -98,6 +112,15 @@ class Settings:
             raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(self.engine_timeout_invalid)} is not a number of "
                              "seconds (0 to 3600)", hint="set it to e.g. 20, or unset it")
         return Engine.connect(self.environ, answer_timeout=self.engine_timeout)
+
+    def fetcher(self, reporter):
+        """The downloader, retrying as CUDABUILD_DOWNLOAD_RETRIES says."""
+        from cudabuild.fetch import Fetcher
+
+        if self.download_retries_invalid is not None:
+            raise InputError(f"CUDABUILD_DOWNLOAD_RETRIES {shown(self.download_retries_invalid)} is not a number "
+                             f"of retries (0 to {MAX_DOWNLOAD_RETRIES})", hint="set it to e.g. 4, or unset it")
+        return Fetcher(reporter=reporter, retries=self.download_retries)
 
     def cache(self):
         from cudabuild.cache import Cache

@@ -152,7 +152,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
     elif options.sign_cert is not None:
         certificate = Certificate.load(Path(options.sign_cert))
     cache = settings.cache()
-    fetcher = Fetcher(reporter=reporter)
+    fetcher = settings.fetcher(reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution,
                             refresh=options.refresh_index)

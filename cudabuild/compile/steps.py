@@ -126,7 +126,7 @@ def _debian_symvers(release: str, work: Path, *, cache: Cache, settings: Setting
     from cudabuild.options import resolve_build_options
 
     options = resolve_build_options({}, settings)
-    fetcher = Fetcher(reporter=reporter)
+    fetcher = settings.fetcher(reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution)
     try:

@@ -131,9 +131,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                          "CUDABUILD_REGISTRY)")
 
     def archive_for(codename: str) -> DebianArchive:
-        from cudabuild.fetch import Fetcher
-
-        return DebianArchive(cache=cache, fetcher=Fetcher(reporter=reporter), reporter=reporter,
+        return DebianArchive(cache=cache, fetcher=settings.fetcher(reporter), reporter=reporter,
                              mirror=options.apt_mirror, security_mirror=options.apt_security_mirror,
                              distribution=codename, refresh=options.refresh_index)
 

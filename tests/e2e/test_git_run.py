@@ -227,7 +227,10 @@ def test_http_404_and_unreachable_server(git_cache, kernel_repo, target_kernel_f
                                          where, fragment):
     url = ("http://127.0.0.1:9/NVIDIA-Linux-x86_64-535.309.01.run" if where == "unreachable"
            else installers["url"] + where)
-    result = git_build(git_cache, kernel_repo, target_kernel_files, url)
+    # One retry, not the default four (1+2+4+8 s of backoff): a 404 is never retried, an
+    # unreachable server is, as often as CUDABUILD_DOWNLOAD_RETRIES says.
+    result = git_build(git_cache, kernel_repo, target_kernel_files, url, env={"CUDABUILD_DOWNLOAD_RETRIES": "1"})
     assert result.returncode == 5, result.stderr
     assert fragment in result.stderr and "fix:" in result.stderr
+    assert result.stderr.count("retrying") == (1 if where == "unreachable" else 0), result.stderr
     assert_no_result(git_cache, results_before)

@@ -9,7 +9,7 @@ import pytest
 import cudabuild
 from cudabuild.errors import InputError
 from cudabuild.options import resolve_build_options
-from cudabuild.settings import ENGINE_ANSWER_TIMEOUT, Settings
+from cudabuild.settings import DOWNLOAD_RETRIES, ENGINE_ANSWER_TIMEOUT, Settings
 
 PACKAGE = Path(cudabuild.__file__).parent
 
@@ -40,6 +40,26 @@ def test_an_engine_timeout_that_is_not_seconds_is_refused_when_an_engine_is_aske
     with pytest.raises(InputError) as refused:
         settings.engine()  # refused before the docker SDK is reached (tests/unit/conftest.py)
     assert "CUDABUILD_ENGINE_TIMEOUT" in refused.value.message and value in refused.value.message
+    assert refused.value.hint
+
+
+def test_download_retries_come_from_the_environment_and_reach_the_downloader():
+    from cudabuild.ui import Reporter
+
+    reporter = Reporter(quiet=True)
+    assert Settings.from_env({}).fetcher(reporter).retries == DOWNLOAD_RETRIES
+    assert Settings.from_env({"CUDABUILD_DOWNLOAD_RETRIES": "0"}).fetcher(reporter).retries == 0
+    assert Settings.from_env({"CUDABUILD_DOWNLOAD_RETRIES": "7"}).fetcher(reporter).retries == 7
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "11", "2.5"])
+def test_download_retries_that_are_not_a_count_are_refused_when_a_download_is_asked_for(value):
+    from cudabuild.ui import Reporter
+
+    settings = Settings.from_env({"CUDABUILD_DOWNLOAD_RETRIES": value})  # a command that downloads nothing runs
+    with pytest.raises(InputError) as refused:
+        settings.fetcher(Reporter(quiet=True))
+    assert "CUDABUILD_DOWNLOAD_RETRIES" in refused.value.message and value in refused.value.message
     assert refused.value.hint
 
 
