@@ -1,9 +1,11 @@
-"""The suite's builds that run in the background (tests/e2e/conftest.py starts them at the first
-e2e test): the git tag + .run builds of tests/e2e/test_git_run.py (535, then 470 on the kernel
-535 prepared), each in a cache of its own, and the Swarm matrix of tests/e2e/test_matrix.py once
-the session's build exists. The suite otherwise kept one core idle a quarter of the time (the
-boot tests' QEMU runs one thread; pushes and pulls compress in one); the tests that check a
-background build wait for it. Their builders carry their own process's pid (io.cudabuild.pid),
+"""The suite's builds, run in the background from the session's first test (tests/conftest.py
+starts those the selected tests need): the session's build (Debian's newest kernel with Debian's
+535, made the way tests/e2e/test_faults.py checks), the git tag + .run builds of
+tests/e2e/test_git_run.py (535, then 470 on the kernel 535 prepared) in a cache of their own, and
+the Swarm matrix of tests/e2e/test_matrix.py once the session's build exists. Started at the first
+e2e test, they left one core idle while the unit and integration tests ran (they use one), and a
+quarter of the time after (the boot tests' QEMU runs one thread; pushes and pulls compress in
+one); the tests that check a background build wait for it. Their builders carry their own process's pid (io.cudabuild.pid),
 which tests/helpers.run_cli_watched uses to tell them from the builders of the command under test."""
 
 from __future__ import annotations
@@ -29,21 +31,80 @@ class Started:
         return self.future.result(timeout=timeout)
 
 
+# ---- the wheel (tests/integration/test_wheel.py) -----------------------------------------------------
+def install_wheel(base: Path) -> tuple[Path, Path]:
+    """cudabuild's wheel, built by pip from the checkout and installed with its dependencies into a
+    fresh virtual environment; and a directory away from the checkout to run it in."""
+    import sys
+
+    wheels = base / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True)
+    [wheel] = wheels.glob("cudabuild-*.whl")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
+    away = base / "elsewhere"
+    away.mkdir()
+    return venv, away
+
+
+# ---- the session's build (tests/conftest.py session_runs, build) --------------------------------------
+SESSION_BUILD = ("modules", "--kernel", "latest", "--driver", "535", "--json")
+
+
+def session_build(cache: Path, outputs: list[Path]) -> dict:
+    """The run's one build of Debian's newest bookworm kernel with Debian's current 535 driver, made
+    the way test_faults needs a fresh-cache build: a first run is killed (SIGKILL) in the middle of
+    its compile; then two identical runs (each with its own --output) start at once: one reaps the
+    killed run's builder and builds, the other waits for it and answers from the cache. What each
+    saw is kept for test_faults."""
+    import signal
+
+    from tests.helpers import builders_of, start_cli, wait_for_line
+
+    env = {"CUDABUILD_CACHE": str(cache)}
+    results = cache / "results"
+    before = set(results.iterdir()) if results.exists() else set()
+    killed = start_cli(*SESSION_BUILD, env=env)
+    wait_for_line(killed, "==> make modules")
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    left = [c.name for c in builders_of(killed.pid)]
+    after_kill = set(results.iterdir()) if results.exists() else set()
+    racers = [start_cli(*SESSION_BUILD, "--output", str(out), env=env) for out in outputs]
+    outs = [p.communicate(timeout=1800) for p in racers]
+    ran = [(p.returncode, out, err) for p, (out, err) in zip(racers, outs)]
+    return {"killed_pid": killed.pid, "left_by_kill": left, "results_before": before, "results_after_kill": after_kill,
+            "runs": ran, "outputs": outputs, "builders_after": [c.name for c in builders_of(killed.pid)],
+            "tmp_after": [p.name for p in (cache / "tmp").iterdir()], "cache": cache}
+
+
+def built(runs: dict) -> tuple:
+    """The racing run that built: its --json answer, its --output, the cache and its progress."""
+    for (code, out, err), output in zip(runs["runs"], runs["outputs"]):
+        assert code == 0, err[-4000:]
+        data = json.loads(out)
+        if not data["cache_hit"]:
+            return data, output, runs["cache"], err
+    raise AssertionError("neither racing run built: " + " | ".join(err[-1000:] for _, _, err in runs["runs"]))
+
+
 # ---- git tag + .run (tests/e2e/test_git_run.py) ---------------------------------------------------
 RELEASE_SUFFIX = "-test"
 
 
-def git_build(cache, kernel_repo, files, installer_url, *extra, release=None):
+def git_build(cache, kernel_repo, files, installer_url, *extra, release=None, env=None):
     release = release or kernel_repo["version"] + RELEASE_SUFFIX
     return run_cli("modules", "--kernel", release, "--kernel-source", "git", "--kernel-repo", kernel_repo["url"],
                    "--kernel-config", str(files["config"]), "--symvers", str(files["symvers"]),
                    "--driver-source", "run", "--installer", installer_url, "--json", *extra,
-                   env={"CUDABUILD_CACHE": str(cache)})
+                   env={"CUDABUILD_CACHE": str(cache), **(env or {})})
 
 
 def git_builds(cache, kernel_repo, files, installers) -> dict:
     """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
-    embedded zstd; tests/e2e/conftest.py independent_installer), then 470 as a compute-only driver
+    embedded zstd; tests/conftest.py independent_installer), then 470 as a compute-only driver
     on the kernel 535 fetched and prepared."""
     first = git_build(cache, kernel_repo, files, f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run")
     second = None
@@ -62,15 +123,19 @@ OPEN = "535.261.03"
 ONLY = ("--only-modules", "nvidia,nvidia-modeset")
 
 
-def swarm_matrix_run(build, cache, registry, installers, base: Path) -> dict:
-    """A second engine, a one-node Swarm manager with the base and builder images the run's build
+def swarm_matrix_run(session: Started, cache, registry, installers, base: Path) -> dict:
+    """Once the session's build is made: a second engine, a one-node Swarm manager with the base and builder images the run's build
     used (nothing can be pulled from Docker Hub here), cudabuild's own image in the registry, and
     the matrix of two cells, with a cache of its own."""
-    data = build[0]
+    data = built(session.wait())[0]
     manifest = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())
     engine = SecondEngine(base, {}).start()
     try:
-        engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377")
+        # Ports of its own: the Swarm of tests/integration/test_runtime.py may run at the same time
+        # (the second to start logs that gossip's 7946 is taken; a one-node Swarm with host
+        # networking does not gossip, and its jobs run: measured here).
+        engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2378",
+                      "--data-path-port", "4790")
         engine.load(manifest["builder_image"]["base"], manifest["builder_image"]["tag"])
         made = subprocess.run(["bash", str(REPO / "scripts" / "tool-image"), registry.repo()], capture_output=True,
                               text=True, timeout=900)

@@ -228,6 +228,47 @@ def run_cli_watched(*args: str, env: dict | None = None, timeout: float = 1800):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), created
 
 
+# The images the suite's background builds make on the main engine (tests/background.py): their
+# builder images, modules images and cudabuild's own image, with the layers a build made on the way.
+BACKGROUND_TAGS = ("cudabuild/builder:", "cudabuild/modules:", "cudabuild/cudabuild:")
+
+
+def images_made_since(client, before: set[str], *, all_layers: bool = False, settle: float = 180) -> set[str]:
+    """Ids of the images that appeared since `before`, but those of the background builds: an image
+    tagged as one of theirs, and its ancestors (the layers a classic build commits on the way). A
+    new image that is not yet explained may be a background build's layer whose build has not
+    finished: it is looked at again until `settle` seconds have passed, then reported."""
+    import time
+
+    deadline = time.monotonic() + settle
+    while True:
+        listed = client.api.images(all=all_layers or None)
+        parents = {i["Id"]: i.get("ParentId") or None for i in client.api.images(all=True)}
+        theirs = set()
+        for image in listed:
+            if any(tag.startswith(BACKGROUND_TAGS) for tag in image.get("RepoTags") or ()):
+                ident = image["Id"]
+                while ident and ident not in theirs:
+                    theirs.add(ident)
+                    ident = parents.get(ident)
+        unexplained = {i["Id"] for i in listed} - before - theirs
+        if not unexplained or time.monotonic() > deadline:
+            return unexplained
+        time.sleep(3)
+
+
+def image_ids(client, *, all_layers: bool = False) -> set[str]:
+    return {i["Id"] for i in client.api.images(all=all_layers or None)}
+
+
+def left_behind(created: list[dict]) -> list[str]:
+    """Which of the containers in docker events `created` (run_cli_watched) still exist."""
+    import docker
+
+    client = docker.from_env()
+    return [c.name for c in client.containers.list(all=True) if c.id in {e["Actor"]["ID"] for e in created}]
+
+
 def builders_of(pid: int) -> list:
     """The builder containers a cudabuild process (by pid) started."""
     import docker

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from tests.e2e.conftest import STANDINS
-from tests.helpers import run_cli
+from tests.helpers import STANDINS, run_cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 

@@ -39,7 +39,7 @@ def cache(tmp_path):
 
 
 def test_sigkill_mid_build_then_two_runs_at_once_rebuild_cleanly_and_once(session_runs):
-    """The run's session build is made this way (tests/e2e/conftest.py session_runs): a run killed
+    """The run's session build is made this way (tests/background.py session_build): a run killed
     mid-build leaves its builder and nothing half-written; then two identical runs at once: one
     reaps the killed run's builder and builds, the other waits for it and answers from the cache."""
     runs, cache = session_runs, session_runs["cache"]

@@ -3,7 +3,7 @@ replicated-job running cudabuild's own image (made from the wheel by scripts/too
 node's engine; a second run schedules nothing the registry holds; a cell that cannot build fails
 alone with the compiler's line. Kept lean: one run, one real build (the open modules for 6.1.0-47,
 the suite's only open build) and one real failing compile, started in the background as soon as the
-session's build exists, with a cache of its own (tests/background.py, tests/e2e/conftest.py)."""
+session's build exists, with a cache of its own (tests/background.py, tests/conftest.py)."""
 
 import json
 import subprocess

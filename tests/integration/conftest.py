@@ -1,3 +1,5 @@
+import os
+
 import docker
 import pytest
 
@@ -22,7 +24,10 @@ def http_server():
 
 @pytest.fixture
 def builder_containers(docker_client):
-    """Names of cudabuild builder containers; a test asserts none is left behind."""
+    """Names of the builder containers this process's cudabuild made (the CLI run in-process, by
+    its io.cudabuild.pid label: the suite's background builds run beside it); a test asserts none
+    is left behind."""
     def names():
-        return [c.name for c in docker_client.containers.list(all=True, filters={"label": "io.cudabuild.role=builder"})]
+        mine = ["io.cudabuild.role=builder", f"io.cudabuild.pid={os.getpid()}"]
+        return [c.name for c in docker_client.containers.list(all=True, filters={"label": mine})]
     return names

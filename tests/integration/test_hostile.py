@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DRIVER, REPO, make_artifact, run_cli
+from tests.helpers import DRIVER, REPO, image_ids, images_made_since, make_artifact, run_cli
 
 sys.path.insert(0, str(REPO / "scripts"))
 from makeself import tar_bytes, write_installer  # noqa: E402
@@ -125,9 +125,9 @@ def client(docker_client):
 
 @pytest.fixture
 def images_unchanged(client):
-    before = {i.id for i in client.images.list(all=True)}
+    before = image_ids(client, all_layers=True)
     yield
-    assert {i.id for i in client.images.list(all=True)} == before, "no image was made"
+    assert images_made_since(client, before, all_layers=True) == set(), "no image was made"
 
 
 def test_an_image_with_some_of_the_labels_but_not_all(client, tmp_path):

@@ -15,7 +15,7 @@ from cudabuild.settings import Settings
 from cudabuild.engine import Engine
 from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
-from tests.helpers import make_artifact, make_userspace_hostile, run_cli
+from tests.helpers import image_ids, images_made_since, make_artifact, make_userspace_hostile, run_cli
 
 RELEASE = "6.1.192-cudabuild-test"  # not a Debian kernel: no Module.symvers to fetch
 
@@ -66,13 +66,13 @@ def test_an_image_from_another_cache_is_read_checked_and_cached(modules_image, t
 def test_a_tampered_image_from_elsewhere_is_refused_naming_the_file(modules_image, tmp_path, docker_client):
     tag, named = modules_image("hostile", "libc-added")
     cache = tmp_path / "empty-cache"
-    before = {i.id for i in docker_client.images.list()}
+    before = image_ids(docker_client)
     result = run_cli("image", "driver", "--modules", tag, "--tag", "cudabuild-test/driver-hostile:1",
                      env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 7, result.stderr
     assert f"refused {tag}" in result.stderr and named in result.stderr and "Traceback" not in result.stderr
     assert not list((cache / "results").iterdir()) and not list((cache / "tmp").iterdir())
-    assert {i.id for i in docker_client.images.list()} == before
+    assert images_made_since(docker_client, before) == set()
 
 
 def test_an_image_without_cudabuilds_labels_is_refused(tmp_path):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import HOSTILE_USERSPACE, fake_host, make_artifact, make_userspace_hostile, run_cli
+from tests.helpers import (HOSTILE_USERSPACE, fake_host, image_ids, images_made_since, make_artifact,
+                           make_userspace_hostile, run_cli)
 
 
 @pytest.fixture(params=HOSTILE_USERSPACE)
@@ -29,8 +30,8 @@ def test_install_refuses_it_naming_the_file(hostile, tmp_path):
 
 def test_image_refuses_it_naming_the_file(hostile, docker_client):
     art, named = hostile
-    before = {i.id for i in docker_client.images.list()}
+    before = image_ids(docker_client)
     result = run_cli("image", "driver", "--modules", str(art), "--tag", "cudabuild-test/hostile:1")
     assert result.returncode == 3, result.stderr
     assert named in result.stderr and "Traceback" not in result.stderr
-    assert {i.id for i in docker_client.images.list()} == before
+    assert images_made_since(docker_client, before) == set()

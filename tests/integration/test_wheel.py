@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -10,19 +9,10 @@ from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """cudabuild installed from its wheel into a fresh virtual environment, as a pip user has it."""
-    tmp_path = tmp_path_factory.mktemp("wheel")
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-                   check=True, capture_output=True)
-    [wheel] = wheels.glob("cudabuild-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
-    away = tmp_path / "elsewhere"
-    away.mkdir()
-    return venv, away
+def installed(wheel_install_started):
+    """cudabuild installed from its wheel into a fresh virtual environment, as a pip user has it
+    (tests/background.py install_wheel, started at the session's first test: pip waits on PyPI)."""
+    return wheel_install_started.wait()
 
 
 def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
