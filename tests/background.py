@@ -32,9 +32,13 @@ class Started:
 
 
 # ---- the wheel (tests/integration/test_wheel.py) -----------------------------------------------------
-def install_wheel(base: Path) -> tuple[Path, Path]:
+def install_wheel(base: Path) -> dict:
     """cudabuild's wheel, built by pip from the checkout and installed with its dependencies into a
-    fresh virtual environment; and a directory away from the checkout to run it in."""
+    fresh virtual environment, run away from the checkout to make cudabuild's own image
+    (`cudabuild image tool --no-cache`: the wheels fetched by pip, the image built, not taken from
+    an earlier run). Both wait on PyPI more than they work, so they go on beside the other tests."""
+    import os
+
     import sys
 
     wheels = base / "wheels"
@@ -46,7 +50,10 @@ def install_wheel(base: Path) -> tuple[Path, Path]:
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
     away = base / "elsewhere"
     away.mkdir()
-    return venv, away
+    tool_image = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--no-cache", "--json"], cwd=away,
+                                capture_output=True, text=True,
+                                env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+    return {"venv": venv, "away": away, "tool_image": tool_image}
 
 
 # ---- the session's build (tests/conftest.py session_runs, build) --------------------------------------
@@ -105,13 +112,43 @@ def git_build(cache, kernel_repo, files, installer_url, *extra, release=None, en
 def git_builds(cache, kernel_repo, files, installers) -> dict:
     """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
     embedded zstd; tests/conftest.py independent_installer), then 470 as a compute-only driver
-    on the kernel 535 fetched and prepared."""
+    on the kernel 535 fetched and prepared; then the same tag fetched as a full checkout and
+    prepared, for test_sparse_fetch_is_small_and_prepares_the_same_tree."""
     first = git_build(cache, kernel_repo, files, f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run")
-    second = None
+    second, trees = None, None
     if first.returncode == 0:
         second = git_build(cache, kernel_repo, files, f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run",
                            "--only-modules", "nvidia,nvidia-uvm")
-    return {"cache": cache, "535": first, "470": second}
+        try:
+            trees = prepared_checkouts(cache, kernel_repo, files, installers)
+        except Exception as exc:  # the test that checks the trees reports it; the builds' tests stand
+            trees = exc
+    return {"cache": cache, "535": first, "470": second, "trees": trees}
+
+
+def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:
+    """The kernel of the git builds as each checkout fetches and prepares it (the sparse one is
+    the builds' own, in the cache): {"sparse"|"full": (clone, prepared tree)}."""
+    import os
+
+    from cudabuild.compile.plan import plan_modules
+    from cudabuild.compile.steps import prepare_kernel
+    from cudabuild.options import resolve_build_options
+    from cudabuild.settings import Settings
+    from cudabuild.ui import Reporter
+
+    settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(cache)})
+    flags = {"kernel": kernel_repo["version"] + RELEASE_SUFFIX, "kernel_source": "git",
+             "kernel_repo": kernel_repo["url"], "kernel_config": str(files["config"]),
+             "symvers": str(files["symvers"]), "driver_source": "run",
+             "installer": f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run"}
+    reporter = Reporter(quiet=True)
+    trees = {}
+    for checkout in ("sparse", "full"):
+        plan = plan_modules(resolve_build_options({**flags, "kernel_checkout": checkout}, settings),
+                            settings=settings, reporter=reporter)
+        trees[checkout] = (cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
+    return trees
 
 
 # ---- the Swarm matrix (tests/e2e/test_matrix.py) -----------------------------------------------------

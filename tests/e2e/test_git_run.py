@@ -3,7 +3,6 @@
 e2e test and in a cache of their own (tests/background.py git_builds)."""
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -119,28 +118,15 @@ PREPARED_CONTENT = re.compile(r"\.config|Module\.symvers|(include/(generated|con
 NOT_READ_BY_MODULES = {"include/generated/compile.h"}
 
 
-def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_535, git_cache, kernel_repo, target_kernel_files,
-                                                          installers):
-    """A full checkout of the same tag, fetched and prepared (not compiled again): the sparse clone
+def test_sparse_fetch_is_small_and_prepares_the_same_tree(git_results, git_535):
+    """A full checkout of the same tag, fetched and prepared (not compiled again; in the
+    background after the git builds, tests/background.py prepared_checkouts): the sparse clone
     has a fifth of its objects, every header a module build can include, and a prepared tree with
     the same generated files; the sparse tree's modules are the ones git_535 verified."""
-    from cudabuild.compile.plan import plan_modules
-    from cudabuild.compile.steps import prepare_kernel
-    from cudabuild.options import resolve_build_options
-    from cudabuild.settings import Settings
-    from cudabuild.ui import Reporter
-
-    settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(git_cache)})
-    flags = {"kernel": kernel_repo["version"] + RELEASE_SUFFIX, "kernel_source": "git",
-             "kernel_repo": kernel_repo["url"], "kernel_config": str(target_kernel_files["config"]),
-             "symvers": str(target_kernel_files["symvers"]), "driver_source": "run",
-             "installer": f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run"}
-    reporter = Reporter(quiet=True)
-    trees = {}
-    for checkout in ("sparse", "full"):
-        plan = plan_modules(resolve_build_options({**flags, "kernel_checkout": checkout}, settings),
-                            settings=settings, reporter=reporter)
-        trees[checkout] = (git_cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
+    trees = git_results["trees"]
+    assert trees is not None, "the git builds failed (test_git_tag_and_run_installer_build_the_five_modules says how)"
+    if isinstance(trees, Exception):
+        raise trees
     (sparse_clone, sparse_prepared), (full_clone, full_prepared) = trees["sparse"], trees["full"]
     assert sparse_prepared != full_prepared and sparse_clone != full_clone
 

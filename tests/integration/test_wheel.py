@@ -1,6 +1,5 @@
 """The built wheel, installed into a fresh virtual environment, works away from the checkout."""
 
-import os
 import subprocess
 
 import pytest
@@ -9,10 +8,16 @@ from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
-def installed(wheel_install_started):
-    """cudabuild installed from its wheel into a fresh virtual environment, as a pip user has it
-    (tests/background.py install_wheel, started at the session's first test: pip waits on PyPI)."""
+def wheel(wheel_install_started):
+    """cudabuild installed from its wheel into a fresh virtual environment, as a pip user has it,
+    and the tool image it made (tests/background.py install_wheel, started at the session's first
+    test: pip waits on PyPI)."""
     return wheel_install_started.wait()
+
+
+@pytest.fixture(scope="module")
+def installed(wheel):
+    return wheel["venv"], wheel["away"]
 
 
 def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
@@ -39,19 +44,16 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
         assert line.startswith(str(venv)), f"{line} must come from the installed wheel, not the checkout"
 
 
-def test_image_tool_makes_the_tool_image_without_a_checkout(installed, docker_client):
-    """`cudabuild image tool` from a pip-installed cudabuild, run away from any checkout: the image
-    the matrix runs on the nodes, and the cudabuild inside it is the installed one."""
+def test_image_tool_makes_the_tool_image_without_a_checkout(wheel, docker_client):
+    """`cudabuild image tool --no-cache` from a pip-installed cudabuild, run away from any checkout
+    (tests/background.py install_wheel): the image the matrix runs on the nodes, and the cudabuild
+    inside it is the installed one."""
     import json
 
     import cudabuild
 
-    venv, away = installed
     tag = f"cudabuild/cudabuild:{cudabuild.__version__}"
-    # --no-cache: made here (the wheels fetched, the image built), not taken from an earlier run
-    made = subprocess.run([str(venv / "bin" / "cudabuild"), "image", "tool", "--no-cache", "--json"], cwd=away,
-                          capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+    made = wheel["tool_image"]
     assert made.returncode == 0, made.stderr
     report = json.loads(made.stdout)
     assert report["image"] == tag and report["reused"] is False
