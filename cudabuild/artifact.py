@@ -677,6 +677,27 @@ def read_labels(labels: Mapping[str, str] | None, ref: str) -> ImageLabels | Non
                        boot_test=boot, signer=signer, cert_sha256=cert)
 
 
+# ---- the kernel-agnostic driver image's labels ------------------------------------------------------
+def node_image_labels(*, driver: str, registry: str, profile: str) -> dict[str, str]:
+    """The labels of a driver image that carries no artifact: the driver it installs (a version,
+    a branch, or "any") and the registry it takes the builds from."""
+    return {f"{LABEL_PREFIX}.role": "driver", f"{LABEL_PREFIX}.profile": profile,
+            f"{LABEL_PREFIX}.node-driver": driver, f"{LABEL_PREFIX}.node-registry": registry}
+
+
+def read_node_labels(labels: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """(driver, registry) of a kernel-agnostic driver image; None for any other image."""
+    labels = labels or {}
+    driver, registry = labels.get(f"{LABEL_PREFIX}.node-driver"), labels.get(f"{LABEL_PREFIX}.node-registry")
+    if driver is None or registry is None or labels.get(f"{LABEL_PREFIX}.profile") != "driver":
+        return None
+    if not (driver == "any" or re.fullmatch(r"[0-9]{3}(\.[0-9]{1,4}){0,2}", driver)) or \
+            not re.fullmatch(r"[A-Za-z0-9.:_/-]{1,255}", registry):
+        raise ArtifactError(f"the driver image's labels {shown(driver)} / {shown(registry)} are not valid",
+                            hint="use an image made by cudabuild image driver --registry, unchanged")
+    return driver, registry
+
+
 # ---- a saved modules image ---------------------------------------------------------------------
 def unpack_image(saved_path: Path, into: Path) -> None:
     """The one layer of a saved modules image (`docker save`) into `into`: only modules/,
@@ -693,14 +714,39 @@ def unpack_image(saved_path: Path, into: Path) -> None:
         if len(layers) != 1:
             raise VerifyError(f"the pulled modules image has {len(layers)} layers, not one: cudabuild did not "
                               "make it", hint="use images `cudabuild modules --registry` pushed")
-        with tarfile.open(fileobj=saved.extractfile(layers[0])) as layer:
-            for member in layer:
+        extract_layer(saved.extractfile(layers[0]), into)
+
+
+MAX_UNPACKED = 16 << 30  # bytes a modules image's layer may unpack to: a driver's is under 1 GB
+
+
+def extract_layer(layer, into: Path, *, compression: str = "") -> None:
+    """A modules image's layer (a tar file or file object; gzip-compressed when `compression` is
+    "gz") into `into`: only modules/, userspace/ and manifest.json, regular files, directories and
+    links inside their directory, at most MAX_UNPACKED bytes."""
+    import tarfile
+
+    mode = f"r:{compression}" if compression else "r:"
+    opened = tarfile.open(layer, mode) if isinstance(layer, (str, Path)) else tarfile.open(fileobj=layer, mode=mode)
+    unpacked = 0
+    try:
+        with opened:
+            for member in opened:
+                unpacked += member.size
+                if unpacked > MAX_UNPACKED:
+                    raise VerifyError(f"the modules image unpacks to more than {MAX_UNPACKED >> 30} GiB, far more "
+                                      "than a driver", hint="use images `cudabuild modules --registry` pushed")
                 name = PurePosixPath(member.name.removeprefix("./"))
                 if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
                     continue
                 outward = member.issym() and (member.linkname.startswith("/") or ".." in member.linkname.split("/"))
                 if ".." in name.parts or not (member.isfile() or member.isdir() or member.issym()) or outward:
-                    raise VerifyError(f"the pulled modules image holds {shown(member.name)}, which cudabuild "
-                                      "never writes", hint="use images `cudabuild modules --registry` pushed")
+                    raise VerifyError(f"the modules image holds {shown(member.name)}, which cudabuild never writes",
+                                      hint="use images `cudabuild modules --registry` pushed")
                 member.name = str(name)
-                layer.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                opened.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, (tarfile.TarError, EOFError)) and exc.errno is not None:
+            raise
+        raise VerifyError(f"the modules image's layer is not a tar file cudabuild can read ({exc})",
+                          hint="use images `cudabuild modules --registry` pushed") from exc

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import click
 
 import cudabuild
-from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError
+from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError, InputError
 from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, default_of,
                                resolve_build_options, validate_image_ref)
 from cudabuild.settings import Settings
@@ -250,10 +250,12 @@ def modules(as_json: bool, options_json: str | None, **flags) -> None:
                    "Default: the most recent build in the cache; with --kernel/--driver: that build.")
 @click.option("--tag", metavar="TAG", help="Tag of the image (default cudabuild/PROFILE:DRIVER-RELEASE).")
 @click.option("--dry-run", is_flag=True, help="Print the Dockerfile and exit; needs no engine.")
+@click.option("--no-push", is_flag=True, help="Keep the image here: do not push it to --registry (a kernel-agnostic "
+                                              "driver image still takes its builds from there).")
 @click.option("--list", "list_profiles", is_flag=True, help="List the profiles and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
 @build_flags
-def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **flags) -> None:
+def image(profile, base, modules_ref, tag, dry_run, no_push, list_profiles, as_json, **flags) -> None:
     """Make a runtime image that loads the driver when it starts.
 
     PROFILE is one of images/profiles: cuda, tensorflow, torch, device-query; or give --base IMAGE.
@@ -269,7 +271,10 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     The profile `driver` makes the driver container instead: its entrypoint is `cudabuild install
     --root /host`; run once per host as `docker run --rm --privileged --pid host -v /:/host IMAGE
     [install options]` (--wait keeps it running, for a DaemonSet), it loads the driver and writes the
-    CDI spec, and no workload needs --privileged.
+    CDI spec, and no workload needs --privileged. With --registry and without --modules or
+    --kernel it carries no modules and serves every kernel: at start it takes the running kernel's
+    verified build from the host's staged builds or the registry (cudabuild install --registry),
+    and stages the next kernel's while it runs.
 
     \b
     Examples:
@@ -280,6 +285,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
       cudabuild image tool --registry 127.0.0.1:5000/cudabuild
       cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64 \\
           --registry registry.example/gpu     # pushed as registry.example/gpu/driver:TAG
+      cudabuild image driver --registry registry.example/gpu --driver 535   # every kernel
     """
     from cudabuild import artifact
     from cudabuild.deliver import image as images
@@ -296,6 +302,11 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     chosen = images.load_profile(profile, base)
     if tag is not None:
         validate_image_ref(tag, "--tag")
+    if chosen.kind == "driver" and modules_ref is None and flags.get("kernel") is None:
+        node_registry = flags.get("registry") or _settings().option_values.get("registry")
+        if node_registry:
+            _node_driver_image(chosen, node_registry, flags.get("driver"), tag, dry_run, as_json, push=not no_push)
+            return
     building = flags.get("kernel") is not None or flags.get("driver") is not None
     if building and modules_ref is not None:
         raise click.UsageError("pass either --modules or --kernel/--driver, not both")
@@ -317,7 +328,7 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
     reporter.note(f"modules: {checked.root}")
     report = images.build_image(profile=chosen, checked=checked, engine=engine(), cache=cache, tag=tag,
                                 reporter=reporter)
-    if registry:
+    if registry and not no_push:
         report["registry_ref"] = registry.ref(report["image"])
         with reporter.step(f"push {report['registry_ref']}"):
             engine().push(report["image"], report["registry_ref"])
@@ -337,9 +348,12 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
 
 
 @cli.command(epilog=EXIT_CODE_HELP)
-@click.option("--kernels", required=True, metavar="LIST",
+@click.option("--kernels", metavar="LIST",
               help="Kernel releases, comma-separated (6.1.0-56-amd64,6.1.0-47-amd64), or debian:CODENAME for every "
                    "linux-headers-*-amd64 ABI Debian has (debian:bookworm).")
+@click.option("--kernels-from", "kernels_file", type=click.File("r"), metavar="FILE|-",
+              help="Kernel releases from a file (or - for stdin), one per line or blank-separated: a fleet's own "
+                   "kernels, e.g. from kubectl get nodes.")
 @click.option("--drivers", required=True, metavar="LIST",
               help="Driver versions or branches, comma-separated (535,470.256.02).")
 @click.option("--flavors", metavar="LIST", help="proprietary,open: each cell in each flavor (default: --flavor).")
@@ -360,8 +374,8 @@ def image(profile, base, modules_ref, tag, dry_run, list_profiles, as_json, **fl
               help="A Swarm job still unfinished after this long is reported as failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, one entry per cell, on stdout.")
 @build_flags
-def matrix(kernels, drivers, flavors, backend, parallel, image, node_cache, node_socket, cell_timeout, as_json,
-           **flags) -> None:
+def matrix(kernels, kernels_file, drivers, flavors, backend, parallel, image, node_cache, node_socket, cell_timeout,
+           as_json, **flags) -> None:
     """Build every kernel x driver pair: on this engine, as Swarm jobs, or as Kubernetes Jobs.
 
     Every cell is planned here first (its sources and cache key). With --registry a cell the
@@ -377,12 +391,18 @@ def matrix(kernels, drivers, flavors, backend, parallel, image, node_cache, node
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --flavors proprietary,open \\
           --backend swarm --registry registry.example/gpu
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --backend kubernetes > jobs.yaml
+      kubectl get nodes -o jsonpath='{.items[*].status.nodeInfo.kernelVersion}' | \\
+          cudabuild matrix --kernels-from - --drivers 535 --registry registry.example/gpu --boot-test
     """
-    from cudabuild.fleet.matrix import parse_request, run_matrix, summary_lines
+    from cudabuild.fleet.matrix import kernels_from, parse_request, run_matrix, summary_lines
 
     for name in ("kernel", "driver"):
         if flags.get(name) is not None:
             raise click.UsageError(f"matrix takes --{name}s LIST, not --{name}")
+    if (kernels is None) == (kernels_file is None):
+        raise click.UsageError("pass the kernels as --kernels LIST or --kernels-from FILE (one of them)")
+    if kernels_file is not None:
+        kernels = kernels_from(kernels_file.read(), kernels_file.name)
     request = parse_request(kernels=kernels, drivers=drivers, flavors=flavors, flavor=flags.get("flavor") or
                             _build_options({}).flavor, backend=backend, parallel=parallel, image=image,
                             node_cache=node_cache, node_socket=node_socket, timeout=cell_timeout)
@@ -446,8 +466,6 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
     from cudabuild import artifact, boottest
     from cudabuild.sources.debian import DebianArchive
 
-    from cudabuild.errors import InputError
-
     try:
         options = resolve_build_options({**mirrors, "kernel_image": kernel_image, "boot_append": append,
                                          "boot_timeout": timeout}, _settings())
@@ -505,9 +523,23 @@ The loader's refusals, as in a runtime image:
 @click.option("--cdi-host-root", default="/", show_default=True, metavar="DIR",
               help="The prefix of the paths the CDI spec names, as the host sees them.")
 @click.option("--wait", is_flag=True, help="Stay running until stopped (a DaemonSet's container), then remove the "
-                                           "ready file.")
+                                           "ready file. With --registry: wait for a build, and stage the next kernel's.")
+@click.option("--registry", metavar="HOST[:PORT]/PATH",
+              help="Without --modules: take the running kernel's verified build from what is staged on the node, "
+                   "else from this registry (its HTTP API; no engine needed). " + _env_help("registry"))
+@click.option("--driver", "driver", metavar="VERSION|BRANCH",
+              help="Without --modules: the driver the node runs (e.g. 535 or 535.309.01); remembered on the node.")
+@click.option("--no-fallback", is_flag=True, default=None,
+              help="Never install another driver version when the configured one has no build for the kernel.")
+@click.option("--poll", type=click.FloatRange(1, 86400), default=300, show_default=True, metavar="SECONDS",
+              help="With --wait and --registry: how often to look for the next kernel (and, at most, between "
+                   "retries while no build exists).")
+@click.option("--kernel-hook", is_flag=True,
+              help="Also write ROOT/etc/kernel/postinst.d/cudabuild, Debian's kernel hook: a new kernel's package "
+                   "stages its build, or fails naming the kernel.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
+def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallback, poll, kernel_hook,
+            as_json) -> None:
     """Install a built driver on this host, once, for every container.
 
     Loads the modules with the image loader's own checks, order and exit codes (privilege, kernel,
@@ -518,11 +550,21 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
     the same driver, it changes nothing and says so: safe at every boot. Containers then get GPUs
     without --privileged (podman run --device nvidia.com/gpu=0, cudabuild run --gpus 0).
 
+    Without --modules, with --registry or --driver (or on a node set up so before, which remembers
+    them): the node's own driver, for whatever kernel it runs (the kernel-agnostic driver container). The build for the running kernel is taken from
+    ROOT/var/lib/cudabuild/staged (cudabuild stage), else pulled from the registry over its HTTP API
+    and checked (digests, vermagic, version, the kernel's symbol CRCs when the host has its
+    Module.symvers); else another driver version's build for this kernel (said everywhere: log,
+    ready file, cudabuild status), unless --no-fallback; else it fails (exit 23), or with --wait
+    waits and retries. Waiting, it stages the kernel the host boots next whenever one appears.
+
     \b
     Examples:
       sudo cudabuild install --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
       docker run --rm --privileged --pid host -v /:/host cudabuild/driver:535.309.01-6.1.0-56-amd64
       cudabuild install --modules ./nvidia --root /mnt/node --json
+      cudabuild install --registry registry.example:5000/gpu --driver 535 --root /host --wait
+      sudo cudabuild install --registry registry.example:5000/gpu --driver 535 --kernel-hook
     """
     import signal
     import threading
@@ -533,12 +575,26 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
 
     settings = _settings()
     reporter = settings.reporter()
-    engine = functools.cache(settings.engine)  # only for an image: the driver container installs a directory
-    where = None if modules_ref and os.path.isdir(modules_ref) else settings.cache()
-    checked = artifact.find(modules_ref, where, engine,
-                            import_image=_importer(where, engine, reporter) if where is not None else None)
-    result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=settings.environ,
-                               reporter=reporter)
+    registry = registry or settings.option_values.get("registry")
+    stop = threading.Event()
+    if wait:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if modules_ref is None and (registry or driver or _configured_node(root)):
+        result = _install_node(settings, reporter, root=root, cdi_host_root=cdi_host_root, registry=registry,
+                               driver=driver, fallback=None if no_fallback is None else False, wait=wait, poll=poll,
+                               kernel_hook=kernel_hook, stop=stop)
+        if result is None:  # stopped while waiting for a build
+            return
+    else:
+        if kernel_hook:
+            raise InputError("--kernel-hook stages builds from a registry", hint="pass --registry and --driver with it")
+        engine = functools.cache(settings.engine)  # only for an image: the driver container installs a directory
+        where = None if modules_ref and os.path.isdir(modules_ref) else settings.cache()
+        checked = artifact.find(modules_ref, where, engine,
+                                import_image=_importer(where, engine, reporter) if where is not None else None)
+        result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=settings.environ,
+                                   reporter=reporter)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -551,13 +607,186 @@ def install(modules_ref, root, cdi_host_root, wait, as_json) -> None:
         click.echo(f"  ready:     {result.ready}")
         click.echo("  use it:    podman run --device nvidia.com/gpu=all IMAGE | cudabuild run --gpus all IMAGE")
     if wait:
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        reporter.note("ready; waiting until stopped (the ready file goes away then)")
+        if not stop.is_set():
+            reporter.note("ready; waiting until stopped (the ready file goes away then)")
         stop.wait()
         installer.not_ready(Path(root))
         reporter.note("stopped: the ready file is removed; the driver stays loaded")
+
+
+def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, fallback, wait, poll, kernel_hook,
+                  stop):
+    """`install` without --modules: deliver/node.py serve, which stages the next kernel while it
+    waits (in a thread here, so that the JSON result is printed once installed)."""
+    import threading
+
+    from cudabuild.deliver import node
+
+    host = _host(root)
+    config = node.config_for(host, driver=driver, registry=registry, fallback=fallback)
+    if kernel_hook:
+        reporter.note(f"kernel hook: {node.write_hook(host, cdi_host_root)}")
+    reg = settings.registry(config.registry)
+    running = settings.host_release
+    if not wait:
+        return node.serve(host, config, running=running, registry=reg, host_root=cdi_host_root,
+                          env=settings.environ, reporter=reporter, wait=False, poll=poll, stop=stop)
+    done, box = threading.Event(), {}
+
+    def installed_then(result):
+        box["result"] = result
+        done.set()
+
+    def work():
+        try:
+            node.serve(host, config, running=running, registry=reg, host_root=cdi_host_root, env=settings.environ,
+                       reporter=reporter, wait=True, poll=poll, stop=stop, installed_then=installed_then)
+        except BaseException as exc:  # said by the main thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="node", daemon=True).start()
+    while not done.wait(0.5):  # the main thread stays free for SIGTERM
+        pass
+    if "error" in box:
+        stop.set()
+        raise box["error"]
+    return box.get("result")
+
+
+def _configured_node(root: str) -> bool:
+    """Whether the node under `root` was set up by a kernel-agnostic install (it remembers its driver)."""
+    from cudabuild.deliver.staging import NodeConfig
+
+    return os.path.isdir(root) and NodeConfig.load(_host(root)) is not None
+
+
+def _host(root: str):
+    from cudabuild.hostfs import HostRoot
+
+    if not os.path.isdir(root):
+        raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
+    return HostRoot(root)
+
+
+def _node_flags(command):
+    command = click.option("--root", default="/", show_default=True, metavar="DIR",
+                           help="The host's file system as this process sees it (/host in a container).")(command)
+    command = click.option("--kernel", "kernel", metavar="RELEASE|next",
+                           help="The kernel: a release, or `next` (the newest installed one when it is newer than "
+                                "the running one). Default: the running kernel.")(command)
+    return command
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@_node_flags
+@click.option("--registry", metavar="HOST[:PORT]/PATH", help="Where the build comes from (default: the node's).")
+@click.option("--driver", "driver", metavar="VERSION|BRANCH", help="The driver (default: the node's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def stage(root, kernel, registry, driver, as_json) -> None:
+    """Stage the verified build for a kernel the host has not booted yet, so that its next boot
+    needs no network.
+
+    The build of the node's driver for the kernel is pulled from the registry over its HTTP API,
+    checked (digests, vermagic, version, the kernel's symbol CRCs when the host has its
+    Module.symvers) and kept in ROOT/var/lib/cudabuild/staged/RELEASE/. Staged builds of kernels
+    that are no longer installed are removed. Exit 23 when the registry has no such build.
+
+    \b
+    Examples:
+      cudabuild stage --kernel next
+      cudabuild stage --kernel 6.1.0-56-amd64 --registry registry.example:5000/gpu --driver 535
+      /etc/kernel/postinst.d/cudabuild 6.1.0-56-amd64 /boot/vmlinuz-6.1.0-56-amd64   (the kernel hook)
+    """
+    from cudabuild.deliver import node
+    from cudabuild.deliver.staging import NodeConfig
+
+    settings = _settings()
+    reporter = settings.reporter()
+    host = _host(root)
+    config = node.config_for(host, driver=driver, registry=registry or settings.option_values.get("registry"),
+                             fallback=None)
+    if NodeConfig.load(host) is None:  # a node set up by staging first: `ready` answers for the same driver
+        config.save(host)
+    release = node.resolve_kernel(kernel, host, settings.host_release)
+    found = node.stage_kernel(host, release, config, running=settings.host_release,
+                              registry=settings.registry(config.registry), reporter=reporter)
+    answer = {**found.to_json(), "path": str(found.artifact.root)}
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        click.echo(f"staged NVIDIA {answer['driver']} for kernel {answer['kernel']} (from {answer['source']}): "
+                   f"{answer['path']}")
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@_node_flags
+@click.option("--driver", "driver", metavar="VERSION|BRANCH", help="The driver (default: the node's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def ready(root, kernel, driver, as_json) -> None:
+    """Exit 0 only when the kernel's verified build of the node's driver is staged: the reboot gate.
+
+    A staged build counts when it is whole (every file against its manifest) and, where it was
+    boot-tested, the real kernel accepted it. Otherwise exit 23, saying what is missing.
+
+    \b
+    Examples:
+      cudabuild ready --kernel next && systemctl reboot
+      kured --reboot-sentinel-command="sh -c 'test -f /var/run/reboot-required && cudabuild ready --kernel next'"
+      cudabuild ready --kernel 6.1.0-56-amd64 --json
+    """
+    from cudabuild.deliver import node
+    from cudabuild.errors import NoBuildError
+
+    settings = _settings()
+    host = _host(root)
+    config = node.config_for(host, driver=driver, registry=None, fallback=None)
+    release = node.resolve_kernel(kernel, host, settings.host_release)
+    answer = node.readiness(host, release, config)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    elif answer["ready"]:
+        click.echo(f"ready: kernel {release} has a verified build of driver {config.shown_driver} staged")
+    if not answer["ready"]:
+        raise NoBuildError(f"not ready: {answer['missing']}", hint=answer["fix"])
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="The host's file system as this process sees it (/host in a container).")
+@click.option("--json", "as_json", is_flag=True, help="Print the node's state as one JSON object on stdout.")
+def status(root, as_json) -> None:
+    """The node's driver state: what is installed and where it came from (a fallback is named),
+    the running and next kernels, the node's configuration, and what is staged.
+
+    \b
+    Examples:
+      cudabuild status
+      cudabuild status --root /host --json
+    """
+    from cudabuild.deliver import node
+
+    settings = _settings()
+    answer = node.status(_host(root), settings.host_release)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    driver = answer["driver"]
+    click.echo(f"kernel:   {answer['running_kernel']} (next: {answer['next_kernel'] or 'the same'})")
+    if driver is None:
+        click.echo("driver:   not ready (no ready file)")
+    else:
+        fell = f", FALLBACK from {driver.get('fallback_from')}" if driver.get("fallback_from") else ""
+        click.echo(f"driver:   NVIDIA {driver.get('driver')} for {driver.get('kernel')} (from {driver.get('source')}"
+                   f"{fell}); boot test: {driver.get('boot_test') or 'not run'}")
+        click.echo(f"CDI spec: {driver.get('cdi_spec')}")
+    config = answer["config"]
+    if config:
+        click.echo(f"config:   driver {config['driver']}, registry {config['registry'] or 'none'}, "
+                   f"fallback {'on' if config['fallback'] else 'off'}")
+    for release, builds in answer["staged"].items():
+        click.echo(f"staged:   {release}: " + (", ".join(f"{b['driver']} {b['flavor']}" for b in builds) or "nothing whole"))
 
 
 @cli.group()
@@ -587,7 +816,6 @@ def cdi_generate(root, cdi_host_root, output) -> None:
     from cudabuild.deliver import cdi as specs
     from cudabuild.deliver import devices
     from cudabuild.deliver.install import DRIVER_DIR
-    from cudabuild.errors import InputError
 
     base = Path(root)
     version = devices.loaded_version(base)
@@ -648,7 +876,40 @@ def deploy() -> None:
       cudabuild deploy ecs --registry registry.example:5000/cudabuild --json
       cudabuild deploy kubernetes --image cudabuild/driver:535.309.01-6.1.0-56-amd64 --output ./k8s
       cudabuild deploy kubernetes --kmm --registry registry.example:5000/cudabuild
+      cudabuild deploy kubernetes --prebuild --registry registry.example:5000/cudabuild --drivers 535
+      cudabuild deploy systemd --registry registry.example:5000/cudabuild --driver 535 --output /etc/systemd/system
     """
+
+
+def _node_driver_image(chosen, registry_repo: str, driver: str | None, tag, dry_run, as_json, *, push: bool) -> None:
+    """`cudabuild image driver --registry R [--driver D]` without --modules or --kernel: the
+    kernel-agnostic driver container, pushed to R/driver:TAG."""
+    from cudabuild.deliver import image as images
+    from cudabuild.deliver.staging import NodeConfig
+
+    settings = _settings()
+    registry = settings.registry(registry_repo)
+    config = NodeConfig(driver=driver, registry=registry.repo)
+    if dry_run:
+        command = ["--registry", registry.repo, *(["--driver", driver] if driver else []), "--wait"]
+        click.echo(images.render_runtime(chosen, {"registry": registry.repo, "command": command}), nl=False)
+        return
+    reporter = settings.reporter()
+    engine = settings.engine()
+    report = images.build_node_driver_image(profile=chosen, registry=registry.repo, driver=config.driver,
+                                            engine=engine, cache=settings.cache(), tag=tag, reporter=reporter)
+    report["registry_ref"] = registry.ref(report["image"]) if push else None
+    if push:
+        with reporter.step(f"push {report['registry_ref']}"):
+            engine.push(report["image"], report["registry_ref"])
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['image']}: the driver container for every kernel (driver {config.shown_driver}, builds "
+               f"from {registry.repo})" + (f", pushed as {report['registry_ref']}" if push else ""))
+    click.echo(f"  run it once per host: docker run --rm --privileged --pid host --network host -v /:/host "
+               f"{report['registry_ref'] or report['image']}")
+    click.echo(f"  one DaemonSet for a fleet of mixed kernels: cudabuild deploy kubernetes --registry {registry.repo}")
 
 
 def _tool_image(base, modules_ref, tag, dry_run, as_json, flags) -> None:
@@ -718,7 +979,6 @@ def _emit(files, output, as_json) -> None:
     from pathlib import Path
 
     from cudabuild.deploy import write
-    from cudabuild.errors import InputError
 
     if as_json and output:
         raise InputError("--json prints the manifests on stdout and --output writes them to files: choose one",
@@ -772,14 +1032,82 @@ def deploy_ecs(images, registry, output, as_json, root, runtime_path) -> None:
 @_deploy_flags
 @click.option("--kmm", is_flag=True, help="A Kernel Module Management Module (cudabuild image kmm images) instead of "
                                           "driver DaemonSets.")
-def deploy_kubernetes(images, registry, output, as_json, kmm) -> None:
-    """Kubernetes: a namespace and one driver DaemonSet per kernel (nodeSelector on Node Feature
-    Discovery's kernel-version.full, privileged with hostPID and the host's root, ready when the
-    ready file is there, system-node-critical, OnDelete, tolerating GPU taints); or with --kmm, a
-    KMM Module with a kernelMapping per kernel."""
+@click.option("--prebuild", is_flag=True,
+              help="Also a CronJob that builds, boot-tests and pushes the fleet's kernels ahead of need (cudabuild "
+                   "matrix --kernels-from the ConfigMap cudabuild-fleet-kernels) on a node labelled "
+                   "cudabuild.io/builder=true. Needs --registry and --drivers.")
+@click.option("--drivers", metavar="LIST", help="With --prebuild: the drivers to build (e.g. 535).")
+@click.option("--schedule", default="0 3 * * *", show_default=True, metavar="CRON",
+              help="With --prebuild: when the CronJob runs.")
+def deploy_kubernetes(images, registry, output, as_json, kmm, prebuild, drivers, schedule) -> None:
+    """Kubernetes: a namespace and one driver DaemonSet for every kernel (the kernel-agnostic
+    driver image, on every node with an NVIDIA device), or one per kernel (nodeSelector on Node
+    Feature Discovery's kernel-version.full); privileged with hostPID and the host's root, ready
+    when the ready file is there, system-node-critical, OnDelete, tolerating GPU taints. With
+    --kmm, a KMM Module with a kernelMapping per kernel. With --prebuild, also the CronJob that
+    builds the fleet's kernels ahead of need."""
     from cudabuild.deploy import kubernetes
 
-    _emit(kubernetes.files(_deploy_images(images, registry, "kmm" if kmm else "driver"), kmm=kmm), output, as_json)
+    files = kubernetes.files(_deploy_images(images, registry, "kmm" if kmm else "driver"), kmm=kmm)
+    if prebuild:
+        files.append(kubernetes.prebuild_file(registry=_prebuild_registry(registry), drivers=_prebuild_drivers(drivers),
+                                              schedule=schedule))
+    _emit(files, output, as_json)
+
+
+def _prebuild_registry(registry: str | None) -> str:
+    if not registry:
+        raise InputError("--prebuild pushes what it builds to a registry, and the nodes take it from there",
+                         hint="pass --registry HOST[:PORT]/PATH")
+    return _settings().registry(registry).repo
+
+
+def _prebuild_drivers(drivers: str | None) -> str:
+    from cudabuild.fleet.matrix import split_list
+    from cudabuild.options import validate_driver
+
+    if not drivers:
+        raise InputError("--prebuild builds the drivers you name", hint="pass --drivers LIST, e.g. --drivers 535")
+    return ",".join(validate_driver(d) for d in split_list(drivers, "--drivers"))
+
+
+@deploy.command("systemd", epilog=EXIT_CODE_HELP)
+@click.option("--registry", metavar="REPO", help="The registry the builds come from (and --prebuild pushes to). "
+                                                 + _env_help("registry"))
+@click.option("--driver", "driver", metavar="VERSION|BRANCH", help="The node's driver (e.g. 535).")
+@click.option("--prebuild", is_flag=True,
+              help="A build host's units instead: cudabuild-prebuild.service and .timer, which build, boot-test and "
+                   "push the kernels listed in /etc/cudabuild/kernels (cudabuild matrix --kernels-from).")
+@click.option("--drivers", metavar="LIST", help="With --prebuild: the drivers to build (e.g. 535).")
+@click.option("--schedule", default="daily", show_default=True, metavar="CALENDAR",
+              help="With --prebuild: the timer's OnCalendar.")
+@click.option("--cudabuild-path", default="/usr/local/bin/cudabuild", show_default=True, metavar="PATH",
+              help="Where cudabuild is on the host.")
+@click.option("--output", metavar="DIR", help="Write one file per unit into DIR (e.g. /etc/systemd/system) instead "
+                                              "of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print {file name: content} as one JSON object.")
+def deploy_systemd(registry, driver, prebuild, drivers, schedule, cudabuild_path, output, as_json) -> None:
+    """systemd units for a host. By default the node's: cudabuild-driver.service installs the
+    driver for whatever kernel runs (staged build, else the registry; cudabuild install
+    --registry) before the container engines start; cudabuild-stage.service and .timer stage the
+    next kernel's build hourly. With --prebuild, a build host's: a service and a timer that build
+    the fleet's kernels ahead of need."""
+    from cudabuild.deploy import systemd
+
+    registry = registry or _settings().option_values.get("registry")
+    if prebuild:
+        files = systemd.prebuild_files(cudabuild=cudabuild_path, registry=_prebuild_registry(registry),
+                                       drivers=_prebuild_drivers(drivers), schedule=schedule)
+    else:
+        if not registry:
+            raise InputError("the node's driver comes from a registry", hint="pass --registry HOST[:PORT]/PATH")
+        if driver is not None:
+            from cudabuild.options import validate_driver
+
+            validate_driver(driver)
+        files = systemd.node_files(cudabuild=cudabuild_path, registry=_settings().registry(registry).repo,
+                                   driver=driver)
+    _emit(files, output, as_json)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
@@ -808,7 +1136,6 @@ def run(gpus, cdi_dirs, dry_run, docker_args) -> None:
     from pathlib import Path
 
     from cudabuild.deliver.run import DEFAULT_DIRS, command
-    from cudabuild.errors import InputError
 
     line = command(list(docker_args), gpus=gpus, cdi_dirs=[Path(d) for d in cdi_dirs] or list(DEFAULT_DIRS),
                    env=_settings().environ)

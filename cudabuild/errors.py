@@ -103,6 +103,13 @@ class RegistryError(CudabuildError):
             self.exit_code = exit_code
 
 
+class NoBuildError(CudabuildError):
+    """No verified build for a kernel and driver where a node looks (staged on the host, the
+    registry): `stage`, `ready` and a driver container that does not wait."""
+
+    exit_code = 23
+
+
 class CacheError(CudabuildError):
     """The cache cannot be used (no space, not writable, lock not obtained)."""
 
@@ -127,5 +134,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (RegistryError.PUSH_REFUSED, "the registry refused a push (the local result is kept)"),
     (RegistryError.NOT_THERE, "the registry does not have the image asked for (--no-build, a cudabuild image)"),
     (MATRIX_FAILED, "matrix: one or more cells failed (each is named with its log's last lines)"),
+    (NoBuildError.exit_code, "no verified build for the kernel and driver, staged or in the registry (stage, ready, "
+                             "install --registry)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed"),
 ]

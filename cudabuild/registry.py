@@ -1,23 +1,26 @@
 """An OCI registry as the fleet's shared cache (KMM's "skip when the image exists"): before a build
 the registry is asked for the modules image of the same key; a build pushes its result.
 
-The registry is asked over its v2 HTTP API for a tag's labels (its manifest, then its config):
-plain HTTP for 127.0.0.1 and localhost, as the Docker engine allows, HTTPS elsewhere, with the
-anonymous or `docker login` token a registry asks for. Pushes and pulls go through the engine.
-What is pulled is an artifact like any other: its files are checked against their manifest and
-the modules verified against this host's kernel before they reach the cache."""
+The registry is asked over its v2 HTTP API for a tag's labels (its manifest, then its config) and
+for the tags it holds: plain HTTP for 127.0.0.1 and localhost, as the Docker engine allows, HTTPS
+elsewhere, with the anonymous or `docker login` token a registry asks for. A build's pushes and
+pulls go through the engine; a node (the driver container, which has no engine: Kubernetes nodes
+run containerd) pulls a modules image's one layer over the same API (`pull_layer`), each blob
+checked against its digest. What is pulled is an artifact like any other: its files are checked
+against their manifest and the modules verified against the kernel before they are used."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from cudabuild.errors import RegistryError, shown
+from cudabuild.errors import RegistryError, VerifyError, shown
 from cudabuild.options import validate_registry
 
 MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
@@ -25,6 +28,10 @@ MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+jso
 TIMEOUT = 20  # seconds for a connection or one read
 DEADLINE = 60.0  # seconds for a whole answer, however it trickles in
 MAX_ANSWER = 4 << 20  # bytes of a manifest, a config or a token: a real one is a few kB
+MAX_LAYER = 8 << 30  # bytes of a modules image's layer: a driver's is a few hundred MB
+LAYER_TYPES = {"application/vnd.docker.image.rootfs.diff.tar.gzip": "gz",
+               "application/vnd.oci.image.layer.v1.tar+gzip": "gz",
+               "application/vnd.oci.image.layer.v1.tar": ""}
 
 
 class _TooSlow(Exception):
@@ -111,6 +118,14 @@ class Registry:
         challenge = answer_headers.get("WWW-Authenticate", "")
         if status != 401 or not challenge.lower().startswith("bearer "):
             return status, body
+        bearer = self._token(challenge, name)
+        if bearer is None:
+            return 401, b""
+        status, _, body = self._fetch(url, **headers, Authorization=f"Bearer {bearer}")
+        return status, body
+
+    def _token(self, challenge: str, name: str) -> str | None:
+        """The bearer token a 401's challenge asks for; None when the token server refuses."""
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         realm = fields.get("realm", "")
         if not realm.startswith(("https://", "http://")):
@@ -119,13 +134,12 @@ class Registry:
         params = {"service": fields.get("service", ""), "scope": fields.get("scope", f"repository:{name}:pull")}
         status, _, token = self._fetch(realm, params=params, auth=self._credentials_for(realm))
         if status != 200:
-            return 401, b""
+            return None
         data = json.loads(token)
         bearer = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not isinstance(bearer, str):
             raise ValueError("the token server's answer has no token")
-        status, _, body = self._fetch(url, **headers, Authorization=f"Bearer {bearer}")
-        return status, body
+        return bearer
 
     def has(self, ref: str, key: str, *, note=lambda message: None) -> bool:
         """Whether the registry holds `ref` as a modules image of the build `key` (another build
@@ -142,29 +156,126 @@ class Registry:
 
     def labels(self, ref: str) -> dict[str, str] | None:
         """The labels of `ref` in the registry, or None when it has no such tag."""
-        name, _, tag = ref[len(self.host) + 1:].rpartition(":")
-        try:
-            status, manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
+        with self._answers(ref):
+            found = self._manifest(ref)
+            return None if found is None else found[1]
+
+    def tags(self, repository: str) -> list[str]:
+        """The tags of REPO/`repository` (e.g. "modules"); [] when it has none."""
+        name = f"{self.repo.split('/', 1)[1]}/{repository}" if "/" in self.repo else repository
+        ref = f"{self.host}/{name}"
+        with self._answers(ref):
+            status, body = self._get(f"{self.base_url}/v2/{name}/tags/list", name)  # all of them, unpaged
             if status == 404:
-                return None
-            if status in (401, 403):
-                raise RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
-                                    hint=f"log in first: docker login {self.host}")
+                return []
+            self._refused(status, ref)
             if status != 200:
-                raise ValueError(f"HTTP {status} for the manifest")
-            digest = json.loads(manifest)["config"]["digest"]
-            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-                raise ValueError(f"the manifest's config digest {shown(digest)} is not a sha256 digest")
-            status, config = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
-            if status != 200:
-                raise ValueError(f"HTTP {status} for the image's config")
-            data = json.loads(config)
-            labels = (data.get("config") or {}).get("Labels") if isinstance(data, dict) else None
-            labels = labels or {}
-            if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in labels.items()):
-                raise ValueError("its labels are not a mapping of strings to strings")
+                raise ValueError(f"HTTP {status} for the tag list")
+            tags = json.loads(body).get("tags") or []
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise ValueError("its tag list is not a list of names")
+            return tags
+
+    def pull_layer(self, ref: str, into: Path, *, progress=None) -> dict[str, str]:
+        """The one layer of the modules image `ref`, fetched over the API (no engine) and checked
+        against its digest, unpacked into `into` as artifact.extract_layer does; its labels."""
+        from cudabuild.artifact import extract_layer
+        from cudabuild.digests import sha256_file
+
+        with self._answers(ref):
+            found = self._manifest(ref)
+            if found is None:
+                raise RegistryError(f"the registry {self.host} has no {ref}", hint="check the tag; `cudabuild "
+                                    "modules --registry` pushes it")
+            manifest, labels = found
+            layers = manifest.get("layers")
+            if not isinstance(layers, list) or len(layers) != 1:
+                raise VerifyError(f"{ref} has {len(layers) if isinstance(layers, list) else 'no'} layers, not "
+                                  "one: cudabuild did not make it", hint="use images `cudabuild modules --registry` "
+                                                                         "pushed")
+            layer = layers[0]
+            digest, size, media = layer.get("digest"), layer.get("size"), layer.get("mediaType")
+            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) \
+                    or not isinstance(size, int) or not 0 < size <= MAX_LAYER or media not in LAYER_TYPES:
+                raise VerifyError(f"{ref}'s layer is not one cudabuild can read ({shown(media)}, {shown(size)} bytes)",
+                                  hint="use images `cudabuild modules --registry` pushed")
+            name = ref[len(self.host) + 1:].rpartition(":")[0]
+            blob = into / ".layer"
+            into.mkdir(parents=True, exist_ok=True)
+            self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, blob, size=size, progress=progress)
+            if f"sha256:{sha256_file(blob)}" != digest:
+                blob.unlink()
+                raise VerifyError(f"{ref}'s layer does not match its digest {digest[:19]}...: it changed on the "
+                                  "way or in the registry", hint="nothing was used; push the build again")
+            try:
+                extract_layer(blob, into, compression=LAYER_TYPES[media])
+            finally:
+                blob.unlink()
             return labels
+
+    def _download(self, url: str, name: str, dest: Path, *, size: int, progress=None) -> None:
+        """A blob into `dest`: at most `size` bytes, TIMEOUT per read (redirects to the registry's
+        storage followed; the token is not sent there)."""
+        headers = {}
+        for _ in range(2):
+            with requests.get(url, headers=headers, timeout=TIMEOUT, stream=True) as answer:
+                challenge = answer.headers.get("WWW-Authenticate", "")
+                if answer.status_code == 401 and challenge.lower().startswith("bearer ") and not headers:
+                    bearer = self._token(challenge, name)
+                    if bearer is None:
+                        break
+                    headers = {"Authorization": f"Bearer {bearer}"}
+                    continue
+                self._refused(answer.status_code, url)
+                if answer.status_code != 200:
+                    raise ValueError(f"HTTP {answer.status_code} for a layer")
+                written = 0
+                with open(dest, "wb") as out:
+                    for chunk in answer.iter_content(1 << 20):
+                        written += len(chunk)
+                        if written > size:
+                            raise VerifyError(f"the registry {self.host} sent more than the layer's {size} bytes",
+                                              hint="nothing was used; check the registry")
+                        out.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                return
+        self._refused(401, url)
+
+    def _refused(self, status: int, ref: str) -> None:
+        if status in (401, 403):
+            raise RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
+                                hint=f"log in first: docker login {self.host}")
+
+    def _manifest(self, ref: str) -> tuple[dict, dict[str, str]] | None:
+        """The manifest of `ref` and its config's labels; None when the registry has no such tag."""
+        name, _, tag = ref[len(self.host) + 1:].rpartition(":")
+        status, manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
+        if status == 404:
+            return None
+        self._refused(status, ref)
+        if status != 200:
+            raise ValueError(f"HTTP {status} for the manifest")
+        manifest = json.loads(manifest)
+        digest = manifest["config"]["digest"]
+        if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"the manifest's config digest {shown(digest)} is not a sha256 digest")
+        status, config = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
+        if status != 200:
+            raise ValueError(f"HTTP {status} for the image's config")
+        data = json.loads(config)
+        labels = (data.get("config") or {}).get("Labels") if isinstance(data, dict) else None
+        labels = labels or {}
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in labels.items()):
+            raise ValueError("its labels are not a mapping of strings to strings")
+        return manifest, labels
+
+    @contextmanager
+    def _answers(self, ref: str):
+        """The registry's failures, said as RegistryError naming `ref`."""
+        try:
+            yield
         except _TooSlow:
             raise RegistryError(f"the registry {self.host} did not answer for {ref} within {self.deadline:g} s",
                                 hint="check the registry and the network; it sends too slowly") from None
@@ -177,7 +288,6 @@ class Registry:
         except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the registry {self.host} answered for {ref} with something cudabuild cannot "
                                 f"read ({_reason(exc)})", hint="check that it is an OCI registry (v2 API)") from exc
-
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)

@@ -9,7 +9,8 @@ What is here:
 - how to reach and wait for the engine (DOCKER_HOST and the SDK's own variables, passed to it as
   they are; CUDABUILD_ENGINE_TIMEOUT), and how often to retry a download (CUDABUILD_DOWNLOAD_RETRIES),
 - secrets a build may need (KBUILD_SIGN_PIN: kept out of every repr),
-- this machine's facts that stand in for a default (the CPU count for --jobs, `uname -r` for --kernel),
+- this machine's facts that stand in for a default (the CPU count for --jobs, `uname -r` for --kernel and
+  the running kernel of a node; CUDABUILD_KERNEL_RELEASE stands in for it, as for the loader),
 - how to talk to people (CI, NO_COLOR), and
 - the environment as it was, for the child processes that inherit it (the loader, `docker run`).
 
@@ -93,6 +94,7 @@ class Settings:
             download_retries_invalid=retries_invalid,
             docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
             sign_pin=env.get("KBUILD_SIGN_PIN") or None,
+            host_release=env.get("CUDABUILD_KERNEL_RELEASE") or defaults.host_release,
             ci="CI" in env,
             no_color="NO_COLOR" in env,
         )

@@ -165,32 +165,14 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def target_kernel_files(kernel_repo, tmp_path_factory):
     """The .config and Module.symvers of Debian's build of the same kernel version, as a user
     would take them from the target host."""
-    from debian.debfile import DebFile
+    from tests.helpers import bookworm_archive, debian_headers_files
 
-    from cudabuild.cache import Cache
-    from cudabuild.sources.debian import DebianArchive
-    from cudabuild.fetch import Fetcher
-    from cudabuild.ui import Reporter
-
-    reporter = Reporter(quiet=True)
-    cache = Cache(STANDINS / "standin-cache")
-    fetcher = Fetcher(reporter=reporter)
-    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror="http://deb.debian.org/debian",
-                            security_mirror="http://deb.debian.org/debian-security", distribution="bookworm")
+    archive = bookworm_archive()
     release = next(r for r in archive.kernel_releases()
                    if r.endswith("-amd64") and r.count("-") == 2
                    and archive.versions(f"linux-headers-{r}")[0].upstream_version == kernel_repo["version"])
-    headers = archive.versions(f"linux-headers-{release}")[0]
-    deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size)
     out = tmp_path_factory.mktemp("target")
-    package = DebFile(str(deb))
-    try:
-        data = package.data.tgz()
-        for name, target in ((".config", "config"), ("Module.symvers", "Module.symvers")):
-            member = next(m for m in data.getmembers() if m.name.endswith(f"linux-headers-{release}/{name}"))
-            (out / target).write_bytes(data.extractfile(member).read())
-    finally:
-        package.close()
+    debian_headers_files(release, {".config": out / "config", "Module.symvers": out / "Module.symvers"})
     return {"config": out / "config", "symvers": out / "Module.symvers", "debian_release": release}
 
 

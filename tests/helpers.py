@@ -381,6 +381,23 @@ def fake_host(root: Path, *, gpus: int = 3) -> dict:
             "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(root), "FAKE_GPUS": str(gpus), "FAKE_VERSION": DRIVER}
 
 
+def reboot_fake_host(root: Path) -> None:
+    """What a reboot clears on a fake_host root: the loaded modules, /run, the device nodes, the
+    stub insmod's log. What is on disk (/var/lib, /boot, /etc) stays."""
+    import shutil
+
+    for module in (root / "sys/module").glob("nvidia*"):
+        shutil.rmtree(module)
+    shutil.rmtree(root / "proc/driver/nvidia/gpus")
+    (root / "proc/driver/nvidia/gpus").mkdir()
+    (root / "proc/devices").write_text("Character devices:\n  1 mem\n")
+    for rel in ("run/cudabuild", "run/cdi"):
+        shutil.rmtree(root / rel, ignore_errors=True)
+    for dev in (root / "dev").glob("nvidia*"):
+        shutil.rmtree(dev) if dev.is_dir() else dev.unlink()
+    (root / "insmod.log").unlink(missing_ok=True)
+
+
 def debian_layout(root: Path) -> None:
     """Debian 12's own links at the top of a root: absolute /var/run and /var/lock, merged /usr."""
     for d in ("run/lock", "var", "usr/lib", "usr/bin", "usr/sbin", "usr/lib64"):
@@ -425,6 +442,39 @@ def cdi_validator():
         edits.validate(spec.get("containerEdits", {}))
 
     return validate
+
+
+def bookworm_archive():
+    """Debian bookworm's archive, read with cudabuild's own reader (its index and packages cached
+    with the stand-ins)."""
+    from cudabuild.cache import Cache
+    from cudabuild.fetch import Fetcher
+    from cudabuild.sources.debian import DebianArchive
+    from cudabuild.ui import Reporter
+
+    reporter = Reporter(quiet=True)
+    return DebianArchive(cache=Cache(STANDINS / "standin-cache"), fetcher=Fetcher(reporter=reporter),
+                         reporter=reporter, mirror="http://deb.debian.org/debian",
+                         security_mirror="http://deb.debian.org/debian-security", distribution="bookworm")
+
+
+def debian_headers_files(release: str, files: dict[str, Path]) -> None:
+    """Files of Debian's linux-headers-RELEASE package (by name in its tree: ".config",
+    "Module.symvers"), as a user takes them from a host, written where `files` says."""
+    from debian.debfile import DebFile
+
+    archive = bookworm_archive()
+    headers = archive.versions(f"linux-headers-{release}")[0]
+    deb = archive.fetcher.fetch(headers.url, store=archive.cache.downloads, sha256=headers.sha256, size=headers.size)
+    package = DebFile(str(deb))
+    try:
+        data = package.data.tgz()
+        for name, target in files.items():
+            member = next(m for m in data.getmembers() if m.name.endswith(f"linux-headers-{release}/{name}"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data.extractfile(member).read())
+    finally:
+        package.close()
 
 
 def debian_debs(names: list[str], version: str) -> list[Path]:

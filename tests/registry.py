@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,14 +81,14 @@ class LocalRegistry:
         uncompressed tar (application/vnd.oci.image.layer.v1.tar), which any engine pulls. What a
         hostile registry serves need not come from `docker push`; this spares compressing it."""
         name, _, tag = ref[len(self.host) + 1:].rpartition(":")
-        layer = directory.parent / f"{directory.name}.layer.tar"
-        with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
-            for path in sorted(directory.rglob("*")):
-                tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-        layer_size = layer.stat().st_size
-        with open(layer, "rb") as body:
-            layer_digest = self._upload(name, body, f"sha256:{sha256_file(layer)}")
-        layer.unlink()
+        with tempfile.TemporaryDirectory() as work:  # not beside DIRECTORY: it may be a cache's result
+            layer = Path(work) / "layer.tar"
+            with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
+                for path in sorted(directory.rglob("*")):
+                    tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+            layer_size = layer.stat().st_size
+            with open(layer, "rb") as body:
+                layer_digest = self._upload(name, body, f"sha256:{sha256_file(layer)}")
         config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": labels},
                              "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).encode()
         config_digest = self._upload(name, config, f"sha256:{hashlib.sha256(config).hexdigest()}")

@@ -79,9 +79,10 @@ def check_cuda(driver_version: str, base: str, base_cuda: str | None) -> None:
             hint=f"use a base with CUDA {supported} or older, or build the modules with a newer --driver")
 
 
-def render_runtime(profile: Profile) -> str:
+def render_runtime(profile: Profile, node: dict | None = None) -> str:
+    """`node`: the kernel-agnostic driver container's configuration ({"registry", "command"})."""
     if profile.kind == "driver":
-        return render_template("driver.Dockerfile.j2", base=profile.base)
+        return render_template("driver.Dockerfile.j2", base=profile.base, node=node)
     if profile.kind == "kmm":
         return render_template("kmm.Dockerfile.j2")
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
@@ -92,8 +93,10 @@ def render_runtime(profile: Profile) -> str:
 # What `cudabuild install` imports, copied beside it (a signed artifact's signatures are checked
 # with asn1crypto and cryptography, whose compiled parts are for CPython 3.11 on glibc, as the
 # driver profile's base has).
+# The kernel-agnostic driver container also pulls from a registry (requests and what it needs) and
+# orders kernel releases (python-debian).
 VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml", "asn1crypto", "cryptography",
-            "cffi", "_cffi_backend")
+            "cffi", "_cffi_backend", "requests", "urllib3", "idna", "certifi", "charset_normalizer", "debian")
 
 
 def stage_kmm(checked: Artifact, into: Path) -> None:
@@ -124,13 +127,15 @@ def stage_kmm(checked: Artifact, into: Path) -> None:
         (root / "bin" / applet).symlink_to("busybox")
 
 
-def stage_driver(checked: Artifact, into: Path) -> None:
-    """The driver image's layer: the artifact at /opt/cudabuild/artifact and cudabuild with what it
-    imports at /opt/cudabuild/python (its scripts and templates in cudabuild/_data, as in a wheel)."""
+def stage_driver(checked: Artifact | None, into: Path) -> None:
+    """The driver image's layer: the artifact at /opt/cudabuild/artifact (none in the
+    kernel-agnostic image) and cudabuild with what it imports at /opt/cudabuild/python (its scripts
+    and templates in cudabuild/_data, as in a wheel)."""
     import importlib
 
     home = into / "rootfs" / "opt" / "cudabuild"
-    checked.copy_to(lambda rel: home / "artifact" / rel, manifest=home / "artifact" / artifact.MANIFEST)
+    if checked is not None:
+        checked.copy_to(lambda rel: home / "artifact" / rel, manifest=home / "artifact" / artifact.MANIFEST)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_data")
     for name in VENDORED:
         found = Path(importlib.import_module(name).__file__)
@@ -191,6 +196,35 @@ def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: C
     return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": manifest.driver_version,
             "kernel_release": manifest.kernel_release, "base_cuda": base_cuda,
             "max_cuda": max_cuda(manifest.driver_version), "layers_added": 1, "smoke": list(profile.smoke)}
+
+
+def build_node_driver_image(*, profile: Profile, registry: str, driver: str | None, engine: Engine, cache: Cache,
+                            tag: str | None, reporter: Reporter) -> dict:
+    """The kernel-agnostic driver container: no modules; at start it finds the running kernel's
+    verified build (staged on the host, else REGISTRY over its HTTP API) and installs it, then waits
+    and stages the next kernel (`cudabuild install --registry REGISTRY [--driver DRIVER] --wait`)."""
+    from cudabuild.deliver.staging import NodeConfig
+
+    config = NodeConfig(driver=driver, registry=registry)
+    tag = tag or f"cudabuild/driver:{config.shown_driver}"
+    command = ["--registry", registry, *(["--driver", driver] if driver else []), "--wait"]
+    engine.ensure_image(profile.base, what="base image", hint="or run `bash scripts/setup` to make its stand-in")
+    base_layers = len(engine.image(profile.base)["RootFS"]["Layers"])
+    with reporter.step(f"build {tag} from {profile.base} (one layer; no modules: any kernel)"), \
+            tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
+        stage_driver(None, Path(staging))
+        rootfs = Path(staging) / "rootfs"
+        entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
+        dockerfile = render_runtime(profile, {"registry": registry, "command": command})
+        with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:
+            engine.build(context=context, tag=tag, network="none",
+                         labels={**artifact.node_image_labels(driver=config.shown_driver, registry=registry,
+                                                              profile=profile.name),
+                                 "org.opencontainers.image.base.name": profile.base})
+    if len(engine.image(tag)["RootFS"]["Layers"]) != base_layers + 1:
+        raise VerifyError(f"{tag} has more than one layer over its base")
+    return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": None,
+            "kernel_release": None, "node": config.to_json(), "command": command, "layers_added": 1}
 
 
 def _env(info: dict, name: str) -> str | None:

@@ -6,7 +6,9 @@
    loads the modules and makes the device nodes under ROOT/dev: the same checks, order and exit
    codes as in a runtime image.
 3. A CDI spec of the GPUs the driver reports goes to ROOT/var/run/cdi.
-4. Last, the readiness file ROOT/run/cudabuild/driver/ready.
+4. Last, the readiness file ROOT/run/cudabuild/driver/ready: JSON naming the kernel, the driver,
+   where the build came from (`source`: the artifact given, staged on the node, the registry;
+   `fallback_from` when another driver version stands in) and its boot-test verdict.
 
 ROOT is the host's file system as this process sees it (/host in the driver container); every path
 under it is resolved inside it, as a chroot would (cudabuild/hostfs.py: on Debian /var/run is a link
@@ -148,7 +150,9 @@ def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]
     return [line.split(" ", 1)[1] for line in said if line.startswith("loaded ")]
 
 
-def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter) -> Installed:
+def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter,
+            origin: Mapping[str, object] | None = None) -> Installed:
+    """`origin`: where a node found this build (staging.Found.to_json), written into the ready file."""
     if not root.is_dir():
         raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
     host = HostRoot(root)
@@ -163,18 +167,22 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
         with reporter.step("load the modules and make the device nodes (the image loader)"):
             loaded = run_loader(target, root=root, env=env)
         return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,
-                       files_changed=files_changed)
+                       files_changed=files_changed, origin=origin)
 
 
 def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, target: Path, loaded: list[str],
-            files_changed: bool) -> Installed:
+            files_changed: bool, origin: Mapping[str, object] | None) -> Installed:
     """The CDI spec of what is loaded, then the ready file."""
     version = checked.manifest.driver_version
     libraries = tuple(p for p in sorted((target / "lib").iterdir()) if p.is_file() and not p.is_symlink())
     binaries = tuple(p for p in sorted((target / "bin").iterdir()) if p.is_file())
     userspace = cdi.Userspace(version=version, libraries=libraries, binaries=binaries)
     spec, spec_changed = cdi.write(cdi.generate(root, host_root=host_root, userspace=userspace), root)
-    text = json.dumps({"driver_version": version, "cdi_spec": host.host_path(spec, host_root)}) + "\n"
+    m = checked.manifest
+    state = {"kernel": m.kernel_release, "driver": version, "flavor": m.flavor, "source": "artifact", "ref": None,
+             "fallback_from": None, "boot_test": m.boot_summary, **(origin or {}),
+             "driver_version": version, "cdi_spec": host.host_path(spec, host_root)}
+    text = json.dumps(state) + "\n"
     ready, _ = host.write_atomic(f"{DRIVER_DIR}/{READY}", text.encode())
     return Installed(driver_version=version, driver_dir=host.host_path(target, host_root),
                      spec=host.host_path(spec, host_root), ready=host.host_path(ready, host_root),

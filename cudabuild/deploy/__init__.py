@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.artifact import LABEL_PREFIX, read_labels
+from cudabuild.artifact import LABEL_PREFIX, read_labels, read_node_labels
 from cudabuild.deliver import devices
 from cudabuild.deliver.install import DRIVER_DIR, READY
 from cudabuild.errors import InputError
@@ -26,12 +26,19 @@ READY_FILE = f"/{DRIVER_DIR}/{READY}"  # where install writes it (cudabuild/deli
 
 @dataclass(frozen=True)
 class DriverImage:
-    """A driver (or KMM) image as the cluster pulls it, and what it holds."""
+    """A driver (or KMM) image as the cluster pulls it, and what it holds. A kernel-agnostic
+    driver image (cudabuild image driver --registry R) has no kernel: it serves every one, started
+    with `args`."""
 
     ref: str
-    kernel_release: str
+    kernel_release: str | None
     driver_version: str
     kind: str  # driver | kmm
+    args: tuple[str, ...] = ("--wait",)
+
+    @property
+    def every_kernel(self) -> bool:
+        return self.kernel_release is None
 
 
 @dataclass(frozen=True)
@@ -66,20 +73,35 @@ def as_pulled(ref: str, registry: str | None) -> str:
 
 
 def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -> list[DriverImage]:
-    """The named images (or, none named, every local cudabuild image of this kind), checked to be
-    cudabuild's images of that kind."""
+    """The named images (or, none named: the kernel-agnostic driver image when the engine has one,
+    else every local cudabuild image of this kind), checked to be cudabuild's images of that kind."""
     if not refs:
         refs = engine.tagged(f"{LABEL_PREFIX}.profile={kind}")
         if not refs:
             raise InputError(f"no cudabuild {kind} image in the engine",
-                             hint=f"make one: cudabuild image {kind} --modules IMAGE|DIR, or name one with --image")
+                             hint=f"make one: cudabuild image {kind} --registry REPO (every kernel), or "
+                                  f"--modules IMAGE|DIR (one kernel); or name one with --image")
+        agnostic = [ref for ref in refs if read_node_labels(engine.image(ref)["Config"].get("Labels"))]
+        refs = agnostic[-1:] or refs  # one object serves every kernel
     found = []
     for ref in refs:
         validate_image_ref(ref, "--image")
         if engine.image_id(ref) is None:
             raise InputError(f"--image {ref}: no such image in the engine",
                              hint=f"make it with cudabuild image {kind}, or check the name")
-        labels = read_labels(engine.image(ref)["Config"].get("Labels"), ref)
+        image_labels = engine.image(ref)["Config"].get("Labels")
+        node = read_node_labels(image_labels)
+        if node is not None and kind != "driver":
+            raise InputError(f"--image {ref} is a kernel-agnostic driver image; {kind.upper()} maps each kernel to "
+                             "an image of its own", hint=f"make one per kernel: cudabuild image {kind} --modules "
+                                                         "IMAGE|DIR")
+        if node is not None:
+            driver, node_registry = node
+            args = ("--registry", node_registry, *(() if driver == "any" else ("--driver", driver)), "--wait")
+            found.append(DriverImage(ref=as_pulled(ref, registry), kernel_release=None, driver_version=driver,
+                                     kind=kind, args=args))
+            continue
+        labels = read_labels(image_labels, ref)
         if labels is None or labels.profile != kind:
             raise InputError(f"--image {ref} is not a cudabuild {kind} image",
                              hint=f"make one with cudabuild image {kind} --modules IMAGE|DIR")

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from cudabuild.deploy import EXAMPLE_IMAGE, DriverImage, File, HostFacts
 from cudabuild.deliver.install import DRIVER_DIR
+from cudabuild.errors import InputError
 
 NODE_DRIVER = "/usr/local/nvidia"  # where the seed's shape mounts the driver in the container
 
 
 def driver_task(image: DriverImage) -> dict:
+    family = "cudabuild-driver" if image.every_kernel else f"cudabuild-driver-{image.kernel_release}"
     return {
-        "family": f"cudabuild-driver-{image.kernel_release}".replace(".", "-").replace("+", "-"),
+        "family": family.replace(".", "-").replace("+", "-"),
         "requiresCompatibilities": ["EC2"], "networkMode": "host", "pidMode": "host",
         "volumes": [{"name": "host-root", "host": {"sourcePath": "/"}}],
         "containerDefinitions": [{
             "name": "driver", "image": image.ref, "essential": True, "privileged": True, "memory": 512,
-            "command": ["--wait"], "mountPoints": [{"sourceVolume": "host-root", "containerPath": "/host"}],
+            "command": list(image.args), "mountPoints": [{"sourceVolume": "host-root", "containerPath": "/host"}],
         }],
     }
 
@@ -55,7 +57,11 @@ def workload_seed(host: HostFacts, version: str) -> dict:
 
 
 def files(images: list[DriverImage], host: HostFacts, *, runtime_path: str) -> list[File]:
-    version = host.driver_version or images[0].driver_version
+    version = host.driver_version or next((i.driver_version for i in images if not i.every_kernel), None)
+    if version is None:
+        raise InputError("the node's driver version names the seed workload's driver directory, and this node "
+                         "has no driver loaded", hint="run it on a node after the driver container installed, or "
+                                                     "pass --root")
     out = []
     for image in images:
         task = driver_task(image)

@@ -36,6 +36,22 @@ def split_list(value: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def kernels_from(text: str, source: str) -> str:
+    """The releases a file lists (--kernels-from): one per line, or separated by blanks or commas as
+    `kubectl get nodes -o jsonpath='{.items[*].status.nodeInfo.kernelVersion}'` prints them; `#`
+    starts a comment. As a --kernels LIST, each release once."""
+    from cudabuild.options import validate_release
+
+    releases = []
+    for line in text.splitlines():
+        for item in line.split("#", 1)[0].replace(",", " ").split():
+            releases.append(validate_release(item, what=f"a kernel release in {source}"))
+    if not releases:
+        raise InputError(f"--kernels-from {shown(source)} names no kernel release",
+                         hint="list one release per line, e.g. 6.1.0-56-amd64")
+    return ",".join(dict.fromkeys(releases))
+
+
 def expand_kernels(value: str, archive_for: Callable[[str], object]) -> list[str]:
     """Explicit releases, or debian:CODENAME for every linux-headers-*-amd64 ABI Debian has."""
     kernels: list[str] = []

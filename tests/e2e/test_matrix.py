@@ -64,10 +64,15 @@ def test_swarm_jobs_build_and_push_and_a_cell_that_cannot_build_fails_alone(buil
     assert not swarm.docker("service", "ls", "-q").stdout.strip(), "the jobs' services are removed"
 
 
-def test_a_second_run_schedules_nothing_the_registry_holds(swarm_matrix, swarm, registry, open_run, installers):
+def test_a_second_run_schedules_nothing_the_registry_holds(swarm_matrix, swarm, registry, open_run, installers,
+                                                           tmp_path):
+    """The fleet's kernels from a file (--kernels-from): the one the registry holds is not built again."""
     cache = swarm_matrix["cache"]
-    again, services = matrix(swarm, cache, registry, "--kernels", OLDER, "--drivers", OPEN, "--flavors", "open",
-                             *ONLY, "--driver-source", "run", "--installer", installer_url(installers), "--json")
+    fleet = tmp_path / "kernels"
+    fleet.write_text(f"# the fleet's kernels\n{OLDER}\n")
+    again, services = matrix(swarm, cache, registry, "--kernels-from", str(fleet), "--drivers", OPEN, "--flavors",
+                             "open", *ONLY, "--driver-source", "run", "--installer", installer_url(installers),
+                             "--json")
     assert again.returncode == 0, again.stderr[-4000:]
     assert services == [], "cells already in the registry are not scheduled"
     cells = json.loads(again.stdout)["cells"]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RELEASE, fake_host, make_artifact, run_cli
+from tests.helpers import RELEASE, REPO, fake_host, make_artifact, run_cli
+
+NODE_REGISTRY = "registry.example:5000/gpu"
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,11 @@ def images(tmp_path_factory, docker_client):
         result = run_cli("image", kind, "--modules", str(art), "--tag", f"cudabuild-test/{kind}:1", "--json")
         assert result.returncode == 0, result.stderr
         made[kind] = json.loads(result.stdout)["image"]
+    # The kernel-agnostic driver image (no modules; its builds come from the registry it names).
+    result = run_cli("image", "driver", "--registry", NODE_REGISTRY, "--driver", "535", "--no-push",
+                     "--tag", "cudabuild-test/driver-any:1", "--json")
+    assert result.returncode == 0, result.stderr
+    made["any"] = json.loads(result.stdout)["image"]
     yield made
     for tag in made.values():
         docker_client.images.remove(tag, force=True)
@@ -115,3 +122,97 @@ def test_output_never_replaces_what_deploy_did_not_write(images, tmp_path):
     assert both.returncode == 3 and "choose one" in both.stderr and not (tmp_path / "x").exists()
     for result in (again, refused, root, both):
         assert "Traceback" not in result.stderr
+
+
+def test_one_daemonset_serves_every_kernel(images, tmp_path):
+    """`deploy kubernetes` of the kernel-agnostic image: one DaemonSet on every node with an NVIDIA
+    device, whatever its kernel, started as the image says; strict validation; KMM refused."""
+    import yaml
+
+    validate = str(Path(sys.executable).parent / "kubernetes-validate")
+    out = tmp_path / "k8s"
+    result = run_cli("deploy", "kubernetes", "--image", images["any"], "--registry", NODE_REGISTRY, "--output",
+                     str(out))
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.glob("*.yaml"))
+    assert [f.name for f in files] == ["cudabuild-driver.yaml", "namespace.yaml"]
+    check = subprocess.run([validate, "-k", "1.30.0", "--strict", *map(str, files)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    daemonset = yaml.safe_load(files[0].read_text())
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"feature.node.kubernetes.io/pci-10de.present": "true"}, "no kernel selector"
+    [container] = spec["containers"]
+    assert container["image"] == f"{NODE_REGISTRY}/driver-any:1"
+    assert container["args"] == ["--registry", NODE_REGISTRY, "--driver", "535", "--wait"]
+    kmm = run_cli("deploy", "kubernetes", "--image", images["any"], "--kmm")
+    assert kmm.returncode == 3 and "kernel-agnostic" in kmm.stderr
+
+
+def test_one_ecs_daemon_service_and_one_swarm_command_serve_every_kernel(images, tmp_path):
+    import botocore.session
+    import botocore.validate
+
+    root = tmp_path / "node"
+    fake_host(root, gpus=1)
+    d = root / "proc/driver/nvidia/gpus/0000:01:00.0"
+    d.mkdir(parents=True)
+    (d / "information").write_text("Device Minor: \t 0\nGPU UUID: \t GPU-00000000-node\n")
+    (root / "sys/module/nvidia").mkdir(parents=True)
+    (root / "sys/module/nvidia/version").write_text("535.309.01\n")
+    ecs = run_cli("deploy", "ecs", "--root", str(root), "--image", images["any"], "--json")
+    assert ecs.returncode == 0, ecs.stderr
+    files = json.loads(ecs.stdout)
+    assert "cudabuild-driver.task.json" in files and "cudabuild-driver.service.json" in files
+    model = botocore.session.get_session().get_service_model("ecs")
+    report = botocore.validate.ParamValidator().validate(files["cudabuild-driver.task.json"],
+                                                        model.operation_model("RegisterTaskDefinition").input_shape)
+    assert not report.has_errors(), report.generate_report()
+    assert files["cudabuild-driver.task.json"]["containerDefinitions"][0]["command"][-1] == "--wait"
+    swarm = run_cli("deploy", "swarm", "--root", str(root), "--image", images["any"], "--json")
+    assert swarm.returncode == 0, swarm.stderr
+    install = json.loads(swarm.stdout)["install-driver.sh"]
+    assert "uname -r" not in install and "--network host" in install and f"--registry {NODE_REGISTRY}" in install
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
+    """The node's units (driver at boot, the next kernel staged hourly) and a build host's prebuild
+    units: `systemd-analyze verify` accepts them without a word (it warns of an unknown key and
+    fails on a command that is not there), and they run what they say."""
+    cudabuild = str(REPO / ".venv" / "bin" / "cudabuild")
+    out = tmp_path / "units"
+    node = run_cli("deploy", "systemd", "--registry", NODE_REGISTRY, "--driver", "535", "--cudabuild-path", cudabuild,
+                   "--output", str(out))
+    assert node.returncode == 0, node.stderr
+    prebuild = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY, "--drivers", "535,470",
+                       "--cudabuild-path", cudabuild, "--output", str(out))
+    assert prebuild.returncode == 0, prebuild.stderr
+    units = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # and deploy's own record
+    assert units == ["cudabuild-driver.service", "cudabuild-prebuild.service", "cudabuild-prebuild.timer",
+                     "cudabuild-stage.service", "cudabuild-stage.timer"]
+    verify = subprocess.run(["systemd-analyze", "verify", *units], cwd=out, capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+    driver = (out / "cudabuild-driver.service").read_text()
+    assert f"ExecStart={cudabuild} install --registry {NODE_REGISTRY} --driver 535\n" in driver
+    assert "Before=docker.service containerd.service podman.service" in driver
+    assert f"--kernels-from /etc/cudabuild/kernels --drivers 535,470 --registry {NODE_REGISTRY} --boot-test" in \
+        (out / "cudabuild-prebuild.service").read_text()
+    refused = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY)
+    assert refused.returncode == 3 and "--drivers" in refused.stderr
+
+
+def test_the_prebuild_cronjob_validates_strictly(images, tmp_path):
+    import yaml
+
+    out = tmp_path / "k8s"
+    result = run_cli("deploy", "kubernetes", "--image", images["any"], "--registry", NODE_REGISTRY, "--prebuild",
+                     "--drivers", "535", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    cronjob = out / "cudabuild-prebuild.yaml"
+    check = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "-k", "1.30.0", "--strict",
+                            str(cronjob)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    pod = yaml.safe_load(cronjob.read_text())["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][:3] == ["matrix", "--kernels-from", "/etc/cudabuild/kernels"]
+    assert pod["containers"][0]["image"].startswith(f"{NODE_REGISTRY}/cudabuild:")
+    refused = run_cli("deploy", "kubernetes", "--image", images["any"], "--prebuild", "--drivers", "535")
+    assert refused.returncode == 3 and "--registry" in refused.stderr

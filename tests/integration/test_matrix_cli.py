@@ -68,3 +68,27 @@ def test_refusals_come_before_anything_is_scheduled(engine, tmp_path, args, code
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kernels_from_a_fleets_list_build_exactly_those(engine, tmp_path):
+    """--kernels-from -: the releases as `kubectl get nodes -o jsonpath=...` prints them (blank-
+    separated, one node's kernel repeated), or a file with comments: exactly those cells."""
+    cudabuild = str(Path(sys.executable).parent / "cudabuild")
+    common = ["--drivers", "535", "--backend", "kubernetes", "--image", "registry.example/gpu/cudabuild:0.1.0"]
+    piped = subprocess.run([cudabuild, "matrix", "--kernels-from", "-", *common], capture_output=True, text=True,
+                           input="6.1.0-56-amd64 6.1.0-47-amd64 6.1.0-56-amd64\n", env={**os.environ, **ENV})
+    assert piped.returncode == 0, piped.stderr
+    kernels = [json.loads(j["spec"]["template"]["spec"]["containers"][0]["args"][2])["kernel"]
+               for j in yaml.safe_load_all(piped.stdout)]
+    assert kernels == ["6.1.0-56-amd64", "6.1.0-47-amd64"]
+    listed = tmp_path / "kernels"
+    listed.write_text("# the fleet's kernels\n6.1.0-47-amd64\n\n")
+    from_file = run_cli("matrix", "--kernels-from", str(listed), *common, env=ENV)
+    assert from_file.returncode == 0, from_file.stderr
+    assert len(list(yaml.safe_load_all(from_file.stdout))) == 1
+    (tmp_path / "empty").write_text("# nothing yet\n")
+    for args, code, message in ((["--kernels-from", str(tmp_path / "empty")], 3, "names no kernel release"),
+                                (["--kernels-from", str(listed), "--kernels", "6.1.0-47-amd64"], 2, "one of them"),
+                                ([], 2, "--kernels LIST or --kernels-from FILE")):
+        refused = run_cli("matrix", *args, *common, env=ENV)
+        assert refused.returncode == code and message in refused.stderr, refused.stderr
