@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cudabuild
+from cudabuild.artifact import read_labels
 from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
 from cudabuild.compile.job import BuildJob
@@ -120,11 +121,19 @@ class MatrixResult:
                           "seconds": round(o.seconds, 1), "key": o.job.key,
                           "driver_version": result.get("driver_version") or o.job.driver_version,
                           "modules_image": result.get("modules_image") or o.job.tag,
-                          "registry_ref": o.job.registry_ref, "error": o.error, "log_tail": o.log_tail,
-                          "log": o.log_path})
+                          "registry_ref": o.job.registry_ref, "boot_test": _boot_summary(result.get("boot_test")),
+                          "error": o.error, "log_tail": o.log_tail, "log": o.log_path})
         return {"backend": self.backend, "registry": self.registry, "cells": cells,
                 "failed": len(self.failed), "logs": self.logs,
                 **({"jobs": self.manifests} if self.backend == "kubernetes" else {})}
+
+
+def _boot_summary(boot_test) -> str | None:
+    """Whether the real kernel accepted a cell's modules in its boot test ("accepted by RELEASE
+    (tcg)"): from a build's result, or an image's label (already a line); None when not tested."""
+    if isinstance(boot_test, dict):
+        return f"{boot_test.get('verdict')} by {boot_test.get('kernel')} ({boot_test.get('accelerator')})"
+    return boot_test if isinstance(boot_test, str) else None
 
 
 def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Settings, reporter: Reporter,
@@ -191,7 +200,9 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                                       registry_ref=remote, inputs=tuple(plan.inputs),
                                       kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
             if registry is not None and options.use_cache and registry.has(remote, plan.key, note=reporter.note):
-                done[(kernel, driver, flavor)] = Outcome(job, "in-registry")
+                held = read_labels(registry.labels(remote), remote)  # its boot test's verdict, as labelled
+                done[(kernel, driver, flavor)] = Outcome(job, "in-registry",
+                                                         result={"boot_test": held.boot_test if held else None})
                 continue
             jobs.append(job)
     for outcome in done.values():

@@ -15,6 +15,7 @@ from cudabuild.cache import pid_alive, pid_namespace
 from cudabuild.engine import Engine
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import InputError, VerifyError
+from cudabuild.compile.backends import Outcome
 from cudabuild.fleet.matrix import MatrixRequest, MatrixResult, expand_kernels, summary_lines
 from cudabuild.artifact import unpack_image
 from cudabuild.registry import Registry
@@ -101,6 +102,18 @@ def test_a_finished_job_becomes_its_outcome(tmp_path):
     silent = backends.outcome_of(JOB, None, "", "", seconds=1, log_path=tmp_path / "gone.log",
                                  reason="its node went away")
     assert silent.error == "its node went away"
+
+
+def test_the_report_says_per_cell_whether_the_kernel_accepted_its_modules():
+    """The JSON report's boot_test per cell: a build's boot test (its result), a registry's image
+    label (a cell not built again), or None when it was not boot-tested."""
+    verdict = {"verdict": "accepted", "kernel": "6.1.0-56-amd64", "accelerator": "tcg", "modules": []}
+    built = Outcome(JOB, "built", result={"driver_version": "535.261.03", "boot_test": verdict})
+    held = Outcome(JOB, "in-registry", result={"boot_test": "rejected by 6.1.0-56-amd64 (tcg)"})
+    untested = Outcome(JOB, "cached", result={"driver_version": "535.261.03", "boot_test": None})
+    cells = MatrixResult(backend="local", registry=None, outcomes=[built, held, untested]).as_json()["cells"]
+    assert [c["boot_test"] for c in cells] == ["accepted by 6.1.0-56-amd64 (tcg)", "rejected by 6.1.0-56-amd64 (tcg)",
+                                               None]
 
 
 class _HungSwarm:
