@@ -83,8 +83,10 @@ def ready_file(host: Path) -> dict:
 
 
 def staged(host: Path) -> list[str]:
+    """The kernels with a whole build staged (a pull still under way is a hidden directory)."""
     top = host / "var/lib/cudabuild/staged"
-    return sorted(p.name for p in top.iterdir()) if top.exists() else []
+    return sorted(r.name for r in top.iterdir() if any(not b.name.startswith(".") for b in r.iterdir())) \
+        if top.exists() else []
 
 
 def reboot_into(host: Path, env: dict, release: str, version: str) -> dict:
