@@ -144,15 +144,20 @@ class Registry:
     def has(self, ref: str, key: str, *, note=lambda message: None) -> bool:
         """Whether the registry holds `ref` as a modules image of the build `key` (another build
         under that tag is said through `note`, and is not it)."""
+        return self.held(ref, key, note=note) is not None
+
+    def held(self, ref: str, key: str, *, note=lambda message: None):
+        """The artifact labels (artifact.ImageLabels) of `ref` when the registry holds it as a
+        modules image of the build `key`; None otherwise (another build is said through `note`)."""
         from cudabuild.artifact import read_labels
 
         labels = read_labels(self.labels(ref), ref)
         if labels is None:
-            return False
+            return None
         if labels.key != key:
             note(f"{ref} in the registry is another build (key {labels.key[:16]}..., ours {key[:16]}...)")
-            return False
-        return True
+            return None
+        return labels
 
     def labels(self, ref: str) -> dict[str, str] | None:
         """The labels of `ref` in the registry, or None when it has no such tag."""
@@ -176,11 +181,10 @@ class Registry:
                 raise ValueError("its tag list is not a list of names")
             return tags
 
-    def pull_layer(self, ref: str, into: Path, *, progress=None) -> dict[str, str]:
+    def pull_layer(self, ref: str, into: Path) -> dict[str, str]:
         """The one layer of the modules image `ref`, fetched over the API (no engine) and checked
         against its digest, unpacked into `into` as artifact.extract_layer does; its labels."""
         from cudabuild.artifact import extract_layer
-        from cudabuild.digests import sha256_file
 
         with self._answers(ref):
             found = self._manifest(ref)
@@ -199,11 +203,10 @@ class Registry:
                     or not isinstance(size, int) or not 0 < size <= MAX_LAYER or media not in LAYER_TYPES:
                 raise VerifyError(f"{ref}'s layer is not one cudabuild can read ({shown(media)}, {shown(size)} bytes)",
                                   hint="use images `cudabuild modules --registry` pushed")
-            name = ref[len(self.host) + 1:].rpartition(":")[0]
+            name, _ = self._name_and_tag(ref)
             blob = into / ".layer"
             into.mkdir(parents=True, exist_ok=True)
-            self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, blob, size=size, progress=progress)
-            if f"sha256:{sha256_file(blob)}" != digest:
+            if self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, blob, size=size) != digest:
                 blob.unlink()
                 raise VerifyError(f"{ref}'s layer does not match its digest {digest[:19]}...: it changed on the "
                                   "way or in the registry", hint="nothing was used; push the build again")
@@ -213,9 +216,11 @@ class Registry:
                 blob.unlink()
             return labels
 
-    def _download(self, url: str, name: str, dest: Path, *, size: int, progress=None) -> None:
+    def _download(self, url: str, name: str, dest: Path, *, size: int) -> str:
         """A blob into `dest`: at most `size` bytes, TIMEOUT per read (redirects to the registry's
-        storage followed; the token is not sent there)."""
+        storage followed; the token is not sent there); its digest, sha256:HEX, taken as it arrives."""
+        import hashlib
+
         headers = {}
         for _ in range(2):
             with requests.get(url, headers=headers, timeout=TIMEOUT, stream=True) as answer:
@@ -229,7 +234,7 @@ class Registry:
                 self._refused(answer.status_code, url)
                 if answer.status_code != 200:
                     raise ValueError(f"HTTP {answer.status_code} for a layer")
-                written = 0
+                written, digest = 0, hashlib.sha256()
                 with open(dest, "wb") as out:
                     for chunk in answer.iter_content(1 << 20):
                         written += len(chunk)
@@ -237,19 +242,26 @@ class Registry:
                             raise VerifyError(f"the registry {self.host} sent more than the layer's {size} bytes",
                                               hint="nothing was used; check the registry")
                         out.write(chunk)
-                        if progress:
-                            progress(len(chunk))
-                return
-        self._refused(401, url)
+                        digest.update(chunk)
+                return f"sha256:{digest.hexdigest()}"
+        raise self._refusal(401, url)  # the token server said no, or the token was not taken
 
     def _refused(self, status: int, ref: str) -> None:
         if status in (401, 403):
-            raise RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
-                                hint=f"log in first: docker login {self.host}")
+            raise self._refusal(status, ref)
+
+    def _refusal(self, status: int, ref: str) -> RegistryError:
+        return RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
+                             hint=f"log in first: docker login {self.host}")
+
+    def _name_and_tag(self, ref: str) -> tuple[str, str]:
+        """HOST/NAME:TAG -> (NAME, TAG)."""
+        name, _, tag = ref[len(self.host) + 1:].rpartition(":")
+        return name, tag
 
     def _manifest(self, ref: str) -> tuple[dict, dict[str, str]] | None:
         """The manifest of `ref` and its config's labels; None when the registry has no such tag."""
-        name, _, tag = ref[len(self.host) + 1:].rpartition(":")
+        name, tag = self._name_and_tag(ref)
         status, manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
         if status == 404:
             return None
@@ -288,6 +300,7 @@ class Registry:
         except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the registry {self.host} answered for {ref} with something cudabuild cannot "
                                 f"read ({_reason(exc)})", hint="check that it is an OCI registry (v2 API)") from exc
+
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)

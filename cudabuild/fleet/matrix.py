@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cudabuild
-from cudabuild.artifact import read_labels
 from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
 from cudabuild.compile.job import BuildJob
@@ -199,10 +198,10 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                                       driver_version=plan.spec.driver_version,
                                       registry_ref=remote, inputs=tuple(plan.inputs),
                                       kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
-            if registry is not None and options.use_cache and registry.has(remote, plan.key, note=reporter.note):
-                held = read_labels(registry.labels(remote), remote)  # its boot test's verdict, as labelled
-                done[(kernel, driver, flavor)] = Outcome(job, "in-registry",
-                                                         result={"boot_test": held.boot_test if held else None})
+            held = (registry.held(remote, plan.key, note=reporter.note)
+                    if registry is not None and options.use_cache else None)
+            if held is not None:  # with its boot test's verdict, as labelled
+                done[(kernel, driver, flavor)] = Outcome(job, "in-registry", result={"boot_test": held.boot_test})
                 continue
             jobs.append(job)
     for outcome in done.values():
