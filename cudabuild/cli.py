@@ -551,7 +551,8 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
     without --privileged (podman run --device nvidia.com/gpu=0, cudabuild run --gpus 0).
 
     Without --modules, with --registry or --driver (or on a node set up so before, which remembers
-    them): the node's own driver, for whatever kernel it runs (the kernel-agnostic driver container). The build for the running kernel is taken from
+    them): the node's own driver, for whatever kernel it runs (the kernel-agnostic driver
+    container). The build for the running kernel is taken from
     ROOT/var/lib/cudabuild/staged (cudabuild stage), else pulled from the registry over its HTTP API
     and checked (digests, vermagic, version, the kernel's symbol CRCs when the host has its
     Module.symvers); else another driver version's build for this kernel (said everywhere: log,
@@ -626,11 +627,11 @@ def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, 
     config = node.config_for(host, driver=driver, registry=registry, fallback=fallback)
     if kernel_hook:
         reporter.note(f"kernel hook: {node.write_hook(host, cdi_host_root)}")
-    reg = settings.registry(config.registry)
-    running = settings.host_release
+    serve = functools.partial(node.serve, host, config, running=settings.host_release,
+                              registry=settings.registry(config.registry), host_root=cdi_host_root,
+                              env=settings.environ, reporter=reporter, poll=poll, stop=stop)
     if not wait:
-        return node.serve(host, config, running=running, registry=reg, host_root=cdi_host_root,
-                          env=settings.environ, reporter=reporter, wait=False, poll=poll, stop=stop)
+        return serve(wait=False)
     done, box = threading.Event(), {}
 
     def installed_then(result):
@@ -639,8 +640,7 @@ def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, 
 
     def work():
         try:
-            node.serve(host, config, running=running, registry=reg, host_root=cdi_host_root, env=settings.environ,
-                       reporter=reporter, wait=True, poll=poll, stop=stop, installed_then=installed_then)
+            serve(wait=True, installed_then=installed_then)
         except BaseException as exc:  # said by the main thread
             box["error"] = exc
         finally:
@@ -891,8 +891,8 @@ def _node_driver_image(chosen, registry_repo: str, driver: str | None, tag, dry_
     registry = settings.registry(registry_repo)
     config = NodeConfig(driver=driver, registry=registry.repo)
     if dry_run:
-        command = ["--registry", registry.repo, *(["--driver", driver] if driver else []), "--wait"]
-        click.echo(images.render_runtime(chosen, {"registry": registry.repo, "command": command}), nl=False)
+        click.echo(images.render_runtime(chosen, {"registry": registry.repo, "command": images.node_command(config)}),
+                   nl=False)
         return
     reporter = settings.reporter()
     engine = settings.engine()
@@ -1099,14 +1099,12 @@ def deploy_systemd(registry, driver, prebuild, drivers, schedule, cudabuild_path
         files = systemd.prebuild_files(cudabuild=cudabuild_path, registry=_prebuild_registry(registry),
                                        drivers=_prebuild_drivers(drivers), schedule=schedule)
     else:
+        from cudabuild.deliver.staging import NodeConfig
+
         if not registry:
             raise InputError("the node's driver comes from a registry", hint="pass --registry HOST[:PORT]/PATH")
-        if driver is not None:
-            from cudabuild.options import validate_driver
-
-            validate_driver(driver)
-        files = systemd.node_files(cudabuild=cudabuild_path, registry=_settings().registry(registry).repo,
-                                   driver=driver)
+        files = systemd.node_files(cudabuild=cudabuild_path,
+                                   config=NodeConfig(driver=driver, registry=_settings().registry(registry).repo))
     _emit(files, output, as_json)
 
 

@@ -180,22 +180,20 @@ def build_image(*, profile: Profile, checked: Artifact, engine: Engine, cache: C
     base_cuda = (profile.cuda or _env(base_info, "CUDA_VERSION")) if profile.kind == "runtime" else None
     check_cuda(manifest.driver_version, profile.base, base_cuda)
     tag = tag or runtime_tag(profile, checked)
-    dockerfile = render_runtime(profile)
-    with reporter.step(f"build {tag} from {profile.base} (one layer)"), \
-            tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
-        {"driver": stage_driver, "kmm": stage_kmm}.get(profile.kind, stage_rootfs)(checked, Path(staging))
-        rootfs = Path(staging) / "rootfs"
-        entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
-        with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:
-            engine.build(context=context, tag=tag, network="none",
-                         labels={**manifest.labels(), "org.opencontainers.image.base.name": profile.base,
-                                 f"{LABEL_PREFIX}.profile": profile.name})
-    layers, base_layers = len(engine.image(tag)["RootFS"]["Layers"]), len(base_info["RootFS"]["Layers"])
-    if layers != base_layers + 1:
-        raise VerifyError(f"{tag} has {layers - base_layers} layers over its base instead of one")
+    _build_one_layer(engine, cache, reporter, what=f"build {tag} from {profile.base} (one layer)", tag=tag,
+                     dockerfile=render_runtime(profile), base_layers=len(base_info["RootFS"]["Layers"]),
+                     stage=lambda staging: {"driver": stage_driver, "kmm": stage_kmm}.get(
+                         profile.kind, stage_rootfs)(checked, staging),
+                     labels={**manifest.labels(), "org.opencontainers.image.base.name": profile.base,
+                             f"{LABEL_PREFIX}.profile": profile.name})
     return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": manifest.driver_version,
             "kernel_release": manifest.kernel_release, "base_cuda": base_cuda,
             "max_cuda": max_cuda(manifest.driver_version), "layers_added": 1, "smoke": list(profile.smoke)}
+
+
+def node_command(config) -> list[str]:
+    """The kernel-agnostic driver container's arguments (its CMD, and what deploy starts it with)."""
+    return [*config.args(), "--wait"]
 
 
 def build_node_driver_image(*, profile: Profile, registry: str, driver: str | None, engine: Engine, cache: Cache,
@@ -207,24 +205,32 @@ def build_node_driver_image(*, profile: Profile, registry: str, driver: str | No
 
     config = NodeConfig(driver=driver, registry=registry)
     tag = tag or f"cudabuild/driver:{config.shown_driver}"
-    command = ["--registry", registry, *(["--driver", driver] if driver else []), "--wait"]
-    engine.ensure_image(profile.base, what="base image", hint="or run `bash scripts/setup` to make its stand-in")
-    base_layers = len(engine.image(profile.base)["RootFS"]["Layers"])
-    with reporter.step(f"build {tag} from {profile.base} (one layer; no modules: any kernel)"), \
-            tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
-        stage_driver(None, Path(staging))
-        rootfs = Path(staging) / "rootfs"
-        entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
-        dockerfile = render_runtime(profile, {"registry": registry, "command": command})
-        with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:
-            engine.build(context=context, tag=tag, network="none",
-                         labels={**artifact.node_image_labels(driver=config.shown_driver, registry=registry,
-                                                              profile=profile.name),
-                                 "org.opencontainers.image.base.name": profile.base})
-    if len(engine.image(tag)["RootFS"]["Layers"]) != base_layers + 1:
-        raise VerifyError(f"{tag} has more than one layer over its base")
+    command = node_command(config)
+    base_info = engine.ensure_image(profile.base, what="base image",
+                                    hint="or run `bash scripts/setup` to make its stand-in")
+    _build_one_layer(engine, cache, reporter, what=f"build {tag} from {profile.base} (one layer; no modules: any "
+                     "kernel)", tag=tag, dockerfile=render_runtime(profile, {"registry": registry, "command": command}),
+                     base_layers=len(base_info["RootFS"]["Layers"]), stage=lambda staging: stage_driver(None, staging),
+                     labels={**artifact.node_image_labels(driver=config.shown_driver, registry=registry,
+                                                          profile=profile.name),
+                             "org.opencontainers.image.base.name": profile.base})
     return {"image": tag, "base": profile.base, "profile": profile.name, "driver_version": None,
             "kernel_release": None, "node": config.to_json(), "command": command, "layers_added": 1}
+
+
+def _build_one_layer(engine: Engine, cache: Cache, reporter: Reporter, *, what: str, tag: str, dockerfile: str,
+                     base_layers: int, stage, labels: dict[str, str]) -> None:
+    """`tag`: the rootfs that `stage(directory)` writes under directory/rootfs, one layer over the
+    base (checked), with `labels`."""
+    with reporter.step(what), tempfile.TemporaryDirectory(dir=cache.root / "tmp") as staging:
+        stage(Path(staging))
+        rootfs = Path(staging) / "rootfs"
+        entries = [(str(Path("rootfs") / p.relative_to(rootfs)), p) for p in sorted(rootfs.rglob("*"))]
+        with tar_context({"Dockerfile": dockerfile.encode()}, entries) as context:
+            engine.build(context=context, tag=tag, network="none", labels=labels)
+    layers = len(engine.image(tag)["RootFS"]["Layers"])
+    if layers != base_layers + 1:
+        raise VerifyError(f"{tag} has {layers - base_layers} layers over its base instead of one")
 
 
 def _env(info: dict, name: str) -> str | None:

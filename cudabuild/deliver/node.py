@@ -58,9 +58,7 @@ def stage_kernel(host: HostRoot, release: str, config: NodeConfig, *, running: s
         reporter.note(f"removed the staged build of {gone}: that kernel is no longer installed")
     if found is None:
         raise NoBuildError(staging.missing(release, config, host) + " (not fallen back: a kernel that is not "
-                           "running yet waits for its own build)",
-                           hint=f"build and push it: cudabuild modules --kernel {release} --driver {config.shown_driver} "
-                                f"--registry {config.registry or 'REPO'}")
+                           "running yet waits for its own build)", hint=staging.build_it(release, config))
     return found
 
 
@@ -76,8 +74,7 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
                              f"{config.shown_driver}" if builds else
                              f"no verified build for kernel {release} and driver {config.shown_driver} is staged in "
                              f"{host.root / staging.STAGED / release}")
-        answer["fix"] = (f"cudabuild stage --kernel {release}" + (f" --registry {config.registry}" if config.registry
-                                                                 else " --registry REPO"))
+        answer["fix"] = f"cudabuild stage --kernel {release} --registry {config.registry or 'REPO'}"
     return answer
 
 
@@ -125,8 +122,7 @@ def serve(host: HostRoot, config: NodeConfig, *, running: str, registry, host_ro
             break
         if not wait:
             raise NoBuildError(staging.missing(running, config, host),
-                               hint=f"build and push it: cudabuild modules --kernel {running} --driver "
-                                    f"{config.shown_driver} --registry {config.registry or 'REPO'}, or run with --wait")
+                               hint=f"{staging.build_it(running, config)}, or run with --wait")
         reporter.warn(f"not ready: waiting for a verified build of kernel {running} and driver {config.shown_driver} "
                       f"(looked in {staging.where_looked(host, running, config)}); looking again in {delay:.0f} s")
         stop.wait(delay)

@@ -59,6 +59,11 @@ class NodeConfig:
     def wants(self, version: str) -> bool:
         return self.driver is None or version == self.driver or version.startswith(self.driver + ".")
 
+    def args(self) -> list[str]:
+        """The flags that name this driver and registry to `install` and `stage`: --registry R [--driver D]."""
+        return [*(["--registry", self.registry] if self.registry else []),
+                *(["--driver", self.driver] if self.driver else [])]
+
     def to_json(self) -> dict:
         return {"driver": self.driver, "registry": self.registry, "fallback": self.fallback}
 
@@ -276,5 +281,12 @@ def where_looked(host: HostRoot, release: str, config: NodeConfig) -> str:
 
 
 def missing(release: str, config: NodeConfig, host: HostRoot) -> str:
-    return (f"no verified build for kernel {release} and driver {config.shown_driver} in {where_looked(host, release, config)}"
-            + ("" if config.fallback else " (the fallback to another driver version is off)"))
+    return (f"no verified build for kernel {release} and driver {config.shown_driver} in "
+            f"{where_looked(host, release, config)}" + ("" if config.fallback else
+                                                         " (the fallback to another driver version is off)"))
+
+
+def build_it(release: str, config: NodeConfig) -> str:
+    """The fix when no build exists: the command that builds and pushes it."""
+    return (f"build and push it: cudabuild modules --kernel {release} --driver {config.shown_driver} "
+            f"--registry {config.registry or 'REPO'}")

@@ -96,10 +96,13 @@ def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -
                              "an image of its own", hint=f"make one per kernel: cudabuild image {kind} --modules "
                                                          "IMAGE|DIR")
         if node is not None:
+            from cudabuild.deliver.image import node_command
+            from cudabuild.deliver.staging import NodeConfig
+
             driver, node_registry = node
-            args = ("--registry", node_registry, *(() if driver == "any" else ("--driver", driver)), "--wait")
+            config = NodeConfig(driver=None if driver == "any" else driver, registry=node_registry)
             found.append(DriverImage(ref=as_pulled(ref, registry), kernel_release=None, driver_version=driver,
-                                     kind=kind, args=args))
+                                     kind=kind, args=tuple(node_command(config))))
             continue
         labels = read_labels(image_labels, ref)
         if labels is None or labels.profile != kind:

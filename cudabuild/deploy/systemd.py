@@ -20,15 +20,14 @@ def _unit(sections: list[tuple[str, list[tuple[str, str]]]]) -> str:
     return "\n".join(lines)
 
 
-def node_files(*, cudabuild: str, registry: str, driver: str | None) -> list[File]:
+def node_files(*, cudabuild: str, config) -> list[File]:
     """The node's units. cudabuild-driver.service installs the driver for the running kernel at
     boot (its staged build, else the registry's, else the fallback; cudabuild install --registry),
     before the container engines start, so that they start with the CDI spec written.
     cudabuild-stage.service and .timer stage the next kernel's build, hourly and after boot, so
     that a reboot needs no network; `cudabuild ready --kernel next` then says whether it may."""
-    driver_args = ["--driver", driver] if driver else []
-    install = [cudabuild, "install", "--registry", registry, *driver_args]
-    stage = [cudabuild, "stage", "--kernel", "next", "--registry", registry, *driver_args]
+    install = [cudabuild, "install", *config.args()]  # config: staging.NodeConfig
+    stage = [cudabuild, "stage", "--kernel", "next", *config.args()]
     service = _unit([
         ("Unit", [("Description", "cudabuild: the NVIDIA driver for the running kernel"),
                   ("Wants", "network-online.target"), ("After", "network-online.target"),
