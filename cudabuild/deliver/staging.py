@@ -136,12 +136,19 @@ def _name(checked: Artifact) -> str:
 
 
 def stage(host: HostRoot, checked: Artifact) -> Path:
-    """A copy of a checked artifact, staged for its kernel (a copy beside it, renamed into place)."""
+    """A copy of a checked artifact, staged for its kernel (a copy beside it, renamed into place).
+    A staged copy of the same build that is whole is kept; one that is not is replaced."""
     release = checked.manifest.kernel_release
     parent = host.makedirs(f"{STAGED}/{release}")
     target = parent / _name(checked)
     if target.is_dir():
-        return target
+        try:
+            artifact.load(target)
+            return target
+        except (ArtifactError, VerifyError):
+            broken = Path(tempfile.mkdtemp(prefix=".broken-", dir=parent))
+            target.rename(broken / target.name)
+            shutil.rmtree(broken, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
         checked.copy_to(lambda rel: work / rel, manifest=work / artifact.MANIFEST)

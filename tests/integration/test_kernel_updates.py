@@ -103,6 +103,14 @@ def test_one_driver_for_every_kernel_next_kernel_staged_and_a_reboot_without_the
     gate = run_cli("ready", "--kernel", "next", "--root", str(host), env=env)
     assert gate.returncode == 0, gate.stderr
     assert f"kernel {NEXT}" in gate.stdout
+    # A staged copy that changed on disk is not whole: not ready, and staging again replaces it.
+    [build] = staged(host)[NEXT]
+    module = host / "var/lib/cudabuild/staged" / NEXT / build / "modules" / "nvidia.ko"
+    module.write_bytes(module.read_bytes() + b"\0")
+    assert run_cli("ready", "--kernel", "next", "--root", str(host), env=env).returncode == 23
+    assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
+    assert run_cli("ready", "--kernel", "next", "--root", str(host), env=env).returncode == 0
+    assert staged(host)[NEXT] == [build]
 
     # 3. The "reboot" into NEXT with the registry stopped: installed from the staged build.
     after = reboot(host, env, NEXT)
