@@ -111,10 +111,12 @@ def git_build(cache, kernel_repo, files, installer_url, *extra, release=None, en
 
 def git_builds(cache, kernel_repo, files, installers) -> dict:
     """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
-    embedded zstd; tests/conftest.py independent_installer), then 470 as a compute-only driver
-    on the kernel 535 fetched and prepared; then the same tag fetched as a full checkout and
+    embedded zstd; tests/conftest.py independent_installer), nvidia and nvidia-modeset (the five
+    from the same 535 sources are the session build's, and nvidia-uvm, two thirds of the compile,
+    is the 470 build's), then 470 as a compute-only driver on the kernel 535 fetched and prepared; then the same tag fetched as a full checkout and
     prepared, for test_sparse_fetch_is_small_and_prepares_the_same_tree."""
-    first = git_build(cache, kernel_repo, files, f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run")
+    first = git_build(cache, kernel_repo, files, f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run",
+                      "--only-modules", "nvidia,nvidia-modeset")
     second, trees = None, None
     if first.returncode == 0:
         second = git_build(cache, kernel_repo, files, f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run",

@@ -17,10 +17,26 @@ import pytest
 from tests.helpers import REPO, STANDINS
 
 
+# The e2e modules in the order their background work is done (tests/background.py): those that
+# need only the session's build first, then the Swarm run's, then the git chain's, the last to
+# end. The e2e tests that wait for nothing but the session's build then run while the other builds
+# still compile, instead of after them on one core.
+E2E_ORDER = ("test_boot_in_qemu", "test_debian_build", "test_faults", "test_registry", "test_runtime_image",
+             "test_signed_build", "test_one_image_every_kernel", "test_matrix", "test_git_run")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "docker_client" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+    e2e = REPO / "tests" / "e2e"
+
+    def rank(item) -> int:
+        if e2e not in item.path.parents:
+            return -1
+        return E2E_ORDER.index(item.path.stem) if item.path.stem in E2E_ORDER else len(E2E_ORDER)
+
+    items.sort(key=rank)  # stable: the unit and integration tests keep their order, and each module its own
 
 
 @pytest.fixture(scope="session")
