@@ -454,8 +454,12 @@ def walk(root: Path) -> dict[str, str]:
     return found
 
 
-def load(root: Path, *, check_modules: bool = True) -> Artifact:
-    """The artifact at `root`, checked (see the module's docstring); ArtifactError otherwise."""
+def load(root: Path, *, check_modules: bool = True, unchanged_since: Mapping[str, list] | None = None) -> Artifact:
+    """The artifact at `root`, checked (see the module's docstring); ArtifactError otherwise.
+    `unchanged_since`: what `file_stats` gave after an earlier whole check of it (the cache keeps
+    it); when every file still has the same inode, size, mtime and ctime (a write, a rename over it,
+    a chmod all change the ctime, which no one but the clock's owner can set back), its contents
+    are the ones checked then, and only the layout is checked again."""
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a directory", hint="pass the directory `cudabuild modules --output` wrote")
@@ -492,6 +496,8 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
                             f"{entry.size}")
     if problems:
         _refuse(root, problems)
+    if unchanged_since is not None and file_stats(artifact) == dict(unchanged_since):
+        return artifact
     # Modules are read on this thread while the others hash (hashlib runs without the GIL).
     with ThreadPoolExecutor(max_workers=1) as hashing:
         digests = hashing.submit(sha256_files, files)
@@ -518,6 +524,16 @@ def load(root: Path, *, check_modules: bool = True) -> Artifact:
     if problems:
         _refuse(root, problems)
     return artifact
+
+
+def file_stats(artifact: Artifact) -> dict[str, list]:
+    """Each file's (and the manifest's) device, inode, size, mtime and ctime: what `load` compares
+    to skip reading again what has not changed since a whole check."""
+    stats = {}
+    for rel in [MANIFEST, *(rel for rel, entry in artifact.files() if not getattr(entry, "link", None))]:
+        st = (artifact.root / rel).lstat()
+        stats[rel] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return stats
 
 
 def _soname_problems(root: Path, manifest: Manifest) -> list[str]:

@@ -5,23 +5,27 @@ DOCKER_CERT_PATH, from the command's Settings), so a remote engine needs no flag
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import secrets
 import socket
+import urllib.parse
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
-import docker
-import docker.errors
-import requests
-from docker.utils.utils import parse_host
-
 from cudabuild.artifact import LABEL_PREFIX
 from cudabuild.cache import pid_alive, pid_namespace
 from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, RegistryError, shown
+from cudabuild.lazy import lazy_import
+
+# Loaded at first use: a cache hit asks the engine a few questions about images, which the local
+# socket answers over plain HTTP (LocalSocket) in less time than the SDK takes to import.
+docker = lazy_import("docker")
+requests = lazy_import("requests")
 
 # Later requests may take as long as an image build step (the first one's limit is a setting:
 # settings.ENGINE_ANSWER_TIMEOUT, CUDABUILD_ENGINE_TIMEOUT).
@@ -72,10 +76,41 @@ def _lost(name: str, exc: BaseException) -> EngineError:
                        "the abandoned builder container is removed by the next run")
 
 
+class LocalSocket:
+    """Read-only questions (GET) to an engine on a local Unix socket, with the standard library."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("localhost", timeout=self.timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            connection.sock = sock
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+            sock.close()
+
+
 class Engine:
-    def __init__(self, client, where: str = "unix:///var/run/docker.sock") -> None:
-        self.client = client
+    def __init__(self, client, where: str = "unix:///var/run/docker.sock", *,
+                 local: LocalSocket | None = None, connect: Callable[[], object] | None = None) -> None:
+        self._client = client
+        self._connect = connect  # makes the SDK's client when `client` is first asked for
+        self.local = local  # answers image questions without the SDK, on a local socket
         self.where = where  # DOCKER_HOST, or the local socket
+
+    @property
+    def client(self):
+        """The docker SDK's client (made at first use)."""
+        if self._client is None and self._connect is not None:
+            self._client = self._connect()
+        return self._client
 
     @classmethod
     def connect(cls, env: Mapping[str, str], *, answer_timeout: float) -> "Engine":
@@ -83,40 +118,50 @@ class Engine:
         once it has answered within `answer_timeout` seconds. Use Settings.engine()."""
         env, answer = dict(env), answer_timeout
         where = env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        try:
-            parse_host(where, False, bool(env.get("DOCKER_TLS_VERIFY")))
-        except (docker.errors.DockerException, ValueError) as exc:
-            raise InputError(f"DOCKER_HOST {shown(where)} is not an engine address the docker SDK can use "
-                             f"({_short(exc)})",
-                             hint="set DOCKER_HOST like unix:///var/run/docker.sock or tcp://host:2376, "
-                             "or unset it for the local engine") from exc
-        try:
-            client = docker.from_env(environment=env, timeout=answer)  # asks the engine its API version
-            client.ping()
-        except (docker.errors.DockerException, requests.RequestException) as exc:
-            why = (f"no answer within {answer:g} s" if isinstance(exc, requests.Timeout)
-                   or "timed out" in str(exc).lower() else _short(exc))
-            raise EngineError(f"the Docker engine at {shown(where)} does not answer ({why})",
-                              hint=ENGINE_HINT) from exc
-        client.api.timeout = OPERATION_TIMEOUT
-        return cls(client, where)
+        if where.startswith("unix://") and not env.get("DOCKER_TLS_VERIFY") and not env.get("DOCKER_CERT_PATH"):
+            local = LocalSocket(where[len("unix://"):], answer)
+            try:
+                status, _ = local.get("/_ping")
+            except (OSError, http.client.HTTPException) as exc:
+                raise _not_answering(where, answer, exc) from exc
+            if status != 200:
+                raise EngineError(f"the Docker engine at {shown(where)} does not answer (its ping said HTTP "
+                                  f"{status})", hint=ENGINE_HINT)
+            local.timeout = OPERATION_TIMEOUT
+            return cls(None, where, local=local, connect=lambda: _sdk_client(env, where, answer))
+        return cls(_sdk_client(env, where, answer), where)
 
     # ---- images ----------------------------------------------------------------------------
     def image_id(self, ref: str) -> str | None:
-        try:
-            return self.client.images.get(ref).id
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.APIError as exc:
-            raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        found = self._inspect(ref)
+        return found["Id"] if found else None
 
     def image(self, ref: str) -> dict:
         """The engine's inspect data of an image."""
+        found = self._inspect(ref)
+        if found is None:
+            raise EngineError(f"image {ref} does not exist in the engine", hint="build it first, or check the name")
+        return found
+
+    def _inspect(self, ref: str) -> dict | None:
+        """The inspect data of an image, None when the engine has no such image."""
+        if self.local is None:
+            try:
+                return self.client.api.inspect_image(ref)
+            except docker.errors.ImageNotFound:
+                return None
+            except docker.errors.APIError as exc:
+                raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
         try:
-            return self.client.api.inspect_image(ref)
-        except docker.errors.ImageNotFound as exc:
-            raise EngineError(f"image {ref} does not exist in the engine",
-                              hint="build it first, or check the name") from exc
+            status, body = self.local.get(f"/images/{urllib.parse.quote(ref, safe='/:@')}/json")
+        except (OSError, http.client.HTTPException) as exc:
+            raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        if status == 404:
+            return None
+        if status != 200:
+            raise EngineError(f"cannot inspect image {ref}: the engine said HTTP {status} "
+                              f"({body[:200].decode('utf-8', 'replace').strip()})", hint=ENGINE_HINT)
+        return json.loads(body)
 
     def pull(self, ref: str) -> str | None:
         """Pull `ref`; None when no registry has it or none can be reached."""
@@ -349,9 +394,36 @@ class Engine:
             pass
 
 
+def _sdk_client(env: dict, where: str, answer: float):
+    """The docker SDK's client for `where`, once the engine has answered within `answer` seconds."""
+    from docker.utils.utils import parse_host
+
+    try:
+        parse_host(where, False, bool(env.get("DOCKER_TLS_VERIFY")))
+    except (docker.errors.DockerException, ValueError) as exc:
+        raise InputError(f"DOCKER_HOST {shown(where)} is not an engine address the docker SDK can use "
+                         f"({_short(exc)})",
+                         hint="set DOCKER_HOST like unix:///var/run/docker.sock or tcp://host:2376, "
+                         "or unset it for the local engine") from exc
+    try:
+        client = docker.from_env(environment=env, timeout=answer)  # asks the engine its API version
+        client.ping()
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        raise _not_answering(where, answer, exc) from exc
+    client.api.timeout = OPERATION_TIMEOUT
+    return client
+
+
+def _not_answering(where: str, answer: float, exc: BaseException) -> EngineError:
+    why = (f"no answer within {answer:g} s" if isinstance(exc, (TimeoutError, socket.timeout))
+           or "timed out" in str(exc).lower() or type(exc).__name__ in ("Timeout", "ReadTimeout", "ConnectTimeout")
+           else _short(exc))
+    return EngineError(f"the Docker engine at {shown(where)} does not answer ({why})", hint=ENGINE_HINT)
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc)
-    if isinstance(exc, docker.errors.APIError) and getattr(exc, "explanation", None):
+    if getattr(exc, "explanation", None):  # the docker SDK's APIError: the engine's own words
         text = str(exc.explanation)
     return text.splitlines()[0][:300] if text else type(exc).__name__
 

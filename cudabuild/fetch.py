@@ -9,27 +9,36 @@ import shutil
 import time
 from pathlib import Path
 
-import requests
-
 from cudabuild.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
 from cudabuild.digests import sha256_file
 from cudabuild.errors import FetchError, InputError, shown
+from cudabuild.lazy import lazy_import
 from cudabuild.ui import Reporter
 
+requests = lazy_import("requests")  # at the first download: a cache hit downloads nothing
+
 CHUNK = 1 << 16  # small enough that a cut connection loses little of what arrived
-# URLs that no retry can fetch: a scheme requests has no adapter for, or a malformed URL.
-_UNFETCHABLE = (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidURL)
+
+
+def _unfetchable_errors() -> tuple:
+    """URLs that no retry can fetch: a scheme requests has no adapter for, or a malformed URL."""
+    return requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL
 
 
 class Fetcher:
     def __init__(self, *, reporter: Reporter, retries: int = 4, backoff: float = 1.0,
-                 timeout: float = 30.0, session: requests.Session | None = None) -> None:
+                 timeout: float = 30.0, session: "requests.Session | None" = None) -> None:
         self.reporter = reporter
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
-        self.session = session or requests.Session()
+        self._session = session
+
+    @property
+    def session(self) -> "requests.Session":
+        if self._session is None:
+            self._session = requests.Session()
+        return self._session
 
     def _attempts(self, url: str):
         """Yield attempt numbers; sleep with exponential backoff between them."""
@@ -58,7 +67,7 @@ class Fetcher:
         for _ in self._attempts(url):
             try:
                 response = self.session.get(url, timeout=self.timeout)
-            except _UNFETCHABLE as exc:
+            except _unfetchable_errors() as exc:
                 raise self._unfetchable(url, exc) from exc
             except requests.RequestException as exc:
                 last = exc
@@ -98,7 +107,7 @@ class Fetcher:
                 break
             except FetchError:
                 raise
-            except _UNFETCHABLE as exc:
+            except _unfetchable_errors() as exc:
                 raise self._unfetchable(url, exc) from exc
             except requests.RequestException as exc:
                 last = exc

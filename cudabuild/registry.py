@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 from cudabuild.errors import RegistryError, VerifyError, shown
+from cudabuild.lazy import lazy_import
 from cudabuild.options import validate_registry
+
+requests = lazy_import("requests")  # at the first request: most commands that read this module make none
 
 MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                             "application/vnd.oci.image.manifest.v1+json"])

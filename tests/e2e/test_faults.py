@@ -200,9 +200,8 @@ def test_an_installer_that_writes_outside_its_target_is_refused(cache, tmp_path,
     assert created == [], "no container starts for an installer that fails its check"
 
 
-def test_a_planted_cache_entry_is_refused(build, tmp_path):
-    """A result in the cache whose files are not what its manifest says (a modules file swapped
-    for another) is refused on the cache hit: nothing published, the entry left as it is."""
+def copied_cache(build, tmp_path) -> tuple[Path, Path]:
+    """A cache holding a copy of the session's result (and its index): (the cache, the entry)."""
     import shutil
 
     data, _, cache, _ = build
@@ -213,6 +212,39 @@ def test_a_planted_cache_entry_is_refused(build, tmp_path):
     entry = Path(data["cache_dir"])
     copy = planted / "results" / entry.name
     shutil.copytree(entry, copy, symlinks=True)
+    return planted, copy
+
+
+def test_a_cached_file_changed_in_place_after_a_hit_is_refused(build, tmp_path):
+    """A cache hit reads again only what changed since the last whole check (the cache keeps each
+    file's inode, size, mtime and ctime): a byte changed in place, the mtime put back, is found by
+    its ctime and refused by its sha256."""
+    data, _, _, _ = build
+    planted, copy = copied_cache(build, tmp_path)
+    ask = ("modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"], "--json")
+    for _ in range(2):  # the first hit checks whole and keeps the stats, the second reads them
+        hit = run_cli(*ask, env={"CUDABUILD_CACHE": str(planted)})
+        assert hit.returncode == 0 and json.loads(hit.stdout)["cache_hit"] is True, hit.stderr[-2000:]
+    assert (planted / "checked" / f"{copy.name}.json").is_file()
+    library = copy / "userspace" / "lib" / f"libcuda.so.{data['driver_version']}"
+    before = library.stat()
+    with open(library, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(library, ns=(before.st_atime_ns, before.st_mtime_ns))
+    refused = run_cli(*ask, env={"CUDABUILD_CACHE": str(planted)})
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    assert f"userspace/lib/libcuda.so.{data['driver_version']} has sha256" in refused.stderr
+    assert "changed after it was built" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_planted_cache_entry_is_refused(build, tmp_path):
+    """A result in the cache whose files are not what its manifest says (a modules file swapped
+    for another) is refused on the cache hit: nothing published, the entry left as it is."""
+    data, _, _, _ = build
+    planted, copy = copied_cache(build, tmp_path)
     fake = copy / "modules" / "nvidia.ko"
     fake.unlink()
     fake.write_bytes(b"\x7fELF" + b"\0" * 1024)  # not the module the manifest lists
