@@ -5,6 +5,7 @@
 # /cudabuild/kernels    unpacked and prepared kernel trees, shared between builds (read-only)
 # /cudabuild/installer  an NVIDIA installer, checked and extracted on the host (read-only; run source)
 # /cudabuild/work       this build's scratch space; the result goes to $WORK/out
+# /cudabuild/compile-cache  ccache's directory, shared by the cache's builds (unless --no-compile-cache)
 set -eu
 here=$(dirname "$0")
 . "$here/lib.sh"
@@ -25,6 +26,38 @@ echo "builder: uid $(id -u), capabilities $(sed -n 's/^CapEff:[[:space:]]*//p' /
 kernel_paths
 extract_driver
 
+conftest=""
+if [ -n "$COMPILE_CACHE" ]; then
+    # Debian's ccache in front of every gcc the kernel's and NVIDIA's makefiles call; the kernel
+    # trees and this driver tree sit at the same paths in every build, so a rebuild hits. The
+    # stats log counts this build alone (the host reads it).
+    export CCACHE_DIR="$COMPILE_CACHE" CCACHE_MAXSIZE="$COMPILE_CACHE_SIZE" CCACHE_STATSLOG="$WORK/compile-cache.log"
+    export PATH="/usr/lib/ccache:$PATH"
+    # NVIDIA's conftest (hundreds of small compiles, a third of which fail by design, which ccache
+    # cannot keep) answers questions about the kernel: its answers are kept too, by everything
+    # they depend on (conftest.sh and the Kbuild files, the kernel tree, the modules asked for,
+    # the builder's packages), and put back before make, newer than the sources, so that make
+    # does not ask again.
+    if [ -f "$DRIVER_DIR/conftest.sh" ]; then
+        conftest_key=$( { find "$DRIVER_DIR" -maxdepth 2 \( -name conftest.sh -o -name '*Kbuild' \) -type f | sort | xargs cat
+                          echo "$SYSSRC $SYSOUT $MODULES"; dpkg-query -W; } | sha256sum | cut -c1-32)
+        conftest="$COMPILE_CACHE/conftest/$conftest_key.tar"
+        if [ -f "$conftest" ] && tar -xf "$conftest" -C "$DRIVER_DIR"; then
+            # one time for all, after the sources': make compares them, and an answer older than
+            # another it was made from would be asked again
+            : > "$WORK/.conftest-restored"
+            find "$DRIVER_DIR/conftest" -exec touch -h -r "$WORK/.conftest-restored" {} +
+            echo "conftest: the answers of an earlier build of the same sources for this kernel ($conftest)"
+            conftest=""
+        fi
+    fi
+fi
+
+# The userspace driver needs no compiler: it is collected beside make, off the build's critical
+# path; what it says is shown after make, and its failure fails the build there.
+( collect_userspace ) > "$WORK/userspace.log" 2>&1 &
+userspace=$!
+
 build_driver
 
 step "strip debug info"
@@ -34,5 +67,16 @@ for name in $MODULES; do
     strip --strip-debug -o "$OUT/modules/$name.ko" "$ko"
 done
 
-collect_userspace
+if [ -n "$conftest" ] && [ -d "$DRIVER_DIR/conftest" ]; then
+    mkdir -p "$COMPILE_CACHE/conftest"
+    tar -cf "$conftest.$$" -C "$DRIVER_DIR" conftest && mv "$conftest.$$" "$conftest"
+    # bounded like the compiles: the 64 newest kept
+    ls -t "$COMPILE_CACHE"/conftest/*.tar | tail -n +65 | while read -r old; do rm -f "$old"; done
+fi
+
+step "collect userspace driver (beside make)"
+collected=0
+wait "$userspace" || collected=$?
+cat "$WORK/userspace.log"
+[ "$collected" -eq 0 ] || die "collecting the userspace driver failed (exit $collected)"
 step "done"

@@ -25,7 +25,6 @@ build_driver() {
 # SONAME links as the packages ship them, nvidia-smi, and the GSP firmware where there is one.
 # In: USERSPACE_DEBS, WORK, OUT
 collect_userspace() {
-    step "collect userspace driver"
     root="$WORK/userspace-root"
     mkdir -p "$root" "$OUT/userspace/lib" "$OUT/userspace/bin"
     for deb in $USERSPACE_DEBS; do

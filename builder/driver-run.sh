@@ -30,7 +30,6 @@ build_driver() {
 # The userspace files of the installer's .manifest (libraries, nvidia-smi, GSP firmware), with the
 # SONAME links the installer would make.
 collect_userspace() {
-    step "collect userspace driver"
     tree="$DRIVER_TREE"
     mkdir -p "$OUT/userspace/lib" "$OUT/userspace/bin"
     for lib in libcuda libnvidia-ml libnvidia-ptxjitcompiler libnvidia-nvvm libnvidia-cfg libnvidia-allocator \

@@ -115,6 +115,12 @@ class Cache:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def compile_cache(self) -> Path:
+        """ccache's directory, shared by every build of this cache (bounded by
+        CUDABUILD_COMPILE_CACHE_SIZE; `--no-compile-cache` leaves it out)."""
+        return self.root / "compile-cache"
+
     def result_dir(self, key: str) -> Path:
         return self.root / "results" / key
 
@@ -122,6 +128,23 @@ class Cache:
         """The published result for `key`, or None. Only whole entries are ever published."""
         path = self.result_dir(key)
         return path if (path / "manifest.json").is_file() else None
+
+    def checked_stats(self, key: str) -> dict | None:
+        """What artifact.file_stats gave after the last whole check of the result for `key`."""
+        try:
+            return json.loads((self.root / "checked" / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def record_checked(self, key: str, stats: dict) -> None:
+        """Keep `stats` (artifact.file_stats of the result for `key`, just checked whole), written
+        whole or not at all."""
+        directory = self.root / "checked"
+        directory.mkdir(exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(stats, out)
+        os.replace(temporary, directory / f"{key}.json")
 
     def lock(self, name: str, *, timeout: float = 3600) -> FileLock:
         from filelock import FileLock  # only to build, or to write: a cache hit takes no lock

@@ -112,6 +112,11 @@ BUILD_FLAGS = [
     click.option("--keep-builder", is_flag=True, default=None,
                  help="Keep a failed builder container for debugging (docker commit it and look inside). "
                       "Env: CUDABUILD_KEEP_BUILDER=1."),
+    click.option("--compile-cache/--no-compile-cache", "compile_cache", default=None,
+                 help="Compile through ccache, its directory in the cache (compile-cache/, bounded by "
+                      "CUDABUILD_COMPILE_CACHE_SIZE, default 4G): a rebuild of the same sources for the same "
+                      "kernel does not compile again, and gives the same modules. On by default; "
+                      "Env: CUDABUILD_COMPILE_CACHE=0 turns it off."),
     click.option("--boot-test", is_flag=True, default=None,
                  help="Before publishing, boot the modules' own kernel in a QEMU guest with them and the real "
                       "loader, and let the kernel judge each module (Debian kernels: their linux-image package; "

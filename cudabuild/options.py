@@ -235,6 +235,7 @@ class BuildOptions:
     force: bool = False
     verbose: bool = False
     keep_builder: bool = False
+    compile_cache: bool = True  # ccache in the builder, its directory in the cache (--no-compile-cache: off)
     boot_test: bool = False  # boot the result in a QEMU guest before publishing it
     kernel_image: str | None = None  # the kernel to boot: a vmlinuz or a linux-image .deb
     boot_append: str = ""  # kernel parameters for the guest, e.g. module.sig_enforce=1
@@ -343,11 +344,12 @@ ENVIRONMENT = {
     "builder_base": "CUDABUILD_BUILDER_BASE",
     "only_modules": "CUDABUILD_ONLY_MODULES",
     "keep_builder": "CUDABUILD_KEEP_BUILDER",
+    "compile_cache": "CUDABUILD_COMPILE_CACHE",
     "registry": "CUDABUILD_REGISTRY",
     "sign_key": "CUDABUILD_SIGN_KEY",
     "sign_cert": "CUDABUILD_SIGN_CERT",
 }
-_BOOLEAN = {"keep_builder"}
+_BOOLEAN = {"keep_builder", "compile_cache"}
 
 
 def environment_value(name: str, raw: str) -> object:

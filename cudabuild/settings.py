@@ -6,6 +6,7 @@ What is here:
 - the option defaults set by `CUDABUILD_*` variables (the flag of the same name wins; see
   options.ENVIRONMENT and options.resolve_build_options),
 - where things are: the cache (CUDABUILD_CACHE), Docker's client configuration (DOCKER_CONFIG),
+- the compile cache's bound (CUDABUILD_COMPILE_CACHE_SIZE),
 - how to reach and wait for the engine (DOCKER_HOST and the SDK's own variables, passed to it as
   they are; CUDABUILD_ENGINE_TIMEOUT), and how often to retry a download (CUDABUILD_DOWNLOAD_RETRIES),
 - secrets a build may need (KBUILD_SIGN_PIN: kept out of every repr),
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,10 @@ ENGINE_ANSWER_TIMEOUT = 20.0
 # How many times a failed download is tried again, with backoff 1, 2, 4, 8... s (CUDABUILD_DOWNLOAD_RETRIES).
 DOWNLOAD_RETRIES = 4
 MAX_DOWNLOAD_RETRIES = 10
+# The compile cache's bound, in ccache's units (CUDABUILD_COMPILE_CACHE_SIZE): a build of Debian's 535
+# (the five modules) keeps about 40 MB there, compressed; this holds about a hundred builds.
+COMPILE_CACHE_SIZE = "4G"
+COMPILE_CACHE_SIZE_RE = re.compile(r"[1-9][0-9]{0,5}(\.[0-9]+)?[KMGT]i?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +53,8 @@ class Settings:
     engine_timeout_invalid: str | None = None  # CUDABUILD_ENGINE_TIMEOUT as given, when it is not seconds
     download_retries: int = DOWNLOAD_RETRIES
     download_retries_invalid: str | None = None  # CUDABUILD_DOWNLOAD_RETRIES as given, when it is not 0-10
+    compile_cache_size: str = COMPILE_CACHE_SIZE
+    compile_cache_size_invalid: str | None = None  # CUDABUILD_COMPILE_CACHE_SIZE as given, when ccache cannot read it
     docker_config: Path = field(default_factory=lambda: Path.home() / ".docker")
     sign_pin: str | None = field(default=None, repr=False)
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)  # the default of --jobs
@@ -82,6 +90,8 @@ class Settings:
                 retries = int(raw_retries)
             else:
                 retries_invalid = raw_retries
+        raw_size = env.get("CUDABUILD_COMPILE_CACHE_SIZE") or ""
+        size_invalid = None if not raw_size or COMPILE_CACHE_SIZE_RE.fullmatch(raw_size) else raw_size
         defaults = cls()
         return cls(
             environ=env,
@@ -92,6 +102,8 @@ class Settings:
             engine_timeout_invalid=invalid,
             download_retries=retries,
             download_retries_invalid=retries_invalid,
+            compile_cache_size=raw_size if raw_size and size_invalid is None else COMPILE_CACHE_SIZE,
+            compile_cache_size_invalid=size_invalid,
             docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
             sign_pin=env.get("KBUILD_SIGN_PIN") or None,
             host_release=env.get("CUDABUILD_KERNEL_RELEASE") or defaults.host_release,
@@ -114,6 +126,15 @@ class Settings:
             raise InputError(f"CUDABUILD_ENGINE_TIMEOUT {shown(self.engine_timeout_invalid)} is not a number of "
                              "seconds (0 to 3600)", hint="set it to e.g. 20, or unset it")
         return Engine.connect(self.environ, answer_timeout=self.engine_timeout)
+
+    def compile_cache_bound(self) -> str:
+        """The compile cache's bound for a build (refused here, when a build asks for it, if
+        CUDABUILD_COMPILE_CACHE_SIZE is not a size ccache reads)."""
+        if self.compile_cache_size_invalid is not None:
+            raise InputError(f"CUDABUILD_COMPILE_CACHE_SIZE {shown(self.compile_cache_size_invalid)} is not a size",
+                             hint="set it like 4G, 500M or 1.5G (ccache's units), or unset it for "
+                                  f"{COMPILE_CACHE_SIZE}; --no-compile-cache builds without one")
+        return self.compile_cache_size
 
     def fetcher(self, reporter):
         """The downloader, retrying as CUDABUILD_DOWNLOAD_RETRIES says."""

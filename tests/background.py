@@ -113,19 +113,22 @@ def git_builds(cache, kernel_repo, files, installers) -> dict:
     """535 from an installer in NVIDIA's layout that our stand-in script did not write (zstd, an
     embedded zstd; tests/conftest.py independent_installer), nvidia and nvidia-modeset (the five
     from the same 535 sources are the session build's, and nvidia-uvm, two thirds of the compile,
-    is the 470 build's), then 470 as a compute-only driver on the kernel 535 fetched and prepared; then the same tag fetched as a full checkout and
+    is the 470 build's), then 470 as a compute-only driver on the kernel 535 fetched and prepared
+    (without the compile cache), then the 535 build again with --no-cache (the compile cache warm); then the same tag fetched as a full checkout and
     prepared, for test_sparse_fetch_is_small_and_prepares_the_same_tree."""
-    first = git_build(cache, kernel_repo, files, f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run",
-                      "--only-modules", "nvidia,nvidia-modeset")
-    second, trees = None, None
+    ask_535 = (f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run", "--only-modules",
+               "nvidia,nvidia-modeset")
+    first = git_build(cache, kernel_repo, files, *ask_535)
+    second, again, trees = None, None, None
     if first.returncode == 0:
         second = git_build(cache, kernel_repo, files, f"{installers['url']}/NVIDIA-Linux-x86_64-470.256.02.run",
-                           "--only-modules", "nvidia,nvidia-uvm")
+                           "--only-modules", "nvidia,nvidia-uvm", "--no-compile-cache")
+        again = git_build(cache, kernel_repo, files, *ask_535, "--no-cache")  # the compile cache is warm
         try:
             trees = prepared_checkouts(cache, kernel_repo, files, installers)
         except Exception as exc:  # the test that checks the trees reports it; the builds' tests stand
             trees = exc
-    return {"cache": cache, "535": first, "470": second, "trees": trees}
+    return {"cache": cache, "535": first, "470": second, "535 again": again, "trees": trees}
 
 
 def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
@@ -21,7 +22,8 @@ from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter, Step
 
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
-             "git", "binutils", "ca-certificates", "patch", "python3"]  # python3: resolve_btfids on BTF kernels
+             "git", "binutils", "ca-certificates", "patch", "python3",  # python3: resolve_btfids on BTF kernels
+             "ccache"]  # the compile cache: an identical rebuild does not compile again
 # Builds never run as root: when cudabuild does, its containers run as nobody.
 UNPRIVILEGED = (65534, 65534)
 
@@ -74,24 +76,33 @@ def tar_context(files: Mapping[str, bytes], entries: list[tuple[str, Path]] = ()
     return out
 
 
+BUILDER_TEMPLATE = "builder.Dockerfile.j2"
+
+
 @dataclass(frozen=True)
 class BuilderImage:
     base: str
-    dockerfile: str
     tag: str
+    slots: tuple  # the template's slots, as (name, value) pairs
+
+    @property
+    def dockerfile(self) -> str:
+        """Rendered when the image is built (a build that finds it renders nothing)."""
+        return render_template(BUILDER_TEMPLATE, **dict(self.slots))
 
 
 def plan_builder(engine: Engine, *, base: str, distribution: str, gcc_major: int | None, mirror: str,
                  security_mirror: str) -> BuilderImage:
-    """Render the builder and name it by the hash of its Dockerfile and its base image's id."""
+    """The builder, named by the hash of its Dockerfile's template and slots and its base image's id."""
     base_id = engine.ensure_image(base, what="builder base image",
                                   hint="run `bash scripts/setup` to make a stand-in, or pass another base with "
                                   "--builder-base")["Id"]
     packages = TOOLCHAIN + ([f"gcc-{gcc_major}"] if gcc_major else [])
-    dockerfile = render_template("builder.Dockerfile.j2", base=base, packages=packages,
-                                 apt_sources=apt_sources(distribution, mirror, security_mirror))
-    digest = hashlib.sha256((dockerfile + base_id).encode()).hexdigest()[:16]
-    return BuilderImage(base=base, dockerfile=dockerfile, tag=f"cudabuild/builder:{digest}")
+    slots = (("base", base), ("packages", tuple(packages)),
+             ("apt_sources", apt_sources(distribution, mirror, security_mirror)))
+    template = (resource_dir("dockerfiles") / BUILDER_TEMPLATE).read_bytes()
+    digest = hashlib.sha256(template + json.dumps(slots).encode() + base_id.encode()).hexdigest()[:16]
+    return BuilderImage(base=base, tag=f"cudabuild/builder:{digest}", slots=slots)
 
 
 def ensure_builder(engine: Engine, builder: BuilderImage, reporter: Reporter, *, verbose: bool) -> str:

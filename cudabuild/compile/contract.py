@@ -13,6 +13,7 @@ KERNELS = "/cudabuild/kernels"  # the cache's kernel trees; read-only but for th
 INSTALLER = "/cudabuild/installer"  # an extracted .run, read-only
 WORK = "/cudabuild/work"  # the build's own directory, writable
 KEY = "/cudabuild/key"  # a signing key, in the signing container only
+COMPILE_CACHE = "/cudabuild/compile-cache"  # ccache's directory (the cache's compile-cache/), writable
 STEP_MARK = "::cudabuild-step::"  # builder/lib.sh's step(): a line that names the next step
 
 
@@ -26,6 +27,8 @@ class BuilderEnv:
     modules: str = ""  # the module names to build, space-separated
     jobs: str = ""  # make -j
     work: str = WORK
+    compile_cache: str = ""  # ccache's directory (COMPILE_CACHE) when the build uses one
+    compile_cache_size: str = ""  # its bound, in ccache's units (e.g. 4G)
     # the kernel: Debian's headers packages, or a git tag prepared out of tree
     kernel_source: str = ""  # debian | git
     kernel_debs: str = ""

@@ -32,6 +32,7 @@ class ModulesResult:
     origin: str = "built"  # cached | pulled | built
     registry_ref: str | None = None  # where the registry keeps it, with --registry
     pushed: bool = False  # whether this run pushed it there
+    compile_cache: dict | None = None  # {"hits", "misses"} of the compile cache, when this run compiled with it
 
     @property
     def manifest(self) -> Manifest:
@@ -52,6 +53,7 @@ class ModulesResult:
             "modules": [{"name": e.name, "path": str(self.artifact.module_path(e.name)), "vermagic": e.vermagic,
                          "version": e.version, "sha256": e.sha256, "size": e.size} for e in m.modules],
             "boot_test": m.boot_test if self.boot_tested else None,
+            "compile_cache": self.compile_cache,
             "steps": [{"name": s.name, "seconds": s.seconds, "status": s.status} for s in self.steps],
         }
 
@@ -65,6 +67,7 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
     remote = registry.ref(tag) if registry else None
     in_registry: bool | None = None  # whether the registry has this key (None: not asked)
     registry_down: RegistryError | None = None
+    compile_cache = None
 
     # ---- the cache, then the registry, then a build ------------------------------------------
     origin = "cached" if options.use_cache and cache.result(key) else None
@@ -95,15 +98,16 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
                                         hint="build it somewhere with cudabuild modules --registry REPO, or drop "
                                              "--no-build", exit_code=RegistryError.NOT_THERE)
                 if origin is None:
-                    (steps.sign if plan.signing else steps.build)(plan, reporter=reporter)
+                    compile_cache = (steps.sign if plan.signing else steps.build)(plan, reporter=reporter)
                     origin = "built"
         finally:
             lock.release()
     result_dir = cache.result_dir(key)
     if origin == "cached":
         reporter.cached("build modules", f"cached result {result_dir}")
+    known = cache.checked_stats(key)
     try:
-        checked = artifact.load(result_dir)
+        checked = artifact.load(result_dir, unchanged_since=known)
     except ArtifactError as exc:
         exc.hint = (f"the cached result was changed after it was built, and is not used; remove it (rm -rf "
                     f"{result_dir}) or build again with --no-cache")
@@ -111,6 +115,9 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
     if checked.manifest.key != key:
         raise ArtifactError(f"{result_dir} holds the result of another build (key {checked.manifest.key[:16]}...)",
                             hint=f"remove it (rm -rf {result_dir}) or build again with --no-cache")
+    stats = artifact.file_stats(checked)
+    if stats != known:  # checked whole just now: the next cache hit reads only what changed since
+        cache.record_checked(key, stats)
     if origin != "built" and options.boot_test:  # a fresh build was boot-tested before it was published
         with cache.lock(key):
             checked = steps.boot_test(checked, options=options, archive=plan.archive, cache=cache,
@@ -139,4 +146,4 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
             raise
     return ModulesResult(cache_hit=origin == "cached", origin=origin, artifact=checked, modules_image=tag,
                          output_dir=output, steps=list(reporter.steps), boot_tested=options.boot_test,
-                         registry_ref=remote, pushed=pushed)
+                         registry_ref=remote, pushed=pushed, compile_cache=compile_cache)

@@ -132,6 +132,7 @@ class ModulesPlan:
     signing: SigningKey | None = None  # the user's key, when the modules are signed
     certificate: Certificate | None = None  # the signing certificate (alone with --no-build)
     unsigned_key: str | None = None  # the key of the same build unsigned, which a signed one starts from
+    compile_cache_size: str | None = None  # the compile cache's bound; None: the build uses none
 
     @property
     def inputs(self) -> list[str]:
@@ -151,6 +152,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
         certificate = signing.certificate
     elif options.sign_cert is not None:
         certificate = Certificate.load(Path(options.sign_cert))
+    compile_cache_size = settings.compile_cache_bound() if options.compile_cache else None
     cache = settings.cache()
     fetcher = settings.fetcher(reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
@@ -206,4 +208,5 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
                        tag=image_tag(MODULES_REPOSITORY, driver.version, options.flavor, release,
                                      certificate.sha256 if certificate else None, modules=spec.modules), kernel=kernel,
                        driver=driver, builder=builder, cache=cache, fetcher=fetcher, archive=archive, engine=engine,
-                       signing=signing, certificate=certificate, unsigned_key=unsigned_key)
+                       signing=signing, certificate=certificate, unsigned_key=unsigned_key,
+                       compile_cache_size=compile_cache_size)

@@ -25,7 +25,7 @@ from cudabuild import artifact
 from cudabuild.artifact import Artifact, ImageLabels, Manifest, ModuleEntry, describe_userspace, unpack_image
 from cudabuild.cache import Cache
 from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
-from cudabuild.compile.contract import INPUTS, INSTALLER, KERNELS, KEY, WORK, BuilderEnv
+from cudabuild.compile.contract import COMPILE_CACHE, INPUTS, INSTALLER, KERNELS, KEY, WORK, BuilderEnv
 from cudabuild.compile.plan import ModulesPlan
 from cudabuild.engine import Engine, Mount
 from cudabuild.errors import ArtifactError, InputError, VerifyError
@@ -296,7 +296,8 @@ def prepare_kernel(plan: ModulesPlan, *, reporter: Reporter) -> Path:
     return plan.cache.kernels / plan.kernel.tree_dir
 
 
-def build(plan: ModulesPlan, *, reporter: Reporter) -> None:
+def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
+    """Build, verify and cache; returns what the compile cache gave the build (None: none used)."""
     spec, key, driver, cache = plan.spec, plan.key, plan.driver, plan.cache
     fetcher, builder, options, archive = plan.fetcher, plan.builder, plan.options, plan.archive
     build_mounts, subdir = [], ""
@@ -307,10 +308,14 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         build_mounts.append(Mount(str(tree), INSTALLER))
     shop = _workshop(plan, reporter=reporter)
     work = cache.workdir(key[:16], owner=builder_user())
+    env = shop.env.merged(driver_subdir=subdir)
+    if plan.compile_cache_size is not None:
+        build_mounts.append(Mount(str(_compile_cache(cache)), COMPILE_CACHE, read_only=False))
+        env = env.merged(compile_cache=COMPILE_CACHE, compile_cache_size=plan.compile_cache_size)
     try:
-        shop.run("build.sh", env=shop.env.merged(driver_subdir=subdir),
-                 mounts=[shop.inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
-                         Mount(str(work), WORK, read_only=False)])
+        shop.run("build.sh", env=env, mounts=[shop.inputs, Mount(str(cache.kernels), KERNELS), *build_mounts,
+                                              Mount(str(work), WORK, read_only=False)])
+        used = _compile_cache_use(work, reporter) if plan.compile_cache_size is not None else None
         out = work / "out"
         _give_back(out)
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
@@ -331,6 +336,33 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> None:
         cache.publish(out, key)
     finally:
         cache.discard(work)
+    return used
+
+
+def _compile_cache(cache: Cache) -> Path:
+    """The cache's compile cache, made and given to the builders' user at first use."""
+    path = cache.compile_cache
+    path.mkdir(exist_ok=True)
+    owner = builder_user()
+    if (path.stat().st_uid, path.stat().st_gid) != owner:
+        os.chown(path, *owner)
+    return path
+
+
+def _compile_cache_use(work: Path, reporter: Reporter) -> dict | None:
+    """What the compile cache gave this build: {"hits", "misses"}, counted in ccache's stats log of
+    this build alone (builder/build.sh: CCACHE_STATSLOG=WORK/compile-cache.log; for each compile,
+    a `# SOURCE` line, then the names of the counters it raised, one a line)."""
+    try:
+        lines = (work / "compile-cache.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    hits = sum(line in ("direct_cache_hit", "preprocessed_cache_hit") for line in lines)
+    misses = lines.count("cache_miss")
+    if hits + misses:
+        reporter.note(f"compile cache: {hits} of {hits + misses} compiles answered from it "
+                      f"({100 * hits / (hits + misses):.0f}%)")
+    return {"hits": hits, "misses": misses}
 
 
 def verify(plan: ModulesPlan, modules: Path, work: Path):
@@ -344,7 +376,7 @@ def verify(plan: ModulesPlan, modules: Path, work: Path):
                                        modversions=modversions)
 
 
-def sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
+def sign(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
     """A signed build: the unsigned build of the same inputs (from the cache, or built first),
     its modules signed by the kernel's own sign-file in a container that alone sees the key,
     then every signature checked on the host against the certificate."""
@@ -352,12 +384,13 @@ def sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
     started = time.monotonic()  # the signed build's time: this run's (signing, and the build when not cached)
     unsigned = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, signing=None), key=plan.unsigned_key,
                                    signing=None, certificate=None)
+    used = None  # what the compile cache gave the unsigned build, when this run makes it
     if plan.options.use_cache and cache.result(unsigned.key):
         reporter.cached("build modules", f"the unsigned build is in the cache ({cache.result_dir(unsigned.key)})")
     else:
         with cache.lock(unsigned.key):
             if not (plan.options.use_cache and cache.result(unsigned.key)):  # another run may have built it
-                build(unsigned, reporter=reporter)
+                used = build(unsigned, reporter=reporter)
     source = artifact.load(cache.result_dir(unsigned.key))
     shop = _workshop(plan, reporter=reporter, for_driver=False)
     owner = builder_user()
@@ -390,3 +423,4 @@ def sign(plan: ModulesPlan, *, reporter: Reporter) -> None:
         cache.publish(out, key)
     finally:
         cache.discard(work)
+    return used

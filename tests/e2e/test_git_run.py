@@ -75,6 +75,24 @@ def test_git_tag_and_run_installer_build_the_modules_asked_for(git_535, kernel_r
     assert (lib / "libcuda.so.1").resolve().name == "libcuda.so.535.309.01"
 
 
+def test_a_rebuild_with_the_warm_compile_cache_gives_the_same_modules(git_535, git_results):
+    """The 535 build again (--no-cache): ccache answers the compiles, NVIDIA's conftest answers
+    come back from the compile cache, verification runs as after any build, and the stripped
+    modules are byte for byte those of the first build, whose compiles ran for real."""
+    result = git_results["535 again"]
+    assert result.returncode == 0, result.stderr[-4000:]
+    again = json.loads(result.stdout)
+    assert again["cache_hit"] is False and again["origin"] == "built"
+    first_use, use = git_535["compile_cache"], again["compile_cache"]
+    assert first_use["misses"] > 100, first_use  # the first build compiled (its hits: conftest's repeats)
+    assert use["hits"] > 0 and use["misses"] * 10 <= use["hits"], use
+    assert steps(again)["verify modules"] == "done"
+    assert [(m["name"], m["sha256"]) for m in again["modules"]] == [(m["name"], m["sha256"]) for m in git_535["modules"]]
+    log = (Path(again["cache_dir"]) / "build.log").read_text()
+    assert "conftest: the answers of an earlier build of the same sources for this kernel" in log
+    assert "compile cache:" in result.stderr
+
+
 def test_second_driver_reuses_the_prepared_kernel(git_535, git_results, tmp_path):
     """470 as a compute-only driver (--only-modules nvidia,nvidia-uvm, NVIDIA's NV_KERNEL_MODULES),
     built after 535 in the same cache: the kernel fetched and prepared for 535 is reused, and the
@@ -85,6 +103,7 @@ def test_second_driver_reuses_the_prepared_kernel(git_535, git_results, tmp_path
     assert steps(data)["fetch kernel source"] == "cached", "no clone for a kernel already fetched"
     assert steps(data)["prepare kernel"] == "cached", "no modules_prepare for a kernel already prepared"
     assert data["driver_version"] == "470.256.02"
+    assert data["compile_cache"] is None and "compile cache" not in result.stderr, "--no-compile-cache"
     assert [m["name"] for m in data["modules"]] == ["nvidia", "nvidia-uvm"]
     assert sorted(p.name for p in Path(data["modules"][0]["path"]).parent.iterdir()) == ["nvidia-uvm.ko", "nvidia.ko"]
     for m in data["modules"]:

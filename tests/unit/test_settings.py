@@ -86,3 +86,25 @@ def test_only_the_entries_read_the_process_environment():
     readers = {str(p.relative_to(PACKAGE)): lines for p in PACKAGE.rglob("*.py") if (lines := _reads_environ(p))}
     assert set(readers) == {"cli.py", "deliver/runtime.py"}, readers
     assert len(readers["cli.py"]) == 2 and len(readers["deliver/runtime.py"]) == 1, readers
+
+
+@pytest.mark.parametrize("value,bound", [("", "4G"), ("500M", "500M"), ("1.5G", "1.5G"), ("2Gi", "2Gi")])
+def test_the_compile_cache_bound_comes_from_the_environment(value, bound):
+    assert Settings.from_env({"CUDABUILD_COMPILE_CACHE_SIZE": value}).compile_cache_bound() == bound
+
+
+@pytest.mark.parametrize("value", ["lots", "0G", "-1G", "5 G", "5G;rm -rf /"])
+def test_a_compile_cache_bound_that_is_not_a_size_is_refused_when_a_build_asks_for_it(value):
+    settings = Settings.from_env({"CUDABUILD_COMPILE_CACHE_SIZE": value})  # a command that builds nothing runs
+    with pytest.raises(InputError) as refused:
+        settings.compile_cache_bound()
+    assert "CUDABUILD_COMPILE_CACHE_SIZE" in refused.value.message and "--no-compile-cache" in refused.value.hint
+
+
+def test_the_compile_cache_is_on_unless_turned_off_by_flag_or_environment():
+    from cudabuild.options import resolve_build_options
+
+    assert resolve_build_options({}, Settings.from_env({})).compile_cache is True
+    assert resolve_build_options({}, Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})).compile_cache is False
+    on = Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})
+    assert resolve_build_options({"compile_cache": True}, on).compile_cache is True  # the flag wins
