@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, PARTS, Artifact, walk, read_manifest
-from cudabuild.compile.builder import render_template, tar_context
+from cudabuild.compile.builder import tar_context
 from cudabuild.cache import Cache, key_of
 from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
@@ -29,8 +29,8 @@ _SYSTEM_TREES = {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32",
 
 # ---- the modules image -------------------------------------------------------------------------
 def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Reporter) -> None:
-    """The modules image: FROM scratch, one layer holding modules/, userspace/ and manifest.json
-    as the manifest lists them, and nothing else."""
+    """The modules image: one layer holding modules/, userspace/ and manifest.json as the manifest
+    lists them, and nothing else (imported as a layer: FROM scratch and one COPY, without a build)."""
     manifest = artifact.manifest
     labels = manifest.labels()
     if engine.image_id(tag):
@@ -43,12 +43,11 @@ def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Rep
         "org.opencontainers.image.description":
             f"NVIDIA {manifest.driver_version} modules for Linux {manifest.kernel_release}, built by cudabuild",
     })
-    payload = [(f"payload/{rel}", artifact.root / rel) for rel, _ in artifact.files()]
-    payload.append((f"payload/{MANIFEST}", artifact.root / MANIFEST))
+    payload = [(rel, artifact.root / rel) for rel, _ in artifact.files()]
+    payload.append((MANIFEST, artifact.root / MANIFEST))
     with reporter.step(f"publish modules image {tag}"):
-        files = {"Dockerfile": render_template("modules.Dockerfile.j2").encode()}
-        with tar_context(files, payload) as context:
-            engine.build(context=context, tag=tag, labels=labels, network="none")
+        with tar_context({}, payload) as layer:
+            engine.import_layer(layer=layer, tag=tag, labels=labels)
         layers = engine.image(tag)["RootFS"]["Layers"]
         if len(layers) != 1:
             raise VerifyError(f"the modules image {tag} has {len(layers)} layers instead of one")

@@ -57,9 +57,22 @@ def test_sigkill_mid_build_then_two_runs_at_once_rebuild_cleanly_and_once(sessio
     nothing_half_written(cache)
 
 
-def test_ctrl_c_removes_the_builder_and_exits_130(cache):
-    proc = start(cache)
+@pytest.mark.parametrize("compile_cache", ["bounded", "off"])
+def test_ctrl_c_removes_the_builder_and_exits_130(cache, compile_cache):
+    """Before the interrupt, the builder as the engine shows it: the cache's compile cache mounted
+    and its bound (CUDABUILD_COMPILE_CACHE_SIZE) in the builder's environment, which build.sh gives
+    ccache; with --no-compile-cache, neither."""
+    args = (*ARGS, "--no-compile-cache") if compile_cache == "off" else ARGS
+    proc = start(cache, *args, env={"CUDABUILD_COMPILE_CACHE_SIZE": "300M"})
     wait_for_line(proc, "==> make modules")
+    [builder] = [c for c in builders_of(proc.pid) if c.attrs["Config"]["Cmd"][-1].endswith("/build.sh")]
+    mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in builder.attrs["Mounts"]}
+    env = dict(item.split("=", 1) for item in builder.attrs["Config"]["Env"])
+    if compile_cache == "off":
+        assert "/cudabuild/compile-cache" not in mounts and env["COMPILE_CACHE"] == ""
+    else:
+        assert mounts["/cudabuild/compile-cache"] == (str(cache / "compile-cache"), True)
+        assert (env["COMPILE_CACHE"], env["COMPILE_CACHE_SIZE"]) == ("/cudabuild/compile-cache", "300M")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
