@@ -32,9 +32,10 @@ if [ -n "$COMPILE_CACHE" ]; then
     # trees and this driver tree sit at the same paths in every build, so a rebuild hits. The
     # stats log counts this build alone (the host reads it).
     # Depend mode: a miss runs the compiler alone and takes the headers it read from kbuild's
-    # -Wp,-MMD file, instead of running the preprocessor once more to hash its output.
+    # -Wp,-MMD file, instead of running the preprocessor once more to hash its output. The inode
+    # cache keeps those headers' hashes between calls (each call reads hundreds of them).
     export CCACHE_DIR="$COMPILE_CACHE" CCACHE_MAXSIZE="$COMPILE_CACHE_SIZE" CCACHE_STATSLOG="$WORK/compile-cache.log"
-    export CCACHE_DEPEND=1
+    export CCACHE_DEPEND=1 CCACHE_INODECACHE=1
     export PATH="/usr/lib/ccache:$PATH"
     # NVIDIA's conftest (hundreds of small compiles, a third of which fail by design, which ccache
     # cannot keep) answers questions about the kernel: its answers are kept too, by everything
