@@ -542,9 +542,18 @@ The loader's refusals, as in a runtime image:
 @click.option("--kernel-hook", is_flag=True,
               help="Also write ROOT/etc/kernel/postinst.d/cudabuild, Debian's kernel hook: a new kernel's package "
                    "stages its build, or fails naming the kernel.")
+@click.option("--drain", is_flag=True,
+              help="When another driver version is loaded and containers hold the GPU: stop them (through the "
+                   "engine), upgrade, and start them again. A holder outside any container is never stopped.")
+@click.option("--drain-timeout", type=click.FloatRange(1, 3600), default=60, show_default=True, metavar="SECONDS",
+              help="With --drain: how long to wait for the devices to be released after the containers stop.")
+@click.option("--no-restart", is_flag=True, help="With --drain: leave the drained containers stopped.")
+@click.option("--cdi-interval", type=click.FloatRange(1, 86400), default=30, show_default=True, metavar="SECONDS",
+              help="With --wait: how often to check the CDI spec against the loaded driver and GPUs, and rewrite "
+                   "it when it is stale.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallback, poll, kernel_hook,
-            as_json) -> None:
+def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallback, poll, kernel_hook, drain,
+            drain_timeout, no_restart, cdi_interval, as_json) -> None:
     """Install a built driver on this host, once, for every container.
 
     Loads the modules with the image loader's own checks, order and exit codes (privilege, kernel,
@@ -554,6 +563,12 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
     UUID, and all) to ROOT/var/run/cdi and, last, ROOT/run/cudabuild/driver/ready. Run again with
     the same driver, it changes nothing and says so: safe at every boot. Containers then get GPUs
     without --privileged (podman run --device nvidia.com/gpu=0, cudabuild run --gpus 0).
+
+    With another driver version loaded, it upgrades: refused (exit 24, naming every process that
+    holds the GPU: cudabuild holders) while anything holds it, unless --drain stops the containers
+    that do; the old modules are unloaded (last loaded first), the new ones loaded, and the
+    userspace directory, CDI spec and ready file rewritten. When the new modules do not load, the
+    old driver is loaded again with its spec and ready file (exit 25): never a host without one.
 
     Without --modules, with --registry or --driver (or on a node set up so before, which remembers
     them): the node's own driver, for whatever kernel it runs (the kernel-agnostic driver
@@ -569,6 +584,7 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
       sudo cudabuild install --modules cudabuild/modules:535.309.01-6.1.0-56-amd64
       docker run --rm --privileged --pid host -v /:/host cudabuild/driver:535.309.01-6.1.0-56-amd64
       cudabuild install --modules ./nvidia --root /mnt/node --json
+      sudo cudabuild install --modules cudabuild/modules:550.127.05-6.1.0-56-amd64 --drain
       cudabuild install --registry registry.example:5000/gpu --driver 535 --root /host --wait
       sudo cudabuild install --registry registry.example:5000/gpu --driver 535 --kernel-hook
     """
@@ -578,9 +594,14 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
 
     from cudabuild import artifact
     from cudabuild.deliver import install as installer
+    from cudabuild.deliver import upgrade
 
     settings = _settings()
     reporter = settings.reporter()
+    if (no_restart or drain_timeout != 60) and not drain:
+        raise InputError("--no-restart and --drain-timeout go with --drain", hint="add --drain, or leave them out")
+    engine = functools.cache(settings.engine)
+    policy = upgrade.Policy(drain=drain, drain_timeout=drain_timeout, restart=not no_restart, engine=engine)
     registry = registry or settings.option_values.get("registry")
     stop = threading.Event()
     if wait:
@@ -589,23 +610,26 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
     if modules_ref is None and (registry or driver or _configured_node(root)):
         result = _install_node(settings, reporter, root=root, cdi_host_root=cdi_host_root, registry=registry,
                                driver=driver, fallback=None if no_fallback is None else False, wait=wait, poll=poll,
-                               kernel_hook=kernel_hook, stop=stop)
+                               kernel_hook=kernel_hook, stop=stop, policy=policy)
         if result is None:  # stopped while waiting for a build
             return
     else:
         if kernel_hook:
             raise InputError("--kernel-hook stages builds from a registry", hint="pass --registry and --driver with it")
-        engine = functools.cache(settings.engine)  # only for an image: the driver container installs a directory
         where = None if modules_ref and os.path.isdir(modules_ref) else settings.cache()
         checked = artifact.find(modules_ref, where, engine,
                                 import_image=_importer(where, engine, reporter) if where is not None else None)
         result = installer.install(checked, root=Path(root), host_root=cdi_host_root, env=settings.environ,
-                                   reporter=reporter)
+                                   reporter=reporter, policy=policy)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         what = "installed" if result.changed else "already installed: nothing changed"
+        if result.upgraded_from:
+            what = f"installed, replacing {result.upgraded_from}"
         click.echo(f"NVIDIA {result.driver_version} {what}")
+        if result.drained:
+            click.echo(f"  drained:   {', '.join(result.drained)} (stopped, then started again)")
         click.echo(f"  driver:    {result.driver_dir}" + (" (copied)" if result.files_changed else ""))
         click.echo(f"  loaded:    {', '.join(result.loaded) or 'nothing (already loaded)'}")
         click.echo("  GPUs:      " + (", ".join(f"{g['index']} {g['uuid']}" for g in result.gpus) or "none"))
@@ -613,15 +637,19 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
         click.echo(f"  ready:     {result.ready}")
         click.echo("  use it:    podman run --device nvidia.com/gpu=all IMAGE | cudabuild run --gpus all IMAGE")
     if wait:
+        from cudabuild.deliver import cdi as specs
+
         if not stop.is_set():
             reporter.note("ready; waiting until stopped (the ready file goes away then)")
-        stop.wait()
+        while not stop.wait(cdi_interval):
+            specs.refresh(Path(root), host_root=cdi_host_root, reporter=reporter)
+        specs.refresh(Path(root), host_root=cdi_host_root, reporter=reporter)
         installer.not_ready(Path(root))
-        reporter.note("stopped: the ready file is removed; the driver stays loaded")
+        reporter.note("stopped: the ready file is removed; the driver stays loaded and its CDI spec valid")
 
 
 def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, fallback, wait, poll, kernel_hook,
-                  stop):
+                  stop, policy):
     """`install` without --modules: deliver/node.py serve, which stages the next kernel while it
     waits (in a thread here, so that the JSON result is printed once installed)."""
     import threading
@@ -634,7 +662,7 @@ def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, 
         reporter.note(f"kernel hook: {node.write_hook(host, cdi_host_root)}")
     serve = functools.partial(node.serve, host, config, running=settings.host_release,
                               registry=settings.registry(config.registry), host_root=cdi_host_root,
-                              env=settings.environ, reporter=reporter, poll=poll, stop=stop)
+                              env=settings.environ, reporter=reporter, poll=poll, stop=stop, policy=policy)
     if not wait:
         return serve(wait=False)
     done, box = threading.Event(), {}
@@ -794,6 +822,82 @@ def status(root, as_json) -> None:
         click.echo(f"staged:   {release}: " + (", ".join(f"{b['driver']} {b['flavor']}" for b in builds) or "nothing whole"))
 
 
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="The host's file system as this process sees it (/host in a container, with the host's /proc).")
+@click.option("--json", "as_json", is_flag=True, help="Print the holders as one JSON list on stdout.")
+def holders(root, as_json) -> None:
+    """Every process that holds the GPU: a /dev/nvidia* node open or mapped, or a library of the
+    driver mapped (ROOT/proc/*/fd and ROOT/proc/*/maps), whatever started it, with the container
+    it runs in (the id from ROOT/proc/PID/cgroup; its name, and a Kubernetes pod's name and
+    namespace, from the engine when one answers). These are what keep a driver from being
+    unloaded; `install --drain` stops the containers among them.
+
+    \b
+    Examples:
+      sudo cudabuild holders
+      cudabuild holders --root /host --json
+    """
+    from pathlib import Path
+
+    from cudabuild.deliver import upgrade
+
+    settings = _settings()
+    _host(root)
+    found = upgrade.who_holds(Path(root), functools.cache(settings.engine), settings.reporter())
+    if as_json:
+        click.echo(json.dumps([h.to_json() for h in found], indent=2))
+        return
+    if not found:
+        click.echo("nothing holds the GPU")
+        return
+    click.echo(f"{'PID':>8}  {'COMMAND':<16} {'CONTAINER':<28} HOLDS")
+    for h in found:
+        where = (h.container or h.container_id[:12]) if h.in_container else "-"
+        if h.pod:
+            where += f" ({h.namespace}/{h.pod})"
+        click.echo(f"{h.pid:>8}  {h.command:<16} {where:<28} {', '.join(h.holds)}")
+
+
+@cli.command(epilog=EXIT_CODE_HELP)
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="The host's file system as this process sees it (/host in the driver container).")
+@click.option("--cdi-host-root", default="/", show_default=True, metavar="DIR",
+              help="The prefix of the paths the CDI spec names, as the host sees them.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object on stdout.")
+def uninstall(root, cdi_host_root, as_json) -> None:
+    """Remove what `cudabuild install` put on the host, in the safe order: refused (exit 24,
+    naming them) while anything holds the GPU; the CDI spec first, so that no new container gets
+    the GPU; then the modules unloaded (the last loaded first; a driver cudabuild did not install
+    stays loaded); the device nodes; ROOT/run/cudabuild/driver/VERSION; the ready file last.
+    Staged builds and the node's configuration (ROOT/var/lib/cudabuild) are kept.
+
+    \b
+    Examples:
+      sudo cudabuild uninstall
+      cudabuild uninstall --root /host --json
+    """
+    from pathlib import Path
+
+    from cudabuild.deliver import upgrade
+
+    settings = _settings()
+    _host(root)
+    done = upgrade.uninstall(Path(root), host_root=cdi_host_root, env=settings.environ,
+                             engine=functools.cache(settings.engine), reporter=settings.reporter())
+    if as_json:
+        click.echo(json.dumps(done.to_json(), indent=2))
+        return
+    if done.driver_version and done.unloaded:
+        click.echo(f"NVIDIA {done.driver_version} uninstalled: unloaded {', '.join(done.unloaded)}")
+    elif done.left_loaded:
+        click.echo(f"NVIDIA {done.driver_version} stays loaded (cudabuild did not install it)")
+    else:
+        click.echo("no NVIDIA driver was loaded")
+    for path in done.removed:
+        click.echo(f"  removed: {path}")
+
+
 @cli.group()
 def cdi() -> None:
     """CDI specs: write one for a host whose driver came another way, list what engines see."""
@@ -805,45 +909,73 @@ def cdi() -> None:
               help="The prefix of the paths the spec names, as the host sees them.")
 @click.option("--output", metavar="FILE|-", help="Where to write the spec: a file, or - for stdout. Default: "
                                                  "ROOT/var/run/cdi/cudabuild-nvidia.json.")
-def cdi_generate(root, cdi_host_root, output) -> None:
-    """Write the CDI spec of a host whose driver came some other way (distribution packages,
-    NVIDIA's installer): the loaded driver's version (/proc/driver/nvidia/version or
-    /sys/module/nvidia/version), its GPUs, and the userspace libraries of exactly that version
-    from the host's library directories; refused, naming what is missing, when they are not there.
+@click.option("--check", is_flag=True,
+              help="Write nothing: exit 26 when the spec on disk (--output FILE, or the default) does not match the "
+                   "loaded driver and GPUs (another version, a GPU gone or new, a library path that no longer "
+                   "exists), naming each difference; 0 when it matches.")
+@click.option("--if-loaded", is_flag=True,
+              help="When no NVIDIA driver is loaded, do nothing and exit 0 (a boot-time unit: the driver may load "
+                   "later, and its udev event runs this again).")
+@click.option("--json", "as_json", is_flag=True, help="With --check: print {stale, differences, spec} as JSON.")
+def cdi_generate(root, cdi_host_root, output, check, if_loaded, as_json) -> None:
+    """Write the CDI spec of the driver loaded on a host and its GPUs: whatever installed it
+    (cudabuild install, distribution packages, NVIDIA's installer). The loaded driver's version
+    (/proc/driver/nvidia/version or /sys/module/nvidia/version), its GPUs, and the userspace
+    libraries of exactly that version (cudabuild's copy first, then the host's library
+    directories); refused, naming what is missing, when they are not there. The file is written
+    whole or not at all (a temporary file, then a rename): an engine never reads half a spec.
 
     \b
     Examples:
       sudo cudabuild cdi generate
       cudabuild cdi generate --root /host --output -
+      cudabuild cdi generate --check || sudo cudabuild cdi generate
+      cudabuild cdi generate --if-loaded          (cudabuild-cdi-refresh.service: cudabuild deploy systemd)
     """
     from pathlib import Path
 
     from cudabuild.deliver import cdi as specs
-    from cudabuild.deliver import devices
-    from cudabuild.deliver.install import DRIVER_DIR
+    from cudabuild.errors import StaleSpecError
+    from cudabuild.hostfs import HostRoot
 
     base = Path(root)
-    version = devices.loaded_version(base)
-    if version is None:
+    if not base.is_dir():
+        raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
+    if output == "-" and check:
+        raise InputError("--check compares a file on disk with the loaded driver", hint="leave out --output -")
+    spec = specs.for_loaded(base, host_root=cdi_host_root)
+    if spec is None and (if_loaded or check):
+        if not check:
+            click.echo(f"no NVIDIA driver is loaded under {root}: nothing to do", err=True)
+            return
+    elif spec is None:
         raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
                          "sys/module/nvidia/version)", hint="load the driver first (cudabuild install does)")
-    ours = f"{DRIVER_DIR}/{version}"
-    userspace = specs.find_userspace(base, version, extra_dirs=(f"{ours}/lib", f"{ours}/bin"))
-    spec = specs.generate(base, host_root=cdi_host_root, userspace=userspace)
+    target = Path(output).absolute() if output and output != "-" else HostRoot(base).resolve(specs.SPEC)
+    if target.is_dir():
+        raise InputError(f"--output {output} is a directory; it takes the spec's file name",
+                         hint=f"pass a file, e.g. --output {target / specs.SPEC_FILE}")
+    if check:
+        current = specs.read_spec(target) if target.exists() else None
+        said = specs.differences(current, spec, root=base, host_root=cdi_host_root)
+        if as_json:
+            click.echo(json.dumps({"stale": bool(said), "differences": said, "spec": str(target)}, indent=2))
+        if said:
+            raise StaleSpecError(f"the CDI spec {target} is stale: {'; '.join(said)}",
+                                 hint="rewrite it: cudabuild cdi generate" + (f" --root {root}" if root != "/" else "")
+                                 + (f" --cdi-host-root {cdi_host_root}" if cdi_host_root != "/" else ""))
+        if not as_json:
+            click.echo(f"{target} matches the loaded driver and GPUs")
+        return
     if output == "-":
         click.echo(json.dumps(spec, indent=2))
-    elif output:
-        from cudabuild.hostfs import HostRoot
-
-        target = Path(output).absolute()
-        if target.is_dir():
-            raise InputError(f"--output {output} is a directory; it takes the spec's file name",
-                             hint=f"pass a file, e.g. --output {target / specs.SPEC_FILE}")
-        HostRoot("/").write_atomic(str(target), (json.dumps(spec, indent=2) + "\n").encode())
-        click.echo(f"wrote {output}: {len(spec['devices'])} devices, driver {version}", err=True)
+        return
+    if output:
+        HostRoot("/").write_atomic(str(target), specs.encode(spec))
     else:
-        path, _ = specs.write(spec, base)
-        click.echo(f"wrote {path}: {len(spec['devices'])} devices, driver {version}", err=True)
+        target, _ = specs.write(spec, base)  # resolved inside the root
+    click.echo(f"wrote {output or target}: {len(spec['devices'])} devices, driver {specs.driver_version_of(spec)}",
+               err=True)
 
 
 @cdi.command("list", epilog=EXIT_CODE_HELP)
@@ -1083,6 +1215,9 @@ def _prebuild_drivers(drivers: str | None) -> str:
 @click.option("--prebuild", is_flag=True,
               help="A build host's units instead: cudabuild-prebuild.service and .timer, which build, boot-test and "
                    "push the kernels listed in /etc/cudabuild/kernels (cudabuild matrix --kernels-from).")
+@click.option("--cdi-refresh", is_flag=True,
+              help="Only the units that keep the CDI spec current, for a host whose driver came another way "
+                   "(distribution packages, NVIDIA's installer): cudabuild-cdi-refresh.service and its udev rule.")
 @click.option("--drivers", metavar="LIST", help="With --prebuild: the drivers to build (e.g. 535).")
 @click.option("--schedule", default="daily", show_default=True, metavar="CALENDAR",
               help="With --prebuild: the timer's OnCalendar.")
@@ -1091,16 +1226,30 @@ def _prebuild_drivers(drivers: str | None) -> str:
 @click.option("--output", metavar="DIR", help="Write one file per unit into DIR (e.g. /etc/systemd/system) instead "
                                               "of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print {file name: content} as one JSON object.")
-def deploy_systemd(registry, driver, prebuild, drivers, schedule, cudabuild_path, output, as_json) -> None:
+def deploy_systemd(registry, driver, prebuild, cdi_refresh, drivers, schedule, cudabuild_path, output,
+                   as_json) -> None:
     """systemd units for a host. By default the node's: cudabuild-driver.service installs the
     driver for whatever kernel runs (staged build, else the registry; cudabuild install
     --registry) before the container engines start; cudabuild-stage.service and .timer stage the
-    next kernel's build hourly. With --prebuild, a build host's: a service and a timer that build
-    the fleet's kernels ahead of need."""
+    next kernel's build hourly; cudabuild-cdi-refresh.service rewrites the CDI spec at boot and,
+    through 60-cudabuild-cdi-refresh.rules (for /etc/udev/rules.d), whenever the driver's modules
+    load, doing nothing while none is loaded. With --prebuild, a build host's: a service and a
+    timer that build the fleet's kernels ahead of need.
+
+    \b
+    Examples:
+      cudabuild deploy systemd --registry registry.example:5000/gpu --driver 535 --output /etc/systemd/system
+      cudabuild deploy systemd --cdi-refresh --output /tmp/units
+      cudabuild deploy systemd --prebuild --registry registry.example:5000/gpu --drivers 535,550
+    """
     from cudabuild.deploy import systemd
 
     registry = registry or _settings().option_values.get("registry")
-    if prebuild:
+    if cdi_refresh and prebuild:
+        raise InputError("--cdi-refresh and --prebuild are units for different hosts", hint="pass one of them")
+    if cdi_refresh:
+        files = systemd.cdi_refresh_files(cudabuild=cudabuild_path)
+    elif prebuild:
         files = systemd.prebuild_files(cudabuild=cudabuild_path, registry=_prebuild_registry(registry),
                                        drivers=_prebuild_drivers(drivers), schedule=schedule)
     else:

@@ -152,14 +152,18 @@ class Engine:
                 return None
             except docker.errors.APIError as exc:
                 raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        return self._local_json(f"/images/{urllib.parse.quote(ref, safe='/:@')}/json", f"image {ref}")
+
+    def _local_json(self, path: str, what: str) -> dict | None:
+        """GET `path` on the local socket: its JSON, None for a 404."""
         try:
-            status, body = self.local.get(f"/images/{urllib.parse.quote(ref, safe='/:@')}/json")
+            status, body = self.local.get(path)
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+            raise EngineError(f"cannot inspect {what}: {_short(exc)}", hint=ENGINE_HINT) from exc
         if status == 404:
             return None
         if status != 200:
-            raise EngineError(f"cannot inspect image {ref}: the engine said HTTP {status} "
+            raise EngineError(f"cannot inspect {what}: the engine said HTTP {status} "
                               f"({body[:200].decode('utf-8', 'replace').strip()})", hint=ENGINE_HINT)
         return json.loads(body)
 
@@ -349,6 +353,31 @@ class Engine:
                     container.remove(force=True)
                 except (docker.errors.APIError, requests.RequestException):
                     pass
+
+    def inspect_container(self, ref: str) -> dict | None:
+        """The engine's inspect data of a container (by id or name), None when it has none such."""
+        if self.local is None:
+            try:
+                return self.client.api.inspect_container(ref)
+            except docker.errors.NotFound:
+                return None
+            except (docker.errors.APIError, requests.RequestException) as exc:
+                raise EngineError(f"cannot inspect container {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+        return self._local_json(f"/containers/{urllib.parse.quote(ref, safe='')}/json", f"container {ref}")
+
+    def stop_container(self, ref: str, *, timeout: int) -> None:
+        """Stop a running container (SIGTERM, then SIGKILL after `timeout` s), as `docker stop`."""
+        try:
+            self.client.api.stop(ref, timeout=timeout)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot stop container {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+
+    def start_container(self, ref: str) -> None:
+        try:
+            self.client.api.start(ref)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot start container {ref}: {_short(exc)}",
+                              hint=f"start it by hand: docker start {ref}") from exc
 
     def containers(self, *, label: str) -> list[str]:
         """Names of containers (running or not) carrying `label`."""

@@ -110,6 +110,26 @@ class NoBuildError(CudabuildError):
     exit_code = 23
 
 
+class HeldError(CudabuildError):
+    """The GPU is in use: processes hold its device nodes or map the driver (each is named), so the
+    driver cannot be changed or removed now (install of another version, uninstall)."""
+
+    exit_code = 24
+
+
+class RolledBackError(CudabuildError):
+    """A driver upgrade failed and the driver that was loaded before is loaded again, with its CDI
+    spec and ready file: the host still has a working driver."""
+
+    exit_code = 25
+
+
+class StaleSpecError(CudabuildError):
+    """The CDI spec on disk does not describe the loaded driver and GPUs (cdi generate --check)."""
+
+    exit_code = 26
+
+
 class CacheError(CudabuildError):
     """The cache cannot be used (no space, not writable, lock not obtained)."""
 
@@ -136,5 +156,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (MATRIX_FAILED, "matrix: one or more cells failed (each is named with its log's last lines)"),
     (NoBuildError.exit_code, "no verified build for the kernel and driver, staged or in the registry (stage, ready, "
                              "install --registry)"),
+    (HeldError.exit_code, "the GPU is in use: its holders are named (install of another version, uninstall)"),
+    (RolledBackError.exit_code, "a driver upgrade failed and the old driver is loaded again, with its CDI spec"),
+    (StaleSpecError.exit_code, "cdi generate --check: the spec on disk does not match the loaded driver and GPUs"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed"),
 ]

@@ -367,7 +367,7 @@ def fake_host(root: Path, *, gpus: int = 3) -> dict:
     and `var/lock -> /run/lock`, absolute; merged /usr: `lib -> usr/lib`, `bin -> usr/bin`, ...),
     and the stub insmod (tests/integration/test_loader.py) that imitates the kernel: the loader's
     seams point at them. Returns the environment to run with."""
-    from tests.integration.test_loader import STUB_INSMOD
+    from tests.integration.test_loader import STUB_INSMOD, STUB_RMMOD
 
     debian_layout(root)
     for d in ("proc/self", "proc/driver/nvidia/gpus", "sys/module/firmware_class/parameters", "dev"):
@@ -377,7 +377,10 @@ def fake_host(root: Path, *, gpus: int = 3) -> dict:
     (root / "sys/module/firmware_class/parameters/path").write_text("\n")
     (root / "insmod").write_text(STUB_INSMOD)
     (root / "insmod").chmod(0o755)
+    (root / "rmmod").write_text(STUB_RMMOD)
+    (root / "rmmod").chmod(0o755)
     return {"CUDABUILD_INSMOD": str(root / "insmod"), "CUDABUILD_MODPROBE": str(root / "insmod"),
+            "CUDABUILD_RMMOD": str(root / "rmmod"),
             "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(root), "FAKE_GPUS": str(gpus), "FAKE_VERSION": DRIVER}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from cudabuild.artifact import BINARIES, OPTIONAL_LIBRARIES, REQUIRED_LIBRARIES, library_name_ok
 from cudabuild.deliver import devices
 from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
+from cudabuild.deliver.layout import driver_dir
 from cudabuild.errors import InputError, shown
 from cudabuild.hostfs import HostRoot
 
@@ -23,6 +24,7 @@ KIND = "nvidia.com/gpu"
 SPEC_FILE = "cudabuild-nvidia.json"
 CONTAINER_LIBS = "/usr/lib/x86_64-linux-gnu"
 CONTAINER_BIN = "/usr/bin"
+SPEC = f"{SPEC_DIRS[1]}/{SPEC_FILE}"  # ours, under a host's root (dynamic: /var/run/cdi)
 MAX_SPEC_BYTES = 4 << 20  # a spec is a few kB
 # Where hosts keep the userspace driver: distributions' own places, Debian's alternatives, ours.
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/nvidia/current", "usr/lib64", "usr/lib",
@@ -143,10 +145,130 @@ def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
     }
 
 
+def for_loaded(root: Path, *, host_root: str) -> dict | None:
+    """The spec of the driver loaded under `root` now and its GPUs, with the userspace driver of
+    exactly that version (the one cudabuild installed first, then the host's library directories);
+    None when no NVIDIA driver is loaded."""
+    version = devices.loaded_version(root)
+    return None if version is None else of_version(root, version, host_root=host_root)
+
+
+def of_version(root: Path, version: str, *, host_root: str) -> dict:
+    """The spec of the GPUs under `root` and the userspace driver of `version`: the copy cudabuild
+    installed (every library and binary in it), else the host's library directories (install
+    writes this; `--check` and the driver container compare against it)."""
+    ours = HostRoot(root).resolve(driver_dir(version))
+    if (ours / "lib").is_dir() and not (ours / "lib").is_symlink():
+        userspace = Userspace(
+            version=version,
+            libraries=tuple(p for p in sorted((ours / "lib").iterdir()) if p.is_file() and not p.is_symlink()),
+            binaries=tuple(p for p in sorted((ours / "bin").iterdir()) if p.is_file() and not p.is_symlink())
+            if (ours / "bin").is_dir() else ())
+    else:
+        userspace = find_userspace(root, version)
+    return generate(root, host_root=host_root, userspace=userspace)
+
+
+def refresh(root: Path, *, host_root: str, reporter=None) -> list[str]:
+    """Our spec rewritten when it is stale against the loaded driver and GPUs (removed when no
+    driver is loaded: it would name devices that are gone); what was stale."""
+    try:
+        wanted = for_loaded(root, host_root=host_root)
+    except InputError as exc:
+        if reporter:
+            reporter.warn(f"the CDI spec cannot be checked: {exc.message}")
+        return []
+    saved = on_disk(root)
+    try:
+        current = json.loads(saved) if saved is not None else None
+    except ValueError:
+        current = {}
+    said = differences(current, wanted, root=root, host_root=host_root)
+    if said:
+        if wanted is None:
+            HostRoot(root).remove_file(SPEC)
+        else:
+            write(wanted, root)
+        if reporter:
+            reporter.warn(f"the CDI spec was stale ({'; '.join(said)}): "
+                          + ("removed" if wanted is None else "rewritten"))
+    return said
+
+
+def encode(spec: dict) -> bytes:
+    return (json.dumps(spec, indent=2) + "\n").encode()
+
+
 def write(spec: dict, root: Path) -> tuple[Path, bool]:
     """Write the spec to ROOT/var/run/cdi (resolved inside the root: on Debian ROOT/run/cdi), whole
-    or not at all; the path written and whether it changed."""
-    return HostRoot(root).write_atomic(f"{SPEC_DIRS[1]}/{SPEC_FILE}", (json.dumps(spec, indent=2) + "\n").encode())
+    or not at all (a temporary file beside it, then a rename: an engine never reads half a spec);
+    the path written and whether it changed."""
+    return HostRoot(root).write_atomic(SPEC, encode(spec))
+
+
+def on_disk(root: Path) -> bytes | None:
+    """Our spec's bytes under `root` as they are now (None when there is none)."""
+    host = HostRoot(root)
+    try:
+        return host.read_bytes(SPEC, limit=MAX_SPEC_BYTES)
+    except InputError:
+        return None
+
+
+def put_back(root: Path, saved: bytes | None) -> None:
+    """Our spec as it was (`on_disk`'s answer): rewritten whole, or removed when there was none."""
+    if saved is None:
+        HostRoot(root).remove_file(SPEC)
+    else:
+        HostRoot(root).write_atomic(SPEC, saved)
+
+
+def differences(current: dict | None, wanted: dict | None, *, root: Path, host_root: str) -> list[str]:
+    """What makes the spec `current` (None: there is none) stale against `wanted`, the spec of
+    the loaded driver and GPUs (None: no driver is loaded), said for a user; [] when it is not."""
+    if current is None:
+        return [] if wanted is None else [f"there is no spec, and NVIDIA {driver_version_of(wanted)} is loaded"]
+    if wanted is None:
+        return [f"the spec is for NVIDIA {driver_version_of(current)}, and no NVIDIA driver is loaded"]
+    said = []
+    have_version, loaded = driver_version_of(current), driver_version_of(wanted)
+    if have_version != loaded:
+        said.append(f"the spec is for NVIDIA {have_version}, the loaded driver is {loaded}")
+    have, want = _gpu_names(current), _gpu_names(wanted)
+    said += [f"GPU {name} is in the spec but gone" for name in sorted(have - want)]
+    said += [f"GPU {name} is new: not in the spec" for name in sorted(want - have)]
+    host = HostRoot(root)
+    for mount in (current.get("containerEdits") or {}).get("mounts") or []:
+        path = str(mount.get("hostPath", ""))
+        rel = _under(path, host_root)
+        if rel is None or not host.resolve(rel).exists():
+            said.append(f"{path} (mounted at {mount.get('containerPath')}) no longer exists")
+    if not said and current != wanted:
+        keys = [k for k in ("cdiVersion", "kind", "devices", "containerEdits") if current.get(k) != wanted.get(k)]
+        said.append(f"its {', '.join(keys) or 'content'} differ from what the loaded driver and GPUs give "
+                     "(device numbers, nodes or libraries)")
+    return said
+
+
+def driver_version_of(spec: dict) -> str:
+    """The driver version a spec is for (its NVIDIA_DRIVER_VERSION)."""
+    for entry in (spec.get("containerEdits") or {}).get("env") or []:
+        if isinstance(entry, str) and entry.startswith("NVIDIA_DRIVER_VERSION="):
+            return entry.split("=", 1)[1]
+    return "(unknown version)"
+
+
+def _gpu_names(spec: dict) -> set[str]:
+    return {d.get("name") for d in spec.get("devices") or [] if isinstance(d, dict)
+            and str(d.get("name", "")).startswith("GPU-")}
+
+
+def _under(path: str, host_root: str) -> str | None:
+    """A host path's place under the host's root (None when it is not under it)."""
+    try:
+        return str(PurePosixPath(path).relative_to(PurePosixPath(host_root)))
+    except ValueError:
+        return None
 
 
 # ---- reading specs -------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,16 +26,14 @@ from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, Artifact, read_manifest
 from cudabuild.digests import sha256_files
-from cudabuild.deliver import cdi, devices
-from cudabuild.deliver.loader import SETTINGS, settings
-from cudabuild.errors import ArtifactError, InputError, LoaderError
+from cudabuild.deliver import cdi, devices, upgrade
+from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE
+from cudabuild.deliver.loader import SETTINGS, run_loader, settings
+from cudabuild.errors import ArtifactError, InputError
 from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter
 
-DRIVER_DIR = "run/cudabuild/driver"
-READY = "ready"
-INSTALL_LOCK = "run/cudabuild/.install.lock"  # one install at a time on a host
 
 
 @dataclass
@@ -49,6 +46,8 @@ class Installed:
     loaded: list[str] = field(default_factory=list)
     files_changed: bool = False
     spec_changed: bool = False
+    upgraded_from: str | None = None  # the driver version it replaced
+    drained: list[str] = field(default_factory=list)  # containers stopped for the change and started again
 
     @property
     def changed(self) -> bool:
@@ -57,7 +56,8 @@ class Installed:
     def to_json(self) -> dict:
         return {"driver_version": self.driver_version, "driver_dir": self.driver_dir, "cdi_spec": self.spec,
                 "ready": self.ready, "gpus": self.gpus, "loaded": self.loaded, "files_changed": self.files_changed,
-                "spec_changed": self.spec_changed, "changed": self.changed}
+                "spec_changed": self.spec_changed, "changed": self.changed, "upgraded_from": self.upgraded_from,
+                "drained": self.drained}
 
 
 def changed_files(target: Path, checked: Artifact) -> list[str] | None:
@@ -126,64 +126,52 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
     return True
 
 
-def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]:
-    """The image loader, loading from `target` into the kernel; the modules it loaded. Its
-    refusals become LoaderError with its exit code and words. Its /dev, /proc and /sys are
-    ROOT's, resolved inside ROOT here (the loader, in shell, takes them as given)."""
-    selection = devices.facts().selection_variables
-    host = HostRoot(root)
-    loader_env = {k: v for k, v in env.items() if k not in selection and k != "CUDABUILD_ROOT"}
-    loader_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    loader_env.update({"CUDABUILD_HOME": str(target), "CUDABUILD_LDCONFIG": "true",
-                       "CUDABUILD_FIRMWARE": host.host_path(target / "firmware"),  # the kernel reads it from the host
-                       "NVIDIA_VISIBLE_DEVICES": "all"})  # the host gets a node for every GPU
-    if root != Path("/"):
-        loader_env["CUDABUILD_ROOT"] = str(host.root)
-        loader_env["CUDABUILD_DEV"] = str(host.makedirs("dev"))
-        for name in ("proc", "sys"):
-            loader_env[f"CUDABUILD_{name.upper()}"] = str(host.resolve(name))
-    result = subprocess.run(["sh", str(target / "loader.sh"), "true"], env=loader_env, capture_output=True, text=True)
-    said = [line.removeprefix("cudabuild-loader: ") for line in result.stderr.splitlines()]
-    if result.returncode != 0:
-        raise LoaderError(said[-1] if said else f"the loader failed (exit {result.returncode})",
-                          exit_code=result.returncode)
-    return [line.split(" ", 1)[1] for line in said if line.startswith("loaded ")]
-
-
 def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter,
-            origin: Mapping[str, object] | None = None) -> Installed:
-    """`origin`: where a node found this build (staging.Found.to_json), written into the ready file."""
+            origin: Mapping[str, object] | None = None, policy: upgrade.Policy = upgrade.Policy()) -> Installed:
+    """`origin`: where a node found this build (staging.Found.to_json), written into the ready file.
+    Another version loaded is replaced (deliver/upgrade.py: refused while the GPU is held, unless
+    `policy` drains; rolled back when the new modules do not load)."""
     if not root.is_dir():
         raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
     host = HostRoot(root)
     version = checked.manifest.driver_version
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         target = host.makedirs(DRIVER_DIR) / version
-        with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
-            try:
-                files_changed = put_driver(checked, target, note=reporter.note)
-            except OSError as exc:  # a read-only or full file system, a file where a directory belongs
-                raise host.error(f"{DRIVER_DIR}/{version}", exc) from exc
-        with reporter.step("load the modules and make the device nodes (the image loader)"):
-            loaded = run_loader(target, root=root, env=env)
-        return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,
-                       files_changed=files_changed, origin=origin)
+        old = devices.loaded_version(root)
+
+        def put() -> bool:
+            with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
+                try:
+                    return put_driver(checked, target, note=reporter.note)
+                except OSError as exc:  # a read-only or full file system, a file where a directory belongs
+                    raise host.error(f"{DRIVER_DIR}/{version}", exc) from exc
+
+        def load_and_finish(files_changed: bool) -> Installed:
+            with reporter.step("load the modules and make the device nodes (the image loader)"):
+                loaded = run_loader(target, root=root, env=env)
+            return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,
+                           files_changed=files_changed, origin=origin)
+
+        if old is None or old == version:
+            return load_and_finish(put())
+        with upgrade.swapping(host, old=old, new=version, target=target, env=env, policy=policy, reporter=reporter,
+                              prepare=put) as swap:
+            result = load_and_finish(swap.files_changed)
+        result.upgraded_from, result.drained = old, list(swap.drained.names.values())
+        return result
 
 
 def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, target: Path, loaded: list[str],
             files_changed: bool, origin: Mapping[str, object] | None) -> Installed:
     """The CDI spec of what is loaded, then the ready file."""
     version = checked.manifest.driver_version
-    libraries = tuple(p for p in sorted((target / "lib").iterdir()) if p.is_file() and not p.is_symlink())
-    binaries = tuple(p for p in sorted((target / "bin").iterdir()) if p.is_file())
-    userspace = cdi.Userspace(version=version, libraries=libraries, binaries=binaries)
-    spec, spec_changed = cdi.write(cdi.generate(root, host_root=host_root, userspace=userspace), root)
+    spec, spec_changed = cdi.write(cdi.of_version(root, version, host_root=host_root), root)
     m = checked.manifest
     state = {"kernel": m.kernel_release, "driver": version, "flavor": m.flavor, "source": "artifact", "ref": None,
              "fallback_from": None, "boot_test": m.boot_summary, **(origin or {}),
              "driver_version": version, "cdi_spec": host.host_path(spec, host_root)}
     text = json.dumps(state) + "\n"
-    ready, _ = host.write_atomic(f"{DRIVER_DIR}/{READY}", text.encode())
+    ready, _ = host.write_atomic(READY_FILE, text.encode())
     return Installed(driver_version=version, driver_dir=host.host_path(target, host_root),
                      spec=host.host_path(spec, host_root), ready=host.host_path(ready, host_root),
                      gpus=[{"index": g.index, "minor": g.minor, "uuid": g.uuid} for g in devices.gpus(root)],
@@ -192,4 +180,4 @@ def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, ta
 
 def not_ready(root: Path) -> None:
     """Remove the readiness file (the driver container stops)."""
-    HostRoot(root).remove_file(f"{DRIVER_DIR}/{READY}")
+    HostRoot(root).remove_file(READY_FILE)

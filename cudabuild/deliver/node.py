@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cudabuild.deliver import kernels, staging
-from cudabuild.deliver.install import DRIVER_DIR, READY, Installed, install
+from cudabuild.deliver.install import Installed, install
+from cudabuild.deliver.layout import READY_FILE
 from cudabuild.deliver.staging import Found, NodeConfig
 from cudabuild.errors import InputError, NoBuildError, RegistryError
 from cudabuild.hostfs import HostRoot
@@ -86,7 +87,7 @@ def _describe(build) -> dict:
 
 def status(host: HostRoot, running: str) -> dict:
     try:
-        ready = json.loads(host.read_text(f"{DRIVER_DIR}/{READY}"))
+        ready = json.loads(host.read_text(READY_FILE))
     except (InputError, ValueError):
         ready = None
     config = NodeConfig.load(host)
@@ -98,7 +99,7 @@ def status(host: HostRoot, running: str) -> dict:
 
 
 def serve(host: HostRoot, config: NodeConfig, *, running: str, registry, host_root: str, env: Mapping[str, str],
-          reporter: Reporter, wait: bool, poll: float, stop: threading.Event,
+          reporter: Reporter, wait: bool, poll: float, stop: threading.Event, policy=None,
           installed_then: Callable[[Installed], None] = lambda result: None) -> Installed | None:
     """The kernel-agnostic driver container: find the running kernel's build, install it; with
     `wait`, retry with backoff until one exists, then (after `installed_then(result)`) keep staging
@@ -118,7 +119,7 @@ def serve(host: HostRoot, config: NodeConfig, *, running: str, registry, host_ro
                 reporter.warn(f"FALLBACK: no verified build of driver {found.fallback_from} for kernel {running}; "
                               f"installing {found.artifact.manifest.driver_version} instead (from {found.source})")
             installed = install(found.artifact, root=host.given, host_root=host_root, env=env, reporter=reporter,
-                                origin=found.to_json())
+                                origin=found.to_json(), **({"policy": policy} if policy else {}))
             break
         if not wait:
             raise NoBuildError(staging.missing(running, config, host),

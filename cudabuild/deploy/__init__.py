@@ -14,14 +14,14 @@ from pathlib import Path
 
 from cudabuild.artifact import LABEL_PREFIX, read_labels, read_node_labels
 from cudabuild.deliver import devices
-from cudabuild.deliver.install import DRIVER_DIR, READY
+from cudabuild.deliver.layout import READY_FILE as _READY
 from cudabuild.errors import InputError
 from cudabuild.options import validate_image_ref
 
 # A workload example: an unmodified CUDA image that lists the GPUs.
 EXAMPLE_IMAGE = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 RUNTIME_NAME = "cudabuild"
-READY_FILE = f"/{DRIVER_DIR}/{READY}"  # where install writes it (cudabuild/deliver/install.py)
+READY_FILE = f"/{_READY}"  # where install writes it (cudabuild/deliver/layout.py)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Field names: aws/amazon-ecs-agent and botocore's ECS model, which the tests vali
 from __future__ import annotations
 
 from cudabuild.deploy import EXAMPLE_IMAGE, DriverImage, File, HostFacts
-from cudabuild.deliver.install import DRIVER_DIR
+from cudabuild.deliver.layout import driver_dir
 from cudabuild.errors import InputError
 
 NODE_DRIVER = "/usr/local/nvidia"  # where the seed's shape mounts the driver in the container
@@ -43,7 +43,7 @@ def workload_seed(host: HostFacts, version: str) -> dict:
     devices, the libraries on LD_LIBRARY_PATH; for hosts whose agent has no GPU support."""
     nodes = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"] + [f"/dev/nvidia{g.minor}" for g in host.gpus]
     return {"family": "gpu-example-seed", "requiresCompatibilities": ["EC2"],
-            "volumes": [{"name": "nvidia-driver", "host": {"sourcePath": f"/{DRIVER_DIR}/{version}"}}],
+            "volumes": [{"name": "nvidia-driver", "host": {"sourcePath": f"/{driver_dir(version)}"}}],
             "containerDefinitions": [{
                 "name": "gpu-example", "image": EXAMPLE_IMAGE, "essential": True, "memory": 512,
                 "command": ["nvidia-smi"],

@@ -46,7 +46,31 @@ def node_files(*, cudabuild: str, config) -> list[File]:
         ("Install", [("WantedBy", "timers.target")]),
     ])
     return [File("cudabuild-driver.service", service), File("cudabuild-stage.service", staging),
-            File("cudabuild-stage.timer", timer)]
+            File("cudabuild-stage.timer", timer), *cdi_refresh_files(cudabuild=cudabuild)]
+
+
+CDI_REFRESH = "cudabuild-cdi-refresh.service"
+UDEV_RULE = "60-cudabuild-cdi-refresh.rules"  # goes to /etc/udev/rules.d
+
+
+def cdi_refresh_files(*, cudabuild: str) -> list[File]:
+    """A CDI spec that is never stale: cudabuild-cdi-refresh.service rewrites it from the loaded
+    driver and GPUs at boot, before the container engines start, and does nothing (exit 0) while no
+    driver is loaded, rather than failing the boot (nvidia-container-toolkit #1611); a udev rule
+    runs it again whenever one of the driver's modules loads (as nvidia-ctk's nvidia-cdi-refresh
+    does), so that a driver loaded after the engines started still gets its spec."""
+    service = _unit([
+        ("Unit", [("Description", "cudabuild: rewrite the CDI spec of the loaded NVIDIA driver"),
+                  ("After", "systemd-modules-load.service cudabuild-driver.service"),
+                  ("Before", "docker.service containerd.service podman.service")]),
+        ("Service", [("Type", "oneshot"), ("ExecStart", shlex.join([cudabuild, "cdi", "generate", "--if-loaded"]))]),
+        ("Install", [("WantedBy", "multi-user.target")]),
+    ])
+    rule = (f"# {UDEV_RULE}: put in /etc/udev/rules.d (cudabuild deploy systemd). When one of the NVIDIA\n"
+            "# driver's modules loads, rewrite its CDI spec (the GPUs, nvidia-uvm's device number, nvidia-modeset).\n"
+            'ACTION=="add", SUBSYSTEM=="module", KERNEL=="nvidia|nvidia_uvm|nvidia_modeset", '
+            f'RUN+="/usr/bin/systemctl --no-block start {CDI_REFRESH}"\n')
+    return [File(CDI_REFRESH, service), File(UDEV_RULE, rule)]
 
 
 def prebuild_files(*, cudabuild: str, registry: str, drivers: str, schedule: str) -> list[File]:

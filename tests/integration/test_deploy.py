@@ -186,14 +186,25 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     prebuild = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY, "--drivers", "535,470",
                        "--cudabuild-path", cudabuild, "--output", str(out))
     assert prebuild.returncode == 0, prebuild.stderr
-    units = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # and deploy's own record
-    assert units == ["cudabuild-driver.service", "cudabuild-prebuild.service", "cudabuild-prebuild.timer",
-                     "cudabuild-stage.service", "cudabuild-stage.timer"]
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # and deploy's own record
+    assert files == ["60-cudabuild-cdi-refresh.rules", "cudabuild-cdi-refresh.service", "cudabuild-driver.service",
+                     "cudabuild-prebuild.service", "cudabuild-prebuild.timer", "cudabuild-stage.service",
+                     "cudabuild-stage.timer"]
+    units = files[1:]
     verify = subprocess.run(["systemd-analyze", "verify", *units], cwd=out, capture_output=True, text=True)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
     driver = (out / "cudabuild-driver.service").read_text()
     assert f"ExecStart={cudabuild} install --registry {NODE_REGISTRY} --driver 535\n" in driver
-    assert "Before=docker.service containerd.service podman.service" in driver
+    for unit in ("cudabuild-driver.service", "cudabuild-cdi-refresh.service"):
+        assert "Before=docker.service containerd.service podman.service" in (out / unit).read_text()
+    refresh = (out / "cudabuild-cdi-refresh.service").read_text()
+    assert f"ExecStart={cudabuild} cdi generate --if-loaded\n" in refresh and "WantedBy=multi-user.target" in refresh
+    rule = [line for line in (out / "60-cudabuild-cdi-refresh.rules").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert rule == ['ACTION=="add", SUBSYSTEM=="module", KERNEL=="nvidia|nvidia_uvm|nvidia_modeset", '
+                    'RUN+="/usr/bin/systemctl --no-block start cudabuild-cdi-refresh.service"']
+    only = run_cli("deploy", "systemd", "--cdi-refresh", "--cudabuild-path", cudabuild, "--json")
+    assert only.returncode == 0 and sorted(json.loads(only.stdout)) == files[:2]
     assert f"--kernels-from /etc/cudabuild/kernels --drivers 535,470 --registry {NODE_REGISTRY} --boot-test" in \
         (out / "cudabuild-prebuild.service").read_text()
     refused = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY)

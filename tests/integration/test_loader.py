@@ -18,14 +18,29 @@ ALL_CAPS = "000001ffffffffff"
 NO_SYS_MODULE = "00000000a80425fb"  # docker's default set: no CAP_SYS_MODULE (bit 16)
 
 STUB_INSMOD = r"""#!/bin/sh
-# Imitates the kernel loading a module: sysfs entry, version, /proc/devices, GPU entries.
+# Imitates the kernel loading a module: sysfs entry, its version (the module's own modinfo, as the
+# kernel reads it; FAKE_VERSION for a module without one), the modules it uses list it among their
+# holders, /proc/devices, GPU entries.
 set -eu
 ko=$1
 name=$(basename "$ko" .ko | tr - _)
 echo "$name" >> "$FAKE_ROOT/insmod.log"
 [ "${FAKE_FAIL:-}" = "$name" ] && { echo "insmod: ERROR: could not insert module $ko: Invalid argument" >&2; exit 1; }
+version=$(tr '\000' '\n' 2>/dev/null < "$ko" | sed -n 's/^version=//p' | head -1)
+# FAKE_FAIL_VERSION=V: nvidia-uvm of version V does not load (its nvidia.ko has loaded by then)
+[ -z "${FAKE_FAIL_VERSION:-}" ] || [ "$FAKE_FAIL_VERSION" != "$version" ] || [ "$name" != nvidia_uvm ] || {
+    echo "insmod: ERROR: could not insert module $ko: Unknown symbol in module" >&2; exit 1; }
 mkdir -p "$FAKE_ROOT/sys/module/$name/holders"
-echo "$FAKE_VERSION" > "$FAKE_ROOT/sys/module/$name/version"
+echo "${version:-$FAKE_VERSION}" > "$FAKE_ROOT/sys/module/$name/version"
+case "$name" in
+    nvidia_uvm|nvidia_modeset|nvidia_peermem) uses=nvidia ;;
+    nvidia_drm) uses=nvidia_modeset ;;
+    *) uses="" ;;
+esac
+if [ -n "$uses" ] && [ -d "$FAKE_ROOT/sys/module/$uses" ]; then
+    mkdir -p "$FAKE_ROOT/sys/module/$uses/holders"
+    : > "$FAKE_ROOT/sys/module/$uses/holders/$name"
+fi
 case "$name" in
     nvidia)
         echo "195 nvidia" >> "$FAKE_ROOT/proc/devices"
@@ -37,6 +52,29 @@ case "$name" in
             i=$((i + 1))
         done ;;
     nvidia_uvm) echo "510 nvidia-uvm" >> "$FAKE_ROOT/proc/devices" ;;
+esac
+"""
+# Imitates the kernel unloading a module: refused while other modules use it, or (nvidia) while a
+# process has one of its device nodes open (a fake fd link under FAKE_ROOT/proc); else its sysfs
+# entry, holder entries and /proc lines go. Each module asked for is logged as "-NAME".
+STUB_RMMOD = r"""#!/bin/sh
+set -eu
+name=$(echo "$1" | tr - _)
+echo "-$name" >> "$FAKE_ROOT/insmod.log"
+[ -d "$FAKE_ROOT/sys/module/$name" ] || { echo "rmmod: ERROR: Module $name is not currently loaded" >&2; exit 1; }
+if [ -n "$(ls "$FAKE_ROOT/sys/module/$name/holders" 2>/dev/null)" ]; then
+    echo "rmmod: ERROR: Module $name is in use by: $(ls "$FAKE_ROOT/sys/module/$name/holders" | tr '\n' ' ')" >&2; exit 1
+fi
+if [ "$name" = nvidia ]; then
+    for fd in "$FAKE_ROOT"/proc/[0-9]*/fd/*; do
+        case "$(readlink "$fd" 2>/dev/null)" in /dev/nvidia*) echo "rmmod: ERROR: Module nvidia is in use" >&2; exit 1 ;; esac
+    done
+fi
+rm -rf "$FAKE_ROOT/sys/module/$name"
+rm -f "$FAKE_ROOT"/sys/module/*/holders/"$name"
+case "$name" in
+    nvidia) sed -i '/ nvidia$/d' "$FAKE_ROOT/proc/devices"; rm -rf "$FAKE_ROOT"/proc/driver/nvidia/gpus/* ;;
+    nvidia_uvm) sed -i '/ nvidia-uvm$/d' "$FAKE_ROOT/proc/devices" ;;
 esac
 """
 
