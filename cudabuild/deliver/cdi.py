@@ -58,10 +58,10 @@ class Userspace:
     binaries: tuple[Path, ...]
 
 
-def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = ()) -> Userspace:
+def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = (), required: bool = True) -> Userspace:
     """The libraries of exactly `version` in the host's library directories (host paths, each
-    resolved inside `root`; `extra_dirs` first); InputError naming what is missing (a 535 module
-    with 470 libraries fails with "Driver/library version mismatch")."""
+    resolved inside `root`; `extra_dirs` first); unless not `required`, InputError naming what is
+    missing (a 535 module with 470 libraries fails with "Driver/library version mismatch")."""
     host = HostRoot(root)
     alternatives = "usr/lib/x86_64-linux-gnu/nvidia"
     names = [*extra_dirs, *LIBRARY_DIRS, *(f"{alternatives}/{d}" for d in host.listdir(alternatives))]
@@ -76,7 +76,7 @@ def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = ()
             for other in d.glob(f"{name}.so.[0-9][0-9][0-9].*"):
                 others.setdefault(name, set()).add(other.name.split(".so.", 1)[1])
     missing = [n for n in REQUIRED_LIBRARIES if n not in found]
-    if missing:
+    if missing and required:
         seen = sorted(set().union(*(others.get(n, set()) for n in missing)) - {version})
         raise InputError(
             f"the loaded NVIDIA driver is {version}, but {', '.join(f'{n}.so.{version}' for n in missing)} "
@@ -155,17 +155,11 @@ def for_loaded(root: Path, *, host_root: str) -> dict | None:
 
 def of_version(root: Path, version: str, *, host_root: str) -> dict:
     """The spec of the GPUs under `root` and the userspace driver of `version`: the copy cudabuild
-    installed (every library and binary in it), else the host's library directories (install
-    writes this; `--check` and the driver container compare against it)."""
-    ours = HostRoot(root).resolve(driver_dir(version))
-    if (ours / "lib").is_dir() and not (ours / "lib").is_symlink():
-        userspace = Userspace(
-            version=version,
-            libraries=tuple(p for p in sorted((ours / "lib").iterdir()) if p.is_file() and not p.is_symlink()),
-            binaries=tuple(p for p in sorted((ours / "bin").iterdir()) if p.is_file() and not p.is_symlink())
-            if (ours / "bin").is_dir() else ())
-    else:
-        userspace = find_userspace(root, version)
+    installed first, then the host's library directories (install writes this; `--check` and the
+    driver container compare against it). With cudabuild's copy there, its libraries suffice."""
+    ours = driver_dir(version)
+    installed = HostRoot(root).is_dir(f"{ours}/lib")
+    userspace = find_userspace(root, version, extra_dirs=(f"{ours}/lib", f"{ours}/bin"), required=not installed)
     return generate(root, host_root=host_root, userspace=userspace)
 
 
