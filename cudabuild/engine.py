@@ -128,22 +128,22 @@ class Engine:
                 raise EngineError(f"the Docker engine at {shown(where)} does not answer (its ping said HTTP "
                                   f"{status})", hint=ENGINE_HINT)
             local.timeout = OPERATION_TIMEOUT
-            return cls(None, where, local=local, connect=lambda: _sdk_client(env, where, answer))
+            return cls(None, where, local=local, connect=lambda: _sdk_client(env, where, answer, ping=False))
         return cls(_sdk_client(env, where, answer), where)
 
     # ---- images ----------------------------------------------------------------------------
     def image_id(self, ref: str) -> str | None:
-        found = self._inspect(ref)
+        found = self.inspect_image(ref)
         return found["Id"] if found else None
 
     def image(self, ref: str) -> dict:
         """The engine's inspect data of an image."""
-        found = self._inspect(ref)
+        found = self.inspect_image(ref)
         if found is None:
             raise EngineError(f"image {ref} does not exist in the engine", hint="build it first, or check the name")
         return found
 
-    def _inspect(self, ref: str) -> dict | None:
+    def inspect_image(self, ref: str) -> dict | None:
         """The inspect data of an image, None when the engine has no such image."""
         if self.local is None:
             try:
@@ -443,8 +443,9 @@ class Engine:
             pass
 
 
-def _sdk_client(env: dict, where: str, answer: float):
-    """The docker SDK's client for `where`, once the engine has answered within `answer` seconds."""
+def _sdk_client(env: dict, where: str, answer: float, *, ping: bool = True):
+    """The docker SDK's client for `where`, once the engine has answered within `answer` seconds
+    (it asks the engine its API version; `ping` asks once more, for an engine not asked before)."""
     from docker.utils.utils import parse_host
 
     try:
@@ -456,7 +457,8 @@ def _sdk_client(env: dict, where: str, answer: float):
                          "or unset it for the local engine") from exc
     try:
         client = docker.from_env(environment=env, timeout=answer)  # asks the engine its API version
-        client.ping()
+        if ping:
+            client.ping()
     except (docker.errors.DockerException, requests.RequestException) as exc:
         raise _not_answering(where, answer, exc) from exc
     client.api.timeout = OPERATION_TIMEOUT

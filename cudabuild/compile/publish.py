@@ -33,8 +33,9 @@ def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Rep
     lists them, and nothing else (imported as a layer: FROM scratch and one COPY, without a build)."""
     manifest = artifact.manifest
     labels = manifest.labels()
-    if engine.image_id(tag):
-        existing = engine.image(tag)["Config"].get("Labels") or {}
+    found = engine.inspect_image(tag)
+    if found:
+        existing = found["Config"].get("Labels") or {}
         if all(existing.get(k) == v for k, v in labels.items()):  # the same build, nothing new to say
             reporter.cached("modules image", tag)
             return

@@ -39,6 +39,14 @@ from cudabuild.ui import Reporter
 from cudabuild.verify import config_enabled, verify_modules
 
 
+def publish_checked(cache: Cache, checked: artifact.Artifact, key: str) -> None:
+    """Move a result that was just checked whole into the cache, with its files' stats (a rename
+    keeps their inodes and times): the reads that follow re-hash only what changed since."""
+    stats = artifact.file_stats(checked)
+    cache.publish(checked.root, key)
+    cache.record_checked(key, stats)
+
+
 def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
     """The registry's modules image into the cache, verified on this host as a build would be:
     every file's digest against its manifest, the key, vermagic, version and symbol CRCs against
@@ -63,7 +71,7 @@ def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None
                                   hint=f"nothing was put in the cache; build and push it again: cudabuild modules "
                                        f"--kernel {spec.kernel_release} --driver {spec.driver_version} --no-cache "
                                        "--registry REPO") from exc
-        cache.publish(work / "out", plan.key)
+        publish_checked(cache, made, plan.key)
         plan.engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
     finally:
         cache.discard(work)
@@ -93,7 +101,8 @@ def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: E
             _unpack_from_engine(engine, reference, work)
         with reporter.step("verify its modules (digests, vermagic, version, symbol CRCs)"):
             try:
-                m = artifact.load(work / "out").manifest
+                made = artifact.load(work / "out")
+                m = made.manifest
                 if m.key != labels.key or tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
                     raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., "
                                       f"the manifest's {m.key[:16]}...)")
@@ -107,7 +116,7 @@ def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: E
                 raise VerifyError(f"refused {reference}: {exc.message}",
                                   hint="nothing was put in the cache; use an unchanged image cudabuild made, or build "
                                        "the modules here: cudabuild modules --kernel RELEASE --driver VERSION") from exc
-        cache.publish(work / "out", labels.key)
+        publish_checked(cache, made, labels.key)
     finally:
         cache.discard(work)
     return artifact.load(cache.result_dir(labels.key))
@@ -333,7 +342,7 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         if options.boot_test:  # the real kernel judges before anything is published
             boot_test(made, options=options, archive=archive, cache=cache, fetcher=fetcher, reporter=reporter)
         shutil.copy2(shop.log_path, out / "build.log")
-        cache.publish(out, key)
+        publish_checked(cache, made, key)
     finally:
         cache.discard(work)
     return used
@@ -343,8 +352,8 @@ def _compile_cache(cache: Cache) -> Path:
     """The cache's compile cache, made and given to the builders' user at first use."""
     path = cache.compile_cache
     path.mkdir(exist_ok=True)
-    owner = builder_user()
-    if (path.stat().st_uid, path.stat().st_gid) != owner:
+    owner, st = builder_user(), path.stat()
+    if (st.st_uid, st.st_gid) != owner:
         os.chown(path, *owner)
     return path
 
@@ -417,10 +426,10 @@ def sign(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
             modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()),
             build_seconds=round(time.monotonic() - started, 1))
         manifest.write(out)
-        artifact.load(out)  # every reader's check, signatures included
+        made = artifact.load(out)  # every reader's check, signatures included
         with open(out / "build.log", "a") as log:
             log.write(shop.log_path.read_text())
-        cache.publish(out, key)
+        publish_checked(cache, made, key)
     finally:
         cache.discard(work)
     return used
