@@ -12,20 +12,26 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
-
 from cudabuild.digests import sha256_file
 from cudabuild.errors import VerifyError, shown
+from cudabuild.lazy import lazy_import
+
+# pyelftools loads when a file is first read: a cache hit whose files are unchanged reads none.
+_elffile = lazy_import("elftools.elf.elffile")
+_exceptions = lazy_import("elftools.common.exceptions")
 
 MAX_MODINFO_BYTES = 1 << 20
 MAX_VERSIONS_BYTES = 16 << 20
 MODVERSION_ENTRY = 64  # struct modversion_info: an 8-byte CRC, then a 56-byte name (64-bit)
 _SYMBOL_RE = re.compile(rb"[A-Za-z0-9_.$]+")
-# What a malformed ELF file makes pyelftools raise: never a traceback for the user.
-_MALFORMED = (ELFError, ELFParseError, ConstructError, struct.error, ValueError, OverflowError, MemoryError,
-              UnicodeDecodeError, IndexError, KeyError, AttributeError)
+
+
+def _malformed() -> tuple[type[BaseException], ...]:
+    """What a malformed ELF file makes pyelftools raise: never a traceback for the user."""
+    from elftools.construct import ConstructError
+
+    return (_exceptions.ELFError, _exceptions.ELFParseError, ConstructError, struct.error, ValueError, OverflowError,
+            MemoryError, UnicodeDecodeError, IndexError, KeyError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class ModuleInfo:
                 "vermagic": self.vermagic, "version": self.version, "depends": list(self.depends)}
 
 
-def _section_bytes(elf: ELFFile, name: str, *, file_size: int, limit: int, path: Path) -> bytes | None:
+def _section_bytes(elf, name: str, *, file_size: int, limit: int, path: Path) -> bytes | None:
     section = elf.get_section_by_name(name)
     if section is None:
         return None
@@ -62,7 +68,7 @@ def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> Module
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            elf = ELFFile(f)
+            elf = _elffile.ELFFile(f)
             modinfo = _section_bytes(elf, ".modinfo", file_size=size, limit=MAX_MODINFO_BYTES, path=path)
             if modinfo is None:
                 raise VerifyError(f"{path} has no .modinfo section: it is not a kernel module")
@@ -89,7 +95,7 @@ def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> Module
         raise
     except OSError as exc:
         raise VerifyError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except _MALFORMED as exc:
+    except _malformed() as exc:
         raise VerifyError(f"{path} is not an ELF kernel module ({type(exc).__name__}: {shown(str(exc))})") from exc
     vermagic = fields.get("vermagic")
     if not vermagic:
@@ -155,11 +161,11 @@ def soname(path: Path) -> str | None:
 
     try:
         with open(path, "rb") as f:
-            for section in ELFFile(f).iter_sections():
+            for section in _elffile.ELFFile(f).iter_sections():
                 if isinstance(section, DynamicSection):
                     for tag in section.iter_tags():
                         if tag.entry.d_tag == "DT_SONAME":
                             return str(tag.soname)
-    except (ELFError, ELFParseError, ConstructError, OSError, ValueError, UnicodeDecodeError):
+    except (*_malformed(), OSError):
         return None
     return None
