@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cudabuild.deliver.holders import POD_NAME, POD_NAMESPACE
 from tests.helpers import DRIVER, cdi_validator, fake_host, make_artifact, run_cli, start_cli, wait_for_line
 
 NEW = "550.127.05"
@@ -88,7 +89,8 @@ def holding_container(docker_client, host):
     """A real running container whose process holds /dev/nvidia0 in the fake proc/."""
     root, _ = host
     container = docker_client.containers.run("debian:bookworm", ["sleep", "600"], detach=True, network_mode="none",
-                                             name=f"cudabuild-test-gpu-user-{os.getpid()}-{time.monotonic_ns()}")
+                                             name=f"cudabuild-test-gpu-user-{os.getpid()}-{time.monotonic_ns()}",
+                                             labels={POD_NAME: "trainer-0", POD_NAMESPACE: "ml"})  # as the kubelet
     try:
         container.reload()
         pid = container.attrs["State"]["Pid"]
@@ -114,11 +116,12 @@ def test_holders_lists_a_containers_process_by_its_name_and_one_outside_any_cont
     pid = holding_container.attrs["State"]["Pid"]
     assert set(found) == {pid, OUTSIDE_PID}
     assert found[pid]["container_id"] == holding_container.id and found[pid]["container"] == holding_container.name
+    assert (found[pid]["pod"], found[pid]["namespace"]) == ("trainer-0", "ml")
     assert found[pid]["holds"] == ["/dev/nvidia0", "/dev/nvidiactl"] and found[pid]["command"] == "sleep"
     assert found[OUTSIDE_PID]["container_id"] is None
     assert found[OUTSIDE_PID]["holds"] == [f"/usr/lib/x86_64-linux-gnu/libcuda.so.{DRIVER}"]  # not libc
     table = cli(root, env, "holders")
-    assert holding_container.name in table.stdout and "python3" in table.stdout
+    assert f"{holding_container.name} (ml/trainer-0)" in table.stdout and "python3" in table.stdout
 
 
 def test_an_upgrade_is_refused_while_held_then_drains_the_container_swaps_and_starts_it_again(
