@@ -19,7 +19,8 @@ from pathlib import Path
 from cudabuild.deliver import cdi, holders
 from cudabuild.deliver.holders import Held, Holder
 from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE, driver_dir
-from cudabuild.deliver.loader import UnloadError, loaded_modules, run_loader, unload
+from cudabuild.deliver import devices
+from cudabuild.deliver.loader import UnloadError, run_loader, unload
 from cudabuild.errors import CudabuildError, EngineError, HeldError, LoaderError, RolledBackError
 from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.ui import Reporter
@@ -116,6 +117,19 @@ def drain(root: Path, held: Held, policy: Policy, reporter: Reporter) -> Drained
         raise
 
 
+def refuse_module_users(host: HostRoot, *, doing: str) -> None:
+    """HeldError when kernel modules that are not the driver's own use it (nvidia_fs of GPUDirect
+    Storage, a vendor's module): the kernel would refuse to unload nvidia half-way through."""
+    ours = {m.replace("-", "_") for m in (*devices.facts().load_order, *devices.facts().optional_modules)}
+    users = sorted({name for module in ours for name in host.listdir(f"sys/module/{module}/holders")} - ours)
+    if users:
+        raise HeldError(f"{doing}: the kernel module{'s' if len(users) > 1 else ''} {', '.join(users)} use"
+                        f"{'' if len(users) > 1 else 's'} nvidia, and cudabuild did not load "
+                        f"{'them' if len(users) > 1 else 'it'}",
+                        hint=f"stop what uses {'them' if len(users) > 1 else 'it'} and unload "
+                             f"{'them' if len(users) > 1 else 'it'} (rmmod {' '.join(users)}), then run again")
+
+
 def installed_by_us(host: HostRoot, version: str) -> Path | None:
     """The installed copy of `version` whose loader can load it again, None when there is none."""
     place = host.resolve(driver_dir(version))
@@ -144,6 +158,7 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
                           f"could not be loaded again if {new} failed to load, so it is left as it is",
                           exit_code=13, hint="unload it when nothing uses the GPU (rmmod nvidia_drm nvidia_modeset "
                                              "nvidia_uvm nvidia), then run cudabuild install again")
+    refuse_module_users(host, doing=doing)
     held = Held(who_holds(root, policy.engine, reporter))
     drained = Drained()
     if held.holders:
@@ -157,14 +172,15 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
         try:
             unloaded = unload(root, env)
         except UnloadError as exc:
-            _load_again(host, old_dir, env, saved_spec, saved_ready, reporter)
+            _load_again(host, old, old_dir, env, saved_spec, saved_ready, reporter)
+            shutil.rmtree(target, ignore_errors=True)
             raise RolledBackError(f"{doing}, but {exc.message}; NVIDIA {old} is loaded again and nothing changed",
                                   hint="stop what uses the GPU (cudabuild holders), then run again") from exc
         reporter.note(f"unloaded NVIDIA {old}: {', '.join(unloaded)}")
         try:
             yield Swap(drained=drained, files_changed=files_changed)
         except Exception as exc:  # noqa: BLE001 - whatever stopped the new driver, the old one comes back
-            _load_again(host, old_dir, env, saved_spec, saved_ready, reporter)
+            _load_again(host, old, old_dir, env, saved_spec, saved_ready, reporter)
             shutil.rmtree(target, ignore_errors=True)
             why = exc.message if isinstance(exc, CudabuildError) else str(exc)
             raise RolledBackError(f"NVIDIA {new} did not load ({why}); rolled back: NVIDIA {old} is loaded "
@@ -182,13 +198,14 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
                 reporter.note(f"left stopped (--no-restart): {', '.join(drained.names.values())}")
 
 
-def _load_again(host: HostRoot, old_dir: Path, env: Mapping[str, str], spec: bytes | None, ready: bytes | None,
-                reporter: Reporter) -> None:
-    """The old driver back: what is loaded now unloaded (the new one's modules, if any), the old
-    loaded from its installed copy, its spec and ready file as they were."""
+def _load_again(host: HostRoot, old: str, old_dir: Path, env: Mapping[str, str], spec: bytes | None,
+                ready: bytes | None, reporter: Reporter) -> None:
+    """The old driver back: what loaded of the new one unloaded, then the old loaded from its
+    installed copy (its loader loads what is missing of it, when its unloading stopped half-way),
+    its spec and ready file as they were."""
     root = host.given
     try:
-        if loaded_modules(root):
+        if devices.loaded_version(root) not in (None, old):
             unload(root, env)
         run_loader(old_dir, root=root, env=env)
     except LoaderError as exc:

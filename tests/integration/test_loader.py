@@ -57,11 +57,13 @@ esac
 # Imitates the kernel unloading a module: refused while other modules use it, or (nvidia) while a
 # process has one of its device nodes open (a fake fd link under FAKE_ROOT/proc); else its sysfs
 # entry, holder entries and /proc lines go. Each module asked for is logged as "-NAME".
+# FAKE_RMMOD_FAIL=NAME: the kernel refuses that one (busy: a holder that appeared meanwhile).
 STUB_RMMOD = r"""#!/bin/sh
 set -eu
 name=$(echo "$1" | tr - _)
 echo "-$name" >> "$FAKE_ROOT/insmod.log"
 [ -d "$FAKE_ROOT/sys/module/$name" ] || { echo "rmmod: ERROR: Module $name is not currently loaded" >&2; exit 1; }
+[ "${FAKE_RMMOD_FAIL:-}" != "$name" ] || { echo "rmmod: ERROR: could not remove module $name: Device or resource busy" >&2; exit 1; }
 if [ -n "$(ls "$FAKE_ROOT/sys/module/$name/holders" 2>/dev/null)" ]; then
     echo "rmmod: ERROR: Module $name is in use by: $(ls "$FAKE_ROOT/sys/module/$name/holders" | tr '\n' ' ')" >&2; exit 1
 fi

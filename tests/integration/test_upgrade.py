@@ -178,6 +178,33 @@ def test_a_new_driver_that_does_not_load_is_rolled_back_to_the_old_one(host, art
     assert cli(root, env, "cdi", "generate", "--check").returncode == 0
 
 
+def test_a_kernel_module_that_uses_nvidia_refuses_the_upgrade_before_anything_is_unloaded(host, artifacts):
+    """No process holds the GPU, but another module uses nvidia (GPUDirect Storage's nvidia_fs)."""
+    root, env = host
+    (root / "sys/module/nvidia/holders/nvidia_fs").touch()
+    refused = cli(root, env, "install", "--modules", str(artifacts[NEW]))
+    assert refused.returncode == 24, refused.stderr
+    assert "the kernel module nvidia_fs uses nvidia" in refused.stderr and "rmmod nvidia_fs" in refused.stderr
+    assert log(root) == [] and not (root / f"run/cudabuild/driver/{NEW}").exists()
+
+
+def test_an_old_driver_the_kernel_will_not_unload_stays_loaded_whole(host, artifacts):
+    """The kernel refuses nvidia half-way through the unloading (busy: a holder came meanwhile):
+    what was unloaded is loaded again, and nothing changed."""
+    root, env = host
+    spec_before = (root / "run/cdi/cudabuild-nvidia.json").read_bytes()
+    failed = cli(root, env, "install", "--modules", str(artifacts[NEW]), FAKE_RMMOD_FAIL="nvidia")
+    assert failed.returncode == 25, failed.stderr
+    assert "unloading nvidia failed: rmmod: ERROR: could not remove module nvidia: Device or resource busy" \
+        in failed.stderr and f"NVIDIA {DRIVER} is loaded again and nothing changed" in failed.stderr
+    assert log(root) == ["-nvidia_drm", "-nvidia_modeset", "-nvidia_uvm", "-nvidia",  # nvidia refused
+                         "nvidia_uvm", "nvidia_modeset", "nvidia_drm"]  # the rest of the old one back
+    assert (root / "sys/module/nvidia_uvm/version").read_text().strip() == DRIVER
+    assert (root / "run/cdi/cudabuild-nvidia.json").read_bytes() == spec_before
+    assert (root / "run/cudabuild/driver/ready").exists()
+    assert not (root / f"run/cudabuild/driver/{NEW}").exists()
+
+
 def test_check_fails_when_a_gpu_is_gone_and_passes_once_the_spec_is_rewritten(host):
     root, env = host
     assert cli(root, env, "cdi", "generate", "--check").returncode == 0
