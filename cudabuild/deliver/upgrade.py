@@ -248,10 +248,11 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
     host = HostRoot(root)
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         version = devices.loaded_version(root)
+        doing = f"NVIDIA {version or '(not loaded)'} cannot be uninstalled now"
+        refuse_module_users(host, doing=doing)
         held = Held(who_holds(root, engine, reporter))
         if held.holders:
-            raise refuse_held(held, doing=f"NVIDIA {version or '(not loaded)'} cannot be uninstalled now",
-                              drain_possible=False)
+            raise refuse_held(held, doing=doing, drain_possible=False)
         done = Uninstalled(driver_version=version)
         saved = cdi.on_disk(root)
         if saved is not None:
