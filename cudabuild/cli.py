@@ -944,13 +944,12 @@ def cdi_generate(root, cdi_host_root, output, check, if_loaded, as_json) -> None
     if output == "-" and check:
         raise InputError("--check compares a file on disk with the loaded driver", hint="leave out --output -")
     spec = specs.for_loaded(base, host_root=cdi_host_root)
-    if spec is None and (if_loaded or check):
-        if not check:
-            click.echo(f"no NVIDIA driver is loaded under {root}: nothing to do", err=True)
-            return
-    elif spec is None:
-        raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
-                         "sys/module/nvidia/version)", hint="load the driver first (cudabuild install does)")
+    if spec is None and not check:  # --check: no driver and a spec on disk is a stale spec
+        if not if_loaded:
+            raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
+                             "sys/module/nvidia/version)", hint="load the driver first (cudabuild install does)")
+        click.echo(f"no NVIDIA driver is loaded under {root}: nothing to do", err=True)
+        return
     target = Path(output).absolute() if output and output != "-" else HostRoot(base).resolve(specs.SPEC)
     if target.is_dir():
         raise InputError(f"--output {output} is a directory; it takes the spec's file name",

@@ -146,13 +146,18 @@ class Engine:
     def inspect_image(self, ref: str) -> dict | None:
         """The inspect data of an image, None when the engine has no such image."""
         if self.local is None:
-            try:
-                return self.client.api.inspect_image(ref)
-            except docker.errors.ImageNotFound:
-                return None
-            except docker.errors.APIError as exc:
-                raise EngineError(f"cannot inspect image {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+            return self._sdk_inspect(self.client.api.inspect_image, ref, f"image {ref}")
         return self._local_json(f"/images/{urllib.parse.quote(ref, safe='/:@')}/json", f"image {ref}")
+
+    @staticmethod
+    def _sdk_inspect(ask: Callable[[str], dict], ref: str, what: str) -> dict | None:
+        """The SDK's inspect of `ref` (an image's or a container's), None when the engine has none."""
+        try:
+            return ask(ref)
+        except docker.errors.NotFound:
+            return None
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise EngineError(f"cannot inspect {what}: {_short(exc)}", hint=ENGINE_HINT) from exc
 
     def _local_json(self, path: str, what: str) -> dict | None:
         """GET `path` on the local socket: its JSON, None for a 404."""
@@ -357,12 +362,7 @@ class Engine:
     def inspect_container(self, ref: str) -> dict | None:
         """The engine's inspect data of a container (by id or name), None when it has none such."""
         if self.local is None:
-            try:
-                return self.client.api.inspect_container(ref)
-            except docker.errors.NotFound:
-                return None
-            except (docker.errors.APIError, requests.RequestException) as exc:
-                raise EngineError(f"cannot inspect container {ref}: {_short(exc)}", hint=ENGINE_HINT) from exc
+            return self._sdk_inspect(self.client.api.inspect_container, ref, f"container {ref}")
         return self._local_json(f"/containers/{urllib.parse.quote(ref, safe='')}/json", f"container {ref}")
 
     def stop_container(self, ref: str, *, timeout: int) -> None:

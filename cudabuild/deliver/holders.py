@@ -153,13 +153,9 @@ def named(holders: Iterable[Holder], inspect) -> list[Holder]:
 
 @dataclass
 class Held:
-    """The holders, split: those in containers (which --drain may stop) and the others."""
+    """The holders; those outside any container (which --drain never stops) apart."""
 
     holders: list[Holder] = field(default_factory=list)
-
-    @property
-    def containers(self) -> list[str]:
-        return list(dict.fromkeys(h.container_id for h in self.holders if h.in_container))
 
     @property
     def outside(self) -> list[Holder]:
