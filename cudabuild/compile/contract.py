@@ -45,7 +45,8 @@ class BuilderEnv:
     # the driver: Debian's module source package, or an installer's tree
     driver_source: str = ""  # debian | run
     driver_deb: str = ""
-    userspace_debs: str = ""
+    userspace_debs: str = ""  # unpacked by userspace.sh, once per set (the host links its tree into a build's)
+    collect_userspace: str = ""  # "1": build.sh collects the userspace driver beside make (an installer's)
     driver_tree: str = ""
     driver_subdir: str = ""  # kernel/ or kernel-open/ of an installer
 

@@ -109,7 +109,7 @@ def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> Dr
         require_open_support(run.version)
     return DriverPlan(version=run.version, canonical=run.canonical(), run=run,
                       description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
-                      env=BuilderEnv(driver_source="run", driver_tree=INSTALLER))
+                      env=BuilderEnv(driver_source="run", driver_tree=INSTALLER, collect_userspace="1"))
 
 
 # ---- the whole ---------------------------------------------------------------------------------

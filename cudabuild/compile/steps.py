@@ -23,7 +23,7 @@ from pathlib import Path
 import cudabuild
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, ImageLabels, Manifest, ModuleEntry, describe_userspace, unpack_image
-from cudabuild.cache import Cache
+from cudabuild.cache import Cache, key_of
 from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
 from cudabuild.compile.contract import COMPILE_CACHE, INPUTS, INSTALLER, KERNELS, KEY, WORK, BuilderEnv
 from cudabuild.compile.plan import ModulesPlan
@@ -182,10 +182,11 @@ def boot_test(checked: Artifact, *, options: BuildOptions, archive: DebianArchiv
     return checked
 
 
-def _ensure_tree(name: str, *, what: str, cache: Cache, reporter: Reporter, make: Callable[[Path], None]) -> Path:
-    """A kernel tree in the cache: reused when it is there, else made by `make(staging)` in a
-    staging directory and renamed into place. One maker at a time per tree."""
-    target = cache.kernels / name
+def _ensure_tree(target: Path, *, what: str, cache: Cache, reporter: Reporter, make: Callable[[Path], None]) -> Path:
+    """A tree in the cache made from inputs named by content (a kernel tree, the userspace driver
+    unpacked): reused when it is there, else made by `make(staging)` in a staging directory and
+    renamed into place. One maker at a time per tree."""
+    name = target.name
     if target.is_dir():
         reporter.cached(what, f"reusing {target}")
         return target
@@ -278,7 +279,7 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
     prepare_mounts = [inputs]
     if kernel.clone is not None:
         clone = kernel.clone
-        clone_dir = _ensure_tree(clone["dir"], what="fetch kernel source", cache=cache, reporter=reporter,
+        clone_dir = _ensure_tree(cache.kernels / clone["dir"], what="fetch kernel source", cache=cache, reporter=reporter,
                                  make=lambda staging: container(
                                      "fetch-kernel-git.sh", network="host",
                                      mounts=[Mount(str(staging), f"{KERNELS}/{clone['dir']}", read_only=False)],
@@ -290,7 +291,7 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
     env = BuilderEnv().merged(kernel.env, driver.env, kernel_release=spec.kernel_release,
                               driver_version=spec.driver_version, modules=" ".join(spec.modules),
                               jobs=str(options.jobs))
-    _ensure_tree(kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
+    _ensure_tree(cache.kernels / kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
                  make=lambda staging: container(
                      "prepare-kernel.sh", env=env,
                      mounts=[*prepare_mounts, Mount(str(staging), f"{KERNELS}/{kernel.tree_dir}", read_only=False)]))
@@ -316,6 +317,7 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         subdir = driver_subdir(tree, spec.flavor, spec.driver_version)
         build_mounts.append(Mount(str(tree), INSTALLER))
     shop = _workshop(plan, reporter=reporter)
+    userspace = _userspace_tree(plan, shop, reporter=reporter)
     work = cache.workdir(key[:16], owner=builder_user())
     env = shop.env.merged(driver_subdir=subdir)
     if plan.compile_cache_size is not None:
@@ -327,6 +329,8 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         used = _compile_cache_use(work, reporter) if plan.compile_cache_size is not None else None
         out = work / "out"
         _give_back(out)
+        if userspace is not None:
+            _link_tree(userspace, out / "userspace")
         with reporter.step("verify modules (vermagic, version, symbol CRCs)"):
             modversions, infos = verify(plan, out / "modules", work)
         manifest = Manifest(
@@ -346,6 +350,47 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
     finally:
         cache.discard(work)
     return used
+
+
+def _userspace_tree(plan: ModulesPlan, shop: _Workshop, *, reporter: Reporter) -> Path | None:
+    """Debian's userspace packages unpacked and flattened (builder/userspace.sh), once per set of
+    packages and scripts: every build of that driver, for any kernel, takes its files from there
+    instead of decompressing the packages again beside make. None for an installer's driver,
+    which build.sh collects from the extracted installer (a copy, no decompression)."""
+    debs = plan.driver.env.userspace_debs
+    if not debs:
+        return None
+    scripts = builder_scripts(plan.cache).name  # the scripts that collect it, by content
+    target = plan.cache.sources / f"userspace-{key_of([*debs.split(), scripts])[:24]}"
+
+    def make(staging: Path) -> None:
+        shop.run("userspace.sh", env=BuilderEnv(driver_source=plan.driver.env.driver_source, userspace_debs=debs),
+                 mounts=[shop.inputs, Mount(str(staging), WORK, read_only=False)])
+        _give_back(staging)
+
+    return _ensure_tree(target, what="unpack userspace driver", cache=plan.cache, reporter=reporter,
+                        make=make) / "userspace"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source` at `target` by hard links (one file system: the cache's), copied where a link is
+    refused; symbolic links and modes as they are. Nothing writes a result's files in place."""
+    made = []
+    for directory, dirs, files in os.walk(source):
+        here = target / Path(directory).relative_to(source)
+        here.mkdir(exist_ok=True)
+        made.append((directory, here))
+        for name in dirs + files:
+            path = Path(directory, name)
+            if path.is_symlink():
+                os.symlink(os.readlink(path), here / name)
+            elif name in files:
+                try:
+                    os.link(path, here / name)
+                except OSError:
+                    shutil.copy2(path, here / name)
+    for directory, here in reversed(made):  # a directory's mode last: it may not be writable
+        shutil.copystat(directory, here)
 
 
 def _compile_cache(cache: Cache) -> Path:
