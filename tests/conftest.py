@@ -4,6 +4,7 @@ select what they say), the real servers the e2e tests use (git daemon, HTTP, the
 the builds that run in the background from the session's first test (tests/background.py)."""
 
 import functools
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, STANDINS
+
+# The tests that press Ctrl-C (SIGINT) on a cudabuild they started need it to act as from a
+# terminal. A shell without job control starts a background job with SIGINT ignored, and the
+# children inherit that; a handler here makes theirs the default again (a handler is reset at exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # The e2e modules in the order their background work is done (tests/background.py): those that

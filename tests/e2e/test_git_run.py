@@ -84,8 +84,11 @@ def test_a_rebuild_with_the_warm_compile_cache_gives_the_same_modules(git_535, g
     again = json.loads(result.stdout)
     assert again["cache_hit"] is False and again["origin"] == "built"
     first_use, use = git_535["compile_cache"], again["compile_cache"]
-    assert first_use["misses"] > 100, first_use  # the first build compiled (its hits: conftest's repeats)
-    assert use["hits"] > 0 and use["misses"] * 10 <= use["hits"], use
+    assert first_use["misses"] > 0, first_use  # the first build compiled its objects for real
+    # the same compiles again (only those that make objects go through ccache: not conftest's
+    # probes), nearly all answered
+    assert use["hits"] + use["misses"] == first_use["hits"] + first_use["misses"], (first_use, use)
+    assert use["misses"] * 10 <= use["hits"], use
     assert steps(again)["verify modules"] == "done"
     assert [(m["name"], m["sha256"]) for m in again["modules"]] == [(m["name"], m["sha256"]) for m in git_535["modules"]]
     log = (Path(again["cache_dir"]) / "build.log").read_text()
