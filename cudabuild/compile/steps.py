@@ -279,7 +279,8 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
     prepare_mounts = [inputs]
     if kernel.clone is not None:
         clone = kernel.clone
-        clone_dir = _ensure_tree(cache.kernels / clone["dir"], what="fetch kernel source", cache=cache, reporter=reporter,
+        clone_dir = _ensure_tree(cache.kernels / clone["dir"], what="fetch kernel source", cache=cache,
+                                 reporter=reporter,
                                  make=lambda staging: container(
                                      "fetch-kernel-git.sh", network="host",
                                      mounts=[Mount(str(staging), f"{KERNELS}/{clone['dir']}", read_only=False)],

@@ -9,7 +9,7 @@ import pytest
 from cudabuild import artifact
 from cudabuild.compile.builder import tar_context
 from cudabuild.settings import Settings
-from cudabuild.engine import Engine, Mount
+from cudabuild.engine import Mount
 from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
 from tests.helpers import make_artifact

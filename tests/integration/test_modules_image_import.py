@@ -12,7 +12,6 @@ import pytest
 
 from cudabuild import artifact
 from cudabuild.settings import Settings
-from cudabuild.engine import Engine
 from cudabuild.compile.publish import publish_image
 from cudabuild.ui import Reporter
 from tests.helpers import image_ids, images_made_since, make_artifact, make_userspace_hostile, run_cli
