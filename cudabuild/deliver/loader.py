@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cudabuild.artifact import Manifest
 from cudabuild.deliver import devices
-from cudabuild.errors import LoaderError
+from cudabuild.errors import InputError, LoaderError
 from cudabuild.hostfs import HostRoot
 
 SETTINGS = "loader.conf"
@@ -67,6 +67,15 @@ class UnloadError(LoaderError):
     def __init__(self, message: str, *, unloaded: list[str]) -> None:
         super().__init__(message, exit_code=14, hint="stop what uses the GPU (cudabuild holders), then run again")
         self.unloaded = unloaded
+
+
+def refuse_half_substituted(env: Mapping[str, str]) -> None:
+    """Before anything is changed for an unload: a substitute insmod (CUDABUILD_INSMOD) without a
+    substitute rmmod would have the machine's own rmmod unload what the substitute never loaded."""
+    if env.get("CUDABUILD_INSMOD") and not env.get("CUDABUILD_RMMOD"):
+        raise InputError("CUDABUILD_INSMOD is set and CUDABUILD_RMMOD is not: the modules were loaded by a "
+                         "substitute, and this machine's rmmod would unload them",
+                         hint="set CUDABUILD_RMMOD beside CUDABUILD_INSMOD, or neither")
 
 
 def unload(root: Path, env: Mapping[str, str]) -> list[str]:

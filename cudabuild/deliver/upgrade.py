@@ -20,7 +20,7 @@ from cudabuild.deliver import cdi, holders
 from cudabuild.deliver.holders import Held, Holder
 from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE, driver_dir
 from cudabuild.deliver import devices
-from cudabuild.deliver.loader import UnloadError, run_loader, unload
+from cudabuild.deliver.loader import UnloadError, refuse_half_substituted, run_loader, unload
 from cudabuild.errors import CudabuildError, EngineError, HeldError, LoaderError, RolledBackError
 from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.ui import Reporter
@@ -158,6 +158,7 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
                           f"could not be loaded again if {new} failed to load, so it is left as it is",
                           exit_code=13, hint="unload it when nothing uses the GPU (rmmod nvidia_drm nvidia_modeset "
                                              "nvidia_uvm nvidia), then run cudabuild install again")
+    refuse_half_substituted(env)
     refuse_module_users(host, doing=doing)
     held = Held(who_holds(root, policy.engine, reporter))
     drained = Drained()
@@ -249,6 +250,7 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         version = devices.loaded_version(root)
         doing = f"NVIDIA {version or '(not loaded)'} cannot be uninstalled now"
+        refuse_half_substituted(env)
         refuse_module_users(host, doing=doing)
         held = Held(who_holds(root, engine, reporter))
         if held.holders:

@@ -188,6 +188,27 @@ def test_a_kernel_module_that_uses_nvidia_refuses_the_upgrade_before_anything_is
     assert log(root) == [] and not (root / f"run/cudabuild/driver/{NEW}").exists()
 
 
+def test_a_substitute_insmod_without_a_substitute_rmmod_refuses_before_anything_changes(host, artifacts, tmp_path):
+    """The seams come in pairs: with CUDABUILD_INSMOD set and CUDABUILD_RMMOD not, an upgrade or an
+    uninstall would have this machine's rmmod unload what the substitute loaded. The `rmmod` found
+    on PATH here is a recorder: it must never run."""
+    root, env = host
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rmmod").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/rmmod-called\n")
+    (bin_dir / "rmmod").chmod(0o755)
+    half = {k: v for k, v in env.items() if k != "CUDABUILD_RMMOD"}
+    half["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    spec = (root / "run/cdi/cudabuild-nvidia.json").read_bytes()
+    for args in (("install", "--modules", str(artifacts[NEW])), ("uninstall",)):
+        refused = cli(root, half, *args)
+        assert refused.returncode == 3, refused.stderr
+        assert "CUDABUILD_INSMOD is set and CUDABUILD_RMMOD is not" in refused.stderr
+    assert not (tmp_path / "rmmod-called").exists() and log(root) == []
+    assert (root / "run/cdi/cudabuild-nvidia.json").read_bytes() == spec
+    assert not (root / f"run/cudabuild/driver/{NEW}").exists() and (root / "sys/module/nvidia").exists()
+
+
 def test_an_old_driver_the_kernel_will_not_unload_stays_loaded_whole(host, artifacts):
     """The kernel refuses nvidia half-way through the unloading (busy: a holder came meanwhile):
     what was unloaded is loaded again, and nothing changed."""
