@@ -243,6 +243,7 @@ class _Workshop:
     log_path: Path
     image_id: str
     started: float
+    scripts: Path  # builder/'s scripts in the cache, named by their content
 
 
 def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True) -> _Workshop:
@@ -297,7 +298,7 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
                      "prepare-kernel.sh", env=env,
                      mounts=[*prepare_mounts, Mount(str(staging), f"{KERNELS}/{kernel.tree_dir}", read_only=False)]))
     return _Workshop(run=container, env=env, inputs=inputs, log_path=log_path, image_id=image_id,
-                     started=started)
+                     started=started, scripts=scripts)
 
 
 def prepare_kernel(plan: ModulesPlan, *, reporter: Reporter) -> Path:
@@ -361,8 +362,8 @@ def _userspace_tree(plan: ModulesPlan, shop: _Workshop, *, reporter: Reporter) -
     debs = plan.driver.env.userspace_debs
     if not debs:
         return None
-    scripts = builder_scripts(plan.cache).name  # the scripts that collect it, by content
-    target = plan.cache.sources / f"userspace-{key_of([*debs.split(), scripts])[:24]}"
+    # named by the packages and by the scripts that collect them
+    target = plan.cache.sources / f"userspace-{key_of([*debs.split(), shop.scripts.name])[:24]}"
 
     def make(staging: Path) -> None:
         shop.run("userspace.sh", env=BuilderEnv(driver_source=plan.driver.env.driver_source, userspace_debs=debs),
@@ -376,22 +377,14 @@ def _userspace_tree(plan: ModulesPlan, shop: _Workshop, *, reporter: Reporter) -
 def _link_tree(source: Path, target: Path) -> None:
     """`source` at `target` by hard links (one file system: the cache's), copied where a link is
     refused; symbolic links and modes as they are. Nothing writes a result's files in place."""
-    made = []
-    for directory, dirs, files in os.walk(source):
-        here = target / Path(directory).relative_to(source)
-        here.mkdir(exist_ok=True)
-        made.append((directory, here))
-        for name in dirs + files:
-            path = Path(directory, name)
-            if path.is_symlink():
-                os.symlink(os.readlink(path), here / name)
-            elif name in files:
-                try:
-                    os.link(path, here / name)
-                except OSError:
-                    shutil.copy2(path, here / name)
-    for directory, here in reversed(made):  # a directory's mode last: it may not be writable
-        shutil.copystat(directory, here)
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    # copytree sets a directory's mode after filling it (it may not be writable)
+    shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
 
 
 def _compile_cache(cache: Cache) -> Path:
