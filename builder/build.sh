@@ -3,7 +3,8 @@
 # /cudabuild/builder    these scripts (read-only)
 # /cudabuild/inputs     downloaded packages, by content (read-only)
 # /cudabuild/kernels    unpacked and prepared kernel trees, shared between builds (read-only)
-# /cudabuild/installer  an NVIDIA installer, checked and extracted on the host (read-only; run source)
+# /cudabuild/driver     the driver's sources (read-only): an NVIDIA installer, checked and extracted on
+#                       the host, or Debian's source package, unpacked once (unpack-driver.sh)
 # /cudabuild/work       this build's scratch space; the result goes to $WORK/out
 # /cudabuild/compile-cache  ccache's directory, shared by the cache's builds (unless --no-compile-cache)
 set -eu
@@ -76,7 +77,7 @@ fi
 
 # An installer's userspace driver needs no compiler: it is collected beside make, off the build's
 # critical path; what it says is shown after make, and its failure fails the build there.
-# Debian's packages are unpacked once per set (userspace.sh) and the host brings their tree.
+# Debian's packages are unpacked once per set (unpack-driver.sh) and the host brings their tree.
 if [ -n "$COLLECT_USERSPACE" ]; then
     ( collect_userspace ) > "$WORK/userspace.log" 2>&1 &
     userspace=$!

@@ -1,15 +1,26 @@
 # Driver from Debian's module source package (nvidia-kernel-source, nvidia-tesla-*-kernel-source,
 # nvidia-open-kernel-source): a tarball /usr/src/nvidia-*kernel.tar.xz with modules/<name>/.
-# In:  DRIVER_DEB, MODULES (passed to NVIDIA's Kbuild as NV_KERNEL_MODULES), WORK
+# In:  DRIVER_DEB (unpack-driver.sh), DRIVER_TREE (its unpacked tree, read-only), MODULES (passed to
+#      NVIDIA's Kbuild as NV_KERNEL_MODULES), WORK
 # Out: DRIVER_DIR (the directory to run make in)
-extract_driver() {
-    step "extract driver source"
-    mkdir -p "$WORK/driver-deb" "$WORK/driver"
+
+# Once per source package (unpack-driver.sh): its tarball unpacked into $1.
+unpack_source() {
+    step "unpack driver source"
+    mkdir -p "$WORK/driver-deb" "$1"
     dpkg-deb -x "$DRIVER_DEB" "$WORK/driver-deb"
-    set -- "$WORK"/driver-deb/usr/src/nvidia*kernel*.tar.xz
-    [ -f "$1" ] || die "no nvidia*kernel*.tar.xz in the driver package"
-    tar -xJf "$1" -C "$WORK/driver"
+    set -- "$1" "$WORK"/driver-deb/usr/src/nvidia*kernel*.tar.xz
+    [ -f "$2" ] || die "no nvidia*kernel*.tar.xz in the driver package"
+    tar -xJf "$2" -C "$1"
     rm -rf "$WORK/driver-deb"
+    [ -n "$(find "$1" -maxdepth 3 -name Kbuild -print | head -n 1)" ] || die "no Kbuild tree found in the driver source"
+}
+
+# In each build: the unpacked source (DRIVER_TREE, read-only) copied into the work directory, with
+# its files' times (as the tarball had them: older than anything the build writes).
+extract_driver() {
+    step "copy driver source"
+    cp -R --preserve=mode,timestamps "$DRIVER_TREE" "$WORK/driver"
     DRIVER_DIR=$(dirname "$(find "$WORK/driver" -maxdepth 3 -name Kbuild -print | head -n 1)")
     [ -f "$DRIVER_DIR/Makefile" ] || die "no Kbuild tree found in the driver source"
     echo "driver tree: $DRIVER_DIR"

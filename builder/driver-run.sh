@@ -8,7 +8,7 @@
 extract_driver() {
     step "copy driver source"
     DRIVER_DIR="$WORK/$DRIVER_SUBDIR"
-    cp -R "$DRIVER_TREE/$DRIVER_SUBDIR" "$DRIVER_DIR"
+    cp -R --preserve=mode,timestamps "$DRIVER_TREE/$DRIVER_SUBDIR" "$DRIVER_DIR"
     [ -f "$DRIVER_DIR/Makefile" ] || die "the installer has no $DRIVER_SUBDIR/Makefile"
     echo "driver tree: $DRIVER_DIR"
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 SCRIPTS = "/cudabuild/builder"  # builder/*.sh, read-only
 INPUTS = "/cudabuild/inputs"  # the download store (packages by sha256), read-only
 KERNELS = "/cudabuild/kernels"  # the cache's kernel trees; read-only but for the one being made
-INSTALLER = "/cudabuild/installer"  # an extracted .run, read-only
+DRIVER = "/cudabuild/driver"  # the driver's sources, read-only: an extracted .run or Debian's package unpacked
 WORK = "/cudabuild/work"  # the build's own directory, writable
 KEY = "/cudabuild/key"  # a signing key, in the signing container only
 COMPILE_CACHE = "/cudabuild/compile-cache"  # ccache's directory (the cache's compile-cache/), writable
@@ -44,10 +44,10 @@ class BuilderEnv:
     kernel_prepared: str = ""
     # the driver: Debian's module source package, or an installer's tree
     driver_source: str = ""  # debian | run
-    driver_deb: str = ""
-    userspace_debs: str = ""  # unpacked by userspace.sh, once per set (the host links its tree into a build's)
+    driver_deb: str = ""  # unpacked by unpack-driver.sh, once (a build copies the tree, DRIVER_TREE)
+    userspace_debs: str = ""  # unpacked by unpack-driver.sh, once per set (the host links its tree into a build's)
     collect_userspace: str = ""  # "1": build.sh collects the userspace driver beside make (an installer's)
-    driver_tree: str = ""
+    driver_tree: str = ""  # DRIVER: where a build finds the driver's sources
     driver_subdir: str = ""  # kernel/ or kernel-open/ of an installer
 
     def to_env(self) -> dict[str, str]:

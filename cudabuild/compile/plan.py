@@ -12,7 +12,7 @@ from pathlib import Path
 from cudabuild.artifact import MODULES_REPOSITORY, image_tag
 from cudabuild.cache import Cache, key_of
 from cudabuild.compile.builder import plan_builder
-from cudabuild.compile.contract import INPUTS, INSTALLER, KERNELS, BuilderEnv
+from cudabuild.compile.contract import DRIVER, INPUTS, KERNELS, BuilderEnv
 from cudabuild.compile.spec import BuildSpec
 from cudabuild.engine import Engine
 from cudabuild.errors import InputError
@@ -98,7 +98,7 @@ def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: s
         version=version, downloads=(source, *userspace),
         description=f"{source.name} {source.version}; {how}",
         canonical={"kind": "debian", "package": _pkg(source), "userspace": [_pkg(p) for p in userspace]},
-        env=BuilderEnv(driver_source="debian", driver_deb=_inside(source),
+        env=BuilderEnv(driver_source="debian", driver_deb=_inside(source), driver_tree=DRIVER,
                        userspace_debs=" ".join(_inside(p) for p in userspace)))
 
 
@@ -109,7 +109,7 @@ def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> Dr
         require_open_support(run.version)
     return DriverPlan(version=run.version, canonical=run.canonical(), run=run,
                       description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
-                      env=BuilderEnv(driver_source="run", driver_tree=INSTALLER, collect_userspace="1"))
+                      env=BuilderEnv(driver_source="run", driver_tree=DRIVER, collect_userspace="1"))
 
 
 # ---- the whole ---------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ The containers of a build, each with only what it needs (cudabuild/compile/contr
 - fetch (git kernels): the one with a network; writes a clone into a staging directory;
 - prepare: unpacks Debian's headers or prepares a git tag, into a staging directory; the host
   renames it into the cache, where every later container sees it read-only;
-- build: kernel trees, inputs and an installer tree read-only, its own work directory writable."""
+- unpack (Debian's driver): its source, and its userspace packages, each unpacked into a staging
+  directory once per set of packages and renamed into the cache the same way;
+- build: kernel trees, inputs and the driver's sources (an installer, or Debian's unpacked source)
+  read-only, its own work directory writable."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from cudabuild import artifact
 from cudabuild.artifact import Artifact, ImageLabels, Manifest, ModuleEntry, describe_userspace, unpack_image
 from cudabuild.cache import Cache, key_of
 from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
-from cudabuild.compile.contract import COMPILE_CACHE, INPUTS, INSTALLER, KERNELS, KEY, WORK, BuilderEnv
+from cudabuild.compile.contract import COMPILE_CACHE, DRIVER, INPUTS, KERNELS, KEY, WORK, BuilderEnv
 from cudabuild.compile.plan import ModulesPlan
 from cudabuild.engine import Engine, Mount
 from cudabuild.errors import ArtifactError, InputError, VerifyError
@@ -317,9 +320,14 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         # On the host and first: a hostile installer is refused before any container starts.
         tree = _installer_tree(driver.run, cache=cache, reporter=reporter)
         subdir = driver_subdir(tree, spec.flavor, spec.driver_version)
-        build_mounts.append(Mount(str(tree), INSTALLER))
     shop = _workshop(plan, reporter=reporter)
-    userspace = _userspace_tree(plan, shop, reporter=reporter)
+    if driver.run is None:
+        tree = _unpacked(plan, shop, "source", what="unpack driver source",
+                         env=BuilderEnv(driver_deb=driver.env.driver_deb), reporter=reporter)
+    build_mounts.append(Mount(str(tree), DRIVER))
+    userspace = (_unpacked(plan, shop, "userspace", what="unpack userspace driver",
+                           env=BuilderEnv(userspace_debs=driver.env.userspace_debs), reporter=reporter)
+                 if driver.env.userspace_debs else None)
     work = cache.workdir(key[:16], owner=builder_user())
     env = shop.env.merged(driver_subdir=subdir)
     if plan.compile_cache_size is not None:
@@ -354,24 +362,23 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
     return used
 
 
-def _userspace_tree(plan: ModulesPlan, shop: _Workshop, *, reporter: Reporter) -> Path | None:
-    """Debian's userspace packages unpacked and flattened (builder/userspace.sh), once per set of
-    packages and scripts: every build of that driver, for any kernel, takes its files from there
-    instead of decompressing the packages again beside make. None for an installer's driver,
-    which build.sh collects from the extracted installer (a copy, no decompression)."""
-    debs = plan.driver.env.userspace_debs
-    if not debs:
-        return None
-    # named by the packages and by the scripts that collect them
-    target = plan.cache.sources / f"userspace-{key_of([*debs.split(), shop.scripts.name])[:24]}"
+def _unpacked(plan: ModulesPlan, shop: _Workshop, part: str, *, what: str, env: BuilderEnv,
+              reporter: Reporter) -> Path:
+    """A part of Debian's driver packages unpacked (builder/unpack-driver.sh: `source`, the module
+    source's tree, or `userspace`, the userspace packages flattened), once per set of packages and
+    scripts: every build of that driver, for any kernel, takes it from there instead of
+    decompressing the packages again (the source: copied into the build; the userspace: linked
+    into the result). An installer's driver has neither: the host extracts the installer."""
+    # named by the packages and by the scripts that unpack them
+    packages = env.driver_deb or env.userspace_debs
+    target = plan.cache.sources / f"{part}-{key_of([*packages.split(), shop.scripts.name])[:24]}"
 
     def make(staging: Path) -> None:
-        shop.run("userspace.sh", env=BuilderEnv(driver_source=plan.driver.env.driver_source, userspace_debs=debs),
+        shop.run("unpack-driver.sh", env=env.merged(BuilderEnv(driver_source=plan.driver.env.driver_source)),
                  mounts=[shop.inputs, Mount(str(staging), WORK, read_only=False)])
         _give_back(staging)
 
-    return _ensure_tree(target, what="unpack userspace driver", cache=plan.cache, reporter=reporter,
-                        make=make) / "userspace"
+    return _ensure_tree(target, what=what, cache=plan.cache, reporter=reporter, make=make) / part
 
 
 def _link_tree(source: Path, target: Path) -> None:
