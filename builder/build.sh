@@ -40,18 +40,19 @@ if [ -n "$COMPILE_CACHE" ]; then
     # the cache is larger for it (BENCHMARKS.md), within its bound COMPILE_CACHE_SIZE.
     export CCACHE_DIR="$COMPILE_CACHE" CCACHE_MAXSIZE="$COMPILE_CACHE_SIZE" CCACHE_STATSLOG="$WORK/compile-cache.log"
     export CCACHE_DEPEND=1 CCACHE_INODECACHE=1 CCACHE_NOCOMPRESS=1
-    # Every compiler name ccache knows (/usr/lib/ccache) is, first in PATH, a wrapper: a compile
-    # that writes a dependency file (kbuild's -Wp,-MMD,...) goes through ccache; any other call
-    # (NVIDIA's conftest probes, kbuild's cc-option checks) goes to the compiler alone. Through
-    # ccache each of those ~2000 probes ran the preprocessor once more: 172.5 s of compiler time
-    # against 124.4 s without it, a quarter of a first build's make; and their answers are kept
-    # apart (below), so a rebuild does not ask them again.
+    # Every compiler name ccache knows (/usr/lib/ccache) is, first in PATH, a wrapper (compiler.sh):
+    # a compile that writes a dependency file (kbuild's -Wp,-MMD,...) goes through ccache; an option
+    # probe (a compile of /dev/null) is answered once per build; any other call (NVIDIA's conftest
+    # tests) goes to the compiler alone. Through ccache each of those ~2000 probes and tests ran the
+    # preprocessor once more: 172.5 s of compiler time against 124.4 s without it, a quarter of a
+    # first build's make; and the tests' answers are kept apart (below), so a rebuild does not ask
+    # them again.
     compilers="$WORK/compilers"
     mkdir -p "$compilers"
+    scripts=$(cd "$here" && pwd)
     for name in $(ls /usr/lib/ccache); do
         real=$(command -v "$name") || continue
-        printf '#!/bin/sh\ncase " $* " in *" -Wp,-MMD,"*|*" -Wp,-MD,"*|*" -MMD "*|*" -MD "*) exec ccache %s "$@";; esac\nexec %s "$@"\n' \
-            "$real" "$real" > "$compilers/$name"
+        printf '#!/bin/sh\ncb_real=%s\n. %s/compiler.sh\n' "$real" "$scripts" > "$compilers/$name"
         chmod 755 "$compilers/$name"
     done
     export PATH="$compilers:$PATH"
@@ -84,6 +85,11 @@ if [ -n "$COLLECT_USERSPACE" ]; then
 fi
 
 build_driver
+
+if [ -f "$WORK/compiler-answers.log" ]; then
+    echo "option probes: $(grep -c '^asked$' "$WORK/compiler-answers.log") asked the compiler," \
+         "$(grep -c '^again$' "$WORK/compiler-answers.log") more answered as it had answered them (compiler.sh)"
+fi
 
 step "strip debug info"
 for name in $MODULES; do

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,41 @@ def test_the_build_ran_unprivileged_with_the_kernel_trees_read_only(build):
     log = (Path(data["cache_dir"]) / "build.log").read_text()
     uid = 65534 if os.geteuid() == 0 else os.geteuid()
     assert f"builder: uid {uid}, capabilities 0000000000000000, kernel trees read-only" in log
+
+
+def test_option_probes_are_answered_once_and_as_the_compiler_answers(build, tmp_path):
+    """builder/compiler.sh: in the session's cold build, the compiler ran each distinct option probe
+    (a compile of /dev/null) once and the wrapper gave the same answer to the ~1500 repeats of
+    NVIDIA's Kbuild; and in the build's own image, the wrapper's answers, first and repeated, are
+    the compiler's: exit status, messages, object."""
+    data, _, _, _ = build
+    log = (Path(data["cache_dir"]) / "build.log").read_text()
+    [(asked, again)] = re.findall(r"option probes: (\d+) asked the compiler, (\d+) more answered", log)
+    assert 0 < int(asked) < 100 and int(again) > 1000, (asked, again)
+
+    script = """
+        set -u; export WORK=/tmp/w; mkdir -p $WORK/bin /tmp/p
+        printf '#!/bin/sh\\ncb_real=/usr/bin/gcc-12\\n. /cudabuild/builder/compiler.sh\\n' > $WORK/bin/gcc-12
+        chmod 755 $WORK/bin/gcc-12
+        for n in 1 2; do for option in -fshort-wchar -fno-such-option -Wno-pointer-sign; do
+            for cc in $WORK/bin/gcc-12 /usr/bin/gcc-12; do
+                rm -f /tmp/p/o; $cc -Werror -O2 $option -c -x c /dev/null -o /tmp/p/o 2>/tmp/p/err; status=$?
+                echo "$n $option $status $(sha256sum < /tmp/p/err | cut -c1-16) $(cat /tmp/p/o 2>/dev/null | sha256sum | cut -c1-16)"
+            done
+        done; done
+        echo $(sort $WORK/compiler-answers.log | uniq -c)
+    """
+    manifest = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())
+    out = docker.from_env().containers.run(
+        manifest["builder_image"]["tag"], ["sh", "-c", script], remove=True, network_mode="none",
+        volumes={str(Path(__file__).parents[2] / "builder"): {"bind": "/cudabuild/builder", "mode": "ro"}},
+    ).decode().splitlines()
+    *answers, counts = out
+    assert len(answers) == 12
+    for wrapped, compiler in zip(answers[::2], answers[1::2]):
+        assert wrapped == compiler  # the same status, messages and object, first asked or repeated
+    assert [a.split()[2] for a in answers[:6:2]] == ["0", "1", "0"]  # a probe that fails stays failed
+    assert counts.split() == ["3", "again", "3", "asked"]
 
 
 def test_modinfo_agrees_with_the_request(build):
