@@ -4,6 +4,12 @@
 #      NVIDIA's Kbuild as NV_KERNEL_MODULES), WORK
 # Out: DRIVER_DIR (the directory to run make in)
 
+# The directory of the first Kbuild under $1 (empty when there is none): the one to run make in.
+kbuild_dir() {
+    found=$(find "$1" -maxdepth 3 -name Kbuild -print | head -n 1)
+    [ -z "$found" ] || dirname "$found"
+}
+
 # Once per source package (unpack-driver.sh): its tarball unpacked into $1.
 unpack_source() {
     step "unpack driver source"
@@ -13,7 +19,7 @@ unpack_source() {
     [ -f "$2" ] || die "no nvidia*kernel*.tar.xz in the driver package"
     tar -xJf "$2" -C "$1"
     rm -rf "$WORK/driver-deb"
-    [ -n "$(find "$1" -maxdepth 3 -name Kbuild -print | head -n 1)" ] || die "no Kbuild tree found in the driver source"
+    [ -n "$(kbuild_dir "$1")" ] || die "no Kbuild tree found in the driver source"
 }
 
 # In each build: the unpacked source (DRIVER_TREE, read-only) copied into the work directory, with
@@ -21,8 +27,8 @@ unpack_source() {
 extract_driver() {
     step "copy driver source"
     cp -R --preserve=mode,timestamps "$DRIVER_TREE" "$WORK/driver"
-    DRIVER_DIR=$(dirname "$(find "$WORK/driver" -maxdepth 3 -name Kbuild -print | head -n 1)")
-    [ -f "$DRIVER_DIR/Makefile" ] || die "no Kbuild tree found in the driver source"
+    DRIVER_DIR=$(kbuild_dir "$WORK/driver")
+    [ -n "$DRIVER_DIR" ] && [ -f "$DRIVER_DIR/Makefile" ] || die "no Kbuild tree found in the driver source"
     echo "driver tree: $DRIVER_DIR"
 }
 

@@ -322,12 +322,9 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         subdir = driver_subdir(tree, spec.flavor, spec.driver_version)
     shop = _workshop(plan, reporter=reporter)
     if driver.run is None:
-        tree = _unpacked(plan, shop, "source", what="unpack driver source",
-                         env=BuilderEnv(driver_deb=driver.env.driver_deb), reporter=reporter)
+        tree = _unpacked(plan, shop, "source", reporter=reporter)
     build_mounts.append(Mount(str(tree), DRIVER))
-    userspace = (_unpacked(plan, shop, "userspace", what="unpack userspace driver",
-                           env=BuilderEnv(userspace_debs=driver.env.userspace_debs), reporter=reporter)
-                 if driver.env.userspace_debs else None)
+    userspace = _unpacked(plan, shop, "userspace", reporter=reporter) if driver.env.userspace_debs else None
     work = cache.workdir(key[:16], owner=builder_user())
     env = shop.env.merged(driver_subdir=subdir)
     if plan.compile_cache_size is not None:
@@ -362,19 +359,24 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
     return used
 
 
-def _unpacked(plan: ModulesPlan, shop: _Workshop, part: str, *, what: str, env: BuilderEnv,
-              reporter: Reporter) -> Path:
+# The parts of Debian's driver packages unpack-driver.sh unpacks: the step it names, the
+# BuilderEnv field that gives it the packages.
+_PARTS = {"source": ("unpack driver source", "driver_deb"), "userspace": ("unpack userspace driver", "userspace_debs")}
+
+
+def _unpacked(plan: ModulesPlan, shop: _Workshop, part: str, *, reporter: Reporter) -> Path:
     """A part of Debian's driver packages unpacked (builder/unpack-driver.sh: `source`, the module
     source's tree, or `userspace`, the userspace packages flattened), once per set of packages and
     scripts: every build of that driver, for any kernel, takes it from there instead of
     decompressing the packages again (the source: copied into the build; the userspace: linked
     into the result). An installer's driver has neither: the host extracts the installer."""
+    what, field = _PARTS[part]
+    packages = getattr(plan.driver.env, field)
     # named by the packages and by the scripts that unpack them
-    packages = env.driver_deb or env.userspace_debs
     target = plan.cache.sources / f"{part}-{key_of([*packages.split(), shop.scripts.name])[:24]}"
 
     def make(staging: Path) -> None:
-        shop.run("unpack-driver.sh", env=env.merged(BuilderEnv(driver_source=plan.driver.env.driver_source)),
+        shop.run("unpack-driver.sh", env=BuilderEnv(driver_source=plan.driver.env.driver_source, **{field: packages}),
                  mounts=[shop.inputs, Mount(str(staging), WORK, read_only=False)])
         _give_back(staging)
 

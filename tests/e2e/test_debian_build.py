@@ -46,7 +46,7 @@ def test_the_build_ran_unprivileged_with_the_kernel_trees_read_only(build):
     assert f"builder: uid {uid}, capabilities 0000000000000000, kernel trees read-only" in log
 
 
-def test_option_probes_are_answered_once_and_as_the_compiler_answers(build, tmp_path):
+def test_option_probes_are_answered_once_and_as_the_compiler_answers(build):
     """builder/compiler.sh: in the session's cold build, the compiler ran each distinct option probe
     (a compile of /dev/null) once and the wrapper gave the same answer to the ~1500 repeats of
     NVIDIA's Kbuild; and in the build's own image, the wrapper's answers, first and repeated, are
