@@ -140,6 +140,9 @@ class Manifest:
     builder_image: dict = field(default_factory=dict)
     # What the real kernel said of these modules in a QEMU guest (cudabuild.boottest), when asked.
     boot_test: dict | None = None
+    # Every boot test kept, one per kernel command line it was judged under (`append`), the latest
+    # last: a verdict belongs to the configuration it judged (boottest.record, staging.boot_verdict).
+    boot_tests: tuple[dict, ...] = ()
     # Signed builds: signer, key_id, cert_sha256, hash and the certificate (PEM) every module's
     # signature is checked against. Never anything of the key.
     signature: dict | None = None
@@ -183,6 +186,7 @@ class Manifest:
                 "userspace": [u.to_json() for u in self.userspace],
                 "builder_image": self.builder_image, "build_seconds": self.build_seconds,
                 **({"boot_test": self.boot_test} if self.boot_test is not None else {}),
+                **({"boot_tests": list(self.boot_tests)} if self.boot_tests else {}),
                 **({"signature": self.signature} if self.signature is not None else {})}
 
     def write(self, directory: Path) -> None:
@@ -252,7 +256,13 @@ class Manifest:
                    driver_source=check.optional_mapping(data, "driver_source"),
                    builder_image=check.optional_mapping(data, "builder_image"),
                    boot_test=check.optional_mapping(data, "boot_test") or None,
+                   boot_tests=tuple(check.mapping(entry, f"boot_tests[{i}]") for i, entry in
+                                    enumerate(check.sequence(data, "boot_tests", limit=MAX_BOOT_TESTS)))
+                   if "boot_tests" in data else (),
                    signature=check.signature(data))
+
+
+MAX_BOOT_TESTS = 16  # verdicts kept in a manifest, one per kernel command line
 
 
 class _Checker:

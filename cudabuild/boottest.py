@@ -505,10 +505,17 @@ def run_for(checked: Artifact, *, kernel_image: str | None, append: str, timeout
 
 
 def record(checked: Artifact, result: BootTest) -> Artifact:
-    """The artifact with the boot test in its manifest (rewritten atomically)."""
+    """The artifact with the boot test in its manifest (rewritten atomically), kept beside the
+    verdicts of other kernel command lines: a what-if test (--append module.sig_enforce=1) judges
+    that configuration only (deliver/staging.py boot_verdict)."""
     import dataclasses
 
-    manifest = dataclasses.replace(checked.manifest, boot_test=result.to_json())
+    from cudabuild.artifact import MAX_BOOT_TESTS
+
+    verdict = result.to_json()
+    earlier = checked.manifest.boot_tests or ((checked.manifest.boot_test,) if checked.manifest.boot_test else ())
+    kept = [v for v in earlier if v.get("append", "") != verdict["append"]][-(MAX_BOOT_TESTS - 1):]
+    manifest = dataclasses.replace(checked.manifest, boot_test=verdict, boot_tests=(*kept, verdict))
     manifest.write(checked.root)
     return Artifact(root=checked.root, manifest=manifest)
 

@@ -541,7 +541,9 @@ The loader's refusals, as in a runtime image:
                    "retries while no build exists).")
 @click.option("--kernel-hook", is_flag=True,
               help="Also write ROOT/etc/kernel/postinst.d/cudabuild, Debian's kernel hook: a new kernel's package "
-                   "stages its build, or fails naming the kernel.")
+                   "stages its build with the host's own cudabuild (by its absolute path). It never fails the "
+                   "kernel's installation; `cudabuild ready` holds the reboot. A host without cudabuild gets none "
+                   "(said): the waiting driver container stages the next kernel itself.")
 @click.option("--drain", is_flag=True,
               help="When another driver version is loaded and containers hold the GPU: stop them (through the "
                    "engine), upgrade, and start them again. A holder outside any container is never stopped.")
@@ -659,7 +661,7 @@ def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, 
     host = _host(root)
     config = node.config_for(host, driver=driver, registry=registry, fallback=fallback)
     if kernel_hook:
-        reporter.note(f"kernel hook: {node.write_hook(host, cdi_host_root)}")
+        node.write_hook(host, root, cdi_host_root, reporter)
     serve = functools.partial(node.serve, host, config, running=settings.host_release,
                               registry=settings.registry(config.registry), host_root=cdi_host_root,
                               env=settings.environ, reporter=reporter, poll=poll, stop=stop, policy=policy)
@@ -703,12 +705,19 @@ def _host(root: str):
     return HostRoot(root)
 
 
+FLAVOR_OPTION = click.option("--flavor", type=click.Choice(["open", "proprietary"]), default=None,
+                             help="The node's module flavour (default: the node's, recorded at its first install; "
+                                  "a build of the other flavour never counts).")
+
+
 def _node_flags(command):
+    command = FLAVOR_OPTION(command)
     command = click.option("--root", default="/", show_default=True, metavar="DIR",
                            help="The host's file system as this process sees it (/host in a container).")(command)
     command = click.option("--kernel", "kernel", metavar="RELEASE|next",
-                           help="The kernel: a release, or `next` (the newest installed one when it is newer than "
-                                "the running one). Default: the running kernel.")(command)
+                           help="The kernel: a release, or `next` (the kernel the boot loader boots next: its "
+                                "default entry where known, else the newest installed kernel of the running one's "
+                                "flavour; exit 23 when it cannot be told). Default: the running kernel.")(command)
     return command
 
 
@@ -717,7 +726,7 @@ def _node_flags(command):
 @click.option("--registry", metavar="HOST[:PORT]/PATH", help="Where the build comes from (default: the node's).")
 @click.option("--driver", "driver", metavar="VERSION|BRANCH", help="The driver (default: the node's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def stage(root, kernel, registry, driver, as_json) -> None:
+def stage(root, kernel, flavor, registry, driver, as_json) -> None:
     """Stage the verified build for a kernel the host has not booted yet, so that its next boot
     needs no network.
 
@@ -739,7 +748,7 @@ def stage(root, kernel, registry, driver, as_json) -> None:
     reporter = settings.reporter()
     host = _host(root)
     config = node.config_for(host, driver=driver, registry=registry or settings.option_values.get("registry"),
-                             fallback=None)
+                             fallback=None, flavor=flavor)
     if NodeConfig.load(host) is None:  # a node set up by staging first: `ready` answers for the same driver
         config.save(host)
     release = node.resolve_kernel(kernel, host, settings.host_release)
@@ -757,7 +766,7 @@ def stage(root, kernel, registry, driver, as_json) -> None:
 @_node_flags
 @click.option("--driver", "driver", metavar="VERSION|BRANCH", help="The driver (default: the node's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def ready(root, kernel, driver, as_json) -> None:
+def ready(root, kernel, flavor, driver, as_json) -> None:
     """Exit 0 only when the kernel's verified build of the node's driver is staged: the reboot gate.
 
     A staged build counts when it is whole (every file against its manifest) and, where it was
@@ -774,7 +783,7 @@ def ready(root, kernel, driver, as_json) -> None:
 
     settings = _settings()
     host = _host(root)
-    config = node.config_for(host, driver=driver, registry=None, fallback=None)
+    config = node.config_for(host, driver=driver, registry=None, fallback=None, flavor=flavor)
     release = node.resolve_kernel(kernel, host, settings.host_release)
     answer = node.readiness(host, release, config)
     if as_json:
@@ -805,21 +814,25 @@ def status(root, as_json) -> None:
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
+    from cudabuild.errors import printable
+
     driver = answer["driver"]
-    click.echo(f"kernel:   {answer['running_kernel']} (next: {answer['next_kernel'] or 'the same'})")
+    click.echo(f"kernel:   {answer['running_kernel']} (next: {printable(answer['next_kernel'] or 'the same')})")
     if driver is None:
         click.echo("driver:   not ready (no ready file)")
     else:
-        fell = f", FALLBACK from {driver.get('fallback_from')}" if driver.get("fallback_from") else ""
-        click.echo(f"driver:   NVIDIA {driver.get('driver')} for {driver.get('kernel')} (from {driver.get('source')}"
-                   f"{fell}); boot test: {driver.get('boot_test') or 'not run'}")
-        click.echo(f"CDI spec: {driver.get('cdi_spec')}")
+        fell = f", FALLBACK from {printable(driver.get('fallback_from'))}" if driver.get("fallback_from") else ""
+        click.echo(printable(f"driver:   NVIDIA {driver.get('driver')} for {driver.get('kernel')} (from "
+                             f"{driver.get('source')}{fell}); boot test: {driver.get('boot_test') or 'not run'}"))
+        click.echo(f"CDI spec: {printable(driver.get('cdi_spec'))}")
     config = answer["config"]
     if config:
-        click.echo(f"config:   driver {config['driver']}, registry {config['registry'] or 'none'}, "
-                   f"fallback {'on' if config['fallback'] else 'off'}")
+        click.echo(f"config:   driver {config['driver'] or 'any'}" + (f" ({config['flavor']})" if config['flavor'] else "")
+                   + f", registry {config['registry'] or 'none'}, fallback {'on' if config['fallback'] else 'off'}")
     for release, builds in answer["staged"].items():
         click.echo(f"staged:   {release}: " + (", ".join(f"{b['driver']} {b['flavor']}" for b in builds) or "nothing whole"))
+    for problem in answer["problems"]:
+        click.echo(f"problem:  {printable(problem)}")
 
 
 @cli.command(epilog=EXIT_CODE_HELP)

@@ -19,6 +19,15 @@ def shown(value: object, limit: int = SHOWN_MAX) -> str:
     return f"{text[:limit - 1]}...' ({len(str(value))} characters)"
 
 
+def printable(value: object) -> str:
+    """Text read from a host (a process's name, a path, a file's content) made safe for a terminal:
+    control characters, escape sequences and newlines written as Python escapes them."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class CudabuildError(Exception):
     """Base of every error cudabuild reports to a user."""
 

@@ -19,15 +19,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from cudabuild.errors import InputError, shown
+from cudabuild.errors import InputError, printable, shown
 
 MAX_LINKS = 40  # as the kernel's ELOOP
 READ_LIMIT = 1 << 20  # bytes read of a file the host's driver or a spec describes
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# What cudabuild makes on a host: below these, no component is ever a link that cudabuild follows
+# (the system's own links above them, such as Debian's /var/run -> /run, are resolved inside the root).
+OWNED_TOPS = ("run/cudabuild", "var/lib/cudabuild")
+
+
 class HostPathError(InputError):
     """A path under the root that cannot be resolved or used inside it."""
+
+
+class NotOursError(HostPathError):
+    """A link, or something cudabuild never makes, where cudabuild keeps its own files: refused
+    rather than followed or removed (exit 3)."""
 
 
 def _parts(rel: str | PurePosixPath) -> list[str]:
@@ -178,6 +188,20 @@ class HostRoot:
         except HostPathError:
             return False
 
+    def exists(self, rel) -> bool:
+        """Whether the name `rel` exists (a link counts, followed or not)."""
+        parts = _parts(rel)
+        if not parts:
+            return True
+        try:
+            with self.directory(PurePosixPath("/", *parts[:-1])) as fd:
+                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+                return True
+        except (HostPathError, FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:
+            return True
+
     def read_bytes(self, rel, *, limit: int = READ_LIMIT) -> bytes:
         """At most `limit` bytes of a regular file (HostPathError past that, or for anything else)."""
         path = self.resolve(rel)
@@ -269,7 +293,13 @@ class HostRoot:
         import time
 
         parts = _parts(rel)
-        with self.directory(PurePosixPath("/", *parts[:-1]), create=True) as fd:
+        parent = PurePosixPath("/", *parts[:-1])
+        try:
+            self._owned_split(parent)
+            opened = self.owned_directory(parent, create=True)
+        except ValueError:
+            opened = self.directory(parent, create=True)
+        with opened as fd:
             try:
                 lock_fd = os.open(parts[-1], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
             except OSError as exc:
@@ -291,6 +321,113 @@ class HostRoot:
             yield
         finally:
             os.close(lock_fd)  # releases the lock
+
+    # ---- what cudabuild made (OWNED_TOPS): never through a link -----------------------------------------
+    def _owned_split(self, rel) -> tuple[list[str], list[str]]:
+        parts = _parts(rel)
+        for top in OWNED_TOPS:
+            head = _parts(top)
+            if parts[:len(head)] == head:
+                return parts[:len(head) - 1], parts[len(head) - 1:]
+        raise ValueError(f"{rel} is not under {', '.join(OWNED_TOPS)}")
+
+    def not_ours(self, rel, fd: int, name: str) -> NotOursError:
+        """The refusal of what is at `name` (in the directory `fd`), where cudabuild keeps its own."""
+        target = self._readlink(name, fd)
+        where = printable(self._where(fd) / name)
+        if target is not None:
+            return NotOursError(f"{where} is a symbolic link (to {printable(target)}), where cudabuild keeps its own "
+                                "files: cudabuild never writes or removes through a link",
+                                hint=f"remove the link (rm {where}) if nothing needs it, then run again")
+        return NotOursError(f"{where} is not a directory cudabuild made", hint=f"move {where} away, then run again")
+
+    @contextmanager
+    def owned_directory(self, rel, *, create: bool = False) -> Iterator[int]:
+        """A descriptor of one of cudabuild's own directories (under OWNED_TOPS): the system's part
+        of the path resolved inside the root, every component from cudabuild's own on opened
+        without following a link (NotOursError naming it). Missing ones are made with `create`,
+        else HostPathError."""
+        system, own = self._owned_split(rel)
+        with self.directory(PurePosixPath("/", *system), create=create) as base:
+            fd = os.dup(base)
+        try:
+            for name in own:
+                try:
+                    step = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise HostPathError(f"{self.show(rel)} does not exist", hint="nothing of cudabuild's is there")
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    except OSError as exc:
+                        raise self.error(rel, exc) from exc
+                    try:
+                        step = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                            raise self.not_ours(rel, fd, name) from None
+                        raise self.error(rel, exc) from exc
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self.not_ours(rel, fd, name) from None
+                    raise self.error(rel, exc) from exc
+                os.close(fd)
+                fd = step
+            yield fd
+        finally:
+            os.close(fd)
+
+    def owned_path(self, rel, *, create: bool = False) -> Path:
+        """Where one of cudabuild's own directories is, checked as owned_directory checks it."""
+        with self.owned_directory(rel, create=create) as fd:
+            return self._where(fd)
+
+    def owned_entries(self, rel) -> list[tuple[str, os.stat_result]]:
+        """The names in one of cudabuild's own directories with their lstat (none when it does not
+        exist); NotOursError when the directory itself is reached through a link."""
+        try:
+            with self.owned_directory(rel) as fd:
+                out = []
+                for name in sorted(os.listdir(fd)):
+                    try:
+                        out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue
+                return out
+        except NotOursError:
+            raise
+        except HostPathError:
+            return []
+
+    def remove_owned(self, rel) -> bool:
+        """Remove a directory tree or file cudabuild made under OWNED_TOPS, found with lstat: a link
+        there is refused (NotOursError, naming it), never followed; nothing inside is followed
+        either. Whether something was removed."""
+        import shutil
+
+        parts = _parts(rel)
+        try:
+            with self.owned_directory(PurePosixPath("/", *parts[:-1])) as fd:
+                name = parts[-1]
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return False
+                if stat.S_ISLNK(st.st_mode):
+                    raise self.not_ours(rel, fd, name)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                elif stat.S_ISREG(st.st_mode):
+                    os.unlink(name, dir_fd=fd)
+                else:
+                    raise self.not_ours(rel, fd, name)
+                return True
+        except NotOursError:
+            raise
+        except HostPathError:
+            return False
 
     def remove_file(self, rel) -> None:
         """Remove a file or symlink that cudabuild wrote (never a directory; the link itself, not

@@ -106,10 +106,18 @@ def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> Module
                       depends=depends, crcs=imports)
 
 
+SYMVERS_LIMIT = 64 << 20  # Debian's amd64 kernel: 2 MB, some 30,000 symbols
+
+
 def read_symvers(path: Path) -> dict[str, int]:
     """Module.symvers: `0xCRC<TAB>symbol<TAB>module<TAB>export[<TAB>namespace]` per line."""
     crcs: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    with open(path, "rb") as f:
+        data = f.read(SYMVERS_LIMIT + 1)
+    if len(data) > SYMVERS_LIMIT:
+        raise VerifyError(f"{path} is larger than {SYMVERS_LIMIT >> 20} MiB, far more than a kernel's Module.symvers "
+                          "(a few MB)", hint="pass the Module.symvers of the kernel build")
+    for number, line in enumerate(data.decode(errors="replace").splitlines(), 1):
         parts = line.split("\t")
         if len(parts) < 4 or not re.fullmatch(r"0x[0-9a-fA-F]{1,16}", parts[0]):
             raise VerifyError(f"{path} line {number} is not a Module.symvers line: {shown(line)}",

@@ -101,7 +101,10 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
                             hint="remove it; cudabuild installs the driver there")
     changed = changed_files(target, checked)
     if changed == []:
-        return False
+        restored = restore_loader(target, checked.manifest)
+        if restored and note:
+            note(f"the installed loader changed since it was installed ({', '.join(restored)}); written again")
+        return bool(restored)
     if changed and note:
         note(f"the installed copy changed since it was installed ({', '.join(changed[:5])}"
              f"{', ...' if len(changed) > 5 else ''}); installing it again from the verified artifact")
@@ -110,10 +113,7 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
         checked.copy_to(lambda rel: _place(staging, rel))
         for part in ("lib", "bin", "modules"):
             (staging / part).mkdir(exist_ok=True)
-        images = resource_dir("images")
-        shutil.copy2(images / "loader.sh", staging / "loader.sh")
-        shutil.copy2(images / devices.FACTS_FILE, staging / devices.FACTS_FILE)
-        (staging / SETTINGS).write_text(settings(checked.manifest))
+        restore_loader(staging, checked.manifest)
         shutil.copy2(checked.root / MANIFEST, staging / MANIFEST)  # last: it marks the copy whole
         os.chmod(staging, 0o755)
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -126,6 +126,53 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
     return True
 
 
+def loader_files(manifest) -> dict[str, bytes]:
+    """What of an installed copy is cudabuild's own, not the artifact's: the image loader, the device
+    facts it reads, and its settings for this build."""
+    images = resource_dir("images")
+    return {"loader.sh": (images / "loader.sh").read_bytes(),
+            devices.FACTS_FILE: (images / devices.FACTS_FILE).read_bytes(),
+            SETTINGS: settings(manifest).encode()}
+
+
+def restore_loader(target: Path, manifest) -> list[str]:
+    """The loader files in `target` as this cudabuild writes them (a changed one, a planted line, is
+    replaced, never run); the names rewritten."""
+    rewritten = []
+    for name, data in loader_files(manifest).items():
+        path = target / name
+        try:
+            same = not path.is_symlink() and path.is_file() and path.stat().st_size == len(data) \
+                and path.read_bytes() == data
+        except OSError:
+            same = False
+        if same:
+            continue
+        tmp = target / f".{name}.partial"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        rewritten.append(name)
+    return rewritten
+
+
+def verify_installed(target: Path):
+    """An installed copy checked against its own manifest before anything of it runs or loads:
+    every module, library and firmware file by its sha256 (ArtifactError naming what changed), and
+    the loader files written again as this cudabuild writes them. Its manifest."""
+    manifest = read_manifest(target / MANIFEST)
+    changed = changed_files(target, Artifact(root=target, manifest=manifest))
+    if changed:
+        raise ArtifactError(f"the installed copy {target} changed since it was installed ({', '.join(changed[:5])}"
+                            f"{', ...' if len(changed) > 5 else ''}): it is not loaded",
+                            hint=f"install NVIDIA {manifest.driver_version} again from its verified artifact "
+                                 "(cudabuild install --modules ...)")
+    restore_loader(target, manifest)
+    return manifest
+
+
 def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter,
             origin: Mapping[str, object] | None = None, policy: upgrade.Policy = upgrade.Policy()) -> Installed:
     """`origin`: where a node found this build (staging.Found.to_json), written into the ready file.
@@ -136,7 +183,7 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
     host = HostRoot(root)
     version = checked.manifest.driver_version
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
-        target = host.makedirs(DRIVER_DIR) / version
+        target = host.owned_path(DRIVER_DIR, create=True) / version
         old = devices.loaded_version(root)
 
         def put() -> bool:
@@ -155,7 +202,7 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
         if old is None or old == version:
             return load_and_finish(put())
         with upgrade.swapping(host, old=old, new=version, target=target, env=env, policy=policy, reporter=reporter,
-                              prepare=put) as swap:
+                              prepare=put, new_modules=checked.manifest) as swap:
             result = load_and_finish(swap.files_changed)
         result.upgraded_from, result.drained = old, list(swap.drained.names.values())
         return result
@@ -180,4 +227,4 @@ def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, ta
 
 def not_ready(root: Path) -> None:
     """Remove the readiness file (the driver container stops)."""
-    HostRoot(root).remove_file(READY_FILE)
+    HostRoot(root).remove_owned(READY_FILE)

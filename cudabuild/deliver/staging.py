@@ -19,20 +19,24 @@ ready`, `stage` and the kernel hook answer for the same driver as the driver con
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, read_labels
-from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError
-from cudabuild.hostfs import HostRoot
-from cudabuild.options import FULL_DRIVER_RE, RELEASE_RE, validate_driver
+from cudabuild.errors import ArtifactError, CudabuildError, InputError, RegistryError, VerifyError, shown
+from cudabuild.hostfs import HostPathError, HostRoot, NotOursError
+from cudabuild.options import FLAVORS, FULL_DRIVER_RE, RELEASE_RE, validate_driver
 from cudabuild.ui import Reporter
 
 STAGED = "var/lib/cudabuild/staged"
 NODE_CONFIG = "var/lib/cudabuild/node.json"
+CONFIG_LIMIT = 64 << 10  # node.json is a few hundred bytes
+STAGE_LOCK = "var/lib/cudabuild/.stage.lock"  # one stage or pull at a time on a node
+LEFTOVER_PREFIXES = (".pull-", ".staging-", ".broken-")  # a stage's work directories: stale under the lock
 MODULES_REPOSITORY = "modules"  # REPO/modules:TAG, as `cudabuild modules --registry REPO` pushes
 # Where a host keeps its kernel's Module.symvers (Debian: the headers package, linked from build/).
 SYMVERS_PLACES = ("lib/modules/{release}/build/Module.symvers", "usr/src/linux-headers-{release}/Module.symvers",
@@ -42,49 +46,96 @@ SYMVERS_PLACES = ("lib/modules/{release}/build/Module.symvers", "usr/src/linux-h
 @dataclass(frozen=True)
 class NodeConfig:
     """What a node's driver is: a driver version or branch ("535", "535.309.01"; None: the newest
-    there is), the registry it comes from, and whether another version may stand in."""
+    there is), its flavour (open or proprietary; None: either), the registry it comes from, whether
+    another version may stand in, and the exact driver it last installed (what a node configured
+    for "any" driver keeps across a reboot: `ready` answers for that one)."""
 
     driver: str | None = None
     registry: str | None = None
     fallback: bool = True
+    flavor: str | None = None
+    installed: str | None = None  # the exact driver version the node installed last
 
     def __post_init__(self) -> None:
         if self.driver is not None:
             validate_driver(self.driver)
+        if self.flavor is not None and self.flavor not in FLAVORS:
+            raise InputError(f"flavor {shown(self.flavor)} is not one of {', '.join(FLAVORS)}",
+                             hint="pass --flavor open or --flavor proprietary")
 
     @property
     def shown_driver(self) -> str:
-        return self.driver or "any"
+        return (self.driver or "any") + (f" ({self.flavor})" if self.flavor else "")
 
-    def wants(self, version: str) -> bool:
+    def wants(self, version: str, flavor: str | None = None) -> bool:
+        """Whether a build of driver `version` (and `flavor`, when given) is this node's."""
+        if self.flavor is not None and flavor is not None and flavor != self.flavor:
+            return False
         return self.driver is None or version == self.driver or version.startswith(self.driver + ".")
+
+    def wants_build(self, checked: Artifact) -> bool:
+        return self.wants(checked.manifest.driver_version, checked.manifest.flavor)
+
+    def ready_for(self, checked: Artifact) -> bool:
+        """What the reboot gate accepts: the configured driver and flavour; a node configured for
+        any driver, the exact one it runs (a reboot must not change the driver unasked)."""
+        if not self.wants_build(checked):
+            return False
+        return self.driver is not None or self.installed is None or checked.manifest.driver_version == self.installed
 
     def args(self) -> list[str]:
         """The flags that name this driver and registry to `install` and `stage`: --registry R [--driver D]."""
         return [*(["--registry", self.registry] if self.registry else []),
-                *(["--driver", self.driver] if self.driver else [])]
+                *(["--driver", self.driver] if self.driver else []),
+                *(["--flavor", self.flavor] if self.flavor else [])]
 
     def to_json(self) -> dict:
-        return {"driver": self.driver, "registry": self.registry, "fallback": self.fallback}
+        return {"driver": self.driver, "flavor": self.flavor, "registry": self.registry, "fallback": self.fallback,
+                "installed": self.installed}
 
     def save(self, host: HostRoot) -> None:
+        host.owned_path(str(PurePosixPath(NODE_CONFIG).parent), create=True)
         host.write_atomic(NODE_CONFIG, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, host: HostRoot) -> "NodeConfig | None":
+        """The node's configuration; None when it has none. A file that is there but malformed is
+        an InputError naming it (never taken as "any driver")."""
+        where = host.show(NODE_CONFIG)
+        fix = "remove it and configure the node again: cudabuild install --registry REPO --driver BRANCH"
         try:
-            data = json.loads(host.read_text(NODE_CONFIG))
-        except (InputError, ValueError):
-            return None
+            text = host.read_text(NODE_CONFIG, limit=CONFIG_LIMIT)
+        except HostPathError:
+            if not host.exists(NODE_CONFIG):
+                return None
+            raise
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"{where} is not the node's configuration (not JSON: {shown(str(exc)[:80])})",
+                             hint=fix) from None
         if not isinstance(data, dict):
-            return None
-        driver, registry = data.get("driver"), data.get("registry")
+            raise InputError(f"{where} is a JSON {type(data).__name__}, not the node's configuration (an object)",
+                             hint=fix)
+
+        def field_(name: str, kind, check=None):
+            value = data.get(name)
+            if value is None:
+                return None
+            if not isinstance(value, kind) or (check is not None and not check(value)):
+                raise InputError(f"{where}: {name} {shown(str(value)[:80])} is not valid", hint=fix)
+            return value
+
+        driver = field_("driver", str, lambda v: FULL_DRIVER_RE.fullmatch(v) or re.fullmatch(r"[0-9]{3}", v))
+        registry = field_("registry", str, lambda v: len(v) < 512)
+        flavor = field_("flavor", str, lambda v: v in FLAVORS)
+        installed = field_("installed", str, FULL_DRIVER_RE.fullmatch)
+        fallback = field_("fallback", bool)
         try:
-            return cls(driver=driver if isinstance(driver, str) else None,
-                       registry=registry if isinstance(registry, str) else None,
-                       fallback=data.get("fallback") is not False)
-        except InputError:
-            return None
+            return cls(driver=driver, registry=registry, fallback=fallback is not False, flavor=flavor,
+                       installed=installed)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc.message}", hint=fix) from None
 
 
 @dataclass(frozen=True)
@@ -102,21 +153,68 @@ class Found:
                 "ref": self.ref, "fallback_from": self.fallback_from, "boot_test": m.boot_summary}
 
 
-def boot_rejected(checked: Artifact) -> bool:
-    verdict = checked.manifest.boot_test
-    return bool(verdict) and verdict.get("verdict") == "rejected"
+# ---- boot-test verdicts: each belongs to the configuration it judged ---------------------------------
+_ENFORCING_APPEND = re.compile(r"(?:^|\s)(?:module\.sig_enforce=(?:1|y|Y)|lockdown=(?:integrity|confidentiality))(?=\s|$)")
+
+
+def enforcing_append(append: str) -> bool:
+    """Whether a kernel command line enforces module signatures (module.sig_enforce=1, or a
+    lockdown that implies it)."""
+    return bool(_ENFORCING_APPEND.search(append or ""))
+
+
+def node_enforces(host: HostRoot) -> bool:
+    """Whether the node's kernel enforces module signatures: /sys/module/module/parameters/sig_enforce
+    is Y, or /sys/kernel/security/lockdown has integrity or confidentiality selected."""
+    def read(rel: str) -> str:
+        try:
+            return host.read_text(rel, limit=4096)
+        except HostPathError:
+            return ""
+
+    lockdown = read("sys/kernel/security/lockdown")
+    return read("sys/module/module/parameters/sig_enforce").strip() in ("Y", "1") or \
+        "[integrity]" in lockdown or "[confidentiality]" in lockdown
+
+
+def verdicts(checked: Artifact) -> tuple[dict, ...]:
+    m = checked.manifest
+    return m.boot_tests or ((m.boot_test,) if m.boot_test else ())
+
+
+def boot_verdict(checked: Artifact, *, enforcing: bool) -> dict | None:
+    """The boot test that rejects this build on a node (None: none does). A rejection under a
+    command line that enforces signatures applies only to a node that enforces them; any other
+    rejection applies to every node."""
+    for verdict in reversed(verdicts(checked)):
+        if verdict.get("verdict") == "rejected" and (enforcing or not enforcing_append(str(verdict.get("append", "")))):
+            return verdict
+    return None
+
+
+def rejection(verdict: dict) -> str:
+    append = str(verdict.get("append") or "")
+    return (f"the real kernel {shown(str(verdict.get('kernel')))} rejected it in its boot test"
+            + (f" with {shown(append)}" if append else "") + "; not used")
 
 
 # ---- staged builds --------------------------------------------------------------------------------
 def staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) -> list[Artifact]:
     """The whole, checked builds staged for `release` (each file against its manifest); a staged
-    copy that fails its check is said and left out."""
+    copy that fails its check, or a link where a staged build belongs, is said and left out."""
+    import stat
+
     found = []
-    for name in host.listdir(f"{STAGED}/{release}"):
+    for name, st in host.owned_entries(f"{STAGED}/{release}"):
         if name.startswith("."):
             continue
+        if not stat.S_ISDIR(st.st_mode):
+            if reporter:
+                reporter.note(f"{host.show(f'{STAGED}/{release}/{name}')} is not a directory cudabuild staged; "
+                              "not used")
+            continue
         try:
-            checked = artifact.load(host.resolve(f"{STAGED}/{release}/{name}"))
+            checked = artifact.load(host.owned_path(f"{STAGED}/{release}/{name}"))
         except (ArtifactError, VerifyError, InputError) as exc:
             if reporter:
                 reporter.note(f"the staged build {STAGED}/{release}/{name} is not whole ({exc}); not used")
@@ -127,7 +225,11 @@ def staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) ->
 
 
 def staged_releases(host: HostRoot) -> list[str]:
-    return [name for name in host.listdir(STAGED) if RELEASE_RE.fullmatch(name) and not name.startswith(".")]
+    """The kernels with staged builds (real directories only: a link there is not cudabuild's)."""
+    import stat
+
+    return [name for name, st in host.owned_entries(STAGED)
+            if RELEASE_RE.fullmatch(name) and not name.startswith(".") and stat.S_ISDIR(st.st_mode)]
 
 
 def _name(checked: Artifact) -> str:
@@ -137,18 +239,20 @@ def _name(checked: Artifact) -> str:
 
 def stage(host: HostRoot, checked: Artifact) -> Path:
     """A copy of a checked artifact, staged for its kernel (a copy beside it, renamed into place).
-    A staged copy of the same build that is whole is kept; one that is not is replaced."""
+    A staged copy of the same build that is whole is kept; one that is not is replaced. Nothing is
+    written or removed through a link (NotOursError)."""
     release = checked.manifest.kernel_release
-    parent = host.makedirs(f"{STAGED}/{release}")
+    rel = f"{STAGED}/{release}/{_name(checked)}"
+    parent = host.owned_path(f"{STAGED}/{release}", create=True)
     target = parent / _name(checked)
+    if target.is_symlink():
+        host.remove_owned(rel)  # refuses, naming the link
     if target.is_dir():
         try:
             artifact.load(target)
             return target
         except (ArtifactError, VerifyError):
-            broken = Path(tempfile.mkdtemp(prefix=".broken-", dir=parent))
-            target.rename(broken / target.name)
-            shutil.rmtree(broken, ignore_errors=True)
+            host.remove_owned(rel)
     work = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
         checked.copy_to(lambda rel: work / rel, manifest=work / artifact.MANIFEST)
@@ -159,22 +263,40 @@ def stage(host: HostRoot, checked: Artifact) -> Path:
     return target
 
 
-def prune(host: HostRoot, keep: set[str]) -> list[str]:
-    """Remove the staged builds of kernels not in `keep` (those no longer installed); what was removed."""
+def remove_leftovers(host: HostRoot, release: str) -> None:
+    """The work directories of a stage or pull that was killed (held under STAGE_LOCK: none runs now)."""
+    import stat
+
+    for name, st in host.owned_entries(f"{STAGED}/{release}"):
+        if name.startswith(LEFTOVER_PREFIXES) and stat.S_ISDIR(st.st_mode):
+            host.remove_owned(f"{STAGED}/{release}/{name}")
+
+
+def prune(host: HostRoot, keep: set[str], *, reporter: Reporter | None = None) -> list[str]:
+    """Remove the staged builds of kernels not in `keep` (those no longer installed); what was
+    removed. A link among them is left where it is and said: it is not cudabuild's."""
+    import stat
+
     removed = []
-    for release in staged_releases(host):
-        if release not in keep:
-            shutil.rmtree(host.resolve(f"{STAGED}/{release}"), ignore_errors=True)
-            removed.append(release)
+    for name, st in host.owned_entries(STAGED):
+        if not RELEASE_RE.fullmatch(name) or name.startswith(".") or name in keep:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            if reporter:
+                reporter.warn(f"not pruned: {host.show(f'{STAGED}/{name}')} is not a directory cudabuild staged "
+                              "(a link or a file); remove it yourself if nothing needs it")
+            continue
+        host.remove_owned(f"{STAGED}/{name}")
+        removed.append(name)
     return removed
 
 
 # ---- looking for a build ------------------------------------------------------------------------------
-def _best(builds: list[Artifact]) -> Artifact | None:
+def _best(builds: list[Artifact], *, enforcing: bool = False) -> Artifact | None:
     """The newest driver version; of one version, the build with the most modules."""
     from cudabuild.options import version_tuple
 
-    usable = [b for b in builds if not boot_rejected(b)]
+    usable = [b for b in builds if boot_verdict(b, enforcing=enforcing) is None]
     usable.sort(key=lambda b: (version_tuple(b.manifest.driver_version), len(b.manifest.modules)), reverse=True)
     return usable[0] if usable else None
 
@@ -208,12 +330,29 @@ def host_symvers(host: HostRoot, release: str) -> Path | None:
     return None
 
 
-def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: Reporter) -> Artifact:
-    """The modules image `ref`, pulled over the registry's API into a staging directory on the
-    node, checked, and staged; a refusal leaves nothing behind."""
+def check_for_host(host: HostRoot, checked: Artifact, release: str, *, reporter: Reporter | None = None) -> None:
+    """What `stage` checks of a build before it keeps it, with what the host has now: its kernel,
+    vermagic and version, and the symbol CRCs against the kernel's Module.symvers when the host has
+    it (headers installed after a build was staged count). VerifyError otherwise."""
     from cudabuild.verify import verify_modules
 
-    parent = host.makedirs(f"{STAGED}/{release}")
+    m = checked.manifest
+    if m.kernel_release != release:
+        raise VerifyError(f"it is a build for {m.kernel_release}, not {release}")
+    symvers = host_symvers(host, release)
+    if symvers is None and reporter:
+        reporter.note(f"symbol CRCs not checked: the host has no Module.symvers for {release}")
+    verify_modules(checked.root / "modules", release=release, driver_version=m.driver_version,
+                   expected=[e.name for e in m.modules], symvers=symvers,
+                   modversions=m.modversions and symvers is not None)
+
+
+def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: Reporter,
+                 driver: str | None = None, config: NodeConfig | None = None) -> Artifact:
+    """The modules image `ref`, pulled over the registry's API into a staging directory on the
+    node, checked against what was asked (the kernel, the tag's driver `driver`, the node's driver
+    and flavour), and staged; a refusal leaves nothing behind."""
+    parent = host.owned_path(f"{STAGED}/{release}", create=True)
     work = Path(tempfile.mkdtemp(prefix=".pull-", dir=parent))
     try:
         with reporter.step(f"pull {ref} (the registry's HTTP API)"):
@@ -225,14 +364,12 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
                 if labels is None or labels.key != m.key or \
                         tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
                     raise VerifyError("its labels describe another build than its manifest")
-                if m.kernel_release != release:
-                    raise VerifyError(f"it is a build for {m.kernel_release}, not {release}")
-                symvers = host_symvers(host, release)
-                if symvers is None:
-                    reporter.note(f"symbol CRCs not checked: the host has no Module.symvers for {release}")
-                verify_modules(work / "modules", release=release, driver_version=m.driver_version,
-                               expected=[e.name for e in m.modules], symvers=symvers,
-                               modversions=m.modversions and symvers is not None)
+                if driver is not None and m.driver_version != driver:
+                    raise VerifyError(f"it is driver {m.driver_version}, but its tag names {driver}")
+                if config is not None and not config.wants_build(checked):
+                    raise VerifyError(f"it is driver {m.driver_version} ({m.flavor}), not the node's "
+                                      f"{config.shown_driver}")
+                check_for_host(host, checked, release, reporter=reporter)
             except (ArtifactError, VerifyError) as exc:
                 raise VerifyError(f"refused the registry's {ref}: {exc.message}",
                                   hint="nothing was staged; push an unchanged build: cudabuild modules --kernel "
@@ -242,42 +379,70 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def usable_staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) -> list[Artifact]:
+    """The staged builds for `release` that pass check_for_host now; the others said and left out."""
+    usable = []
+    for checked in staged(host, release, reporter=reporter):
+        try:
+            check_for_host(host, checked, release)
+        except (VerifyError, InputError) as exc:
+            if reporter:
+                reporter.note(f"the staged build {checked.root.name} for {release} no longer passes its check: "
+                              f"{exc.message}; not used")
+            continue
+        usable.append(checked)
+    return usable
+
+
 def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, reporter: Reporter,
                allow_fallback: bool | None = None) -> Found | None:
     """The build for `release`: staged, else the registry's (`registry`, the config's, or None;
     staged on the way), of the configured driver, else (with the fallback) of another; None when
-    there is none anywhere."""
+    there is none anywhere. Each registry candidate that is refused or cannot be read is said, and
+    the next is tried. A build a boot test rejected for this node's configuration is never used."""
     fallback = config.fallback if allow_fallback is None else allow_fallback
-    here = staged(host, release, reporter=reporter)
-    candidates, unreachable = None, None
-    for wanted in (True, False) if fallback else (True,):
-        best = _best([b for b in here if config.wants(b.manifest.driver_version) == wanted])
-        if best is not None:
-            return Found(best, "staged", fallback_from=None if wanted else config.shown_driver)
-        if registry is None:
-            continue
-        if candidates is None:
-            try:
-                candidates = registry_candidates(registry, release)
-            except RegistryError as exc:  # what is staged may still serve (the fallback)
-                reporter.note(exc.message)
-                candidates, unreachable = [], exc
-        for tag, driver in candidates:
-            if config.wants(driver) != wanted:
+    enforcing = node_enforces(host)
+    with host.lock(STAGE_LOCK, waiting=lambda: reporter.note("waiting for another stage on this node")):
+        remove_leftovers(host, release)
+        here = usable_staged(host, release, reporter=reporter)
+        for b in here:
+            verdict = boot_verdict(b, enforcing=enforcing)
+            if verdict is not None:
+                reporter.note(f"the staged build {b.root.name}: {rejection(verdict)}")
+        candidates, unreachable, refused = None, None, []
+        for wanted in (True, False) if fallback else (True,):
+            best = _best([b for b in here if config.wants_build(b) == wanted], enforcing=enforcing)
+            if best is not None:
+                return Found(best, "staged", fallback_from=None if wanted else config.shown_driver)
+            if registry is None:
                 continue
-            ref = f"{registry.repo}/{MODULES_REPOSITORY}:{tag}"
-            try:
-                pulled = pull_checked(host, registry, ref, release, reporter=reporter)
-            except VerifyError as exc:
-                reporter.note(f"{exc.message}; trying the next")
-                continue
-            if boot_rejected(pulled):
-                reporter.note(f"{ref}: the real kernel rejected it in its boot test; not used")
-                continue
-            return Found(pulled, "registry", ref=ref, fallback_from=None if wanted else config.shown_driver)
-    if unreachable is not None:
-        raise unreachable
-    return None
+            if candidates is None:
+                try:
+                    candidates = registry_candidates(registry, release)
+                except RegistryError as exc:  # what is staged may still serve (the fallback)
+                    reporter.note(exc.message)
+                    candidates, unreachable = [], exc
+            for tag, driver in candidates:
+                if config.wants(driver) != wanted:
+                    continue
+                ref = f"{registry.repo}/{MODULES_REPOSITORY}:{tag}"
+                try:
+                    pulled = pull_checked(host, registry, ref, release, reporter=reporter, driver=driver,
+                                          config=config if wanted else None)
+                except (VerifyError, RegistryError, ArtifactError) as exc:
+                    reporter.note(f"{exc.message}; trying the next")
+                    refused.append(exc)
+                    continue
+                verdict = boot_verdict(pulled, enforcing=enforcing)
+                if verdict is not None:
+                    reporter.note(f"{ref}: {rejection(verdict)}")
+                    continue
+                return Found(pulled, "registry", ref=ref, fallback_from=None if wanted else config.shown_driver)
+        if unreachable is not None:
+            raise unreachable
+        if refused and all(isinstance(exc, RegistryError) for exc in refused):
+            raise refused[-1]
+        return None
 
 
 def where_looked(host: HostRoot, release: str, config: NodeConfig) -> str:

@@ -9,21 +9,27 @@ from its installed copy, and its CDI spec and ready file are put back."""
 
 from __future__ import annotations
 
-import shutil
+import re
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cudabuild.deliver import cdi, holders
 from cudabuild.deliver.holders import Held, Holder
-from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE, driver_dir
+from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY, READY_FILE, driver_dir
 from cudabuild.deliver import devices
 from cudabuild.deliver.loader import UnloadError, refuse_half_substituted, run_loader, unload
 from cudabuild.errors import CudabuildError, EngineError, HeldError, LoaderError, RolledBackError
 from cudabuild.hostfs import HostPathError, HostRoot
+from cudabuild.options import FULL_DRIVER_RE
 from cudabuild.ui import Reporter
+
+if TYPE_CHECKING:
+    from cudabuild.artifact import Manifest
 
 STOP_GRACE = 10  # seconds a drained container has between SIGTERM and SIGKILL (docker stop's default)
 RELEASE_POLL = 0.2
@@ -117,6 +123,29 @@ def drain(root: Path, held: Held, policy: Policy, reporter: Reporter) -> Drained
         raise
 
 
+def running_release(host: HostRoot, env: Mapping[str, str]) -> str | None:
+    """The running kernel's release: the loader's seam (CUDABUILD_KERNEL_RELEASE), else the root's
+    /proc/sys/kernel/osrelease, else this machine's."""
+    import platform
+
+    if env.get("CUDABUILD_KERNEL_RELEASE"):
+        return env["CUDABUILD_KERNEL_RELEASE"]
+    try:
+        return host.read_text("proc/sys/kernel/osrelease", limit=4096).strip() or None
+    except HostPathError:
+        return platform.release()
+
+
+def refuse_other_kernel(host: HostRoot, manifest: "Manifest", env: Mapping[str, str], *, doing: str) -> None:
+    """Before anything is unloaded: modules built for another kernel than the running one would not
+    load, and the working driver would have been unloaded for nothing."""
+    running = running_release(host, env)
+    if running and manifest.kernel_release != running:
+        raise LoaderError(f"{doing}, but its modules are built for kernel {manifest.kernel_release} (vermagic "
+                          f"{manifest.vermagic.split()[0]}) and this host runs {running}: nothing was unloaded",
+                          exit_code=11, hint=f"install the build for {running}: cudabuild modules --kernel {running}")
+
+
 def refuse_module_users(host: HostRoot, *, doing: str) -> None:
     """HeldError when kernel modules that are not the driver's own use it (nvidia_fs of GPUDirect
     Storage, a vendor's module): the kernel would refuse to unload nvidia half-way through."""
@@ -131,9 +160,16 @@ def refuse_module_users(host: HostRoot, *, doing: str) -> None:
 
 
 def installed_by_us(host: HostRoot, version: str) -> Path | None:
-    """The installed copy of `version` whose loader can load it again, None when there is none."""
-    place = host.resolve(driver_dir(version))
-    return place if (place / "loader.sh").is_file() and not place.is_symlink() else None
+    """The installed copy of `version` whose loader can load it again (a directory cudabuild made,
+    reached through no link, with its manifest), None when there is none."""
+    import stat
+
+    entries = dict(host.owned_entries(DRIVER_DIR))
+    st = entries.get(version)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return None  # a link there is not cudabuild's copy: never loaded, never removed
+    place = host.owned_path(driver_dir(version))
+    return place if (place / "manifest.json").is_file() else None
 
 
 @dataclass
@@ -144,7 +180,7 @@ class Swap:
 
 @contextmanager
 def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[str, str], policy: Policy,
-             reporter: Reporter, prepare: Callable[[], bool]) -> Iterator[Swap]:
+             reporter: Reporter, prepare: Callable[[], bool], new_modules: "Manifest") -> Iterator[Swap]:
     """Replace the loaded driver `old` by `new`: the holders checked (refused, or drained), then
     `prepare()` puts the new driver's files at `target` (whether they changed), then the old
     modules are unloaded; the block loads the new ones and writes the spec and ready file. If the
@@ -160,6 +196,7 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
                                              "nvidia_uvm nvidia), then run cudabuild install again")
     refuse_half_substituted(env)
     refuse_module_users(host, doing=doing)
+    refuse_other_kernel(host, new_modules, env, doing=doing)
     held = Held(who_holds(root, policy.engine, reporter))
     drained = Drained()
     if held.holders:
@@ -174,7 +211,7 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
             unloaded = unload(root, env)
         except UnloadError as exc:
             _load_again(host, old, old_dir, env, saved_spec, saved_ready, reporter)
-            shutil.rmtree(target, ignore_errors=True)
+            host.remove_owned(driver_dir(new))
             raise RolledBackError(f"{doing}, but {exc.message}; NVIDIA {old} is loaded again and nothing changed",
                                   hint="stop what uses the GPU (cudabuild holders), then run again") from exc
         reporter.note(f"unloaded NVIDIA {old}: {', '.join(unloaded)}")
@@ -182,13 +219,13 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
             yield Swap(drained=drained, files_changed=files_changed)
         except Exception as exc:  # noqa: BLE001 - whatever stopped the new driver, the old one comes back
             _load_again(host, old, old_dir, env, saved_spec, saved_ready, reporter)
-            shutil.rmtree(target, ignore_errors=True)
+            host.remove_owned(driver_dir(new))
             why = exc.message if isinstance(exc, CudabuildError) else str(exc)
             raise RolledBackError(f"NVIDIA {new} did not load ({why}); rolled back: NVIDIA {old} is loaded "
                                   f"again, with its CDI spec and ready file",
                                   hint=f"the host keeps working on {old}; see why {new} did not load (dmesg | tail), "
                                        "then run the install again") from exc
-        shutil.rmtree(old_dir, ignore_errors=True)  # the old userspace: its libraries match no loaded driver now
+        host.remove_owned(driver_dir(old))  # the old userspace: its libraries match no loaded driver now
     finally:
         if drained.containers:
             if policy.restart:
@@ -204,14 +241,17 @@ def _load_again(host: HostRoot, old: str, old_dir: Path, env: Mapping[str, str],
     """The old driver back: what loaded of the new one unloaded, then the old loaded from its
     installed copy (its loader loads what is missing of it, when its unloading stopped half-way),
     its spec and ready file as they were."""
+    from cudabuild.deliver.install import verify_installed
+
     root = host.given
     try:
+        verify_installed(old_dir)  # what runs and loads is what was installed, checked first
         if devices.loaded_version(root) not in (None, old):
             unload(root, env)
         run_loader(old_dir, root=root, env=env)
-    except LoaderError as exc:
+    except CudabuildError as exc:
         raise LoaderError(f"rolling back failed too: {exc.message}; no NVIDIA driver may be loaded now",
-                          exit_code=exc.exit_code, hint=f"load it by hand: sh {old_dir}/loader.sh true") from exc
+                          exit_code=getattr(exc, "exit_code", 14) if isinstance(exc, LoaderError) else 14, hint=f"load it by hand: sh {old_dir}/loader.sh true") from exc
     cdi.put_back(root, spec)
     if ready is not None:
         host.write_atomic(READY_FILE, ready)
@@ -248,6 +288,7 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
 
     host = HostRoot(root)
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
+        host.owned_entries(DRIVER_DIR)  # a link where the drivers are is refused before anything changes
         version = devices.loaded_version(root)
         doing = f"NVIDIA {version or '(not loaded)'} cannot be uninstalled now"
         refuse_half_substituted(env)
@@ -268,35 +309,47 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
             try:
                 done.unloaded = unload(root, env)
             except UnloadError as exc:
+                from cudabuild.deliver.install import verify_installed
+
+                verify_installed(ours)
                 run_loader(ours, root=root, env=env)
                 cdi.put_back(root, saved)
                 raise LoaderError(f"uninstalling NVIDIA {version}: {exc.message}; it is loaded again, with its "
                                   "CDI spec", exit_code=exc.exit_code, hint=exc.hint) from exc
-            for name in host.listdir("dev"):
-                if name.startswith("nvidia") and _remove_node(host, f"dev/{name}"):
-                    done.removed.append(host.host_path(host.resolve("dev") / name, host_root))
-        base = host.resolve(DRIVER_DIR)
-        for name in host.listdir(DRIVER_DIR):
-            place = base / name
-            if place.is_dir() and not place.is_symlink():
-                shutil.rmtree(place)
-                done.removed.append(host.host_path(place, host_root))
-        if _read(host, READY_FILE) is not None:
-            host.remove_file(READY_FILE)
-            done.removed.append(host.host_path(host.resolve(READY_FILE), host_root))
+            done.removed += [host.host_path(host.resolve("dev") / name, host_root) for name in remove_nodes(host)]
+        for name, st in host.owned_entries(DRIVER_DIR):
+            if name == READY or not (FULL_DRIVER_RE.fullmatch(name) or name.startswith(".")):
+                continue  # not a driver cudabuild installed (a link is refused in remove_owned)
+            if stat.S_ISLNK(st.st_mode):
+                reporter.warn(f"left alone: {host.show(f'{DRIVER_DIR}/{name}')} is a symbolic link, not a driver "
+                              "cudabuild installed")
+                continue
+            if host.remove_owned(f"{DRIVER_DIR}/{name}") and not name.startswith("."):
+                done.removed.append(host.host_path(host.owned_path(DRIVER_DIR) / name, host_root))
+        if host.remove_owned(READY_FILE):
+            done.removed.append(host.host_path(host.owned_path(DRIVER_DIR) / READY, host_root))
         return done
 
 
-def _remove_node(host: HostRoot, rel: str) -> bool:
-    """Remove a device node the loader made (a character device; nvidia-caps/ and the like are
-    left alone)."""
-    import stat
+_NODE_RE = re.compile(r"nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools|-modeset)")
 
-    path = host.resolve(rel)
+
+def remove_nodes(host: HostRoot) -> list[str]:
+    """Remove the device nodes the loader made: names it makes that are themselves character
+    devices (lstat: a link named nvidia8 is never followed; nvidia-caps/ and the like are left)."""
+    import os
+
     try:
-        if stat.S_ISCHR(path.lstat().st_mode):
-            path.unlink()
-            return True
-    except OSError:
-        pass
-    return False
+        with host.directory("dev") as fd:
+            removed = []
+            for name in sorted(os.listdir(fd)):
+                try:
+                    if _NODE_RE.fullmatch(name) and \
+                            stat.S_ISCHR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=fd)
+                        removed.append(name)
+                except OSError:
+                    continue
+            return removed
+    except HostPathError:
+        return []

@@ -126,7 +126,8 @@ def test_one_driver_for_every_kernel_next_kernel_staged_and_a_reboot_without_the
     assert status.returncode == 0, status.stderr
     said = json.loads(status.stdout)
     assert said["running_kernel"] == NEXT and said["driver"]["source"] == "staged"
-    assert said["config"] == {"driver": "535", "registry": registry.repo(), "fallback": True}
+    assert said["config"] == {"driver": "535", "registry": registry.repo(), "fallback": True,
+                              "flavor": "proprietary", "installed": DRIVER}, "the node records its flavour and driver"
 
 
 def test_a_kernel_whose_build_is_missing_is_not_ready_and_the_reason_names_it(tmp_path, registry):
@@ -194,22 +195,64 @@ def test_another_driver_stands_in_and_says_so_unless_the_fallback_is_off(tmp_pat
     assert not (strict_host / "run/cudabuild/driver/ready").exists()
 
 
-def test_debians_kernel_hook_stages_the_new_kernel_or_fails_naming_it(tmp_path, registry):
+def host_cudabuild(host: Path) -> Path:
+    """The host's own cudabuild at /usr/local/bin (this checkout's, run with the fake root's seams)."""
+    program = host / "usr/local/bin/cudabuild"
+    program.parent.mkdir(parents=True, exist_ok=True)
+    program.write_text(f"#!/bin/sh\nexec {REPO / '.venv' / 'bin' / 'cudabuild'} \"$@\"\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_debians_kernel_hook_stages_the_new_kernel_and_never_fails_a_kernel_install(tmp_path, registry):
     host, env = host_for(tmp_path)
+    program = host_cudabuild(host)
     made = install(host, env, "--registry", registry.repo(), "--driver", "535", "--kernel-hook")
     assert made.returncode == 0, made.stderr
     hook = host / "etc/kernel/postinst.d/cudabuild"
     assert os.access(hook, os.X_OK)
-    path = f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"
-    hook_env = {**os.environ, **env, "PATH": path}
+    assert f"cudabuild='{program}'" in hook.read_text(), "the host's cudabuild, by its absolute path"
+    hook_env = {**env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # dpkg's PATH: no .venv on it
     (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
     ran = subprocess.run([str(hook), NEXT, f"/boot/vmlinuz-{NEXT}"], env=hook_env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     assert NEXT in staged(host)
-    failed = subprocess.run([str(hook), OTHER, f"/boot/vmlinuz-{OTHER}"], env=hook_env, capture_output=True, text=True)
-    assert failed.returncode != 0
-    assert OTHER in failed.stderr and registry.repo() in failed.stderr
 
+    # A kernel with no build: the hook says so and exits 0, and the gate holds the reboot.
+    (host / "boot" / f"vmlinuz-{OTHER}").write_bytes(b"kernel")
+    failed = subprocess.run([str(hook), OTHER, f"/boot/vmlinuz-{OTHER}"], env=hook_env, capture_output=True, text=True)
+    assert failed.returncode == 0, failed.stderr
+    assert OTHER in failed.stderr and registry.repo() in failed.stderr and "not staged" in failed.stderr
+    assert run_cli("ready", "--kernel", "next", "--root", str(host), env=env).returncode == 23
+
+    # As Debian's kernel postinst runs the hooks: run-parts --exit-on-error; the later hooks still run,
+    # whatever failed inside ours (no build, its cudabuild gone).
+    hooks = tmp_path / "postinst.d"
+    hooks.mkdir()
+    (hooks / "cudabuild").write_bytes(hook.read_bytes())
+    (hooks / "cudabuild").chmod(0o755)
+    for later in ("dkms", "initramfs-tools", "zz-update-grub"):
+        (hooks / later).write_text(f"#!/bin/sh\necho {later} \"$@\" >> {tmp_path}/ran\n")
+        (hooks / later).chmod(0o755)
+    for case in ("no build", "no cudabuild"):
+        if case == "no cudabuild":
+            program.unlink()
+        (tmp_path / "ran").unlink(missing_ok=True)
+        parts = subprocess.run(["run-parts", "--report", "--exit-on-error", f"--arg={OTHER}",
+                                f"--arg=/boot/vmlinuz-{OTHER}", str(hooks)], env=hook_env, capture_output=True,
+                               text=True)
+        assert parts.returncode == 0, (case, parts.stderr)
+        assert (tmp_path / "ran").read_text().split("\n")[:3] == [f"{h} {OTHER} /boot/vmlinuz-{OTHER}" for h in
+                                                                  ("dkms", "initramfs-tools", "zz-update-grub")], case
+        assert OTHER in parts.stderr, case
+
+
+def test_a_driver_container_writes_no_hook_the_host_cannot_run(tmp_path, registry):
+    host, env = host_for(tmp_path)  # no cudabuild on the host's file system
+    made = install(host, env, "--registry", registry.repo(), "--driver", "535", "--kernel-hook")
+    assert made.returncode == 0, made.stderr
+    assert not (host / "etc/kernel/postinst.d/cudabuild").exists()
+    assert "no kernel hook written" in made.stderr and "/usr/local/bin/cudabuild" in made.stderr
 
 
 def test_a_layer_changed_in_the_registry_is_refused_and_nothing_is_staged(tmp_path):
