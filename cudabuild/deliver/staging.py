@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, read_labels
-from cudabuild.errors import ArtifactError, CudabuildError, InputError, RegistryError, VerifyError, shown
+from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError, printable, shown
 from cudabuild.hostfs import HostPathError, HostRoot, NotOursError
 from cudabuild.options import FLAVORS, FULL_DRIVER_RE, RELEASE_RE, validate_driver
 from cudabuild.ui import Reporter
@@ -210,7 +210,7 @@ def staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) ->
             continue
         if not stat.S_ISDIR(st.st_mode):
             if reporter:
-                reporter.note(f"{host.show(f'{STAGED}/{release}/{name}')} is not a directory cudabuild staged; "
+                reporter.note(f"{printable(host.root / STAGED / release / name)} is not a directory cudabuild staged; "
                               "not used")
             continue
         try:
@@ -283,7 +283,7 @@ def prune(host: HostRoot, keep: set[str], *, reporter: Reporter | None = None) -
             continue
         if not stat.S_ISDIR(st.st_mode):
             if reporter:
-                reporter.warn(f"not pruned: {host.show(f'{STAGED}/{name}')} is not a directory cudabuild staged "
+                reporter.warn(f"not pruned: {printable(host.root / STAGED / name)} is not a directory cudabuild staged "
                               "(a link or a file); remove it yourself if nothing needs it")
             continue
         host.remove_owned(f"{STAGED}/{name}")
