@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, read_labels
 from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError, printable, shown
-from cudabuild.hostfs import HostPathError, HostRoot, NotOursError
+from cudabuild.hostfs import HostPathError, HostRoot
 from cudabuild.options import FLAVORS, FULL_DRIVER_RE, RELEASE_RE, validate_driver
 from cudabuild.ui import Reporter
 

@@ -127,14 +127,40 @@ def test_a_changed_symbol_crc_is_refused(build, tmp_path, before_modules):
     assert host_modules() == before_modules
 
 
-def test_enforced_signatures_reject_unsigned_modules(build, before_modules):
-    _, output, cache, _ = build
-    code, result, stderr = boot("--modules", str(output), "--append", "module.sig_enforce=1", cache=cache)
-    assert code == 7, stderr[-2000:]
-    assert result["append"] == "module.sig_enforce=1"
-    nvidia = next(m for m in result["modules"] if m["name"] == "nvidia")
-    assert nvidia["verdict"] == "rejected" and "unsigned" in nvidia["reason"], nvidia
-    assert host_modules() == before_modules
+def test_enforced_signatures_reject_unsigned_modules_only_on_nodes_that_enforce_them(build, tmp_path,
+                                                                                      before_modules):
+    """The what-if question a Secure Boot user asks of the cached build (issue 30, 4b): the verdict
+    is kept with the command line it was judged under, and it stops the build only on a node that
+    enforces signatures; on every other node the same build stays ready."""
+    from tests.helpers import fake_host
+
+    data, output, cache, _ = build
+    cached = Path(data["cache_dir"])
+    kept = (cached / "manifest.json").read_bytes()
+    try:
+        code, result, stderr = boot("--modules", str(cached), "--append", "module.sig_enforce=1", cache=cache)
+        assert code == 7, stderr[-2000:]
+        assert result["append"] == "module.sig_enforce=1"
+        nvidia = next(m for m in result["modules"] if m["name"] == "nvidia")
+        assert nvidia["verdict"] == "rejected" and "unsigned" in nvidia["reason"], nvidia
+        assert host_modules() == before_modules
+        recorded = json.loads((cached / "manifest.json").read_text())
+        assert [(v["verdict"], v["append"]) for v in recorded["boot_tests"]][-1] == ("rejected", "module.sig_enforce=1")
+
+        # The same build staged on a node for its kernel, as `stage` keeps it.
+        release = recorded["kernel_release"]
+        root = tmp_path / "node"
+        env = {**fake_host(root), "CUDABUILD_KERNEL_RELEASE": release}
+        shutil.copytree(cached, root / "var/lib/cudabuild/staged" / release / "build", symlinks=True)
+        ready = run_cli("ready", "--kernel", release, "--root", str(root), env=env)
+        assert ready.returncode == 0, ready.stderr  # this node does not enforce signatures
+        (root / "sys/module/module/parameters").mkdir(parents=True)
+        (root / "sys/module/module/parameters/sig_enforce").write_text("Y\n")
+        held = run_cli("ready", "--kernel", release, "--root", str(root), env=env)
+        assert held.returncode == 23, held.stderr
+        assert "rejected it in its boot test with 'module.sig_enforce=1'" in held.stderr
+    finally:
+        (cached / "manifest.json").write_bytes(kept)  # the session's build as it was, for the other tests
 
 
 def guests_of(cache: Path) -> list[int]:

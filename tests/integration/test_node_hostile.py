@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DRIVER, fake_host, make_artifact, run_cli
-from tests.integration.test_kernel_updates import (NEXT, RUNNING, host_for, install, push_build, registry,  # noqa: F401
-                                                   staged)
+from tests.integration.test_kernel_updates import NEXT, RUNNING, host_for, install, registry  # noqa: F401
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")  # systemd-boot-efi (scripts/setup)
 
