@@ -746,10 +746,11 @@ def unpack_image(saved_path: Path, into: Path) -> None:
 MAX_UNPACKED = 16 << 30  # bytes a modules image's layer may unpack to: a driver's is under 1 GB
 
 
-def extract_layer(layer, into: Path, *, compression: str = "") -> None:
+def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_UNPACKED) -> None:
     """A modules image's layer (a tar file or file object; gzip-compressed when `compression` is
     "gz") into `into`: only modules/, userspace/ and manifest.json, regular files, directories and
-    links inside their directory, at most MAX_UNPACKED bytes."""
+    links inside their directory, at most `limit` bytes (each member's size counted before it is
+    written)."""
     import tarfile
 
     mode = f"r:{compression}" if compression else "r:"
@@ -759,9 +760,10 @@ def extract_layer(layer, into: Path, *, compression: str = "") -> None:
         with opened:
             for member in opened:
                 unpacked += member.size
-                if unpacked > MAX_UNPACKED:
-                    raise VerifyError(f"the modules image unpacks to more than {MAX_UNPACKED >> 30} GiB, far more "
-                                      "than a driver", hint="use images `cudabuild modules --registry` pushed")
+                if unpacked > limit:  # checked before the member is written
+                    raise VerifyError(f"the modules image unpacks to more than {limit >> 20} MiB, far more than "
+                                      "its layer's size allows for a driver's files (a compression bomb?)",
+                                      hint="use images `cudabuild modules --registry` pushed")
                 name = PurePosixPath(member.name.removeprefix("./"))
                 if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
                     continue

@@ -30,6 +30,12 @@ TIMEOUT = 20  # seconds for a connection or one read
 DEADLINE = 60.0  # seconds for a whole answer, however it trickles in
 MAX_ANSWER = 4 << 20  # bytes of a manifest, a config or a token: a real one is a few kB
 MAX_LAYER = 8 << 30  # bytes of a modules image's layer: a driver's is a few hundred MB
+# What a layer may unpack to, from its size in the manifest: kernel modules and the userspace driver
+# compress by 3-5x with gzip; more than this many times is no driver's layer.
+MAX_RATIO = 16
+LAYER_RATE = 256 << 10  # bytes per second a layer must at least arrive at, over the whole pull ...
+LAYER_DEADLINE = 120.0  # ... plus this many seconds; a trickle is stopped at its deadline
+MAX_REDIRECTS = 5
 LAYER_TYPES = {"application/vnd.docker.image.rootfs.diff.tar.gzip": "gz",
                "application/vnd.oci.image.layer.v1.tar+gzip": "gz",
                "application/vnd.oci.image.layer.v1.tar": ""}
@@ -212,21 +218,32 @@ class Registry:
                 raise VerifyError(f"{ref}'s layer does not match its digest {digest[:19]}...: it changed on the "
                                   "way or in the registry", hint="nothing was used; push the build again")
             try:
-                extract_layer(blob, into, compression=LAYER_TYPES[media])
+                extract_layer(blob, into, compression=LAYER_TYPES[media],
+                              limit=size if not LAYER_TYPES[media] else min(size * MAX_RATIO + (1 << 20), MAX_LAYER * 2))
             finally:
                 blob.unlink()
             return labels
 
     def _download(self, url: str, name: str, dest: Path, *, size: int) -> str:
-        """A blob into `dest`: at most `size` bytes, TIMEOUT per read (redirects to the registry's
-        storage followed; the token is not sent there); its digest, sha256:HEX, taken as it arrives."""
+        """A blob into `dest`: at most `size` bytes, TIMEOUT per read and a deadline for the whole
+        (LAYER_DEADLINE + size at LAYER_RATE); its digest, sha256:HEX, taken as it arrives.
+        Redirects are followed only to the registry's own host (never from https to http) or to a
+        blob store over https, and credentials go only to the registry itself."""
         import hashlib
+        import time
 
-        headers = {}
-        for _ in range(2):
-            with requests.get(url, headers=headers, timeout=TIMEOUT, stream=True) as answer:
+        deadline = time.monotonic() + LAYER_DEADLINE + size / LAYER_RATE
+        headers: dict[str, str] = {}
+        tried_token = False
+        for _ in range(MAX_REDIRECTS + 2):
+            with requests.get(url, headers=headers, timeout=TIMEOUT, stream=True, allow_redirects=False) as answer:
+                if answer.is_redirect:
+                    url, headers = self._redirected(url, answer.headers.get("Location", ""), headers)
+                    continue
                 challenge = answer.headers.get("WWW-Authenticate", "")
-                if answer.status_code == 401 and challenge.lower().startswith("bearer ") and not headers:
+                if answer.status_code == 401 and challenge.lower().startswith("bearer ") and not tried_token \
+                        and self._ours(url):
+                    tried_token = True
                     bearer = self._token(challenge, name)
                     if bearer is None:
                         break
@@ -236,16 +253,50 @@ class Registry:
                 if answer.status_code != 200:
                     raise ValueError(f"HTTP {answer.status_code} for a layer")
                 written, digest = 0, hashlib.sha256()
+                read = getattr(answer.raw, "read1", None)
+                chunks = iter(lambda: read(1 << 20), b"") if read else answer.iter_content(1 << 20)
                 with open(dest, "wb") as out:
-                    for chunk in answer.iter_content(1 << 20):
+                    for chunk in chunks:
                         written += len(chunk)
                         if written > size:
                             raise VerifyError(f"the registry {self.host} sent more than the layer's {size} bytes",
                                               hint="nothing was used; check the registry")
+                        if time.monotonic() > deadline:
+                            raise RegistryError(f"the registry {self.host} sent the layer too slowly: {written} of "
+                                                f"{size} bytes in {LAYER_DEADLINE + size / LAYER_RATE:.0f} s",
+                                                hint="nothing was used; check the registry and the network")
                         out.write(chunk)
                         digest.update(chunk)
                 return f"sha256:{digest.hexdigest()}"
+        else:
+            raise RegistryError(f"the registry {self.host} redirected a layer more than {MAX_REDIRECTS} times",
+                                hint="check the registry's storage settings")
         raise self._refusal(401, url)  # the token server said no, or the token was not taken
+
+    def _ours(self, url: str) -> bool:
+        """Whether `url` is on the registry itself (where its token may be asked for and sent)."""
+        from urllib.parse import urlsplit
+
+        return urlsplit(url).netloc.lower() == urlsplit(self.base_url).netloc.lower()
+
+    def _redirected(self, url: str, location: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """Where a redirect may lead: the registry's own host (credentials kept, never https to
+        http), or a blob store over https (no credentials). RegistryError otherwise."""
+        from urllib.parse import urljoin, urlsplit
+
+        target = urljoin(url, location)
+        was, now = urlsplit(url), urlsplit(target)
+        if was.scheme == "https" and now.scheme != "https":
+            raise RegistryError(f"the registry {self.host} redirected a layer from https to {shown(now.scheme)} "
+                                f"({shown(target)}): refused", hint="fix the registry's storage to use https")
+        same = now.scheme == was.scheme and now.hostname == was.hostname and now.port == was.port
+        if same:
+            return target, headers
+        if now.scheme == "https":
+            return target, {}  # a blob store: never the registry's credentials
+        raise RegistryError(f"the registry {self.host} redirected a layer to another host over plain "
+                            f"{shown(now.scheme)} ({shown(target)}): refused",
+                            hint="a registry's blob store must be served over https")
 
     def _refused(self, status: int, ref: str) -> None:
         if status in (401, 403):

@@ -241,3 +241,42 @@ def test_a_staged_build_of_the_other_flavour_or_driver_is_not_ready(tmp_path, re
     assert gate(host, env).returncode == 0
     assert gate(host, env, "--flavor", "open").returncode == 23, "a proprietary build is not the open one"
     assert gate(host, env, "--driver", "550").returncode == 23
+
+
+# ---- part 4: what the registry serves is what was asked for ------------------------------------------
+def test_a_build_under_another_drivers_tag_is_refused_and_a_broken_newest_tag_is_passed_over(tmp_path):
+    import requests
+
+    from cudabuild.artifact import image_tag
+    from tests.registry import LocalRegistry
+
+    release = "6.1.0-45-amd64"
+    with LocalRegistry(tmp_path / "registry") as reg:
+        # 550 pushed under a 535 tag: never installed as 535.
+        wrong = make_artifact(tmp_path / "wrong", release=release, driver="550.127.05")
+        reg.push_directory(f"{reg.repo()}/modules:535.400.01-{release}", tmp_path / "wrong", wrong.labels())
+        host, env = host_for(tmp_path / "a", running=release)
+        refused = install(host, env, "--registry", reg.repo(), "--driver", "535", "--no-fallback")
+        assert refused.returncode == 23, refused.stderr
+        assert "it is driver 550.127.05, but its tag names 535.400.01" in refused.stderr
+        assert not (host / "run/cudabuild/driver/ready").exists() and not (host / "run/cudabuild/driver/550.127.05").exists()
+
+        # The newest tag's config blob gone (HTTP 404): said, and the older good build is installed.
+        good = make_artifact(tmp_path / "good", release=release, driver=DRIVER)
+        reg.push_directory(f"{reg.repo()}/modules:{image_tag('modules', DRIVER, 'proprietary', release).split(':')[1]}",
+                           tmp_path / "good", good.labels())
+        newest = make_artifact(tmp_path / "newest", release=release, driver="535.500.01")
+        tag = f"535.500.01-{release}"
+        reg.push_directory(f"{reg.repo()}/modules:{tag}", tmp_path / "newest", newest.labels())
+        name = reg.repo().split("/", 1)[1]
+        manifest = requests.get(f"http://{reg.repo().split('/')[0]}/v2/{name}/modules/manifests/{tag}",
+                                headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
+                                                   "application/vnd.docker.distribution.manifest.v2+json"}).json()
+        config = manifest["config"]["digest"].split(":")[1]
+        blob = next((tmp_path / "registry").rglob(f"blobs/sha256/{config[:2]}/{config}/data"))
+        blob.unlink()
+        host, env = host_for(tmp_path / "b", running=release)
+        done = install(host, env, "--registry", reg.repo(), "--driver", "535", "--no-fallback")
+        assert done.returncode == 0, done.stderr
+        assert "535.500.01" in done.stderr and "trying the next" in done.stderr
+        assert json.loads((host / "run/cudabuild/driver/ready").read_text())["driver"] == DRIVER

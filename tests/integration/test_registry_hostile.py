@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cudabuild.errors import RegistryError
+from cudabuild.errors import RegistryError, VerifyError
 from cudabuild.registry import Registry
 from cudabuild.settings import Settings
 from tests.helpers import run_cli
@@ -176,3 +176,101 @@ def test_an_unreachable_registry_with_no_build_says_unreachable(tmp_path):
                      "--no-build", env={"CUDABUILD_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 9, result.stderr
     assert "does not answer" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- a layer's pull (issue 30, part 4) -----------------------------------------------------------------
+def layer_registry(server, layer: bytes, *, blob_answer=None, media="application/vnd.oci.image.layer.v1.tar+gzip"):
+    """A registry serving one modules image whose only layer is `layer` (its manifest says its true
+    size and digest); `blob_answer(h)` answers the layer's GET instead when given."""
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    manifest = {"schemaVersion": 2, "config": {"digest": CONFIG_DIGEST},
+                "layers": [{"mediaType": media, "digest": digest, "size": len(layer)}]}
+
+    def answer(h):
+        if "/manifests/" in h.path:
+            send(h, 200, json.dumps(manifest).encode())
+        elif h.path.endswith(CONFIG_DIGEST):
+            send(h, 200, json.dumps({"config": {"Labels": {}}}).encode())
+        elif blob_answer is not None:
+            blob_answer(h)
+        else:
+            send(h, 200, layer)
+
+    return server(answer)
+
+
+def test_a_redirect_to_another_host_over_plain_http_is_refused_and_never_followed(server, tmp_path):
+    other = server(lambda h: send(h, 200, b"x"))
+    elsewhere = f"http://127.0.0.2:{other.httpd.server_address[1]}/latest/meta-data"
+    s = layer_registry(server, b"layer", blob_answer=lambda h: send(h, 307, b"", Location=elsewhere))
+    with pytest.raises(RegistryError, match="redirected a layer to another host over plain 'http'"):
+        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+    assert other.requests == [], "the redirect was not followed"
+
+
+def test_a_redirect_on_the_registrys_own_host_is_followed(server, tmp_path):
+    """The control: the registry's own host, another path (its storage), is followed."""
+    import io
+    import tarfile
+
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    layer = body.getvalue()
+
+    def blob(h):
+        if h.path.startswith("/storage"):
+            send(h, 200, layer)
+        else:
+            send(h, 307, b"", Location="/storage/layer")
+
+    s = layer_registry(server, layer, blob_answer=blob, media="application/vnd.oci.image.layer.v1.tar")
+    Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+    assert (tmp_path / "into/manifest.json").read_text() == "{}"
+
+
+def test_a_compression_bomb_is_refused_by_its_layers_size_before_it_is_written(server, tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        info = tarfile.TarInfo("modules/nvidia.ko")
+        info.size = 256 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    layer = gzip.compress(body.getvalue())
+    assert len(layer) < 1 << 20
+    s = layer_registry(server, layer)
+    with pytest.raises(VerifyError, match="compression bomb"):
+        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+    written = sum(p.stat().st_size for p in (tmp_path / "into").rglob("*") if p.is_file())
+    assert written == 0, "nothing of it was unpacked"
+
+
+def test_a_layer_that_trickles_is_stopped_at_its_deadline(server, tmp_path, monkeypatch):
+    import cudabuild.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "LAYER_DEADLINE", 2.0)  # the deadline's floor, shortened for the test
+
+    def trickle(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        for _ in range(1000):
+            try:
+                h.wfile.write(b"x")
+                h.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.5)
+
+    s = layer_registry(server, b"x" * 1000, blob_answer=trickle)
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="too slowly"):
+        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+    assert time.monotonic() - started < 15
