@@ -854,6 +854,7 @@ def holders(root, as_json) -> None:
     from pathlib import Path
 
     from cudabuild.deliver import upgrade
+    from cudabuild.errors import printable
 
     settings = _settings()
     _host(root)
@@ -869,7 +870,7 @@ def holders(root, as_json) -> None:
         where = (h.container or h.container_id[:12]) if h.in_container else "-"
         if h.pod:
             where += f" ({h.namespace}/{h.pod})"
-        click.echo(f"{h.pid:>8}  {h.command:<16} {where:<28} {', '.join(h.holds)}")
+        click.echo(printable(f"{h.pid:>8}  {h.command:<16} {where:<28} {', '.join(h.holds)}"))
 
 
 @cli.command(epilog=EXIT_CODE_HELP)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cudabuild.hostfs import HostRoot
+from cudabuild.errors import printable
+from cudabuild.hostfs import HostPathError, HostRoot
 
 # /dev/nvidia0..254, nvidiactl, nvidia-uvm, nvidia-uvm-tools, nvidia-modeset, nvidia-caps/*
 _DEVICE_RE = re.compile(r"/dev/nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools|-modeset|-caps/[A-Za-z0-9_-]+)")
 # The driver's libraries, by NVIDIA's names (more than the artifact carries: GL, EGL, video).
 _LIBRARY_RE = re.compile(r"(?:libcuda|libcudadebugger|libnvidia-[A-Za-z0-9_-]+|libnvcuvid|libnvoptix|libGLX_nvidia"
                          r"|libEGL_nvidia|libGLESv1_CM_nvidia|libGLESv2_nvidia)\.so(?:\.[0-9]+)*")
-_CONTAINER_ID_RE = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 MAPS_LIMIT = 8 << 20  # a process's maps: a few hundred kB even for large programs
 SMALL_LIMIT = 64 * 1024
 # The labels the kubelet puts on a pod's containers (dockershim, cri-dockerd).
@@ -37,6 +38,7 @@ class Holder:
     container: str | None = None  # its name, when the engine knows it
     pod: str | None = None
     namespace: str | None = None
+    confirmed: bool = False  # the engine runs that container (only such a container is ever drained)
 
     @property
     def in_container(self) -> bool:
@@ -48,13 +50,15 @@ class Holder:
             where = f"container {self.container or self.container_id[:12]}"
             if self.pod:
                 where += f" (pod {self.namespace}/{self.pod})"
+            if not self.confirmed:
+                where += " (not one the engine runs)"
         held = ", ".join(self.holds[:4]) + (", ..." if len(self.holds) > 4 else "")
-        return f"pid {self.pid} ({self.command}), {where}: {held}"
+        return printable(f"pid {self.pid} ({self.command}), {where}: {held}")
 
     def to_json(self) -> dict:
         return {"pid": self.pid, "command": self.command, "holds": list(self.holds),
                 "container_id": self.container_id, "container": self.container, "pod": self.pod,
-                "namespace": self.namespace}
+                "namespace": self.namespace, "engine_runs_it": self.confirmed}
 
 
 def held_path(text: str) -> str | None:
@@ -67,42 +71,86 @@ def held_path(text: str) -> str | None:
     return None
 
 
+_PID_RE = re.compile(r"[0-9]{1,10}")  # ASCII digits only ("²".isdigit() is true)
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The container runtimes' own cgroup layouts (cgroup v1 and v2, systemd and cgroupfs drivers):
+# docker-ID.scope, cri-containerd-ID.scope, crio-ID.scope, libpod-ID.scope; /docker/ID;
+# /kubepods/.../podUID/ID (containerd, CRI-O with cgroupfs); /libpod_parent/libpod-ID.
+_SCOPE_RE = re.compile(r"(?:docker|cri-containerd|crio|libpod)-(?P<id>[0-9a-f]{64})\.scope")
+_PLAIN_ID = re.compile(r"(?:libpod-|crio-)?(?P<id>[0-9a-f]{64})")
+
+
 def scan(root: Path) -> list[Holder]:
     """Every process under ROOT/proc that holds the GPU or maps the driver (by pid); processes that
-    end while they are read are skipped."""
+    end while they are read are skipped. Only decimal pid directories are read, never through a
+    link, each file read non-blocking and bounded (a FIFO or a device where a file belongs is
+    skipped)."""
     host = HostRoot(root)
-    proc = host.resolve("proc")
     found = []
-    for name in host.listdir("proc"):
-        if not name.isdigit():
-            continue
-        holds = _holds(proc / name)
-        if holds:
-            found.append(Holder(pid=int(name), command=_command(host, name), holds=tuple(sorted(holds)),
-                                container_id=_container_id(host, name)))
+    try:
+        with host.directory("proc") as proc:
+            for name in sorted(os.listdir(proc)):
+                if not _PID_RE.fullmatch(name):
+                    continue
+                try:
+                    pid_fd = os.open(name, _OPEN_DIR, dir_fd=proc)
+                except OSError:  # gone, not ours to read, or a link planted there
+                    continue
+                try:
+                    holds = _holds(pid_fd)
+                    if holds:
+                        comm = re.sub(r"[^\x20-\x7e]", "?", _read(pid_fd, "comm").strip())[:64] or "?"
+                        found.append(Holder(pid=int(name), command=comm, holds=tuple(sorted(holds)),
+                                            container_id=container_id(_read(pid_fd, "cgroup"))))
+                finally:
+                    os.close(pid_fd)
+    except HostPathError:
+        return []
     return found
 
 
-def _holds(pid_dir: Path) -> set[str]:
+def _read(dir_fd: int, name: str, limit: int = SMALL_LIMIT) -> str:
+    """At most `limit` bytes of a regular file in a process's directory ("" for anything else)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, min(1 << 16, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _holds(pid_fd: int) -> set[str]:
     holds: set[str] = set()
     try:
-        fds = os.listdir(pid_dir / "fd")
+        fd_dir = os.open("fd", _OPEN_DIR, dir_fd=pid_fd)
     except OSError:  # gone, or not ours to read
-        fds = []
-    for fd in fds:
+        fd_dir = None
+    if fd_dir is not None:
         try:
-            target = os.readlink(pid_dir / "fd" / fd)
-        except OSError:
-            continue
-        path = held_path(target)
-        if path:
-            holds.add(path)
-    try:
-        with open(pid_dir / "maps", "rb") as f:
-            maps = f.read(MAPS_LIMIT).decode(errors="replace")
-    except OSError:
-        maps = ""
-    for line in maps.splitlines():
+            for fd in os.listdir(fd_dir):
+                try:
+                    target = os.readlink(fd, dir_fd=fd_dir)
+                except OSError:
+                    continue
+                path = held_path(target)
+                if path:
+                    holds.add(path)
+        finally:
+            os.close(fd_dir)
+    for line in _read(pid_fd, "maps", MAPS_LIMIT).splitlines():
         fields = line.split(None, 5)
         if len(fields) == 6:
             path = held_path(fields[5].strip())
@@ -111,23 +159,22 @@ def _holds(pid_dir: Path) -> set[str]:
     return holds
 
 
-def _read(host: HostRoot, rel: str) -> str:
-    try:
-        return host.read_text(rel, limit=SMALL_LIMIT)
-    except Exception:  # noqa: BLE001 - a process that ended, a file not ours to read
-        return ""
-
-
-def _command(host: HostRoot, pid: str) -> str:
-    comm = _read(host, f"proc/{pid}/comm").strip()
-    return re.sub(r"[^\x20-\x7e]", "?", comm)[:64] or "?"
-
-
-def _container_id(host: HostRoot, pid: str) -> str | None:
-    """The container's id from the process's cgroup paths (the last 64-hex name in them), None
-    for a process in no container."""
-    ids = _CONTAINER_ID_RE.findall(_read(host, f"proc/{pid}/cgroup"))
-    return ids[-1] if ids else None
+def container_id(cgroup: str) -> str | None:
+    """The container's id from a process's cgroup paths, in a container runtime's own layout
+    (Docker, containerd, CRI-O, Podman); None for a process in no container (a 64-hex name in a
+    user's session scope is not a container)."""
+    for line in reversed(cgroup.splitlines()):
+        parts = [p for p in line.split(":", 2)[-1].split("/") if p]
+        for index in range(len(parts) - 1, -1, -1):
+            part = parts[index]
+            scope = _SCOPE_RE.fullmatch(part)
+            if scope:
+                return scope["id"]
+            plain = _PLAIN_ID.fullmatch(part)
+            if plain and index > 0 and (parts[index - 1] in ("docker", "libpod_parent")
+                                        or parts[0].startswith("kubepods")):
+                return plain["id"]
+    return None
 
 
 def named(holders: Iterable[Holder], inspect) -> list[Holder]:
@@ -146,8 +193,9 @@ def named(holders: Iterable[Holder], inspect) -> list[Holder]:
             out.append(h)
             continue
         labels = (data.get("Config") or {}).get("Labels") or {}
-        out.append(replace(h, container=str(data.get("Name", "")).lstrip("/") or None,
-                           pod=labels.get(POD_NAME), namespace=labels.get(POD_NAMESPACE)))
+        running = bool((data.get("State") or {}).get("Running"))
+        out.append(replace(h, container=printable(str(data.get("Name", "")).lstrip("/"))[:128] or None,
+                           pod=labels.get(POD_NAME), namespace=labels.get(POD_NAMESPACE), confirmed=running))
     return out
 
 
@@ -159,7 +207,8 @@ class Held:
 
     @property
     def outside(self) -> list[Holder]:
-        return [h for h in self.holders if not h.in_container]
+        """Holders --drain never stops: in no container, or in one the engine does not run."""
+        return [h for h in self.holders if not h.in_container or not h.confirmed]
 
     def lines(self) -> str:
         return "; ".join(h.describe() for h in self.holders)

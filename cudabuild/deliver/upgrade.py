@@ -87,7 +87,8 @@ def refuse_held(held: Held, *, doing: str, drain_possible: bool) -> HeldError:
     hint = "stop them and run again"
     if drain_possible:
         hint += (", or pass --drain to stop the containers among them and start them again afterwards"
-                 if not held.outside else "; --drain stops containers only, never a process outside one")
+                 if not held.outside else "; --drain stops only containers the engine runs, never a process "
+                                          "outside one")
     return HeldError(f"{doing}: the GPU is in use by {len(held.holders)} process"
                      f"{'es' if len(held.holders) != 1 else ''}: {held.lines()}", hint=hint)
 

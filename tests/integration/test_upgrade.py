@@ -132,7 +132,7 @@ def test_an_upgrade_is_refused_while_held_then_drains_the_container_swaps_and_st
     refused = cli(root, env, "install", "--modules", str(artifacts[NEW]), "--drain")
     assert refused.returncode == 24, refused.stderr
     assert holding_container.name in refused.stderr and f"pid {OUTSIDE_PID} (python3), not in a container" \
-        in refused.stderr and "--drain stops containers only" in refused.stderr
+        in refused.stderr and "--drain stops only containers the engine runs" in refused.stderr
     assert log(root) == [] and (root / "run/cdi/cudabuild-nvidia.json").read_bytes() == spec_before
     assert not (root / f"run/cudabuild/driver/{NEW}").exists(), "nothing copied for a refused upgrade"
     plain = cli(root, env, "install", "--modules", str(artifacts[NEW]))
@@ -332,3 +332,19 @@ def test_the_driver_container_rewrites_a_stale_spec_and_on_stop_leaves_the_drive
     assert proc.returncode == 0, err
     assert (root / "sys/module/nvidia").is_dir() and not (root / "run/cudabuild/driver/ready").exists()
     assert cli(root, env, "cdi", "generate", "--check").returncode == 0
+
+
+def test_drain_never_stops_a_container_for_a_process_outside_it(host, holding_container, artifacts):
+    """A process in a user's session scope whose name is a running container's id (64 hex): not a
+    container's process, so --drain refuses and the unrelated container keeps running."""
+    root, env = host
+    shutil.rmtree(root / "proc" / str(holding_container.attrs["State"]["Pid"]))
+    fake_process(root, OUTSIDE_PID, comm="python3", cgroup=f"0::/user.slice/user-0.slice/{holding_container.id}.scope",
+                 fds=["/dev/nvidia0"])
+    started = holding_container.attrs["State"]["StartedAt"]
+    refused = cli(root, env, "install", "--modules", str(artifacts[NEW]), "--drain")
+    assert refused.returncode == 24, refused.stderr
+    assert f"pid {OUTSIDE_PID} (python3), not in a container" in refused.stderr
+    holding_container.reload()
+    assert holding_container.status == "running" and holding_container.attrs["State"]["StartedAt"] == started
+    assert log(root) == [], "nothing unloaded"

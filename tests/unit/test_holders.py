@@ -50,3 +50,46 @@ def test_a_process_outside_containers_and_one_that_holds_nothing(tmp_path):
 ])
 def test_driver_libraries_and_device_nodes_are_told_from_other_files(path, held):
     assert (holders.held_path(path) is not None) is held
+
+
+def holder(tmp_path, pid: str, *, cgroup: str = "0::/\n", target: str = "/dev/nvidia0"):
+    place = tmp_path / "proc" / pid
+    (place / "fd").mkdir(parents=True)
+    (place / "fd/3").symlink_to(target)
+    (place / "cgroup").write_text(cgroup)
+    (place / "comm").write_text("app\n")
+    return place
+
+
+def test_a_64_hex_name_in_a_users_session_is_not_a_container(tmp_path):
+    holder(tmp_path, "20", cgroup=f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/{ID}.scope\n")
+    holder(tmp_path, "21", cgroup=f"0::/system.slice/{ID}.service\n")
+    assert [(h.pid, h.container_id) for h in holders.scan(tmp_path)] == [(20, None), (21, None)]
+
+
+def test_links_fifos_and_odd_names_under_proc_are_never_followed_read_or_crashed_on(tmp_path):
+    import os
+    import threading
+
+    outside = tmp_path / "outside"
+    (outside / "fd").mkdir(parents=True)
+    (outside / "fd/3").symlink_to("/dev/nvidia0")
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/30").symlink_to(outside)  # a pid entry that leads out of the root
+    fifo = holder(tmp_path, "31")
+    os.mkfifo(fifo / "maps")  # reading it would block forever
+    holder(tmp_path, "²")  # a digit to str.isdigit, not a pid
+    found: list = []
+    reader = threading.Thread(target=lambda: found.extend(holders.scan(tmp_path)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "scan hung on a FIFO"
+    assert [h.pid for h in found] == [31]
+
+
+def test_escape_sequences_in_names_and_paths_reach_no_terminal(tmp_path):
+    place = holder(tmp_path, "40", target="/tmp/\x1b[2J\n/libcuda.so.1")
+    (place / "comm").write_text("evil\x1b]0;x\x07\n")
+    [found] = holders.scan(tmp_path)
+    said = holders.Held([found]).lines()
+    assert "\x1b" not in said and "\n" not in said and "\\x1b" in said
