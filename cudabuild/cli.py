@@ -1198,6 +1198,8 @@ def deploy_kubernetes(images, registry, output, as_json, kmm, prebuild, drivers,
     builds the fleet's kernels ahead of need."""
     from cudabuild.deploy import kubernetes
 
+    if prebuild:
+        kubernetes.cron_schedule(schedule)  # before anything else is looked at
     files = kubernetes.files(_deploy_images(images, registry, "kmm" if kmm else "driver"), kmm=kmm)
     if prebuild:
         files.append(kubernetes.prebuild_file(registry=_prebuild_registry(registry), drivers=_prebuild_drivers(drivers),

@@ -58,8 +58,12 @@ class File:
         if self.name.endswith((".yaml", ".yml")):
             import yaml
 
+            class _NoAnchors(yaml.SafeDumper):  # every value written out where it is: no &anchors, no *aliases
+                def ignore_aliases(self, data):
+                    return True
+
             docs = self.content if isinstance(self.content, list) else [self.content]
-            return yaml.safe_dump_all(docs, sort_keys=False)
+            return yaml.dump_all(docs, Dumper=_NoAnchors, sort_keys=False)
         return json.dumps(self.content, indent=2) + "\n"
 
 

@@ -106,6 +106,46 @@ BUILDER_LABEL = "cudabuild.io/builder"  # the node that builds (it has a Docker 
 FLEET_KERNELS = "cudabuild-fleet-kernels"  # the ConfigMap that lists the fleet's kernels
 
 
+# A CronJob's schedule (Kubernetes' cron syntax): five fields, or one of its macros.
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+                ("day of week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))
+
+
+def cron_schedule(schedule: str) -> str:
+    """--schedule of the CronJob, checked as Kubernetes reads it (InputError naming the field)."""
+    from cudabuild.errors import InputError, shown
+
+    hint = "pass five fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *', or @daily"
+    if schedule.strip() in _CRON_MACROS:
+        return schedule.strip()
+    fields = schedule.split()
+    if not schedule.isprintable() or len(fields) != 5:
+        raise InputError(f"--schedule {shown(schedule)} is not a cron schedule of five fields", hint=hint)
+    for text, (what, low, high, names) in zip(fields, _CRON_FIELDS):
+        def value(word: str) -> int:
+            if word.upper() in names:
+                return names.index(word.upper()) + (1 if what == "month" else 0)
+            if not word.isascii() or not word.isdigit() or not low <= int(word) <= high:
+                raise InputError(f"--schedule {shown(schedule)}: the {what} {shown(word)} is not {low}-{high}",
+                                 hint=hint)
+            return int(word)
+
+        for item in text.split(","):
+            base, _, step = item.partition("/")
+            if step and (not step.isascii() or not step.isdigit() or int(step) == 0):
+                raise InputError(f"--schedule {shown(schedule)}: the {what} step {shown(step)} is not a number",
+                                 hint=hint)
+            if base in ("*", "?"):
+                continue
+            start, _, end = base.partition("-")
+            if value(start) > (value(end) if end else high):
+                raise InputError(f"--schedule {shown(schedule)}: the {what} range {shown(base)} runs backwards",
+                                 hint=hint)
+    return schedule
+
+
 def prebuild_file(*, registry: str, drivers: str, schedule: str) -> File:
     """A CronJob that runs `cudabuild matrix --kernels-from` the ConfigMap cudabuild-fleet-kernels
     (key `kernels`: the nodes' kernel releases, e.g. from kubectl get nodes), boot-tested, pushed to
@@ -133,7 +173,7 @@ def prebuild_file(*, registry: str, drivers: str, schedule: str) -> File:
     cronjob = {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": {"name": "cudabuild-prebuild", "namespace": NAMESPACE},
-        "spec": {"schedule": schedule, "concurrencyPolicy": "Forbid",
+        "spec": {"schedule": cron_schedule(schedule), "concurrencyPolicy": "Forbid",
                  "jobTemplate": {"spec": {"backoffLimit": 0, "template": {"spec": pod}}}},
     }
     return File("cudabuild-prebuild.yaml", cronjob)

@@ -227,3 +227,24 @@ def test_the_prebuild_cronjob_validates_strictly(images, tmp_path):
     assert pod["containers"][0]["image"].startswith(f"{NODE_REGISTRY}/cudabuild:")
     refused = run_cli("deploy", "kubernetes", "--image", images["any"], "--prebuild", "--drivers", "535")
     assert refused.returncode == 3 and "--registry" in refused.stderr
+
+
+def test_systemd_units_take_no_injected_lines_and_escape_what_systemd_expands():
+    from cudabuild.deliver.staging import NodeConfig
+    from cudabuild.deploy import systemd
+    from cudabuild.errors import InputError
+
+    config = NodeConfig(driver="535", registry="registry.example:5000/gpu")
+    with pytest.raises(InputError, match="--cudabuild-path"):
+        systemd.node_files(cudabuild='/usr/local/bin/cudabuild\nExecStart=/bin/sh -c "touch /tmp/PWNED"\n#',
+                           config=config)
+    with pytest.raises(InputError, match="--cudabuild-path"):
+        systemd.node_files(cudabuild="cudabuild", config=config)
+    for schedule in ("daily\nUnit=evil.service", "not a calendar"):
+        with pytest.raises(InputError, match="--schedule"):
+            systemd.prebuild_files(cudabuild="/usr/local/bin/cudabuild", registry="r.example/x", drivers="535",
+                                   schedule=schedule)
+    assert systemd.command_line(["/usr/bin/echo", "100%", "$HOME", 'a "b" c\\d']) == \
+        '/usr/bin/echo "100%%" "$$HOME" "a \\"b\\" c\\\\d"'
+    with pytest.raises(InputError, match="control character"):
+        systemd.command_line(["/usr/bin/echo", "a\nb"])

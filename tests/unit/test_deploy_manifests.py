@@ -92,3 +92,19 @@ def test_swarm_daemon_json_names_each_gpu_and_the_runtime():
 def test_images_are_named_as_nodes_pull_them():
     assert as_pulled("cudabuild/driver:535-6.1", None) == "cudabuild/driver:535-6.1"
     assert as_pulled("cudabuild/driver:535-6.1", "127.0.0.1:5055/cudabuild") == "127.0.0.1:5055/cudabuild/driver:535-6.1"
+
+
+def test_kubernetes_yaml_has_no_anchors_and_its_cronjob_schedule_is_checked():
+    from cudabuild.errors import InputError
+
+    files = kubernetes.files(IMAGES, kmm=False) + kubernetes.files(IMAGES, kmm=True)
+    files.append(kubernetes.prebuild_file(registry="registry.example:5000/gpu", drivers="535", schedule="*/30 1-5 * * MON"))
+    for f in files:
+        text = f.text()
+        assert "&id" not in text and "*id" not in text, f.name
+        for doc in yaml.safe_load_all(text):
+            assert doc
+    for bad in ("61 3 * * *", "0 3 * *", "0 3 * * *\nx", "5-1 * * * *", "0 3 * 13 *", "*/0 * * * *"):
+        with pytest.raises(InputError, match="--schedule"):
+            kubernetes.cron_schedule(bad)
+
