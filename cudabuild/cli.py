@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import click
 
 import cudabuild
-from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError, InputError
+from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError, InputError, printable
 from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, default_of,
                                resolve_build_options, validate_image_ref)
 from cudabuild.settings import Settings
@@ -643,10 +643,12 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
 
         if not stop.is_set():
             reporter.note("ready; waiting until stopped (the ready file goes away then)")
-        while not stop.wait(cdi_interval):
+        try:
+            while not stop.wait(cdi_interval):
+                specs.refresh(Path(root), host_root=cdi_host_root, reporter=reporter)
             specs.refresh(Path(root), host_root=cdi_host_root, reporter=reporter)
-        specs.refresh(Path(root), host_root=cdi_host_root, reporter=reporter)
-        installer.not_ready(Path(root))
+        finally:  # whatever stopped the wait, the node is not said to be ready any more
+            installer.not_ready(Path(root))
         reporter.note("stopped: the ready file is removed; the driver stays loaded and its CDI spec valid")
 
 
@@ -814,7 +816,6 @@ def status(root, as_json) -> None:
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
-    from cudabuild.errors import printable
 
     driver = answer["driver"]
     click.echo(f"kernel:   {answer['running_kernel']} (next: {printable(answer['next_kernel'] or 'the same')})")
@@ -854,7 +855,6 @@ def holders(root, as_json) -> None:
     from pathlib import Path
 
     from cudabuild.deliver import upgrade
-    from cudabuild.errors import printable
 
     settings = _settings()
     _host(root)
@@ -974,7 +974,7 @@ def cdi_generate(root, cdi_host_root, output, check, if_loaded, as_json) -> None
         if as_json:
             click.echo(json.dumps({"stale": bool(said), "differences": said, "spec": str(target)}, indent=2))
         if said:
-            raise StaleSpecError(f"the CDI spec {target} is stale: {'; '.join(said)}",
+            raise StaleSpecError(printable(f"the CDI spec {target} is stale: {'; '.join(said)}"),
                                  hint="rewrite it: cudabuild cdi generate" + (f" --root {root}" if root != "/" else "")
                                  + (f" --cdi-host-root {cdi_host_root}" if cdi_host_root != "/" else ""))
         if not as_json:

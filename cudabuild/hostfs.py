@@ -179,7 +179,8 @@ class HostRoot:
         return str(PurePosixPath(host_root) / self._rel(Path(path)))
 
     def show(self, rel) -> str:
-        return shown(str(self.root / str(rel).lstrip("/")))
+        """A path under the root as a message says it: whole, its control characters escaped."""
+        return printable(self.root / str(rel).lstrip("/"))
 
     # ---- reading ---------------------------------------------------------------------------------
     def is_dir(self, rel) -> bool:

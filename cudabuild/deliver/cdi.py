@@ -17,7 +17,7 @@ from cudabuild.artifact import BINARIES, OPTIONAL_LIBRARIES, REQUIRED_LIBRARIES,
 from cudabuild.deliver import devices
 from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
 from cudabuild.deliver.layout import driver_dir
-from cudabuild.errors import InputError, shown
+from cudabuild.errors import InputError, printable, shown
 from cudabuild.hostfs import HostRoot
 
 KIND = "nvidia.com/gpu"
@@ -163,6 +163,9 @@ def of_version(root: Path, version: str, *, host_root: str) -> dict:
     return generate(root, host_root=host_root, userspace=userspace)
 
 
+MAX_HOST_PATH = 4096  # PATH_MAX
+
+
 def refresh(root: Path, *, host_root: str, reporter=None) -> list[str]:
     """Our spec rewritten when it is stale against the loaded driver and GPUs (removed when no
     driver is loaded: it would name devices that are gone); what was stale."""
@@ -175,7 +178,9 @@ def refresh(root: Path, *, host_root: str, reporter=None) -> list[str]:
     saved = on_disk(root)
     try:
         current = json.loads(saved) if saved is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):
+        current = {}
+    if current is not None and not isinstance(current, dict):
         current = {}
     said = differences(current, wanted, root=root, host_root=host_root)
     if said:
@@ -232,11 +237,22 @@ def differences(current: dict | None, wanted: dict | None, *, root: Path, host_r
     said += [f"GPU {name} is in the spec but gone" for name in sorted(have - want)]
     said += [f"GPU {name} is new: not in the spec" for name in sorted(want - have)]
     host = HostRoot(root)
-    for mount in (current.get("containerEdits") or {}).get("mounts") or []:
-        path = str(mount.get("hostPath", ""))
+    mounts = _edits(current).get("mounts") or []
+    if not isinstance(mounts, list):
+        said.append(f"its mounts are a JSON {type(mounts).__name__}, not a list")
+        mounts = []
+    for mount in mounts:
+        path = mount.get("hostPath") if isinstance(mount, dict) else None
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > MAX_HOST_PATH:
+            said.append(f"a mount's hostPath {shown(path if isinstance(mount, dict) else mount)} is not a path")
+            continue
         rel = _under(path, host_root)
-        if rel is None or not host.resolve(rel).exists():
-            said.append(f"{path} (mounted at {mount.get('containerPath')}) no longer exists")
+        try:
+            there = rel is not None and host.resolve(rel).exists()
+        except (InputError, OSError, ValueError):
+            there = False
+        if not there:
+            said.append(f"{printable(path)} (mounted at {printable(mount.get('containerPath'))}) no longer exists")
     if not said and current != wanted:
         keys = [k for k in ("cdiVersion", "kind", "devices", "containerEdits") if current.get(k) != wanted.get(k)]
         said.append(f"its {', '.join(keys) or 'content'} differ from what the loaded driver and GPUs give "
@@ -244,11 +260,17 @@ def differences(current: dict | None, wanted: dict | None, *, root: Path, host_r
     return said
 
 
+def _edits(spec: dict) -> dict:
+    edits = spec.get("containerEdits")
+    return edits if isinstance(edits, dict) else {}
+
+
 def driver_version_of(spec: dict) -> str:
     """The driver version a spec is for (its NVIDIA_DRIVER_VERSION)."""
-    for entry in (spec.get("containerEdits") or {}).get("env") or []:
+    env = _edits(spec).get("env")
+    for entry in env if isinstance(env, list) else []:
         if isinstance(entry, str) and entry.startswith("NVIDIA_DRIVER_VERSION="):
-            return entry.split("=", 1)[1]
+            return printable(entry.split("=", 1)[1][:64])
     return "(unknown version)"
 
 

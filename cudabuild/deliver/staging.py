@@ -105,10 +105,10 @@ class NodeConfig:
         fix = "remove it and configure the node again: cudabuild install --registry REPO --driver BRANCH"
         try:
             text = host.read_text(NODE_CONFIG, limit=CONFIG_LIMIT)
-        except HostPathError:
+        except HostPathError as exc:
             if not host.exists(NODE_CONFIG):
                 return None
-            raise
+            raise InputError(exc.message, hint=fix) from None
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as exc:

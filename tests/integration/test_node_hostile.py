@@ -280,3 +280,79 @@ def test_a_build_under_another_drivers_tag_is_refused_and_a_broken_newest_tag_is
         assert done.returncode == 0, done.stderr
         assert "535.500.01" in done.stderr and "trying the next" in done.stderr
         assert json.loads((host / "run/cudabuild/driver/ready").read_text())["driver"] == DRIVER
+
+
+# ---- part 7: state a node reads, written by someone else ---------------------------------------------
+@pytest.mark.parametrize("ready", ["[1, 2, 3]", '"ready"', "{not json", "[" * 100000])
+def test_status_says_what_is_wrong_with_a_ready_file_and_never_calls_it_ready(tmp_path, ready):
+    host, env = host_for(tmp_path)
+    (host / "run/cudabuild/driver").mkdir(parents=True)
+    (host / "run/cudabuild/driver/ready").write_text(ready)
+    result = run_cli("status", "--root", str(host), "--json", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    said = json.loads(result.stdout)
+    assert said["ready"] is False and said["driver"] is None
+    assert any("ready" in p for p in said["problems"]), said["problems"]
+
+
+@pytest.mark.parametrize("config", ["[" * 100000, '{"driver": "abc"}', '{"driver": 535}', '{"fallback": "no"}', "[]"])
+def test_a_malformed_node_configuration_is_refused_by_name_never_taken_as_any_driver(tmp_path, config):
+    host, env = host_for(tmp_path)
+    (host / "var/lib/cudabuild").mkdir(parents=True)
+    (host / "var/lib/cudabuild/node.json").write_text(config)
+    for command in (["ready", "--kernel", "next"], ["stage", "--kernel", "next"]):
+        result = run_cli(*command, "--root", str(host), env=env)
+        assert result.returncode == 3 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert "node.json" in result.stderr and "configure the node again" in result.stderr
+    status = run_cli("status", "--root", str(host), "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert any("node.json" in p for p in json.loads(status.stdout)["problems"])
+
+
+BAD_MOUNTS = {"strings": ["abc", "def"], "numbers": [1, 2], "a string": "abc",
+              "NUL in hostPath": [{"hostPath": "/lib/x\u0000y", "containerPath": "/x"}],
+              "5,000 characters": [{"hostPath": "/" + "a" * 5000, "containerPath": "/x"}],
+              "an escape sequence": [{"hostPath": "/\u001b[2J/gone", "containerPath": "/\u001b]0;x\u0007"}]}
+
+
+@pytest.mark.parametrize("how", list(BAD_MOUNTS))
+def test_cdi_check_says_a_spec_with_malformed_mounts_is_stale(installed, how):
+    root, env, _ = installed
+    spec_path = root / "run/cdi/cudabuild-nvidia.json"
+    spec = json.loads(spec_path.read_text())
+    spec["containerEdits"]["mounts"] = BAD_MOUNTS[how]
+    spec_path.write_text(json.dumps(spec))
+    result = run_cli("cdi", "generate", "--check", "--root", str(root), "--cdi-host-root", str(root), env=env)
+    assert result.returncode == 26 and "Traceback" not in result.stderr, result.stderr
+    assert "stale" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_install_wait_rewrites_a_malformed_spec_and_removes_its_ready_file_when_stopped(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import start_cli
+
+    root = tmp_path / "host"
+    env = fake_host(root, gpus=2)
+    make_artifact(tmp_path / "build")
+    proc = start_cli("install", "--modules", str(tmp_path / "build"), "--root", str(root), "--cdi-host-root",
+                     str(root), "--wait", "--cdi-interval", "1", env=env)
+    try:
+        ready, spec_path = root / "run/cudabuild/driver/ready", root / "run/cdi/cudabuild-nvidia.json"
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists()
+        spec = json.loads(spec_path.read_text())
+        spec["containerEdits"]["mounts"] = "abc"
+        spec_path.write_text(json.dumps(spec))
+        while json.loads(spec_path.read_text())["containerEdits"]["mounts"] == "abc" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert isinstance(json.loads(spec_path.read_text())["containerEdits"]["mounts"], list), "rewritten"
+        assert proc.poll() is None, "still serving"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert not ready.exists()
