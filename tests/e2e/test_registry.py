@@ -160,7 +160,9 @@ def test_a_refused_push_keeps_the_local_result(build, tmp_path):
     with LocalRegistry(tmp_path / "readonly", read_only=True) as readonly:
         result = run_cli(*args_of(data, readonly.repo()), env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 20, result.stderr
-    assert "refused the push" in result.stderr or "pushing" in result.stderr
+    ref = f"{readonly.repo()}/modules:{data['modules_image'].rsplit(':', 1)[1]}"
+    assert f"error: the registry refused the push of {ref}" in result.stderr \
+        or f"error: pushing {ref} failed" in result.stderr, result.stderr  # the error line, not the progress line
     assert "the modules are kept here" in result.stderr
     assert (Path(data["cache_dir"]) / "manifest.json").is_file()
 

@@ -356,3 +356,14 @@ def test_install_wait_rewrites_a_malformed_spec_and_removes_its_ready_file_when_
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert not ready.exists()
+
+
+def test_a_killed_pulls_leftovers_are_removed_by_the_next_stage(tmp_path, registry):  # noqa: F811
+    host, env = host_for(tmp_path)
+    assert install(host, env, "--registry", registry.repo(), "--driver", "535").returncode == 0
+    left = host / "var/lib/cudabuild/staged" / NEXT / ".pull-killed"
+    (left / "modules").mkdir(parents=True)
+    (left / "modules/nvidia.ko").write_bytes(b"half a layer")
+    (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
+    assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
+    assert not left.exists()

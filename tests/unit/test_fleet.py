@@ -230,7 +230,7 @@ def test_a_remote_engine_is_refused_before_a_build(where):
 
 @pytest.mark.parametrize("where", ["unix:///var/run/docker.sock", "tcp://127.0.0.1:2375", "tcp://localhost:2375"])
 def test_a_local_engine_is_used(where):
-    Engine(client=None, where=where).require_shared_files()
+    assert Engine(client=None, where=where).require_shared_files() is None  # no refusal: the build may start
 
 
 def test_owners_in_another_pid_namespace_are_never_reaped():

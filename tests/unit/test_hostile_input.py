@@ -214,3 +214,14 @@ def test_an_earlier_output_is_recognised(capsys, tmp_path):
     with pytest.raises(Exception, match="not empty"):
         check_output(str(earlier), force=False)
     assert os.path.exists(earlier / "modules" / "mine.txt")
+
+
+def test_a_module_symvers_far_larger_than_a_kernels_is_refused_unread(tmp_path):
+    from cudabuild.errors import VerifyError
+    from cudabuild.verify import SYMVERS_LIMIT, read_symvers
+
+    huge = tmp_path / "Module.symvers"
+    with open(huge, "wb") as f:
+        f.truncate(SYMVERS_LIMIT + 1)
+    with pytest.raises(VerifyError, match="larger than"):
+        read_symvers(huge)

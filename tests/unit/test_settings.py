@@ -2,6 +2,7 @@
 command receives; no other module of the package reads the process's environment."""
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,9 @@ def test_settings_come_from_the_mapping_given_not_the_process(monkeypatch):
     assert settings.option_values == {"registry": "127.0.0.1:5055/team", "keep_builder": False}
     empty = Settings.from_env({})
     assert empty.cache_dir != Path("/from/the/process") and empty.engine_timeout == ENGINE_ANSWER_TIMEOUT
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         settings.cache_dir = Path("/elsewhere")  # frozen
+    assert settings.cache_dir == Path("/srv/cache")
 
 
 def test_the_signing_pin_is_never_shown():
