@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -202,8 +203,6 @@ def rejection(verdict: dict) -> str:
 def staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) -> list[Artifact]:
     """The whole, checked builds staged for `release` (each file against its manifest); a staged
     copy that fails its check, or a link where a staged build belongs, is said and left out."""
-    import stat
-
     found = []
     for name, st in host.owned_entries(f"{STAGED}/{release}"):
         if name.startswith("."):
@@ -226,8 +225,6 @@ def staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) ->
 
 def staged_releases(host: HostRoot) -> list[str]:
     """The kernels with staged builds (real directories only: a link there is not cudabuild's)."""
-    import stat
-
     return [name for name, st in host.owned_entries(STAGED)
             if RELEASE_RE.fullmatch(name) and not name.startswith(".") and stat.S_ISDIR(st.st_mode)]
 
@@ -265,8 +262,6 @@ def stage(host: HostRoot, checked: Artifact) -> Path:
 
 def remove_leftovers(host: HostRoot, release: str) -> None:
     """The work directories of a stage or pull that was killed (held under STAGE_LOCK: none runs now)."""
-    import stat
-
     for name, st in host.owned_entries(f"{STAGED}/{release}"):
         if name.startswith(LEFTOVER_PREFIXES) and stat.S_ISDIR(st.st_mode):
             host.remove_owned(f"{STAGED}/{release}/{name}")
@@ -275,8 +270,6 @@ def remove_leftovers(host: HostRoot, release: str) -> None:
 def prune(host: HostRoot, keep: set[str], *, reporter: Reporter | None = None) -> list[str]:
     """Remove the staged builds of kernels not in `keep` (those no longer installed); what was
     removed. A link among them is left where it is and said: it is not cudabuild's."""
-    import stat
-
     removed = []
     for name, st in host.owned_entries(STAGED):
         if not RELEASE_RE.fullmatch(name) or name.startswith(".") or name in keep:
