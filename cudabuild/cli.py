@@ -536,6 +536,9 @@ The loader's refusals, as in a runtime image:
               help="Without --modules: the driver the node runs (e.g. 535 or 535.309.01); remembered on the node.")
 @click.option("--no-fallback", is_flag=True, default=None,
               help="Never install another driver version when the configured one has no build for the kernel.")
+@click.option("--flavor", type=click.Choice(["open", "proprietary"]), default=None,
+              help="Without --modules: the node's module flavour (default: the node's, else the first build "
+                   "installed; a build of the other flavour is never used).")
 @click.option("--poll", type=click.FloatRange(1, 86400), default=300, show_default=True, metavar="SECONDS",
               help="With --wait and --registry: how often to look for the next kernel (and, at most, between "
                    "retries while no build exists).")
@@ -554,7 +557,7 @@ The loader's refusals, as in a runtime image:
               help="With --wait: how often to check the CDI spec against the loaded driver and GPUs, and rewrite "
                    "it when it is stale.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallback, poll, kernel_hook, drain,
+def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallback, flavor, poll, kernel_hook, drain,
             drain_timeout, no_restart, cdi_interval, as_json) -> None:
     """Install a built driver on this host, once, for every container.
 
@@ -609,15 +612,18 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
     if wait:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    if modules_ref is None and (registry or driver or _configured_node(root)):
+    if modules_ref is None and (registry or driver or flavor or _configured_node(root)):
         result = _install_node(settings, reporter, root=root, cdi_host_root=cdi_host_root, registry=registry,
                                driver=driver, fallback=None if no_fallback is None else False, wait=wait, poll=poll,
-                               kernel_hook=kernel_hook, stop=stop, policy=policy)
+                               kernel_hook=kernel_hook, stop=stop, policy=policy, flavor=flavor)
         if result is None:  # stopped while waiting for a build
             return
     else:
         if kernel_hook:
             raise InputError("--kernel-hook stages builds from a registry", hint="pass --registry and --driver with it")
+        if flavor:
+            raise InputError("--flavor chooses the node's builds from a registry; --modules names one build",
+                             hint="leave out --flavor, or --modules")
         where = None if modules_ref and os.path.isdir(modules_ref) else settings.cache()
         checked = artifact.find(modules_ref, where, engine,
                                 import_image=_importer(where, engine, reporter) if where is not None else None)
@@ -653,7 +659,7 @@ def install(modules_ref, root, cdi_host_root, wait, registry, driver, no_fallbac
 
 
 def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, fallback, wait, poll, kernel_hook,
-                  stop, policy):
+                  stop, policy, flavor=None):
     """`install` without --modules: deliver/node.py serve, which stages the next kernel while it
     waits (in a thread here, so that the JSON result is printed once installed)."""
     import threading
@@ -661,7 +667,7 @@ def _install_node(settings, reporter, *, root, cdi_host_root, registry, driver, 
     from cudabuild.deliver import node
 
     host = _host(root)
-    config = node.config_for(host, driver=driver, registry=registry, fallback=fallback)
+    config = node.config_for(host, driver=driver, registry=registry, fallback=fallback, flavor=flavor)
     if kernel_hook:
         node.write_hook(host, root, cdi_host_root, reporter)
     serve = functools.partial(node.serve, host, config, running=settings.host_release,

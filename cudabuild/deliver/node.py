@@ -93,7 +93,8 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
             refused.append(f"{b.root.name}: {staging.rejection(verdict)}")
             continue
         checked.append(b)
-    wanted = config.shown_driver if config.driver or not config.installed else config.installed
+    wanted = config.described if config.driver or not config.installed else \
+        config.installed + (f" ({config.flavor})" if config.flavor else "")
     answer = {"kernel": release, "driver": wanted, "ready": bool(checked),
               "staged": [_describe(b) for b in builds]}
     if not checked:

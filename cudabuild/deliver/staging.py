@@ -66,7 +66,13 @@ class NodeConfig:
 
     @property
     def shown_driver(self) -> str:
-        return (self.driver or "any") + (f" ({self.flavor})" if self.flavor else "")
+        """The driver as a flag takes it (a version, a branch, or any)."""
+        return self.driver or "any"
+
+    @property
+    def described(self) -> str:
+        """The driver and flavour, as a message says them."""
+        return self.shown_driver + (f" ({self.flavor})" if self.flavor else "")
 
     def wants(self, version: str, flavor: str | None = None) -> bool:
         """Whether a build of driver `version` (and `flavor`, when given) is this node's."""
@@ -361,7 +367,7 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
                     raise VerifyError(f"it is driver {m.driver_version}, but its tag names {driver}")
                 if config is not None and not config.wants_build(checked):
                     raise VerifyError(f"it is driver {m.driver_version} ({m.flavor}), not the node's "
-                                      f"{config.shown_driver}")
+                                      f"{config.described}")
                 check_for_host(host, checked, release, reporter=reporter)
             except (ArtifactError, VerifyError) as exc:
                 raise VerifyError(f"refused the registry's {ref}: {exc.message}",
@@ -446,7 +452,7 @@ def where_looked(host: HostRoot, release: str, config: NodeConfig) -> str:
 
 
 def missing(release: str, config: NodeConfig, host: HostRoot) -> str:
-    return (f"no verified build for kernel {release} and driver {config.shown_driver} in "
+    return (f"no verified build for kernel {release} and driver {config.described} in "
             f"{where_looked(host, release, config)}" + ("" if config.fallback else
                                                          " (the fallback to another driver version is off)"))
 
