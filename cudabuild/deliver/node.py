@@ -45,11 +45,13 @@ def resolve_kernel(choice: str | None, host: HostRoot, running: str) -> str:
 
 def config_for(host: HostRoot, *, driver: str | None, registry: str | None, fallback: bool | None,
                flavor: str | None = None) -> NodeConfig:
-    """The node's configuration: the flags given, else what the node was configured with."""
+    """The node's configuration: the flags given, else what the node was configured with. A node
+    configured for any driver keeps the exact one it installed (a reboot does not change the driver
+    unasked: `ready`, `stage` and `install` answer for it); --driver changes it."""
     saved = NodeConfig.load(host)
     if driver and saved and saved.driver != driver:
         saved = replace(saved, installed=None)  # another driver asked for: the last installed says nothing of it
-    return NodeConfig(driver=driver or (saved.driver if saved else None),
+    return NodeConfig(driver=driver or (saved.driver or saved.installed if saved else None),
                       registry=registry if registry is not None else (saved.registry if saved else None),
                       fallback=fallback if fallback is not None else (saved.fallback if saved else True),
                       flavor=flavor or (saved.flavor if saved else None),

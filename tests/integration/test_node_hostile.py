@@ -367,3 +367,20 @@ def test_a_killed_pulls_leftovers_are_removed_by_the_next_stage(tmp_path, regist
     (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
     assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
     assert not left.exists()
+
+
+def test_a_node_for_any_driver_keeps_the_one_it_installed_across_a_kernel_update(tmp_path):
+    from tests.integration.test_kernel_updates import push_build
+    from tests.registry import LocalRegistry
+
+    with LocalRegistry(tmp_path / "registry") as reg:
+        push_build(reg, tmp_path / "running", RUNNING, DRIVER)
+        push_build(reg, tmp_path / "next", NEXT, DRIVER)
+        push_build(reg, tmp_path / "newer", NEXT, "535.400.01")  # a newer driver, for the next kernel only
+        host, env = host_for(tmp_path)
+        assert install(host, env, "--registry", reg.repo()).returncode == 0  # no --driver: any
+        (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
+        staging = run_cli("stage", "--kernel", "next", "--root", str(host), "--json", env=env)
+        assert staging.returncode == 0, staging.stderr
+        assert json.loads(staging.stdout)["driver"] == DRIVER, "the driver the node runs, not a newer one unasked"
+        assert gate(host, env).returncode == 0
