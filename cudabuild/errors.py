@@ -42,15 +42,20 @@ class CudabuildError(Exception):
         self.log_path = log_path
 
     def render(self) -> str:
-        parts = [f"error: {self.message}"]
+        # A message may carry what a host or a file said (a process's name, a path): every line of it
+        # with its control characters (an escape sequence) escaped before it reaches a terminal.
+        def lines(text: str) -> str:
+            return "\n".join(printable(line) for line in str(text).rstrip("\n").split("\n"))
+
+        parts = [f"error: {lines(self.message)}"]
         if self.log_tail:
             parts.append("--- last lines of the build log ---")
-            parts.append(self.log_tail.rstrip("\n"))
+            parts.append(lines(self.log_tail))
             parts.append("---")
         if self.log_path:
-            parts.append(f"whole log: {self.log_path}")
+            parts.append(f"whole log: {printable(self.log_path)}")
         if self.hint:
-            parts.append(f"fix: {self.hint}")
+            parts.append(f"fix: {lines(self.hint)}")
         return "\n".join(parts)
 
 

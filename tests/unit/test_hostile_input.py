@@ -225,3 +225,11 @@ def test_a_module_symvers_far_larger_than_a_kernels_is_refused_unread(tmp_path):
         f.truncate(SYMVERS_LIMIT + 1)
     with pytest.raises(VerifyError, match="larger than"):
         read_symvers(huge)
+
+
+def test_an_error_never_sends_an_escape_sequence_to_the_terminal():
+    from cudabuild.errors import HeldError
+
+    said = HeldError("pid 7 (evil\x1b]0;owned\x07) holds /dev/nvidia0", hint="stop \x1b[2J it").render()
+    assert "\x1b" not in said and "\x07" not in said
+    assert "evil\\x1b]0;owned\\x07" in said and said.count("\n") == 1
