@@ -95,8 +95,7 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
             refused.append(f"{b.root.name}: {staging.rejection(verdict)}")
             continue
         checked.append(b)
-    wanted = config.described if config.driver or not config.installed else \
-        config.installed + (f" ({config.flavor})" if config.flavor else "")
+    wanted = config.described
     answer = {"kernel": release, "driver": wanted, "ready": bool(checked),
               "staged": [_describe(b) for b in builds]}
     if not checked:
@@ -104,8 +103,7 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
                              + "; ".join(refused) if refused else
                              f"no verified build for kernel {release} and driver {wanted} is staged in "
                              f"{host.root / staging.STAGED / release}")
-        answer["fix"] = f"cudabuild stage --kernel {release}" + (f" --registry {config.registry}" if config.registry
-                                                                  else " --registry REPO")
+        answer["fix"] = f"cudabuild stage --kernel {release} --registry {config.registry or 'REPO'}"
     return answer
 
 

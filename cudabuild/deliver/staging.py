@@ -4,17 +4,21 @@ A node (a host, or the driver container with the host at /host) keeps verified b
 ROOT/var/lib/cudabuild/staged/RELEASE/NAME/ (an artifact: manifest.json, modules/, userspace/), so
 that the kernel it boots next needs no network. A build for a kernel is looked for, in order:
 
-1. staged for that kernel, of the configured driver;
+1. staged for that kernel, of the configured driver and flavour, passing what a pull is checked
+   for with what the host has now (its Module.symvers may have come after the build was staged);
 2. in the registry (REPO/modules:TAG, pulled over the registry's HTTP API: a node has no Docker
-   engine), checked like every artifact (each file's digest, the labels against the manifest,
-   vermagic and version, and the symbol CRCs against the kernel's own Module.symvers when the host
-   has it) and then staged;
+   engine), each candidate tag in turn, checked like every artifact (each file's digest, the labels
+   against the manifest, the driver against its tag and the node's, vermagic and version, and the
+   symbol CRCs against the kernel's own Module.symvers when the host has it) and then staged;
 3. unless the fallback is off: the same for another driver version (staged first), said as a
    fallback everywhere a person or a script looks.
 
-A build whose boot test the real kernel rejected is never used. What a node was configured with
-(driver, registry, fallback) is kept in ROOT/var/lib/cudabuild/node.json, so that `cudabuild
-ready`, `stage` and the kernel hook answer for the same driver as the driver container."""
+A build that a boot test rejected under a configuration this node has (boot_verdict: signature
+enforcement as the node reports it) is never used. What a node was configured with (driver,
+flavour, registry, fallback, the driver it installed) is kept in ROOT/var/lib/cudabuild/node.json,
+so that `cudabuild ready`, `stage` and the kernel hook answer for the same driver as the driver
+container. Everything here lives under cudabuild's own directories and is written and removed
+without following a link (hostfs.owned_directory)."""
 
 from __future__ import annotations
 
