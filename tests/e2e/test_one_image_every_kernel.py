@@ -98,7 +98,8 @@ def reboot_into(host: Path, env: dict, release: str, version: str) -> dict:
 def test_one_driver_image_installs_stages_the_next_kernel_and_survives_a_reboot_without_the_registry(
         fleet, driver_image, tmp_path):
     registry, newest, newest_driver = fleet
-    assert driver_image["node"] == {"driver": "535", "registry": registry.repo(), "fallback": True}
+    assert driver_image["node"] == {"driver": "535", "registry": registry.repo(), "fallback": True, "flavor": None,
+                                   "installed": None}
     assert driver_image["kernel_release"] is None and driver_image["registry_ref"] is None
 
     # 1. Running 6.1.0-47: the registry's build for it, pulled by the container over the HTTP API.
