@@ -741,12 +741,17 @@ def stage(root, kernel, flavor, registry, driver, as_json) -> None:
     The build of the node's driver for the kernel is pulled from the registry over its HTTP API,
     checked (digests, vermagic, version, the kernel's symbol CRCs when the host has its
     Module.symvers) and kept in ROOT/var/lib/cudabuild/staged/RELEASE/. Staged builds of kernels
-    that are no longer installed are removed. Exit 23 when the registry has no such build.
+    that are no longer installed are removed (only when every installed kernel can be read). Exit
+    23 when the registry has no such build.
+
+    --driver or --flavor, once staged, changes the node's configuration: its next boot installs
+    that driver and flavour, and `ready` answers for them. A change of flavour is never made unasked.
 
     \b
     Examples:
       cudabuild stage --kernel next
       cudabuild stage --kernel 6.1.0-56-amd64 --registry registry.example:5000/gpu --driver 535
+      cudabuild stage --kernel next --flavor open   (the node moves to the open modules at its next boot)
       /etc/kernel/postinst.d/cudabuild 6.1.0-56-amd64 /boot/vmlinuz-6.1.0-56-amd64   (the kernel hook)
     """
     from cudabuild.deliver import node
@@ -757,11 +762,16 @@ def stage(root, kernel, flavor, registry, driver, as_json) -> None:
     host = _host(root)
     config = node.config_for(host, driver=driver, registry=registry or settings.option_values.get("registry"),
                              fallback=None, flavor=flavor)
-    if NodeConfig.load(host) is None:  # a node set up by staging first: `ready` answers for the same driver
-        config.save(host)
+    saved = NodeConfig.load(host)
     release = node.resolve_kernel(kernel, host, settings.host_release)
+    if saved is None:  # a node set up by staging first: `ready` answers for the same driver
+        config.save(host)
     found = node.stage_kernel(host, release, config, running=settings.host_release,
                               registry=settings.registry(config.registry), reporter=reporter)
+    if saved is not None and (driver or flavor) and (saved.driver, saved.flavor) != (config.driver, config.flavor):
+        config.save(host)  # the operator changed the node's driver or flavour: its next boot takes that one
+        reporter.warn(f"the node's driver is now {config.described} (it was {saved.described}); "
+                      "its next boot installs that one")
     answer = {**found.to_json(), "path": str(found.artifact.root)}
     if as_json:
         click.echo(json.dumps(answer, indent=2))

@@ -188,9 +188,10 @@ class Registry:
                 raise ValueError("its tag list is not a list of names")
             return tags
 
-    def pull_layer(self, ref: str, into: Path) -> dict[str, str]:
+    def pull_layer(self, ref: str, into: Path, *, accept=None) -> dict[str, str]:
         """The one layer of the modules image `ref`, fetched over the API (no engine) and checked
-        against its digest, unpacked into `into` as artifact.extract_layer does; its labels."""
+        against its digest, unpacked into `into` as artifact.extract_layer does; its labels.
+        `accept(labels)`, when given, is asked before the layer is downloaded (it raises to refuse)."""
         from cudabuild.artifact import extract_layer
 
         with self._answers(ref):
@@ -199,6 +200,8 @@ class Registry:
                 raise RegistryError(f"the registry {self.host} has no {ref}", hint="check the tag; `cudabuild "
                                     "modules --registry` pushes it")
             manifest, labels = found
+            if accept is not None:
+                accept(labels)
             layers = manifest.get("layers")
             if not isinstance(layers, list) or len(layers) != 1:
                 raise VerifyError(f"{ref} has {len(layers) if isinstance(layers, list) else 'no'} layers, not "

@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from cudabuild import artifact
@@ -355,11 +355,33 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
     """The modules image `ref`, pulled over the registry's API into a staging directory on the
     node, checked against what was asked (the kernel, the tag's driver `driver`, the node's driver
     and flavour), and staged; a refusal leaves nothing behind."""
+    def asked(version: str, flavor: str, kernel: str) -> None:
+        """What was asked of this tag: its kernel, the driver its tag names, the node's driver and flavour."""
+        if kernel != release:
+            raise VerifyError(f"it is a build for {kernel}, not {release}")
+        if driver is not None and version != driver:
+            raise VerifyError(f"it is driver {version}, but its tag names {driver}")
+        if config is not None and not config.wants(version, flavor):
+            raise VerifyError(f"it is driver {version} ({flavor}), not the node's {config.described}")
+
+    def refused(exc) -> VerifyError:
+        return VerifyError(f"refused the registry's {ref}: {exc.message}",
+                           hint=f"nothing was staged; push an unchanged build: cudabuild modules --kernel {release} "
+                                "--registry REPO")
+
+    def accept(raw: dict[str, str]) -> None:  # before the layer is downloaded: its labels say what it is
+        try:
+            said = read_labels(raw, ref)
+            if said is not None:
+                asked(said.driver_version, said.flavor, said.kernel_release)
+        except (ArtifactError, VerifyError) as exc:
+            raise refused(exc) from exc
+
     parent = host.owned_path(f"{STAGED}/{release}", create=True)
     work = Path(tempfile.mkdtemp(prefix=".pull-", dir=parent))
     try:
         with reporter.step(f"pull {ref} (the registry's HTTP API)"):
-            labels = read_labels(registry.pull_layer(ref, work), ref)
+            labels = read_labels(registry.pull_layer(ref, work, accept=accept), ref)
         with reporter.step("verify it (digests, labels, vermagic, version, symbol CRCs when the host has them)"):
             try:
                 checked = artifact.load(work)
@@ -367,16 +389,10 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
                 if labels is None or labels.key != m.key or \
                         tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
                     raise VerifyError("its labels describe another build than its manifest")
-                if driver is not None and m.driver_version != driver:
-                    raise VerifyError(f"it is driver {m.driver_version}, but its tag names {driver}")
-                if config is not None and not config.wants_build(checked):
-                    raise VerifyError(f"it is driver {m.driver_version} ({m.flavor}), not the node's "
-                                      f"{config.described}")
+                asked(m.driver_version, m.flavor, m.kernel_release)
                 check_for_host(host, checked, release, reporter=reporter)
             except (ArtifactError, VerifyError) as exc:
-                raise VerifyError(f"refused the registry's {ref}: {exc.message}",
-                                  hint="nothing was staged; push an unchanged build: cudabuild modules --kernel "
-                                       f"{release} --registry REPO") from exc
+                raise refused(exc) from exc
         return artifact.load(stage(host, checked))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -414,7 +430,8 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
                 reporter.note(f"the staged build {b.root.name}: {rejection(verdict)}")
         candidates, unreachable, refused = None, None, []
         for wanted in (True, False) if fallback else (True,):
-            best = _best([b for b in here if config.wants_build(b) == wanted], enforcing=enforcing)
+            best = _best([b for b in here if config.wants_build(b) == wanted
+                          and (config.flavor is None or b.manifest.flavor == config.flavor)], enforcing=enforcing)
             if best is not None:
                 return Found(best, "staged", fallback_from=None if wanted else config.shown_driver)
             if registry is None:
@@ -429,9 +446,9 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
                 if config.wants(driver) != wanted:
                     continue
                 ref = f"{registry.repo}/{MODULES_REPOSITORY}:{tag}"
-                try:
+                try:  # a stand-in is another driver version, never another flavour
                     pulled = pull_checked(host, registry, ref, release, reporter=reporter, driver=driver,
-                                          config=config if wanted else None)
+                                          config=config if wanted else replace(config, driver=None))
                 except (VerifyError, RegistryError, ArtifactError) as exc:
                     reporter.note(f"{exc.message}; trying the next")
                     refused.append(exc)

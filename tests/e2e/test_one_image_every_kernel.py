@@ -3,9 +3,10 @@ run's open 535.261.03 for 6.1.0-47 (pushed by `docker push` in a Swarm job: gzip
 session's Debian 535 for the newest bookworm kernel (added over the registry's HTTP API as an OCI
 image with an uncompressed layer). The kernel-agnostic driver container, run against a fake host
 root (the seams: CUDABUILD_KERNEL_RELEASE, the stub insmod) with no Docker socket, installs the
-running kernel's build from the registry, stages the next kernel by itself, installs from what it
-staged after a "reboot" with the registry stopped, and falls back to another driver version when
-the configured one has no build, saying so.
+running kernel's build from the registry, never stages the next kernel's build of the other
+flavour unasked (the operator's `stage --flavor` moves the node), installs from what was staged
+after a "reboot" with the registry stopped, and falls back to another driver version when the
+configured one has no build, saying so.
 
 Done-when 1-4 of issue 18 name 6.1.0-47 and 6.1.0-56; the suite's builds are for 6.1.0-47 and the
 newest kernel (6.1.0-57 when this was written), which play those parts: no build is added for this."""
@@ -114,22 +115,30 @@ def test_one_driver_image_installs_stages_the_next_kernel_and_survives_a_reboot_
     cdi_validator()(json.loads((host / "run/cdi/cudabuild-nvidia.json").read_text()))
     assert staged(host) == [OLDER]
 
-    # 2. The newest kernel installed: not ready until its build is staged; the waiting container stages it.
+    # 2. The newest kernel installed: not ready until its build is staged. Its only build is of the
+    #    other flavour (proprietary; the node runs the open modules): the waiting container never stages
+    #    it unasked, and says why; the operator's `stage --flavor proprietary` moves the node to it.
     (host / "boot" / f"vmlinuz-{newest}").write_bytes(b"kernel")
     gate = run_cli("ready", "--kernel", "next", "--root", str(host), env=env)
-    assert gate.returncode == 23 and newest in gate.stderr, gate.stderr
+    assert gate.returncode == 23 and newest in gate.stderr and "(open)" in gate.stderr, gate.stderr
     waiting = run_driver(host, env, "--registry", registry.repo(), "--driver", "535", "--wait", "--poll", "1",
                          detach=True)
     try:
         deadline = time.monotonic() + 240
-        while newest not in staged(host) and time.monotonic() < deadline:
+        while "(proprietary), not the node's 535 (open)" not in waiting.logs().decode() \
+                and time.monotonic() < deadline:
             time.sleep(1)
-        gate = run_cli("ready", "--kernel", "next", "--root", str(host), "--json", env=env)
-        assert gate.returncode == 0, waiting.logs().decode()[-3000:] + gate.stderr
-        assert [b["driver"] for b in json.loads(gate.stdout)["staged"]] == [newest_driver]
+        assert "(proprietary), not the node's 535 (open)" in waiting.logs().decode(), waiting.logs().decode()[-3000:]
+        assert newest not in staged(host), "another flavour is never staged unasked"
     finally:
         waiting.stop(timeout=30)
         waiting.remove(force=True)
+    moved = run_cli("stage", "--kernel", "next", "--flavor", "proprietary", "--root", str(host), env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert "the node's driver is now 535 (proprietary) (it was 535 (open))" in moved.stderr
+    gate = run_cli("ready", "--kernel", "next", "--root", str(host), "--json", env=env)
+    assert gate.returncode == 0, gate.stderr
+    assert [b["driver"] for b in json.loads(gate.stdout)["staged"]] == [newest_driver]
 
     # 3. The "reboot" into the newest kernel with the registry stopped: installed from what was staged.
     after = reboot_into(host, env, newest, newest_driver)
