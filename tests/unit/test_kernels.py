@@ -59,3 +59,17 @@ def test_registry_candidates_for_a_kernel_newest_driver_and_full_sets_first():
     assert [t for t, _ in found] == ["550.54.14-6.1.0-56-amd64", "550.54.14-only.nvidia_uvm-6.1.0-56-amd64",
                                      "535.309.01-6.1.0-56-amd64",
                                      "535.261.03-open-only.nvidia_modeset-6.1.0-56-amd64"]
+
+
+def test_a_release_candidate_comes_before_its_release_and_flavours_stay_apart(tmp_path):
+    assert kernels.newest(["6.2.0-rc7", "6.2.0"]) == "6.2.0"
+    assert kernels.newer("6.2.0", "6.2.0-rc7") and not kernels.newer("6.2.0-rc7", "6.2.0")
+    assert {kernels.flavour(r) for r in ("6.1.0-57-amd64", "6.1.0-9-amd64")} == {"-amd64"}
+    assert kernels.flavour("6.1.0-57-cloud-amd64") == "-cloud-amd64" and kernels.flavour("6.1.0-57-rt-amd64") == "-rt-amd64"
+    assert kernels.flavour("6.5.6-300.fc39.x86_64") == kernels.flavour("6.7.1-200.fc40.x86_64") == ".x86_64"
+    (tmp_path / "boot").mkdir()
+    for name in ("vmlinuz-6.2.0-rc7", "vmlinuz-6.1.0-60-cloud-amd64", "vmlinuz-6.1.0-57-amd64.efi.signed"):
+        (tmp_path / "boot" / name).write_bytes(b"")
+    host = HostRoot(tmp_path)
+    assert kernels.next_kernel(host, "6.2.0") is None, "an rc is older than its release"
+    assert kernels.next_kernel(host, "6.1.0-57-amd64") is None, "another flavour and a signed copy are not next"
