@@ -71,20 +71,24 @@ def server():
         s.close()
 
 
-def test_a_trickling_registry_is_given_up_at_the_deadline(server):
-    def trickle(h):
+def trickle(byte: bytes):
+    """An answer of 1,000 bytes that sends one `byte` every half second."""
+    def answer(h):
         h.send_response(200)
         h.send_header("Content-Length", "1000")
         h.end_headers()
         for _ in range(1000):
             try:
-                h.wfile.write(b"{")
+                h.wfile.write(byte)
                 h.wfile.flush()
             except OSError:
                 return
             time.sleep(0.5)
+    return answer
 
-    s = server(trickle)
+
+def test_a_trickling_registry_is_given_up_at_the_deadline(server):
+    s = server(trickle(b"{"))
     started = time.monotonic()
     with pytest.raises(RegistryError, match="within 2 s"):
         Registry(f"{s.host}/cudabuild", deadline=2).labels(f"{s.host}/cudabuild/modules:x")
@@ -256,20 +260,7 @@ def test_a_layer_that_trickles_is_stopped_at_its_deadline(server, tmp_path, monk
     import cudabuild.registry as registry_module
 
     monkeypatch.setattr(registry_module, "LAYER_DEADLINE", 2.0)  # the deadline's floor, shortened for the test
-
-    def trickle(h):
-        h.send_response(200)
-        h.send_header("Content-Length", "1000")
-        h.end_headers()
-        for _ in range(1000):
-            try:
-                h.wfile.write(b"x")
-                h.wfile.flush()
-            except OSError:
-                return
-            time.sleep(0.5)
-
-    s = layer_registry(server, b"x" * 1000, blob_answer=trickle)
+    s = layer_registry(server, b"x" * 1000, blob_answer=trickle(b"x"))
     started = time.monotonic()
     with pytest.raises(RegistryError, match="too slowly"):
         Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
