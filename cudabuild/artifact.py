@@ -157,6 +157,11 @@ class Manifest:
         return Certificate.from_bytes(self.signature["certificate"].encode(), "the manifest's certificate")
 
     @property
+    def verdicts(self) -> tuple[dict, ...]:
+        """Every boot test kept (a manifest written before `boot_tests` has its one `boot_test`)."""
+        return self.boot_tests or ((self.boot_test,) if self.boot_test else ())
+
+    @property
     def boot_summary(self) -> str | None:
         """'accepted by 6.1.0-56-amd64 (tcg)': the boot test in a line (and a label)."""
         if not self.boot_test:

@@ -513,8 +513,8 @@ def record(checked: Artifact, result: BootTest) -> Artifact:
     from cudabuild.artifact import MAX_BOOT_TESTS
 
     verdict = result.to_json()
-    earlier = checked.manifest.boot_tests or ((checked.manifest.boot_test,) if checked.manifest.boot_test else ())
-    kept = [v for v in earlier if v.get("append", "") != verdict["append"]][-(MAX_BOOT_TESTS - 1):]
+    others = [v for v in checked.manifest.verdicts if v.get("append", "") != verdict["append"]]
+    kept = others[-(MAX_BOOT_TESTS - 1):]
     manifest = dataclasses.replace(checked.manifest, boot_test=verdict, boot_tests=(*kept, verdict))
     manifest.write(checked.root)
     return Artifact(root=checked.root, manifest=manifest)

@@ -165,7 +165,8 @@ class Found:
 
 
 # ---- boot-test verdicts: each belongs to the configuration it judged ---------------------------------
-_ENFORCING_APPEND = re.compile(r"(?:^|\s)(?:module\.sig_enforce=(?:1|y|Y)|lockdown=(?:integrity|confidentiality))(?=\s|$)")
+_ENFORCING_APPEND = re.compile(r"(?:^|\s)(?:module\.sig_enforce=(?:1|y|Y)|lockdown=(?:integrity|confidentiality))"
+                               r"(?=\s|$)")
 
 
 def enforcing_append(append: str) -> bool:
@@ -188,16 +189,11 @@ def node_enforces(host: HostRoot) -> bool:
         "[integrity]" in lockdown or "[confidentiality]" in lockdown
 
 
-def verdicts(checked: Artifact) -> tuple[dict, ...]:
-    m = checked.manifest
-    return m.boot_tests or ((m.boot_test,) if m.boot_test else ())
-
-
 def boot_verdict(checked: Artifact, *, enforcing: bool) -> dict | None:
     """The boot test that rejects this build on a node (None: none does). A rejection under a
     command line that enforces signatures applies only to a node that enforces them; any other
     rejection applies to every node."""
-    for verdict in reversed(verdicts(checked)):
+    for verdict in reversed(checked.manifest.verdicts):
         if verdict.get("verdict") == "rejected" and (enforcing or not enforcing_append(str(verdict.get("append", "")))):
             return verdict
     return None
