@@ -44,6 +44,26 @@ def _parts(rel: str | PurePosixPath) -> list[str]:
     return [p for p in PurePosixPath("/", rel).parts[1:] if p not in ("", ".")]
 
 
+def read_regular(name, limit: int, *, dir_fd: int | None = None) -> bytes | None:
+    """At most `limit` bytes of the regular file `name` (relative to `dir_fd` when given), opened
+    without following a link and without blocking: None for a FIFO, a device or a directory, which
+    are never read. OSError when it cannot be opened or read."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, min(1 << 20, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class HostRoot:
     """The host's file system under `root`. Paths given to it are the host's (`/var/run/cdi`)."""
 
@@ -207,21 +227,11 @@ class HostRoot:
         """At most `limit` bytes of a regular file (HostPathError past that, or for anything else)."""
         path = self.resolve(rel)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            data = read_regular(path, limit + 1)
         except OSError as exc:
             raise self.error(rel, exc) from exc
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise HostPathError(f"{self.show(rel)} is not a regular file", hint="check what is there")
-            data = b""
-            while len(data) <= limit:
-                chunk = os.read(fd, limit + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            os.close(fd)
+        if data is None:
+            raise HostPathError(f"{self.show(rel)} is not a regular file", hint="check what is there")
         if len(data) > limit:
             raise HostPathError(f"{self.show(rel)} is larger than {limit} bytes, more than it can hold",
                                 hint="check what is there; it is not what the driver writes")

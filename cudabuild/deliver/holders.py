@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cudabuild.errors import printable
-from cudabuild.hostfs import HostPathError, HostRoot
+from cudabuild.hostfs import HostPathError, HostRoot, read_regular
 
 # /dev/nvidia0..254, nvidiactl, nvidia-uvm, nvidia-uvm-tools, nvidia-modeset, nvidia-caps/*
 _DEVICE_RE = re.compile(r"/dev/nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools|-modeset|-caps/[A-Za-z0-9_-]+)")
@@ -112,24 +111,10 @@ def scan(root: Path) -> list[Holder]:
 def _read(dir_fd: int, name: str, limit: int = SMALL_LIMIT) -> str:
     """At most `limit` bytes of a regular file in a process's directory ("" for anything else)."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        data = read_regular(name, limit, dir_fd=dir_fd)
     except OSError:
         return ""
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(1 << 16, limit - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks).decode(errors="replace")
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
+    return data.decode(errors="replace") if data is not None else ""
 
 
 def _holds(pid_fd: int) -> set[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from cudabuild.errors import NoBuildError
-from cudabuild.hostfs import HostPathError, HostRoot
+from cudabuild.hostfs import HostPathError, HostRoot, read_regular
 from cudabuild.options import RELEASE_RE
 
 BOOT = "boot"
@@ -126,26 +126,10 @@ def _names(host: HostRoot, rel: str, state: BootState) -> list[str]:
 
 def _head(host: HostRoot, rel: str, size: int) -> bytes | None:
     """At most `size` bytes of a regular file (never blocking on a FIFO or a device)."""
-    import stat
-
     try:
-        fd = os.open(host.resolve(rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(host.resolve(rel), size)
     except (HostPathError, OSError):
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = b""
-        while len(data) < size:
-            chunk = os.read(fd, size - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def image_release(host: HostRoot, rel: str) -> str | None:
