@@ -35,6 +35,10 @@ class HostPathError(InputError):
     """A path under the root that cannot be resolved or used inside it."""
 
 
+class NotThereError(HostPathError):
+    """A path under the root that does not exist, or has a file where a directory belongs."""
+
+
 class NotOursError(HostPathError):
     """A link, or something cudabuild never makes, where cudabuild keeps its own files: refused
     rather than followed or removed (exit 3)."""
@@ -112,7 +116,7 @@ class HostRoot:
                 if missing_ok:
                     return [name, *pending]
                 if not create:
-                    raise HostPathError(f"{self.show(rel)} does not exist (no {shown(name)})",
+                    raise NotThereError(f"{self.show(rel)} does not exist (no {shown(name)})",
                                         hint="check --root and that the driver is installed there") from None
                 try:
                     os.mkdir(name, 0o755, dir_fd=fds[-1])
@@ -128,7 +132,7 @@ class HostRoot:
             # A symlink (ELOOP with O_NOFOLLOW) or not a directory (ENOTDIR).
             target = self._readlink(name, fds[-1])
             if target is None:
-                raise HostPathError(f"{self.show(rel)}: {shown(name)} is not a directory",
+                raise NotThereError(f"{self.show(rel)}: {shown(name)} is not a directory",
                                     hint="remove or move what is there; cudabuild needs a directory")
             links += 1
             if links > MAX_LINKS:
@@ -367,7 +371,7 @@ class HostRoot:
                     step = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
-                        raise HostPathError(f"{self.show(rel)} does not exist", hint="nothing of cudabuild's is there")
+                        raise NotThereError(f"{self.show(rel)} does not exist", hint="nothing of cudabuild's is there")
                     try:
                         os.mkdir(name, 0o755, dir_fd=fd)
                     except FileExistsError:

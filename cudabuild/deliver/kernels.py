@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from cudabuild.errors import NoBuildError
-from cudabuild.hostfs import HostPathError, HostRoot, read_regular
+from cudabuild.hostfs import HostPathError, HostRoot, NotThereError, read_regular
 from cudabuild.options import RELEASE_RE
 
 BOOT = "boot"
@@ -54,6 +54,11 @@ def _version(release: str):
 
     text = re.sub(r"-rc([0-9])", r"~rc\1", release)
     return Version(re.sub(r"[^A-Za-z0-9.+~-]", ".", text))
+
+
+def _release(text: str) -> str | None:
+    """`text` when it is a kernel release (a version first: 6.1.0-57-amd64, not linux-lts), else None."""
+    return text if RELEASE_RE.fullmatch(text) and _VERSION_LIKE.fullmatch(text) else None
 
 
 def newest(releases: Iterable[str]) -> str | None:
@@ -115,11 +120,9 @@ def _names(host: HostRoot, rel: str, state: BootState) -> list[str]:
     try:
         with host.directory(rel) as fd:
             return sorted(os.listdir(fd))
-    except HostPathError as exc:
-        if "does not exist" not in exc.message and "is not a directory" not in exc.message:
-            state.unreadable.append("/" + rel)
+    except NotThereError:
         return []
-    except OSError:
+    except (HostPathError, OSError):
         state.unreadable.append("/" + rel)
         return []
 
@@ -140,8 +143,7 @@ def image_release(host: HostRoot, rel: str) -> str | None:
         return None
     pointer = int.from_bytes(head[0x20E:0x210], "little") + 0x200
     text = head[pointer:pointer + 256].split(b"\0", 1)[0].decode("ascii", "replace")
-    release = text.split(" ", 1)[0]
-    return release if RELEASE_RE.fullmatch(release) and _VERSION_LIKE.fullmatch(release) else None
+    return _release(text.split(" ", 1)[0])
 
 
 def uki_release(host: HostRoot, rel: str) -> str | None:
@@ -172,10 +174,7 @@ def _from_vmlinuz(host: HostRoot, rel: str) -> Entry | None:
     found = _VMLINUZ.fullmatch(name)
     if not found or _NOT_A_KERNEL.fullmatch(name):
         return None
-    candidate = found["name"]
-    if RELEASE_RE.fullmatch(candidate) and _VERSION_LIKE.fullmatch(candidate):
-        return Entry("/" + rel, candidate)
-    return Entry("/" + rel, image_release(host, rel))
+    return Entry("/" + rel, _release(found["name"]) or image_release(host, rel))
 
 
 def _bls(host: HostRoot, esp: str, name: str) -> Entry:
@@ -193,15 +192,10 @@ def _bls(host: HostRoot, esp: str, name: str) -> Entry:
         parts = line.split(None, 1)  # BLS: a key and its value, separated by any whitespace
         fields.setdefault(parts[0], parts[1].strip() if len(parts) > 1 else "")
     release = None
-    if "linux" in fields:
-        kernel = _VMLINUZ.fullmatch(PurePosixPath(fields["linux"]).name)
-        if kernel and RELEASE_RE.fullmatch(kernel["name"]) and _VERSION_LIKE.fullmatch(kernel["name"]):
-            release = kernel["name"]
-        elif kernel:
-            release = image_release(host, f"{esp}/{fields['linux'].lstrip('/')}")
-    if release is None and RELEASE_RE.fullmatch(fields.get("version", "")) and \
-            _VERSION_LIKE.fullmatch(fields.get("version", "")):
-        release = fields["version"]
+    kernel = _VMLINUZ.fullmatch(PurePosixPath(fields.get("linux", "")).name)
+    if kernel:
+        release = _release(kernel["name"]) or image_release(host, f"{esp}/{fields['linux'].lstrip('/')}")
+    release = release or _release(fields.get("version", ""))
     for key in ("uki", "efi"):
         if release is None and key in fields:
             release = uki_release(host, f"{esp}/{fields[key].lstrip('/')}")
