@@ -361,29 +361,24 @@ class HostRoot:
         """A descriptor of one of cudabuild's own directories (under OWNED_TOPS): the system's part
         of the path resolved inside the root, every component from cudabuild's own on opened
         without following a link (NotOursError naming it). Missing ones are made with `create`,
-        else HostPathError."""
+        else NotThereError."""
         system, own = self._owned_split(rel)
         with self.directory(PurePosixPath("/", *system), create=create) as base:
             fd = os.dup(base)
         try:
             for name in own:
-                try:
-                    step = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise NotThereError(f"{self.show(rel)} does not exist", hint="nothing of cudabuild's is there")
+                if create:
                     try:
                         os.mkdir(name, 0o755, dir_fd=fd)
                     except FileExistsError:
-                        pass
+                        pass  # there already (a link there is refused when it is opened)
                     except OSError as exc:
                         raise self.error(rel, exc) from exc
-                    try:
-                        step = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    except OSError as exc:
-                        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                            raise self.not_ours(rel, fd, name) from None
-                        raise self.error(rel, exc) from exc
+                try:
+                    step = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    raise NotThereError(f"{self.show(rel)} does not exist",
+                                        hint="nothing of cudabuild's is there") from None
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise self.not_ours(rel, fd, name) from None
