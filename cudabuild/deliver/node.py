@@ -22,7 +22,7 @@ from cudabuild.deliver import kernels, staging
 from cudabuild.deliver.install import Installed, install
 from cudabuild.deliver.layout import READY_FILE
 from cudabuild.deliver.staging import Found, NodeConfig
-from cudabuild.errors import CudabuildError, InputError, NoBuildError, RegistryError, VerifyError
+from cudabuild.errors import CudabuildError, InputError, NoBuildError, RegistryError
 from cudabuild.hostfs import HostRoot
 from cudabuild.ui import Reporter
 
@@ -85,16 +85,12 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
     enforcing = staging.node_enforces(host)
     checked, refused = [], []
     for b in builds:
-        try:
-            staging.check_for_host(host, b, release)
-        except (VerifyError, InputError) as exc:
-            refused.append(f"{b.root.name}: {exc.message}")
-            continue
         verdict = staging.boot_verdict(b, enforcing=enforcing)
-        if verdict is not None:
-            refused.append(f"{b.root.name}: {staging.rejection(verdict)}")
-            continue
-        checked.append(b)
+        why = staging.refusal(host, b, release) or (staging.rejection(verdict) if verdict else None)
+        if why is None:
+            checked.append(b)
+        else:
+            refused.append(f"{b.root.name}: {why}")
     wanted = config.described
     answer = {"kernel": release, "driver": wanted, "ready": bool(checked),
               "staged": [_describe(b) for b in builds]}
@@ -201,7 +197,7 @@ def _stage_ahead(host: HostRoot, config: NodeConfig, *, running: str, registry, 
                 told.discard(upcoming)
         except CudabuildError as exc:  # said once per kernel; the driver stays served
             if str(upcoming) not in told:
-                reporter.warn(f"the next kernel {upcoming or ''} is not ready: {exc.message}".replace("  ", " "))
+                reporter.warn(f"the next kernel{f' {upcoming}' if upcoming else ''} is not ready: {exc.message}")
                 told.add(str(upcoming))
         stop.wait(poll)
 

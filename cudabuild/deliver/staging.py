@@ -394,18 +394,25 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def refusal(host: HostRoot, checked: Artifact, release: str) -> str | None:
+    """Why a staged build no longer passes check_for_host with what the host has now; None: it passes."""
+    try:
+        check_for_host(host, checked, release)
+    except (VerifyError, InputError) as exc:
+        return exc.message
+    return None
+
+
 def usable_staged(host: HostRoot, release: str, *, reporter: Reporter | None = None) -> list[Artifact]:
     """The staged builds for `release` that pass check_for_host now; the others said and left out."""
     usable = []
     for checked in staged(host, release, reporter=reporter):
-        try:
-            check_for_host(host, checked, release)
-        except (VerifyError, InputError) as exc:
-            if reporter:
-                reporter.note(f"the staged build {checked.root.name} for {release} no longer passes its check: "
-                              f"{exc.message}; not used")
-            continue
-        usable.append(checked)
+        why = refusal(host, checked, release)
+        if why is None:
+            usable.append(checked)
+        elif reporter:
+            reporter.note(f"the staged build {checked.root.name} for {release} no longer passes its check: "
+                          f"{why}; not used")
     return usable
 
 
@@ -424,10 +431,11 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
             verdict = boot_verdict(b, enforcing=enforcing)
             if verdict is not None:
                 reporter.note(f"the staged build {b.root.name}: {rejection(verdict)}")
+        stand_in = replace(config, driver=None)  # what the fallback takes: another version, never another flavour
         candidates, unreachable, refused = None, None, []
         for wanted in (True, False) if fallback else (True,):
-            best = _best([b for b in here if config.wants_build(b) == wanted
-                          and (config.flavor is None or b.manifest.flavor == config.flavor)], enforcing=enforcing)
+            best = _best([b for b in here if config.wants_build(b) == wanted and stand_in.wants_build(b)],
+                         enforcing=enforcing)
             if best is not None:
                 return Found(best, "staged", fallback_from=None if wanted else config.shown_driver)
             if registry is None:
@@ -442,9 +450,9 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
                 if config.wants(driver) != wanted:
                     continue
                 ref = f"{registry.repo}/{MODULES_REPOSITORY}:{tag}"
-                try:  # a stand-in is another driver version, never another flavour
+                try:
                     pulled = pull_checked(host, registry, ref, release, reporter=reporter, driver=driver,
-                                          config=config if wanted else replace(config, driver=None))
+                                          config=config if wanted else stand_in)
                 except (VerifyError, RegistryError, ArtifactError) as exc:
                     reporter.note(f"{exc.message}; trying the next")
                     refused.append(exc)
