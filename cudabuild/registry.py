@@ -86,10 +86,7 @@ class Registry:
         with requests.get(url, params=params, auth=auth, headers=headers, timeout=TIMEOUT, stream=True,
                           allow_redirects=False) as answer:
             body = bytearray()
-            # read1: what has arrived (a trickle cannot hold a read past TIMEOUT, nor the whole past the deadline)
-            read = getattr(answer.raw, "read1", None)
-            chunks = iter(lambda: read(1 << 16), b"") if read else answer.iter_content(1024)
-            for chunk in chunks:
+            for chunk in _arrived(answer, 1 << 16, fallback=1024):
                 body += chunk
                 if len(body) > MAX_ANSWER:
                     raise RegistryError(f"the registry {self.host} sent more than {MAX_ANSWER} bytes for {shown(url)}, "
@@ -220,9 +217,10 @@ class Registry:
                 blob.unlink()
                 raise VerifyError(f"{ref}'s layer does not match its digest {digest[:19]}...: it changed on the "
                                   "way or in the registry", hint="nothing was used; push the build again")
+            compressed = bool(LAYER_TYPES[media])
+            limit = min(size * MAX_RATIO + (1 << 20), MAX_LAYER * 2) if compressed else size
             try:
-                extract_layer(blob, into, compression=LAYER_TYPES[media],
-                              limit=size if not LAYER_TYPES[media] else min(size * MAX_RATIO + (1 << 20), MAX_LAYER * 2))
+                extract_layer(blob, into, compression=LAYER_TYPES[media], limit=limit)
             finally:
                 blob.unlink()
             return labels
@@ -256,10 +254,8 @@ class Registry:
                 if answer.status_code != 200:
                     raise ValueError(f"HTTP {answer.status_code} for a layer")
                 written, digest = 0, hashlib.sha256()
-                read = getattr(answer.raw, "read1", None)
-                chunks = iter(lambda: read(1 << 20), b"") if read else answer.iter_content(1 << 20)
                 with open(dest, "wb") as out:
-                    for chunk in chunks:
+                    for chunk in _arrived(answer, 1 << 20, fallback=1 << 20):
                         written += len(chunk)
                         if written > size:
                             raise VerifyError(f"the registry {self.host} sent more than the layer's {size} bytes",
@@ -355,6 +351,14 @@ class Registry:
         except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the registry {self.host} answered for {ref} with something cudabuild cannot "
                                 f"read ({_reason(exc)})", hint="check that it is an OCI registry (v2 API)") from exc
+
+
+def _arrived(answer, size: int, *, fallback: int):
+    """An answer's body as it arrives, at most `size` bytes a chunk: read1 returns what has come (a
+    trickle cannot hold one read past TIMEOUT, nor the whole past a deadline the caller keeps);
+    without it, chunks of `fallback` bytes."""
+    read = getattr(answer.raw, "read1", None)
+    return iter(lambda: read(size), b"") if read else answer.iter_content(fallback)
 
 
 def _reason(exc: BaseException) -> str:
