@@ -9,6 +9,7 @@ from its installed copy, and its CDI spec and ready file are put back."""
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import time
@@ -163,8 +164,6 @@ def refuse_module_users(host: HostRoot, *, doing: str) -> None:
 def installed_by_us(host: HostRoot, version: str) -> Path | None:
     """The installed copy of `version` whose loader can load it again (a directory cudabuild made,
     reached through no link, with its manifest), None when there is none."""
-    import stat
-
     entries = dict(host.owned_entries(DRIVER_DIR))
     st = entries.get(version)
     if st is None or not stat.S_ISDIR(st.st_mode):
@@ -252,7 +251,8 @@ def _load_again(host: HostRoot, old: str, old_dir: Path, env: Mapping[str, str],
         run_loader(old_dir, root=root, env=env)
     except CudabuildError as exc:
         raise LoaderError(f"rolling back failed too: {exc.message}; no NVIDIA driver may be loaded now",
-                          exit_code=getattr(exc, "exit_code", 14) if isinstance(exc, LoaderError) else 14, hint=f"load it by hand: sh {old_dir}/loader.sh true") from exc
+                          exit_code=exc.exit_code if isinstance(exc, LoaderError) else 14,
+                          hint=f"load it by hand: sh {old_dir}/loader.sh true") from exc
     cdi.put_back(root, spec)
     if ready is not None:
         host.write_atomic(READY_FILE, ready)
@@ -338,8 +338,6 @@ _NODE_RE = re.compile(r"nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools|-modeset)")
 def remove_nodes(host: HostRoot) -> list[str]:
     """Remove the device nodes the loader made: names it makes that are themselves character
     devices (lstat: a link named nvidia8 is never followed; nvidia-caps/ and the like are left)."""
-    import os
-
     try:
         with host.directory("dev") as fd:
             removed = []
