@@ -219,26 +219,29 @@ def test_an_upgrade_to_another_kernels_build_unloads_nothing(installed):
 
 
 # ---- part 2: a staged build that no longer holds, or is not the node's ------------------------------------
-def test_headers_installed_after_staging_make_a_contradicted_build_not_ready(tmp_path, registry):  # noqa: F811
+def next_kernel_staged(tmp_path: Path, registry) -> tuple[Path, dict]:  # noqa: F811
+    """A node running 535 from the registry, with NEXT installed and its build staged: ready."""
     host, env = host_for(tmp_path)
     assert install(host, env, "--registry", registry.repo(), "--driver", "535").returncode == 0
     (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
     assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
     assert gate(host, env).returncode == 0
+    return host, env
+
+
+def test_headers_installed_after_staging_make_a_contradicted_build_not_ready(tmp_path, registry):  # noqa: F811
+    host, env = next_kernel_staged(tmp_path, registry)
     symvers = host / f"usr/lib/modules/{NEXT}/build/Module.symvers"  # Debian's headers (lib -> usr/lib)
     symvers.parent.mkdir(parents=True)
-    symvers.write_text("0xdeadbeef\t_printk\tvmlinux\tEXPORT_SYMBOL\n0x12345678\tmodule_layout\tvmlinux\tEXPORT_SYMBOL\n")
+    symvers.write_text("0xdeadbeef\t_printk\tvmlinux\tEXPORT_SYMBOL\n"
+                       "0x12345678\tmodule_layout\tvmlinux\tEXPORT_SYMBOL\n")
     held = gate(host, env)
     assert held.returncode == 23, held.stderr
     assert "_printk" in held.stderr and NEXT in held.stderr
 
 
 def test_a_staged_build_of_the_other_flavour_or_driver_is_not_ready(tmp_path, registry):  # noqa: F811
-    host, env = host_for(tmp_path)
-    assert install(host, env, "--registry", registry.repo(), "--driver", "535").returncode == 0
-    (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
-    assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
-    assert gate(host, env).returncode == 0
+    host, env = next_kernel_staged(tmp_path, registry)
     assert gate(host, env, "--flavor", "open").returncode == 23, "a proprietary build is not the open one"
     assert gate(host, env, "--driver", "550").returncode == 23
 
