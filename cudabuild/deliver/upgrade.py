@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from cudabuild.deliver import cdi, holders
 from cudabuild.deliver.holders import Held, Holder
+from cudabuild.deliver.installed import verify_installed
 from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY, READY_FILE, driver_dir
 from cudabuild.deliver import devices
 from cudabuild.deliver.loader import UnloadError, refuse_half_substituted, run_loader, unload
@@ -241,8 +242,6 @@ def _load_again(host: HostRoot, old: str, old_dir: Path, env: Mapping[str, str],
     """The old driver back: what loaded of the new one unloaded, then the old loaded from its
     installed copy (its loader loads what is missing of it, when its unloading stopped half-way),
     its spec and ready file as they were."""
-    from cudabuild.deliver.install import verify_installed
-
     root = host.given
     try:
         verify_installed(old_dir)  # what runs and loads is what was installed, checked first
@@ -310,8 +309,6 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
             try:
                 done.unloaded = unload(root, env)
             except UnloadError as exc:
-                from cudabuild.deliver.install import verify_installed
-
                 verify_installed(ours)
                 run_loader(ours, root=root, env=env)
                 cdi.put_back(root, saved)
