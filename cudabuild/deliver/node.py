@@ -51,11 +51,11 @@ def config_for(host: HostRoot, *, driver: str | None, registry: str | None, fall
     saved = NodeConfig.load(host)
     if driver and saved and saved.driver != driver:
         saved = replace(saved, installed=None)  # another driver asked for: the last installed says nothing of it
-    return NodeConfig(driver=driver or (saved.driver or saved.installed if saved else None),
+    return NodeConfig(driver=driver or (saved.driver if saved else None),
                       registry=registry if registry is not None else (saved.registry if saved else None),
                       fallback=fallback if fallback is not None else (saved.fallback if saved else True),
                       flavor=flavor or (saved.flavor if saved else None),
-                      installed=saved.installed if saved else None)
+                      installed=saved.installed if saved else None).kept()
 
 
 def stage_kernel(host: HostRoot, release: str, config: NodeConfig, *, running: str, registry,
@@ -81,7 +81,7 @@ def readiness(host: HostRoot, release: str, config: NodeConfig) -> dict:
     """Whether the build for `release` of the configured driver and flavour is staged, whole, passes
     what `stage` checks with what the host has now (its Module.symvers), and no boot test rejected
     it for this node's configuration; what is missing otherwise."""
-    builds = [b for b in staging.staged(host, release) if config.ready_for(b)]
+    builds = [b for b in staging.staged(host, release) if config.wants_build(b)]
     enforcing = staging.node_enforces(host)
     checked, refused = [], []
     for b in builds:
@@ -178,7 +178,8 @@ def serve(host: HostRoot, config: NodeConfig, *, running: str, registry, host_ro
         delay = min(delay * 2, max(poll, FIRST_RETRY))
     if installed is not None and wait:
         installed_then(installed)
-        _stage_ahead(host, config, running=running, registry=registry, reporter=reporter, poll=poll, stop=stop)
+        _stage_ahead(host, config.kept(), running=running, registry=registry, reporter=reporter, poll=poll,
+                     stop=stop)  # the next kernel gets the driver just installed, as `ready` asks of it
     return installed
 
 

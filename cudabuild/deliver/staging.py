@@ -87,12 +87,10 @@ class NodeConfig:
     def wants_build(self, checked: Artifact) -> bool:
         return self.wants(checked.manifest.driver_version, checked.manifest.flavor)
 
-    def ready_for(self, checked: Artifact) -> bool:
-        """What the reboot gate accepts: the configured driver and flavour; a node configured for
-        any driver, the exact one it runs (a reboot must not change the driver unasked)."""
-        if not self.wants_build(checked):
-            return False
-        return self.driver is not None or self.installed is None or checked.manifest.driver_version == self.installed
+    def kept(self) -> "NodeConfig":
+        """This configuration as a node answers for it: configured for any driver, it keeps the exact
+        one it installed (a reboot does not change the driver unasked)."""
+        return self if self.driver or not self.installed else replace(self, driver=self.installed)
 
     def args(self) -> list[str]:
         """The flags that name this driver and registry to `install` and `stage`: --registry R [--driver D]."""

@@ -387,3 +387,27 @@ def test_a_node_for_any_driver_keeps_the_one_it_installed_across_a_kernel_update
         assert staging.returncode == 0, staging.stderr
         assert json.loads(staging.stdout)["driver"] == DRIVER, "the driver the node runs, not a newer one unasked"
         assert gate(host, env).returncode == 0
+
+        # The waiting driver container stages the same for the next kernel by itself.
+        import signal
+        import time
+
+        from tests.helpers import start_cli
+
+        host, env = host_for(tmp_path / "waiting")
+        proc = start_cli("install", "--root", str(host), "--cdi-host-root", str(host), "--registry", reg.repo(),
+                         "--wait", "--poll", "1", env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not (host / "run/cudabuild/driver/ready").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            (host / "boot" / f"vmlinuz-{NEXT}").write_bytes(b"kernel")
+            staged_next = host / "var/lib/cudabuild/staged" / NEXT
+            while not (staged_next.is_dir() and [p for p in staged_next.iterdir() if not p.name.startswith(".")]) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert [p.name.split("-", 1)[0] for p in staged_next.iterdir() if not p.name.startswith(".")] == [DRIVER]
+            assert gate(host, env).returncode == 0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
