@@ -135,7 +135,7 @@ class NodeConfig:
                 raise InputError(f"{where}: {name} {shown(str(value)[:80])} is not valid", hint=fix)
             return value
 
-        driver = field_("driver", str, lambda v: FULL_DRIVER_RE.fullmatch(v) or re.fullmatch(r"[0-9]{3}", v))
+        driver = field_("driver", str)  # checked as --driver is, by __post_init__
         registry = field_("registry", str, lambda v: len(v) < 512)
         flavor = field_("flavor", str, lambda v: v in FLAVORS)
         installed = field_("installed", str, FULL_DRIVER_RE.fullmatch)
