@@ -137,7 +137,7 @@ class NodeConfig:
 
         driver = field_("driver", str)  # checked as --driver is, by __post_init__
         registry = field_("registry", str, lambda v: len(v) < 512)
-        flavor = field_("flavor", str, lambda v: v in FLAVORS)
+        flavor = field_("flavor", str)  # checked by __post_init__
         installed = field_("installed", str, FULL_DRIVER_RE.fullmatch)
         fallback = field_("fallback", bool)
         try:
