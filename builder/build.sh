@@ -25,6 +25,7 @@ fi
 echo "builder: uid $(id -u), capabilities $(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status), kernel trees read-only"
 
 kernel_paths
+check_kernel_config "$SYSOUT/.config"
 extract_driver
 
 conftest=""

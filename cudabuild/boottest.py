@@ -83,12 +83,15 @@ def _vmlinuz_release(path: Path) -> str:
     return release
 
 
+IMAGE_TREE_FORMAT = 2  # 2: usr/lib/modules/ kept too (a tree of format 1 lacks trixie's modules)
+
+
 def unpack_kernel_deb(deb: Path, cache: Cache, reporter: Reporter, *, source: str | None = None) -> KernelImage:
-    """A Debian linux-image .deb: its vmlinuz and lib/modules, unpacked once (by the .deb's
-    content) into the cache; members outside boot/ and lib/modules/ are skipped, unsafe ones
-    refused."""
+    """A Debian linux-image .deb: its vmlinuz and its modules (lib/modules/, or usr/lib/modules/ as
+    trixie's merged-/usr packages ship them; kept as lib/modules/), unpacked once (by the .deb's
+    content) into the cache; other members are skipped, unsafe ones refused."""
     digest = sha256_file(deb)
-    target = cache.kernels / f"image-{digest[:24]}"
+    target = cache.kernels / f"image-{IMAGE_TREE_FORMAT}-{digest[:24]}"
     if not target.is_dir():
         with cache.lock(f"tree-{target.name}"):
             if not target.is_dir():
@@ -123,6 +126,8 @@ def _unpack_deb(deb: Path, dest: Path) -> None:
         with tarfile.open(fileobj=member, mode=mode) as tar:
             for entry in tar:
                 name = PurePosixPath(entry.name.removeprefix("./"))
+                if name.parts[:2] == ("usr", "lib"):  # merged /usr (trixie on): usr/lib/modules/R/...
+                    name = PurePosixPath(*name.parts[1:])
                 if not name.parts or name.parts[0] not in ("boot", "lib") or ".." in name.parts:
                     continue
                 if name.parts[0] == "lib" and name.parts[1:2] != ("modules",):

@@ -14,7 +14,8 @@ import click
 
 import cudabuild
 from cudabuild.errors import EXIT_CODES, EXIT_INTERRUPTED, CudabuildError, InputError, printable
-from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, default_of,
+from cudabuild.options import (CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, FLAVORS, KERNEL_SOURCES, debian_distribution,
+                               default_of,
                                resolve_build_options, validate_image_ref)
 from cudabuild.settings import Settings
 from cudabuild.ui import format_seconds
@@ -90,7 +91,11 @@ BUILD_FLAGS = [
     click.option("--sha256", metavar="HEX", help="Expected sha256 of the installer; a mismatch deletes the download."),
     click.option("--flavor", type=click.Choice(FLAVORS),
                  help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open). "
-                      + _env_help("flavor")),
+                      "Default: the driver's own, open from 560 on (580, 595), proprietary before (535, 550); "
+                      "from 590 on there are only the open modules. " + _env_help("flavor")),
+    click.option("--ignore-preempt-rt", "ignore_preempt_rt", is_flag=True, default=None,
+                 help="Build for a PREEMPT_RT kernel (Debian's rt-amd64) although NVIDIA's build refuses it "
+                      "(IGNORE_PREEMPT_RT_PRESENCE=1; NVIDIA does not support it)."),
     click.option("--only-modules", "only_modules", metavar="NAMES",
                  help="Build only these modules, comma-separated, each with what it needs (e.g. --only-modules "
                       "nvidia,nvidia-uvm: a compute-only driver, no modeset, drm or peermem). Default: every module "
@@ -100,8 +105,9 @@ BUILD_FLAGS = [
                  help="Build again even when the cache has the result."),
     click.option("--refresh", "refresh_index", is_flag=True, default=None,
                  help="Re-read the package index now (it is re-read every 6 hours)."),
-    click.option("--distribution", help="Debian release whose packages to use (e.g. trixie). "
-                 + _env_help("distribution")),
+    click.option("--distribution", help="Debian release whose packages to use (e.g. trixie). Default: the "
+                 "kernel release's own (6.12.117+deb13-amd64: trixie; 6.1.0-57-amd64: bookworm), else this "
+                 "Debian host's (/etc/os-release), else bookworm. " + _env_help("distribution")),
     click.option("--apt-mirror", metavar="URL", help="Debian mirror. " + _env_help("apt_mirror")),
     click.option("--apt-security-mirror", metavar="URL", help="Debian security mirror. "
                  + _env_help("apt_security_mirror")),
@@ -487,8 +493,10 @@ def boot_test(modules_ref, kernel_image, append, timeout, as_json, **mirrors) ->
     fetcher = settings.fetcher(reporter)
 
     def archive() -> DebianArchive:
+        distribution = options.distribution or debian_distribution(checked.manifest.kernel_release,
+                                                                    settings.host_codename)[0]
         return DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
-                             security_mirror=options.apt_security_mirror, distribution=options.distribution)
+                             security_mirror=options.apt_security_mirror, distribution=distribution)
 
     result = boottest.run_for(checked, kernel_image=options.kernel_image, append=options.boot_append,
                               timeout=options.boot_timeout, archive=archive, cache=cache, fetcher=fetcher,

@@ -25,8 +25,15 @@ from cudabuild.settings import Settings
 RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 DRIVER_RE = re.compile(r"[0-9]{3}(\.[0-9]{1,4}){0,2}")
 FULL_DRIVER_RE = re.compile(r"[0-9]{3}\.[0-9]{1,4}(\.[0-9]{1,4})?")
+# Debian's kernel releases (FACTS.md, "Debian 13 trixie"): bookworm's 6.1.0-57-amd64; from trixie on
+# UPSTREAM+debN[.ABI]-FLAVOUR (6.12.117+deb13-amd64, the ABI bump 6.12.115+deb13.1-amd64, bookworm-backports'
+# 6.12.95+deb12-amd64, forky's and sid's 7.2.13+deb14-amd64). Groups: the Debian release (debN), the flavour.
 DEBIAN_RELEASE_RE = re.compile(
-    r"[0-9]+\.[0-9]+\.[0-9]+-[0-9]+-(amd64|cloud-amd64|rt-amd64)|[0-9]+\.[0-9]+\.[0-9]+\+deb[0-9]+-(amd64|cloud-amd64|rt-amd64)")
+    r"[0-9]+\.[0-9]+\.[0-9]+(?:-[0-9]+|\+deb(?P<deb>[0-9]+)(?:\.[0-9]+)?)-(?P<flavour>amd64|cloud-amd64|rt-amd64)")
+# Debian's releases by number (a +debN release names the Debian release its packages were built for).
+DEBIAN_CODENAMES = {10: "buster", 11: "bullseye", 12: "bookworm", 13: "trixie", 14: "forky"}
+# Bookworm and bullseye named their releases VERSION-ABI-FLAVOUR with the upstream line fixed.
+_CODENAME_BY_LINE = {"6.1.0": "bookworm", "5.10.0": "bullseye", "4.19.0": "buster"}
 URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/%@+=,-]+")
 HTTP_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/%@+=,-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -43,12 +50,14 @@ KERNEL_SOURCES = ("debian", "git")
 DRIVER_SOURCES = ("debian", "run")
 FLAVORS = ("proprietary", "open")
 CHECKOUTS = ("sparse", "full")
-OPEN_SINCE = (515,)
+OPEN_SINCE = (515,)  # the first branch with open kernel modules
+OPEN_DEFAULT_SINCE = (560,)  # NVIDIA's installers build the open modules by default from here
+PROPRIETARY_UNTIL = (580,)  # the last branch with proprietary modules (Maxwell, Pascal, Volta)
 DEFAULT_KERNEL_REPO = "https://git.kernel.org/pub/scm/linux/kernel/git/stable/linux.git"
 DEFAULT_INSTALLER_URL = "https://download.nvidia.com/XFree86/Linux-x86_64/{version}/NVIDIA-Linux-x86_64-{version}.run"
 DEFAULT_APT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_APT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-DEFAULT_DISTRIBUTION = "bookworm"
+DEFAULT_DISTRIBUTION = "bookworm"  # where neither the kernel release nor the host says otherwise
 
 # Which modules a driver release builds, by the first release that had them (FACTS.md).
 _MODULES_SINCE = [
@@ -123,11 +132,44 @@ def validate_registry(value: str, what: str = "--registry") -> str:
     return value
 
 
+def debian_distribution(release: str | None, host_codename: str | None) -> tuple[str, str]:
+    """The Debian release whose packages serve a kernel release, and why: the one the release's name
+    says (6.12.117+deb13-amd64: trixie; 6.1.0-57-amd64: bookworm), else this host's own (a Debian
+    host's /etc/os-release), else bookworm."""
+    m = DEBIAN_RELEASE_RE.fullmatch(release or "")
+    if m and m.group("deb") and int(m.group("deb")) in DEBIAN_CODENAMES:
+        return DEBIAN_CODENAMES[int(m.group("deb"))], f"{release} is a Debian {m.group('deb')} kernel"
+    if m and (line := release.split("-", 1)[0]) in _CODENAME_BY_LINE:
+        return _CODENAME_BY_LINE[line], f"{release} is a {_CODENAME_BY_LINE[line]} kernel"
+    if host_codename:
+        return host_codename, "this host's Debian release (/etc/os-release)"
+    return DEFAULT_DISTRIBUTION, "the default"
+
+
 def require_open_support(version: str) -> None:
     """Open kernel modules exist from 515 on (FACTS.md)."""
     if version_tuple(version) < OPEN_SINCE:
         raise InputError(f"driver {version} has no open kernel modules: they exist from 515 on",
                          hint="use --flavor proprietary, or a driver of 515 or newer")
+
+
+def default_flavor(version: str) -> str:
+    """The flavour a driver builds when none is asked for: NVIDIA's own default, the open modules
+    from 560 on (FACTS.md, "NVIDIA's current branches"), the proprietary ones before."""
+    return "open" if version_tuple(version) >= OPEN_DEFAULT_SINCE else "proprietary"
+
+
+def require_flavor(version: str, flavor: str) -> None:
+    """A flavour the driver has: open from 515, proprietary up to the 580 branch (from 590 NVIDIA
+    ships only the open modules)."""
+    if flavor == "open":
+        require_open_support(version)
+    elif version_tuple(version)[:1] > PROPRIETARY_UNTIL:
+        raise InputError(f"driver {version} has no proprietary kernel modules: from the 590 branch on NVIDIA "
+                         "ships only the open modules, which need a GPU with a GSP (Turing or newer)",
+                         hint="build the open modules (the default, or --flavor open); Maxwell, Pascal and Volta "
+                              "GPUs need the proprietary modules of 580 or earlier (e.g. --driver 580.142 "
+                              "--flavor proprietary with NVIDIA's 580 installer)")
 
 
 def kernel_tag(release: str) -> tuple[str, str]:
@@ -215,7 +257,8 @@ class BuildOptions:
     driver: str | None = None  # a version, a branch, or None for the newest that supports the kernel
     kernel_source: str | None = None  # None: debian for Debian's releases, git otherwise
     driver_source: str = "debian"
-    flavor: str = "proprietary"
+    flavor: str | None = None  # None: the driver's default (open from 560 on, proprietary before)
+    ignore_preempt_rt: bool = False  # build for a PREEMPT_RT kernel although NVIDIA's build refuses it
     only_modules: str | None = None  # e.g. "nvidia,nvidia-uvm": build only these (None: all the driver has)
     kernel_repo: str = DEFAULT_KERNEL_REPO
     kernel_config: str | None = None  # a file, or "host"
@@ -229,7 +272,7 @@ class BuildOptions:
     refresh_index: bool = False
     apt_mirror: str = DEFAULT_APT_MIRROR
     apt_security_mirror: str = DEFAULT_APT_SECURITY_MIRROR
-    distribution: str = DEFAULT_DISTRIBUTION
+    distribution: str | None = None  # None: the release's own (+deb13: trixie), else this Debian host's, else bookworm
     builder_base: str | None = None
     output: str | None = None
     force: bool = False
@@ -254,7 +297,7 @@ class BuildOptions:
             (self.kernel_source or "debian", KERNEL_SOURCES, "--kernel-source"),
             (self.kernel_checkout, CHECKOUTS, "--kernel-checkout"),
             (self.driver_source, DRIVER_SOURCES, "--driver-source"),
-            (self.flavor, FLAVORS, "--flavor"),
+            (self.flavor or FLAVORS[0], FLAVORS, "--flavor"),
         ):
             if value not in allowed:
                 raise InputError(f"{what} {shown(value)} is not supported",
@@ -291,9 +334,11 @@ class BuildOptions:
         if self.driver_source == "run" and self.driver is None and self.installer is None:
             raise InputError("with --driver-source run, say which driver",
                              hint="pass --driver VERSION (e.g. 535.309.01), and --installer URL|PATH for a mirror")
-        if self.flavor == "open" and self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver):
-            require_open_support(self.driver)
-        if not re.fullmatch(r"[a-z]+", self.distribution):
+        if self.flavor is not None and self.driver is not None and FULL_DRIVER_RE.fullmatch(self.driver):
+            require_flavor(self.driver, self.flavor)
+        elif self.flavor == "proprietary" and self.driver is not None and version_tuple(self.driver) > PROPRIETARY_UNTIL:
+            require_flavor(self.driver, self.flavor)  # a branch: 595
+        if self.distribution is not None and not re.fullmatch(r"[a-z]+", self.distribution):
             raise InputError(f"distribution {shown(self.distribution)} is not a Debian code name",
                              hint="pass a code name such as bookworm or trixie")
         if self.builder_base is not None:

@@ -11,7 +11,8 @@ What is here:
   they are; CUDABUILD_ENGINE_TIMEOUT), and how often to retry a download (CUDABUILD_DOWNLOAD_RETRIES),
 - secrets a build may need (KBUILD_SIGN_PIN: kept out of every repr),
 - this machine's facts that stand in for a default (the CPU count for --jobs, `uname -r` for --kernel and
-  the running kernel of a node; CUDABUILD_KERNEL_RELEASE stands in for it, as for the loader),
+  the running kernel of a node; CUDABUILD_KERNEL_RELEASE stands in for it, as for the loader; a Debian
+  host's VERSION_CODENAME for --distribution, read under CUDABUILD_ROOT where that is set),
 - how to talk to people (CI, NO_COLOR), and
 - the environment as it was, for the child processes that inherit it (the loader, `docker run`).
 
@@ -43,6 +44,22 @@ COMPILE_CACHE_SIZE = "4G"
 COMPILE_CACHE_SIZE_RE = re.compile(r"[1-9][0-9]{0,5}(\.[0-9]+)?[KMGT]i?")
 
 
+def debian_codename(os_release: Path) -> str | None:
+    """VERSION_CODENAME of a Debian host's os-release (ID=debian); None on any other host, or
+    where the file cannot be read."""
+    try:
+        text = os_release.read_text(errors="replace")[:16384]
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            fields[name.strip()] = value.strip().strip("\"'")
+    codename = fields.get("VERSION_CODENAME", "")
+    return codename if fields.get("ID") == "debian" and re.fullmatch(r"[a-z]{1,32}", codename) else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # as it was, for child processes
@@ -59,6 +76,7 @@ class Settings:
     sign_pin: str | None = field(default=None, repr=False)
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)  # the default of --jobs
     host_release: str = field(default_factory=platform.release)
+    host_codename: str | None = None  # a Debian host's VERSION_CODENAME (the default of --distribution)
     ci: bool = False
     no_color: bool = False
 
@@ -107,6 +125,7 @@ class Settings:
             docker_config=Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else defaults.docker_config,
             sign_pin=env.get("KBUILD_SIGN_PIN") or None,
             host_release=env.get("CUDABUILD_KERNEL_RELEASE") or defaults.host_release,
+            host_codename=debian_codename(Path(env.get("CUDABUILD_ROOT") or "/") / "etc" / "os-release"),
             ci="CI" in env,
             no_color="NO_COLOR" in env,
         )

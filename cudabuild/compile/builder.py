@@ -24,6 +24,9 @@ from cudabuild.ui import Reporter, Step
 TOOLCHAIN = ["gcc", "make", "kmod", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "xz-utils",
              "git", "binutils", "ca-certificates", "patch", "python3",  # python3: resolve_btfids on BTF kernels
              "ccache"]  # the compile cache: an identical rebuild does not compile again
+# pahole, where kbuild gives modules BTF as Debian's own have (trixie's kernels: DEBUG_INFO_BTF_MODULES
+# and vmlinux in the headers). Bookworm's builder stays as its results were made and measured.
+BTF_TOOLS = {"trixie": ["pahole"], "forky": ["pahole"], "sid": ["pahole"]}
 # Builds never run as root: when cudabuild does, its containers run as nobody.
 UNPRIVILEGED = (65534, 65534)
 
@@ -97,7 +100,7 @@ def plan_builder(engine: Engine, *, base: str, distribution: str, gcc_major: int
     base_id = engine.ensure_image(base, what="builder base image",
                                   hint="run `bash scripts/setup` to make a stand-in, or pass another base with "
                                   "--builder-base")["Id"]
-    packages = TOOLCHAIN + ([f"gcc-{gcc_major}"] if gcc_major else [])
+    packages = TOOLCHAIN + ([f"gcc-{gcc_major}"] if gcc_major else []) + BTF_TOOLS.get(distribution, [])
     slots = (("base", base), ("packages", tuple(packages)),
              ("apt_sources", apt_sources(distribution, mirror, security_mirror)))
     template = (resource_dir("dockerfiles") / BUILDER_TEMPLATE).read_bytes()

@@ -49,6 +49,7 @@ class BuilderEnv:
     collect_userspace: str = ""  # "1": build.sh collects the userspace driver beside make (an installer's)
     driver_tree: str = ""  # DRIVER: where a build finds the driver's sources
     driver_subdir: str = ""  # kernel/ or kernel-open/ of an installer
+    ignore_preempt_rt: str = ""  # "1": NVIDIA's IGNORE_PREEMPT_RT_PRESENCE, only when the user asked (--ignore-preempt-rt)
 
     def to_env(self) -> dict[str, str]:
         """Every variable, set ones and empty ones alike (the scripts run with `set -u`)."""

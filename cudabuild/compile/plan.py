@@ -17,8 +17,8 @@ from cudabuild.compile.spec import BuildSpec
 from cudabuild.engine import Engine
 from cudabuild.errors import InputError
 from cudabuild.fetch import Fetcher
-from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, modules_to_build, require_open_support,
-                               validate_release)
+from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, debian_distribution, default_flavor,
+                               modules_to_build, require_flavor, validate_release)
 from cudabuild.settings import Settings
 from cudabuild.signing import Certificate, SigningKey, load_signing_key
 from cudabuild.sources.debian import DebianArchive, Package
@@ -92,7 +92,9 @@ def plan_git_kernel(options: BuildOptions, release: str, cache: Cache, reporter:
 
 # ---- driver sources --------------------------------------------------------------------------
 def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: str) -> DriverPlan:
-    source, userspace, version = archive.driver_packages(options.driver, options.flavor, release)
+    # Debian's packages are proprietary unless asked (Debian's own default, nvidia-kernel-dkms): no
+    # Debian suite has a driver of 560 or later, where NVIDIA's default turns open.
+    source, userspace, version = archive.driver_packages(options.driver, options.flavor or "proprietary", release)
     how = "the newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
     return DriverPlan(
         version=version, downloads=(source, *userspace),
@@ -105,11 +107,38 @@ def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: s
 def plan_run_driver(options: BuildOptions, cache: Cache, fetcher: Fetcher) -> DriverPlan:
     run = resolve_run_driver(version=options.driver, installer=options.installer, template=options.installer_url,
                              sha256=options.sha256, store=cache.downloads, fetcher=fetcher)
-    if options.flavor == "open":
-        require_open_support(run.version)
+    require_flavor(run.version, options.flavor or default_flavor(run.version))
     return DriverPlan(version=run.version, canonical=run.canonical(), run=run,
                       description=f"NVIDIA installer {run.source} (sha256 {run.sha256[:12]}...)",
                       env=BuilderEnv(driver_source="run", driver_tree=DRIVER, collect_userspace="1"))
+
+
+# ---- what a kernel's flavour allows ----------------------------------------------------------------
+def _kernel_flavour_rules(options: BuildOptions, release: str, reporter: Reporter
+                          ) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
+    """Debian's kernel flavours, said before anything is fetched (FACTS.md, "Debian 13 trixie"):
+    rt-amd64 is PREEMPT_RT, which NVIDIA's build refuses unless told to ignore it; cloud-amd64 has
+    no DRM, so nvidia-drm is left out (NVIDIA's Kbuild would make an empty stub of it). The
+    builder checks the same in the kernel's own .config, for any kernel."""
+    m = DEBIAN_RELEASE_RE.fullmatch(release)
+    flavour = m.group("flavour") if m else None
+    if flavour == "rt-amd64" and not options.ignore_preempt_rt:
+        raise InputError(f"{release} is a PREEMPT_RT kernel, and NVIDIA's build refuses PREEMPT_RT: NVIDIA does "
+                         "not support its driver on realtime kernels",
+                         hint="build for the amd64 flavour, or pass --ignore-preempt-rt to build anyway "
+                              "(NVIDIA's IGNORE_PREEMPT_RT_PRESENCE=1; unsupported by NVIDIA)")
+    if flavour == "rt-amd64":
+        reporter.note("PREEMPT_RT kernel: building with IGNORE_PREEMPT_RT_PRESENCE=1 (--ignore-preempt-rt), "
+                      "which NVIDIA does not support")
+
+    def allowed(modules: tuple[str, ...]) -> tuple[str, ...]:
+        if flavour != "cloud-amd64" or "nvidia-drm" not in modules:
+            return modules
+        reporter.note(f"{release} has no DRM (Debian's cloud kernels are built without CONFIG_DRM): nvidia-drm "
+                      "is left out; the modules serve compute, not displays")
+        return tuple(name for name in modules if name != "nvidia-drm")
+
+    return allowed
 
 
 # ---- the whole ---------------------------------------------------------------------------------
@@ -155,17 +184,24 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
     compile_cache_size = settings.compile_cache_bound() if options.compile_cache else None
     cache = settings.cache()
     fetcher = settings.fetcher(reporter)
-    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
-                            security_mirror=options.apt_security_mirror, distribution=options.distribution,
-                            refresh=options.refresh_index)
+    release = None
     if options.kernel is None:
         release = validate_release(settings.host_release, what="this host's kernel release")
         reporter.note(f"kernel: {release} (this host's `uname -r`; pass --kernel to build for another)")
-    elif options.kernel == "latest":
-        release = archive.latest_kernel()
-        reporter.note(f"kernel: {release} (the newest headers in Debian {options.distribution})")
-    else:
+    elif options.kernel != "latest":
         release = options.kernel
+    if options.distribution is None:  # the release's own Debian, else this host's: said once, resolved once
+        distribution, why = debian_distribution(release, settings.host_codename)
+        options = dataclasses.replace(options, distribution=distribution)
+        if release is None or DEBIAN_RELEASE_RE.fullmatch(release) or options.driver_source == "debian":
+            reporter.note(f"Debian release: {distribution} ({why}; choose with --distribution)")
+    archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
+                            security_mirror=options.apt_security_mirror, distribution=options.distribution,
+                            refresh=options.refresh_index)
+    if release is None:
+        release = archive.latest_kernel()
+        reporter.note(f"kernel: {release} (the newest headers in Debian {options.distribution}, its updates and "
+                      "security updates)")
     kernel_source = options.kernel_source
     if kernel_source is None:
         kernel_source = "debian" if options.kernel == "latest" or DEBIAN_RELEASE_RE.fullmatch(release) else "git"
@@ -177,11 +213,22 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
         kernel = plan_git_kernel(options, release, cache, reporter)
         reporter.note(f"kernel: tag {kernel.clone['tag']} of {options.kernel_repo} (commit "
                       f"{kernel.clone['commit'][:12]}), release suffix {kernel.env.kernel_suffix!r}")
+    modules_wanted = _kernel_flavour_rules(options, release, reporter)
     if options.driver_source == "debian":
         driver = plan_debian_driver(archive, options, release)
     else:
         driver = plan_run_driver(options, cache, fetcher)
-    reporter.note(f"driver: {driver.version} {options.flavor} ({driver.description})")
+    if options.flavor is None:
+        options = dataclasses.replace(options, flavor=default_flavor(driver.version))
+        why = ("NVIDIA's default from 560 on; --flavor proprietary for the proprietary modules up to 580"
+               if options.flavor == "open" else "the default before 560; --flavor open for the open modules")
+        reporter.note(f"driver: {driver.version} {options.flavor} ({driver.description}; {why})")
+    else:
+        reporter.note(f"driver: {driver.version} {options.flavor} ({driver.description})")
+    if kernel_source == "debian" and options.sign_key is None and not options.no_build:
+        reporter.note(f"the modules will be unsigned: {release} is a Debian kernel, which under Secure Boot "
+                      "(kernel lockdown) refuses unsigned modules; sign them with --sign-key KEY --sign-cert CERT "
+                      "(a key the host's firmware or MOK list trusts) where Secure Boot is on")
 
     base = options.builder_base or BASE_BY_GCC.get(kernel.gcc_major)
     if base is None:
@@ -199,7 +246,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
                                      env=kernel.env.merged(kernel_prepared=f"{KERNELS}/{prepared}"))
     spec = BuildSpec(kernel_release=release, driver_version=driver.version, flavor=options.flavor,
                      kernel=kernel.canonical, driver=driver.canonical, builder_tag=builder.tag,
-                     modules=modules_to_build(driver.version, options.only_modules))
+                     modules=modules_wanted(modules_to_build(driver.version, options.only_modules)))
     unsigned_key = key_of(spec.canonical())
     if certificate is not None:
         spec = dataclasses.replace(spec, signing={"cert_sha256": certificate.sha256})

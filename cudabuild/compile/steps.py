@@ -33,7 +33,7 @@ from cudabuild.compile.plan import ModulesPlan
 from cudabuild.engine import Engine, Mount
 from cudabuild.errors import ArtifactError, InputError, VerifyError
 from cudabuild.fetch import Fetcher
-from cudabuild.options import DEBIAN_RELEASE_RE, BuildOptions
+from cudabuild.options import DEBIAN_RELEASE_RE, BuildOptions, debian_distribution
 from cudabuild.settings import Settings
 from cudabuild.signing import verify_signature
 from cudabuild.sources.debian import DebianArchive, headers_files
@@ -138,13 +138,14 @@ def _debian_symvers(release: str, work: Path, *, cache: Cache, settings: Setting
     from cudabuild.options import resolve_build_options
 
     options = resolve_build_options({}, settings)
+    distribution = options.distribution or debian_distribution(release, settings.host_codename)[0]
     fetcher = settings.fetcher(reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
-                            security_mirror=options.apt_security_mirror, distribution=options.distribution)
+                            security_mirror=options.apt_security_mirror, distribution=distribution)
     try:
         found = archive.versions(f"linux-headers-{release}")
         if not found:
-            reporter.note(f"symbol CRCs not checked: Debian {options.distribution} has no linux-headers-{release}")
+            reporter.note(f"symbol CRCs not checked: Debian {distribution} has no linux-headers-{release}")
             return None
         headers = found[0]
         deb = fetcher.fetch(headers.url, store=cache.downloads, sha256=headers.sha256, size=headers.size,
@@ -295,7 +296,7 @@ def _workshop(plan: ModulesPlan, *, reporter: Reporter, for_driver: bool = True)
         prepare_mounts.append(Mount(str(clone_dir), f"{KERNELS}/{clone['dir']}"))
     env = BuilderEnv().merged(kernel.env, driver.env, kernel_release=spec.kernel_release,
                               driver_version=spec.driver_version, modules=" ".join(spec.modules),
-                              jobs=str(options.jobs))
+                              jobs=str(options.jobs), ignore_preempt_rt="1" if options.ignore_preempt_rt else "")
     _ensure_tree(cache.kernels / kernel.tree_dir, what=kernel.tree_step, cache=cache, reporter=reporter,
                  make=lambda staging: container(
                      "prepare-kernel.sh", env=env,

@@ -20,7 +20,7 @@ from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
-from cudabuild.options import FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
+from cudabuild.options import DEBIAN_RELEASE_RE, FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
 from cudabuild.settings import Settings
 from cudabuild.ui import Reporter
 
@@ -58,8 +58,8 @@ def expand_kernels(value: str, archive_for: Callable[[str], object]) -> list[str
     for item in split_list(value, "--kernels"):
         every = DEBIAN_ALL.fullmatch(item)
         if every:
-            found = [r for r in archive_for(every.group(1)).kernel_releases()
-                     if r.endswith("-amd64") and r.count("-") == 2]
+            found = [r for r in archive_for(every.group(1)).kernel_releases(backports=False)
+                     if DEBIAN_RELEASE_RE.fullmatch(r).group("flavour") == "amd64"]
             if not found:
                 raise InputError(f"Debian {every.group(1)} lists no linux-headers-*-amd64 packages",
                                  hint="check the code name, or name the releases")
@@ -73,7 +73,7 @@ def expand_kernels(value: str, archive_for: Callable[[str], object]) -> list[str
 class MatrixRequest:
     kernels: list[str]
     drivers: list[str]
-    flavors: list[str]
+    flavors: list[str | None]
     backend: str = "local"
     parallel: int | None = None
     image: str | None = None  # cudabuild's image for swarm and kubernetes
@@ -85,7 +85,7 @@ class MatrixRequest:
         for driver in self.drivers:
             validate_driver(driver)
         for flavor in self.flavors:
-            if flavor not in FLAVORS:
+            if flavor is not None and flavor not in FLAVORS:  # None: each driver's default
                 raise InputError(f"--flavors: {shown(flavor)} is not a flavor", hint=f"choose from {', '.join(FLAVORS)}")
         if self.backend not in BACKENDS:
             raise InputError(f"--backend {shown(self.backend)} is not supported", hint=f"choose one of {BACKENDS}")
@@ -175,9 +175,10 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
     jobs: list[BuildJob] = []
     done: dict[tuple, Outcome] = {}
     planned: dict[str, str] = {}  # cache key -> the cell planned with it (535 and 535.309.01 are one cell)
+    asked: dict[str, tuple] = {}  # cache key -> the cell as asked (its flavor may be the driver's default)
     with reporter.step(f"plan {len(cells)} cell(s)" + (f", ask {registry.host} for each" if registry else "")):
         for kernel, driver, flavor in cells:
-            job = BuildJob(kernel=kernel, driver=driver, flavor=flavor, argv=())
+            job = BuildJob(kernel=kernel, driver=driver, flavor=flavor or "default", argv=())
             try:
                 cell_options = dataclasses.replace(options, kernel=kernel, driver=driver, flavor=flavor, output=None,
                                                    force=False)
@@ -190,11 +191,13 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
             if plan.key in planned:
                 reporter.note(f"{kernel} x {driver} {flavor} is the cell {planned[plan.key]}: planned once")
                 continue
-            planned[plan.key] = f"{kernel} x {plan.spec.driver_version} {flavor}"
+            planned[plan.key] = f"{kernel} x {plan.spec.driver_version} {plan.spec.flavor}"
+            asked[plan.key] = (kernel, driver, flavor)
             remote = registry.ref(plan.tag) if registry else None
-            resolved = dataclasses.replace(cell_options, driver=plan.spec.driver_version)
+            resolved = dataclasses.replace(cell_options, driver=plan.spec.driver_version, flavor=plan.spec.flavor,
+                                           distribution=plan.options.distribution)
             argv = ("modules", "--options-json", options_to_json(resolved), "--json")
-            job = dataclasses.replace(job, argv=argv, key=plan.key, tag=plan.tag,
+            job = dataclasses.replace(job, argv=argv, key=plan.key, tag=plan.tag, flavor=plan.spec.flavor,
                                       driver_version=plan.spec.driver_version,
                                       registry_ref=remote, inputs=tuple(plan.inputs),
                                       kernel_tree=plan.kernel.tree_dir or None, local_files=tuple(local_files))
@@ -232,7 +235,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                                       on_state=lambda j, s, d: None if s == "queued" else on_state(j, s, d))
         for outcome in outcomes:
             on_state(outcome.job, outcome.state, _detail(outcome))
-    by_cell = {(o.job.kernel, o.job.driver, o.job.flavor): o for o in outcomes}
+    by_cell = {asked[o.job.key]: o for o in outcomes}
     by_cell.update(done)
     result.outcomes = [by_cell[c] for c in cells if c in by_cell]
     return result
@@ -295,7 +298,7 @@ def summary_lines(result: MatrixResult) -> list[str]:
     return lines
 
 
-def parse_request(*, kernels: str, drivers: str, flavors: str | None, flavor: str, **rest) -> MatrixRequest:
+def parse_request(*, kernels: str, drivers: str, flavors: str | None, flavor: str | None, **rest) -> MatrixRequest:
     return MatrixRequest(kernels=split_list(kernels, "--kernels"), drivers=split_list(drivers, "--drivers"),
                          flavors=split_list(flavors, "--flavors") if flavors else [flavor], **rest)
 

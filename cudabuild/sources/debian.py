@@ -21,7 +21,7 @@ from debian.debian_support import version_compare
 from cudabuild.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
 from cudabuild.errors import FetchError, InputError, VerifyError
 from cudabuild.fetch import Fetcher
-from cudabuild.options import version_tuple
+from cudabuild.options import DEBIAN_RELEASE_RE, version_tuple
 from cudabuild.ui import Reporter
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +35,7 @@ class Package:
     size: int
     base_url: str
     depends: str = ""
+    suite: str = ""  # the suite whose index lists it (bookworm-backports' packages are never "latest")
 
     @property
     def url(self) -> str:
@@ -50,7 +51,7 @@ class Package:
 COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
 ARCH = "amd64"
 INDEX_MAX_AGE = 6 * 3600
-INDEX_FORMAT = 2  # what the filtered index keeps; another format is read again
+INDEX_FORMAT = 3  # what the filtered index keeps; another format is read again
 INDEX_SPACE_BYTES = 64 * 1024**2  # the filtered index is a few MB; checked before anything is fetched
 _KEEP = re.compile(rb"^Package: (linux-headers-|linux-image-|linux-kbuild-|nvidia-|libnvidia-|libcuda|firmware-nvidia)",
                    re.M)
@@ -66,7 +67,14 @@ DRIVER_KERNEL_CEILING: list[tuple[tuple[int, ...], tuple[int, int]]] = [
     ((470, 256, 2), (6, 9)),
     ((535, 216, 1), (6, 11)),
     ((550, 144, 3), (6, 13)),
+    # Debian's own packages, by the newest kernel their changelogs fix the build for (FACTS.md,
+    # "Debian 13 trixie"): trixie's 550 to 6.15, its tesla-535 to 6.16.
+    ((550, 163, 1), (6, 15)),
+    ((535, 274, 2), (6, 16)),
 ]
+# What to say where no driver of a distribution supports a kernel: NVIDIA's current branches do.
+NEWER_DRIVER_HINT = ("NVIDIA's installer of a current branch supports it: --driver-source run --driver 580.142 "
+                     "(R580, long-term support) or --driver 595.45.04")
 
 
 def kernel_supported(driver: str, kernel_release: str) -> bool:
@@ -104,8 +112,10 @@ _SOURCE_RE = {
     "proprietary": re.compile(r"nvidia-(tesla-\d+-)?kernel-source"),
     "open": re.compile(r"nvidia-(tesla-\d+-)?open-kernel-source"),
 }
-_HEADERS_RE = re.compile(r"linux-headers-(\d+\.\d+\.\d+-\d+-[a-z0-9-]+)")
-_ARCH_FLAVOURS = ("-amd64", "-cloud-amd64", "-rt-amd64")
+_HEADERS_PREFIX = "linux-headers-"
+# The compiler a headers package names: bookworm's linux-compiler-gcc-12-x86, trixie's gcc-14, the
+# 7.x kernels' gcc-15-for-host.
+_COMPILER_RE = re.compile(r"linux-compiler-gcc-(\d+)-x86|gcc-(\d+)(?:-for-host)?")
 
 
 class DebianArchive:
@@ -115,8 +125,11 @@ class DebianArchive:
         self.fetcher = fetcher
         self.reporter = reporter
         self.distribution = distribution
+        # The suite, its updates and its security updates; and its backports, where newer kernels
+        # live for it (a bookworm host that runs 6.12.95+deb12-amd64 finds its headers there),
+        # never taken for "latest".
         self.sources = [(mirror, distribution), (mirror, f"{distribution}-updates"),
-                        (security_mirror, f"{distribution}-security")]
+                        (security_mirror, f"{distribution}-security"), (mirror, f"{distribution}-backports")]
         self.refresh = refresh
         self._packages: dict[str, list[Package]] | None = None
 
@@ -156,7 +169,7 @@ class DebianArchive:
                 if data is None:
                     continue
                 found += 1
-                entries.extend(_parse_packages(lzma.decompress(data), base))
+                entries.extend(_parse_packages(lzma.decompress(data), base, suite))
         if not found:
             raise FetchError(f"no Packages index found for {self.distribution} at {self.sources[0][0]}",
                              hint="check --apt-mirror and --distribution")
@@ -166,31 +179,40 @@ class DebianArchive:
             tmp.write_text(text)
             tmp.replace(path)
 
-    def versions(self, name: str) -> list[Package]:
-        """All versions of a package, newest first."""
-        found = self.packages().get(name, [])
+    def versions(self, name: str, *, backports: bool = False) -> list[Package]:
+        """All versions of a package, newest first: from the suite, its updates and security updates;
+        with `backports`, from its backports too (a kernel found only there, with what it needs)."""
+        found = [p for p in self.packages().get(name, []) if backports or not p.suite.endswith("-backports")]
         return sorted(found, key=cmp_to_key(lambda a, b: version_compare(b.version, a.version)))
 
     # ---- kernels ---------------------------------------------------------------------------
-    def kernel_releases(self) -> list[str]:
-        """Kernel releases with a headers package, newest first."""
+    def kernel_releases(self, *, backports: bool = True) -> list[str]:
+        """Kernel releases with a headers package, newest first by the package's Debian version
+        (never by the name's text: 6.12.115+deb13.1 is an ABI bump of 6.12.115, older than 6.12.117)."""
         releases = {}
         for name, pkgs in self.packages().items():
-            m = _HEADERS_RE.fullmatch(name)
-            if m and m.group(1).endswith(_ARCH_FLAVOURS):
-                releases[m.group(1)] = max((p.version for p in pkgs), key=cmp_to_key(version_compare))
+            release = name[len(_HEADERS_PREFIX):]
+            if not name.startswith(_HEADERS_PREFIX) or not DEBIAN_RELEASE_RE.fullmatch(release):
+                continue
+            pkgs = [p for p in pkgs if backports or not p.suite.endswith("-backports")]
+            if pkgs:
+                releases[release] = max((p.version for p in pkgs), key=cmp_to_key(version_compare))
         return sorted(releases, key=cmp_to_key(lambda a, b: version_compare(releases[b], releases[a])
                                                or (a > b) - (a < b)))
 
-    def latest_kernel(self) -> str:
-        releases = [r for r in self.kernel_releases() if r.endswith("-amd64") and r.count("-") == 2]
+    def latest_kernel(self, flavour: str = "amd64") -> str:
+        """The newest release of a flavour across the suite, its -updates and its -security."""
+        releases = [r for r in self.kernel_releases(backports=False)
+                    if DEBIAN_RELEASE_RE.fullmatch(r).group("flavour") == flavour]
         if not releases:
-            raise InputError(f"Debian {self.distribution} lists no kernel headers for {ARCH}")
+            raise InputError(f"Debian {self.distribution} lists no kernel headers for {ARCH}",
+                             hint="check --distribution (a Debian code name such as bookworm or trixie) and "
+                                  "--apt-mirror")
         return releases[0]
 
     def kernel_packages(self, release: str) -> tuple[list[Package], int | None]:
         """The headers package of `release` with the packages it needs; and the gcc major it names."""
-        headers = self.versions(f"linux-headers-{release}")
+        headers = self.versions(f"linux-headers-{release}") or self.versions(f"linux-headers-{release}", backports=True)
         if not headers:
             available = self.kernel_releases()
             raise InputError(
@@ -203,13 +225,14 @@ class DebianArchive:
         gcc_major = None
         for alternatives in PkgRelation.parse_relations(top.depends):
             rel = alternatives[0]
-            m = re.fullmatch(r"linux-compiler-gcc-(\d+)-x86", rel["name"])
+            m = _COMPILER_RE.fullmatch(rel["name"])
             if m:
-                gcc_major = int(m.group(1))
+                gcc_major = int(m.group(1) or m.group(2))
                 continue
             if not rel["name"].startswith(("linux-headers-", "linux-kbuild-")):
                 continue
-            candidates = [p for p in self.versions(rel["name"]) if _satisfies(p.version, rel.get("version"))]
+            candidates = [p for p in self.versions(rel["name"], backports=top.suite.endswith("-backports"))
+                          if _satisfies(p.version, rel.get("version"))]
             if not candidates:
                 raise InputError(f"{top.name} needs {rel['name']}, which Debian's index does not have",
                                  hint="refresh the index with --refresh, or check the mirror")
@@ -220,7 +243,7 @@ class DebianArchive:
         """The kernel image package of a release (linux-image-RELEASE, signed as hosts run it;
         else its -unsigned build), for booting it in a guest."""
         for name in (f"linux-image-{release}", f"linux-image-{release}-unsigned"):
-            found = self.versions(name)
+            found = self.versions(name, backports=True)
             if found:
                 return found[0]
         raise InputError(f"Debian {self.distribution} has no kernel image for {release}",
@@ -244,10 +267,16 @@ class DebianArchive:
         available = sorted({p.upstream_version for p, _ in sources}, key=version_tuple, reverse=True)
         if request is None:
             matching = [s for s in sources if kernel_supported(s[0].upstream_version, kernel_release)]
+            if not matching and sources:
+                raise InputError(f"no {flavor} driver in Debian {self.distribution} is known to support kernel "
+                                 f"{kernel_release} (the newest kernel each was built and tested with is older: "
+                                 + ", ".join(f"{v} to {_ceiling(v)}" for v in available) + ")",
+                                 hint=NEWER_DRIVER_HINT)
+            matching = matching or sources
             if not matching:
-                raise InputError(f"no {flavor} driver in Debian {self.distribution} is known to support "
-                                 f"kernel {kernel_release}",
-                                 hint="pass --driver VERSION; available: " + ", ".join(available))
+                raise InputError(f"Debian {self.distribution} has no {flavor} NVIDIA driver",
+                                 hint="enable the contrib and non-free components of the mirror"
+                                      + ("" if flavor == "open" else ", or use NVIDIA's installer: " + NEWER_DRIVER_HINT))
         else:
             matching = [s for s in sources
                         if s[0].upstream_version == request or s[0].upstream_version.startswith(request + ".")]
@@ -259,6 +288,10 @@ class DebianArchive:
                 )
         source, names = matching[0]
         version = source.upstream_version
+        if not kernel_supported(version, kernel_release):
+            raise InputError(f"Debian's {source.name} {version} is not known to build for kernel {kernel_release}: "
+                             f"the newest kernel it was built and tested with is {_ceiling(version)}",
+                             hint=NEWER_DRIVER_HINT)
         userspace = []
         for name in names.required_userspace + names.optional_userspace:
             same = [p for p in self.versions(name) if p.upstream_version == version]
@@ -273,6 +306,15 @@ class DebianArchive:
         return source, userspace, version
 
 
+def _ceiling(driver: str) -> str:
+    """The newest kernel line a driver is known to build for, as text (6.15)."""
+    dv = version_tuple(driver)
+    same = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version[0] == dv[0]]
+    older = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version < dv]
+    found = max(same or older or [(0, 0)])
+    return ".".join(map(str, found))
+
+
 def _satisfies(version: str, constraint: tuple[str, str] | None) -> bool:
     if not constraint:
         return True
@@ -281,7 +323,7 @@ def _satisfies(version: str, constraint: tuple[str, str] | None) -> bool:
     return {"=": c == 0, ">=": c >= 0, "<=": c <= 0, ">>": c > 0, "<<": c < 0}[op]
 
 
-def _parse_packages(text: bytes, base_url: str) -> list[dict]:
+def _parse_packages(text: bytes, base_url: str, suite: str = "") -> list[dict]:
     """The paragraphs of a Packages file that cudabuild can use, as Package fields."""
     keep = [para for para in text.split(b"\n\n") if _KEEP.match(para)]
     out = []
@@ -291,7 +333,7 @@ def _parse_packages(text: bytes, base_url: str) -> list[dict]:
             continue
         out.append({"name": para["Package"], "version": para["Version"], "filename": para["Filename"],
                     "sha256": para["SHA256"], "size": int(para["Size"]), "base_url": base_url,
-                    "depends": para.get("Depends", "")})
+                    "depends": para.get("Depends", ""), "suite": suite})
     return out
 
 

@@ -175,3 +175,119 @@ def test_support_table():
     assert not kernel_supported("352.39", "4.4.0")
     assert kernel_supported("352.39", "4.3.6-coreos")
     assert kernel_supported("580.1", "6.14")
+
+
+# ---- Debian 13 trixie (FACTS.md, "Debian 13 trixie"): release names, suites, the compiler ----------------
+def _headers(release, version, common, *, compiler="gcc-14", sha="c"):
+    return f"""
+Package: linux-headers-{release}
+Architecture: amd64
+Version: {version}
+Depends: linux-base (>= 4.12~), linux-headers-{common} (= {version}), linux-image-{release} (= {version}) | linux-image-{release}-unsigned (= {version}), linux-kbuild-{release.rsplit('-', 1)[0].removesuffix('-cloud').removesuffix('-rt')}, {compiler}
+Filename: pool/main/l/linux/linux-headers-{release}_{version}_amd64.deb
+Size: 100
+SHA256: {sha * 64}
+
+Package: linux-headers-{common}
+Architecture: all
+Version: {version}
+Filename: pool/main/l/linux/linux-headers-{common}_{version}_all.deb
+Size: 100
+SHA256: {sha * 64}
+"""
+
+
+def _kbuild(abi, version):
+    return f"""
+Package: linux-kbuild-{abi}
+Architecture: amd64
+Version: {version}
+Filename: pool/main/l/linux/linux-kbuild-{abi}_{version}_amd64.deb
+Size: 100
+SHA256: {"d" * 64}
+"""
+
+
+TRIXIE = {
+    "/dists/trixie/main/": _headers("6.12.117+deb13-amd64", "6.12.117-1", "6.12.117+deb13-common")
+    + _headers("6.12.117+deb13-rt-amd64", "6.12.117-1", "6.12.117+deb13-common-rt") + _kbuild("6.12.117+deb13", "6.12.117-1")
+    + _headers("6.12.115+deb13.1-amd64", "6.12.115-2", "6.12.115+deb13.1-common") + _kbuild("6.12.115+deb13.1", "6.12.115-2")
+    + _headers("6.12.107+deb13-amd64", "6.12.107-1", "6.12.107+deb13-common"),
+    "/dists/trixie-security/main/": _headers("6.12.118+deb13-amd64", "6.12.118-1", "6.12.118+deb13-common")
+    + _kbuild("6.12.118+deb13", "6.12.118-1"),
+    "/dists/trixie-backports/main/": _headers("7.2.13+deb13-amd64", "7.2.13-1~bpo13+1", "7.2.13+deb13-common",
+                                               compiler="gcc-15-for-host") + _kbuild("7.2.13+deb13", "7.2.13-1~bpo13+1"),
+    "/dists/trixie-backports/non-free/": """
+Package: nvidia-kernel-source
+Architecture: amd64
+Version: 550.163.01-4~bpo13+1
+Filename: pool/non-free/n/nvidia-graphics-drivers/nvidia-kernel-source_550.163.01-4~bpo13+1_amd64.deb
+Size: 100
+SHA256: {e}
+""".format(e="9" * 64),
+    "/dists/trixie/non-free/": """
+Package: nvidia-kernel-source
+Architecture: amd64
+Version: 550.163.01-2
+Filename: pool/non-free/n/nvidia-graphics-drivers/nvidia-kernel-source_550.163.01-2_amd64.deb
+Size: 100
+SHA256: {e}
+""".format(e="e" * 64) + "".join(f"""
+Package: {name}
+Architecture: amd64
+Version: 550.163.01-2
+Filename: pool/non-free/n/nvidia-graphics-drivers/{name}_550.163.01-2_amd64.deb
+Size: 10
+SHA256: {"f" * 64}
+""" for name in ("libcuda1", "libnvidia-ml1", "libnvidia-ptxjitcompiler1", "nvidia-smi")),
+}
+
+
+class SuiteFetcher:
+    """Serves each suite's own Packages.xz, as a mirror does."""
+
+    def __init__(self, by_suite: dict[str, str]):
+        self.by_suite = {k: lzma.compress(v.strip().encode() + b"\n") for k, v in by_suite.items()}
+
+    def get_bytes(self, url):
+        return next((data for part, data in self.by_suite.items() if part in url), None)
+
+
+@pytest.fixture
+def trixie(tmp_path):
+    return DebianArchive(cache=Cache(tmp_path), fetcher=SuiteFetcher(TRIXIE), reporter=Reporter(quiet=True),
+                         mirror="http://mirror.test/debian", security_mirror="http://mirror.test/security",
+                         distribution="trixie")
+
+
+def test_trixie_latest_is_the_newest_package_across_the_suite_and_its_security_updates(trixie):
+    assert trixie.latest_kernel() == "6.12.118+deb13-amd64"  # trixie-security's, newer than trixie's 6.12.117
+    assert trixie.latest_kernel("rt-amd64") == "6.12.117+deb13-rt-amd64"
+    # by the package's Debian version, not the name's text: the ABI bump 6.12.115+deb13.1 (6.12.115-2) sits
+    # between 6.12.117 and 6.12.107; backports' 7.2 is listed, but never "latest"
+    assert trixie.kernel_releases(backports=False) == ["6.12.118+deb13-amd64", "6.12.117+deb13-amd64",
+                                                       "6.12.117+deb13-rt-amd64", "6.12.115+deb13.1-amd64",
+                                                       "6.12.107+deb13-amd64"]
+    assert trixie.kernel_releases()[0] == "7.2.13+deb13-amd64"
+
+
+def test_trixie_build_tree_is_headers_common_and_kbuild_of_one_abi_with_gcc_14(trixie):
+    packages, gcc = trixie.kernel_packages("6.12.115+deb13.1-amd64")
+    assert [p.name for p in packages] == ["linux-headers-6.12.115+deb13.1-amd64",
+                                          "linux-headers-6.12.115+deb13.1-common", "linux-kbuild-6.12.115+deb13.1"]
+    assert gcc == 14
+    rt, _ = trixie.kernel_packages("6.12.117+deb13-rt-amd64")
+    assert rt[1].name == "linux-headers-6.12.117+deb13-common-rt"
+    # the 7.x kernels name their compiler gcc-N-for-host; found in backports without being told
+    assert trixie.kernel_packages("7.2.13+deb13-amd64")[1] == 15
+
+
+def test_a_kernel_past_what_debians_driver_was_tested_with_is_refused_before_any_download(trixie):
+    source, userspace, version = trixie.driver_packages(None, "proprietary", "6.12.118+deb13-amd64")
+    assert version == "550.163.01" and [p.name for p in userspace][:2] == ["libcuda1", "libnvidia-ml1"]
+    assert source.version == "550.163.01-2"  # trixie's own, not backports' rebuild of it
+    for request in (None, "550"):
+        with pytest.raises(InputError) as info:
+            trixie.driver_packages(request, "proprietary", "7.2.13+deb13-amd64")
+        text = info.value.render()
+        assert "7.2.13+deb13-amd64" in text and "6.15" in text and "--driver-source run --driver 580" in text

@@ -167,12 +167,24 @@ def test_kubernetes_jobs_validate_strictly_against_1_30():
 
 
 def test_debian_codename_expands_to_every_amd64_abi():
-    archive = SimpleNamespace(kernel_releases=lambda: ["6.1.0-56-amd64", "6.1.0-56-cloud-amd64", "6.1.0-55-amd64",
-                                                       "6.1.0-56-rt-amd64"])
-    assert expand_kernels("debian:bookworm,6.1.0-56-amd64,4.3.6-coreos", lambda codename: archive) == \
+    releases = {"bookworm": ["6.1.0-56-amd64", "6.1.0-56-cloud-amd64", "6.1.0-55-amd64", "6.1.0-56-rt-amd64"],
+                "trixie": ["6.12.117+deb13-amd64", "6.12.117+deb13-cloud-amd64", "6.12.115+deb13.1-amd64",
+                           "6.12.115+deb13-rt-amd64"]}
+    asked = []
+
+    def archive_for(codename):
+        def kernel_releases(*, backports=True):
+            asked.append(backports)
+            return releases[codename]
+        return SimpleNamespace(kernel_releases=kernel_releases)
+
+    assert expand_kernels("debian:bookworm,6.1.0-56-amd64,4.3.6-coreos", archive_for) == \
         ["6.1.0-56-amd64", "6.1.0-55-amd64", "4.3.6-coreos"]
+    # trixie's releases (UPSTREAM+debN[.ABI]-FLAVOUR), the amd64 flavour only, never backports'
+    assert expand_kernels("debian:trixie", archive_for) == ["6.12.117+deb13-amd64", "6.12.115+deb13.1-amd64"]
+    assert asked == [False, False]
     with pytest.raises(InputError, match="names nothing"):
-        expand_kernels(" , ", lambda codename: archive)
+        expand_kernels(" , ", archive_for)
 
 
 @pytest.mark.parametrize("kwargs, message", [

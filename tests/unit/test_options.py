@@ -85,3 +85,41 @@ def test_a_build_of_fewer_modules_has_its_own_tag():
     assert image_tag("cudabuild/modules", "535.309.01", "open", "6.1.0-57-amd64", "ab" * 32,
                      modules=("nvidia", "nvidia-uvm")) == \
         "cudabuild/modules:535.309.01-open-only.nvidia_uvm-signed.abababababab-6.1.0-57-amd64"
+
+
+# ---- Debian's releases of every suite, and NVIDIA's branches (FACTS.md) -----------------------------------------
+@pytest.mark.parametrize("release, distribution", [
+    ("6.12.117+deb13-amd64", "trixie"), ("6.12.115+deb13.1-amd64", "trixie"), ("6.12.117+deb13-cloud-amd64", "trixie"),
+    ("6.12.117+deb13-rt-amd64", "trixie"), ("6.12.95+deb12-amd64", "bookworm"), ("7.2.13+deb14-amd64", "forky"),
+    ("6.1.0-57-amd64", "bookworm"), ("5.10.0-30-amd64", "bullseye")])
+def test_a_debian_release_names_its_own_distribution_whatever_the_host_runs(release, distribution):
+    from cudabuild.options import DEBIAN_RELEASE_RE, debian_distribution
+
+    assert DEBIAN_RELEASE_RE.fullmatch(release)
+    assert debian_distribution(release, "trixie")[0] == distribution
+    assert debian_distribution(release, None)[0] == distribution
+
+
+def test_other_releases_take_the_hosts_debian_then_bookworm():
+    from cudabuild.options import DEBIAN_RELEASE_RE, debian_distribution
+
+    for release in ("4.3.6-coreos", "6.12.60-flatcar", "6.12.117+deb13-arm64", None):
+        assert release is None or not DEBIAN_RELEASE_RE.fullmatch(release)
+        assert debian_distribution(release, "trixie") == ("trixie", "this host's Debian release (/etc/os-release)")
+        assert debian_distribution(release, None)[0] == "bookworm"
+
+
+def test_open_modules_are_the_default_from_560_and_the_only_ones_from_590():
+    from cudabuild.options import default_flavor, require_flavor
+
+    assert [default_flavor(v) for v in ("535.309.01", "550.163.01", "560.28.03", "580.142", "595.45.04")] == \
+        ["proprietary", "proprietary", "open", "open", "open"]
+    require_flavor("580.142", "proprietary")  # the last branch with them
+    for asked in ({"driver": "595.45.04", "flavor": "proprietary"}, {"driver": "595", "flavor": "proprietary"}):
+        with pytest.raises(InputError) as info:
+            BuildOptions(**asked, **({"driver_source": "run"} if "." in asked["driver"] else {}))
+        text = info.value.render()
+        assert "only the open modules" in text and "Maxwell, Pascal and Volta" in text and "580" in text
+    with pytest.raises(InputError, match="from 515 on"):
+        require_flavor("470.256.02", "open")
+    assert BuildOptions(driver="595.45.04", driver_source="run").flavor is None  # decided by the plan, by version

@@ -110,3 +110,14 @@ def test_the_compile_cache_is_on_unless_turned_off_by_flag_or_environment():
     assert resolve_build_options({}, Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})).compile_cache is False
     on = Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})
     assert resolve_build_options({"compile_cache": True}, on).compile_cache is True  # the flag wins
+
+
+def test_a_debian_hosts_codename_is_read_under_cudabuild_root(tmp_path):
+    (tmp_path / "etc").mkdir()
+    os_release = tmp_path / "etc" / "os-release"
+    os_release.write_text('PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\nVERSION_CODENAME=trixie\nID=debian\n')
+    assert Settings.from_env({"CUDABUILD_ROOT": str(tmp_path)}).host_codename == "trixie"
+    os_release.write_text('ID=ubuntu\nVERSION_CODENAME=noble\n')  # not Debian's archive
+    assert Settings.from_env({"CUDABUILD_ROOT": str(tmp_path)}).host_codename is None
+    os_release.unlink()
+    assert Settings.from_env({"CUDABUILD_ROOT": str(tmp_path)}).host_codename is None
