@@ -15,6 +15,7 @@ Verdicts, per module:
 
 from __future__ import annotations
 
+import errno
 import json
 import lzma
 import os
@@ -267,7 +268,7 @@ def run_guest(image: KernelImage, initrd: Path, *, append: str, accel: str, time
     accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
     command = [_qemu(), *accel_args, "-m", GUEST_MEMORY, "-smp", "2", "-nographic", "-no-reboot",
                "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
-               "-append", f"console=ttyS0 quiet panic=-1 {append}".strip()]
+               "-append", f"console=ttyS0 quiet panic=-1 initcall_debug {append}".strip()]
     def stop(signum, frame):  # SIGTERM ends us as Ctrl-C does: through the cleanup below
         raise SystemExit(128 + signum)
 
@@ -357,6 +358,18 @@ def _module_spoke(name: str, kernel: list[str]) -> bool:
     return any(own.search(line) and not _KERNEL_NOTES.search(line) for line in kernel)
 
 
+def _initcall_returned(name: str, kernel: list[str]) -> str | None:
+    """What the module's init returned, as the kernel logs it with initcall_debug on the command line
+    ("initcall nv_mem_client_init+0x0/0xff0 [nvidia_peermem] returned -22 after 2 usecs"); None when
+    the kernel never ran it (it refused the module first)."""
+    pattern = re.compile(rf"initcall \S+ \[{re.escape(_name(name))}\] returned (-?[0-9]+)")
+    for line in kernel:
+        m = pattern.search(line)
+        if m and m.group(1) != "0":
+            return m.group(1)
+    return None
+
+
 def judge(name: str, code: int, said: list[str], kernel: list[str]) -> ModuleVerdict:
     """The kernel's refusals (format, symbol versions, unknown symbols, signatures) reject a module;
     an init that ran and declined (no GPU, no InfiniBand peer memory) is the module accepted."""
@@ -369,6 +382,12 @@ def judge(name: str, code: int, said: list[str], kernel: list[str]) -> ModuleVer
     if "No NVIDIA GPU found" in text:
         return ModuleVerdict(name, "accepted", "the kernel ran its init, which found no NVIDIA GPU in the guest "
                              "(vermagic, symbol versions and every symbol were accepted)", kernel + said)
+    ran = _initcall_returned(name, kernel)
+    if ran is not None:  # the kernel's own word (initcall_debug): it loaded the module and ran its init
+        return ModuleVerdict(name, "accepted", f"the kernel loaded it and ran its init, which returned {ran} "
+                             f"({errno.errorcode.get(-int(ran), 'an error')}; e.g. nvidia-peermem without "
+                             "InfiniBand peer memory); vermagic, symbol versions and every symbol were accepted",
+                             kernel + said)
     if _module_spoke(name, kernel):
         error = said[-1].rsplit(": ", 1)[-1] if said else f"exit {code}"
         return ModuleVerdict(name, "accepted", f"the kernel loaded it and ran its init, which declined ({error}); "

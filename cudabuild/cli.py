@@ -366,7 +366,8 @@ def image(profile, base, modules_ref, tag, dry_run, no_push, list_profiles, as_j
               help="Kernel releases from a file (or - for stdin), one per line or blank-separated: a fleet's own "
                    "kernels, e.g. from kubectl get nodes.")
 @click.option("--drivers", required=True, metavar="LIST",
-              help="Driver versions or branches, comma-separated (535,470.256.02).")
+              help="Driver versions or branches, comma-separated (535,470.256.02); SOURCE:VERSION gives a cell "
+                   "its own --driver-source, so Debian's and NVIDIA's stand side by side (550,run:580.142).")
 @click.option("--flavors", metavar="LIST", help="proprietary,open: each cell in each flavor (default: --flavor).")
 @click.option("--backend", type=click.Choice(["local", "swarm", "kubernetes"]), default="local", show_default=True,
               help="local: builds on this engine. swarm: one replicated-job per cell on the Swarm this engine "

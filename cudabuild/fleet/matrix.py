@@ -20,7 +20,7 @@ from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
-from cudabuild.options import DEBIAN_RELEASE_RE, FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
+from cudabuild.options import DEBIAN_RELEASE_RE, DRIVER_SOURCES, FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
 from cudabuild.settings import Settings
 from cudabuild.ui import Reporter
 
@@ -83,7 +83,7 @@ class MatrixRequest:
 
     def __post_init__(self) -> None:
         for driver in self.drivers:
-            validate_driver(driver)
+            driver_cell(driver)
         for flavor in self.flavors:
             if flavor is not None and flavor not in FLAVORS:  # None: each driver's default
                 raise InputError(f"--flavors: {shown(flavor)} is not a flavor", hint=f"choose from {', '.join(FLAVORS)}")
@@ -180,8 +180,9 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
         for kernel, driver, flavor in cells:
             job = BuildJob(kernel=kernel, driver=driver, flavor=flavor or "default", argv=())
             try:
-                cell_options = dataclasses.replace(options, kernel=kernel, driver=driver, flavor=flavor, output=None,
-                                                   force=False)
+                source, version = driver_cell(driver)
+                cell_options = dataclasses.replace(options, kernel=kernel, driver=version, flavor=flavor, output=None,
+                                                   force=False, driver_source=source or options.driver_source)
                 plan = plan_modules(cell_options, settings=settings, reporter=Reporter(quiet=True),
                                     engine_factory=lambda: engine)
             except CudabuildError as exc:
@@ -296,6 +297,17 @@ def summary_lines(result: MatrixResult) -> list[str]:
         if o.log_path:
             lines.append(f"    whole log: {o.log_path}")
     return lines
+
+
+def driver_cell(item: str) -> tuple[str | None, str]:
+    """A --drivers item: VERSION or BRANCH (from --driver-source), or SOURCE:VERSION for a cell of
+    its own source, so Debian's and NVIDIA's drivers stand side by side (550,run:580.142)."""
+    source, sep, version = item.rpartition(":")
+    if sep and source not in DRIVER_SOURCES:
+        raise InputError(f"--drivers: {shown(item)} names no driver source ({shown(source)})",
+                         hint=f"write VERSION, or SOURCE:VERSION with SOURCE one of {', '.join(DRIVER_SOURCES)} "
+                              "(e.g. --drivers 550,run:580.142)")
+    return (source or None), validate_driver(version)
 
 
 def parse_request(*, kernels: str, drivers: str, flavors: str | None, flavor: str | None, **rest) -> MatrixRequest:
