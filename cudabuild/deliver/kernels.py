@@ -14,8 +14,10 @@ UAPI.2 name the places):
 
 The kernel the host boots next is the boot loader's default entry where that is known (a
 `default` in loader/loader.conf); otherwise the newest installed kernel of the running kernel's
-flavour (6.1.0-57-amd64, not -cloud-amd64 or -rt-amd64), ordered as dpkg orders versions
-(python-debian; `-rcN` before its release), when it is newer than the running one. When an
+flavour (6.1.0-57-amd64 or 6.12.117+deb13-amd64, not -cloud-amd64 or -rt-amd64), ordered as dpkg
+orders versions (python-debian; `-rcN` before its release; Debian's ABI bump 6.12.115+deb13.1 after
+6.12.115+deb13 and before 6.12.117+deb13, as their packages 6.12.115-2 and 6.12.117-1 are), when it
+is newer than the running one. When an
 installed kernel's release cannot be read, or a place cannot be listed, the next kernel is not
 known: `next_kernel` says so (exit 23), and nothing staged is pruned."""
 
@@ -72,10 +74,11 @@ def newer(release: str, than: str) -> bool:
 
 def flavour(release: str) -> str:
     """What stays the same across a distribution's updates of one kernel line: the part after the
-    version and ABI (-amd64, -cloud-amd64, -rt-amd64, -generic), a distribution tag (.fc39, .el9_3)
-    left out."""
+    version and ABI (-amd64, -cloud-amd64, -rt-amd64, -generic), a distribution tag (.fc39, .el9_3;
+    Debian's +deb13 and its ABI bump +deb13.1) left out."""
     lead = _LEAD.match(release)
     rest = release[lead.end():] if lead else release
+    rest = re.sub(r"^\+deb[0-9]+(?:\.[0-9]+)?(?=-)", "", rest)
     return re.sub(r"\.[a-z]+[0-9]+(?:_[0-9]+)*(?=\.)", "", rest)
 
 

@@ -73,3 +73,26 @@ def test_a_release_candidate_comes_before_its_release_and_flavours_stay_apart(tm
     host = HostRoot(tmp_path)
     assert kernels.next_kernel(host, "6.2.0") is None, "an rc is older than its release"
     assert kernels.next_kernel(host, "6.1.0-57-amd64") is None, "another flavour and a signed copy are not next"
+
+
+def test_trixies_kernels_are_ordered_as_their_packages_are_and_an_abi_bump_is_the_same_line(tmp_path):
+    """Debian 13's releases (FACTS.md): 6.12.115+deb13.1 is an ABI bump of 6.12.115 (package 6.12.115-2),
+    older than 6.12.117+deb13 (6.12.117-1); its flavour is the same line as the others'."""
+    assert len({kernels.flavour(r) for r in ("6.12.107+deb13-amd64", "6.12.115+deb13.1-amd64", "6.12.117+deb13-amd64",
+                                              "6.12.95+deb12-amd64", "6.1.0-57-amd64")}) == 1
+    assert kernels.flavour("6.12.117+deb13-cloud-amd64") == "-cloud-amd64"
+    (tmp_path / "boot").mkdir()
+    for release in ("6.12.107+deb13-amd64", "6.12.115+deb13.1-amd64", "6.12.117+deb13-amd64",
+                    "6.12.118+deb13-rt-amd64"):
+        (tmp_path / "boot" / f"vmlinuz-{release}").write_bytes(b"")
+    host = HostRoot(tmp_path)
+    assert kernels.next_kernel(host, "6.12.107+deb13-amd64") == "6.12.117+deb13-amd64"
+    assert kernels.next_kernel(host, "6.12.117+deb13-amd64") is None, "6.12.115+deb13.1 is older, the rt kernel another line"
+    assert kernels.next_kernel(host, "6.12.115+deb13-amd64") == "6.12.117+deb13-amd64"
+    (tmp_path / "boot" / "vmlinuz-6.12.117+deb13-amd64").unlink()
+    assert kernels.next_kernel(host, "6.12.115+deb13-amd64") == "6.12.115+deb13.1-amd64", "the ABI bump is newer"
+    # a bookworm host with bookworm-backports' 6.12 installed boots it next
+    for release in ("6.12.107+deb13-amd64", "6.12.115+deb13.1-amd64"):
+        (tmp_path / "boot" / f"vmlinuz-{release}").unlink()
+    (tmp_path / "boot" / "vmlinuz-6.12.95+deb12-amd64").write_bytes(b"")
+    assert kernels.next_kernel(host, "6.1.0-57-amd64") == "6.12.95+deb12-amd64"
