@@ -108,6 +108,9 @@ BUILD_FLAGS = [
     click.option("--distribution", help="Debian release whose packages to use (e.g. trixie). Default: the "
                  "kernel release's own (6.12.117+deb13-amd64: trixie; 6.1.0-57-amd64: bookworm), else this "
                  "Debian host's (/etc/os-release), else bookworm. " + _env_help("distribution")),
+    click.option("--backports", is_flag=True, default=None,
+                 help="Take Debian's driver packages from the distribution's backports too, where newer (Debian's "
+                      "fixes for newer kernels land there first; e.g. trixie-backports' nvidia-open-kernel-source)."),
     click.option("--apt-mirror", metavar="URL", help="Debian mirror. " + _env_help("apt_mirror")),
     click.option("--apt-security-mirror", metavar="URL", help="Debian security mirror. "
                  + _env_help("apt_security_mirror")),
@@ -208,6 +211,9 @@ def modules(as_json: bool, options_json: str | None, **flags) -> None:
 
     \b
     Examples:
+      cudabuild modules                      # this host's kernel, from its Debian release
+      cudabuild modules --kernel latest --distribution trixie
+      cudabuild modules --kernel 6.12.118+deb13-amd64 --driver-source run --driver 580.142
       cudabuild modules --kernel latest --driver 535
       cudabuild modules --kernel 6.1.0-56-amd64 --driver 470 --output ./nvidia --json
       cudabuild modules --kernel 6.1.0-56-amd64 --driver 535 --registry 127.0.0.1:5055/cudabuild
@@ -400,6 +406,7 @@ def matrix(kernels, kernels_file, drivers, flavors, backend, parallel, image, no
     Examples:
       cudabuild matrix --kernels 6.1.0-56-amd64,6.1.0-47-amd64 --drivers 535,470 --parallel 2
       cudabuild matrix --kernels debian:bookworm --drivers 535 --registry 127.0.0.1:5055/cudabuild
+      cudabuild matrix --kernels debian:trixie --drivers 550,run:580.142 --registry 127.0.0.1:5055/cudabuild
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --flavors proprietary,open \\
           --backend swarm --registry registry.example/gpu
       cudabuild matrix --kernels 6.1.0-56-amd64 --drivers 535 --backend kubernetes > jobs.yaml
@@ -1240,12 +1247,15 @@ def _prebuild_registry(registry: str | None) -> str:
 
 
 def _prebuild_drivers(drivers: str | None) -> str:
-    from cudabuild.fleet.matrix import split_list
-    from cudabuild.options import validate_driver
+    from cudabuild.fleet.matrix import driver_cell, split_list
 
     if not drivers:
-        raise InputError("--prebuild builds the drivers you name", hint="pass --drivers LIST, e.g. --drivers 535")
-    return ",".join(validate_driver(d) for d in split_list(drivers, "--drivers"))
+        raise InputError("--prebuild builds the drivers you name", hint="pass --drivers LIST, e.g. --drivers 535 "
+                         "or --drivers 550,run:580.142")
+    items = split_list(drivers, "--drivers")
+    for item in items:
+        driver_cell(item)  # checked as the matrix the job runs checks it
+    return ",".join(items)
 
 
 @deploy.command("systemd", epilog=EXIT_CODE_HELP)

@@ -273,6 +273,7 @@ class BuildOptions:
     apt_mirror: str = DEFAULT_APT_MIRROR
     apt_security_mirror: str = DEFAULT_APT_SECURITY_MIRROR
     distribution: str | None = None  # None: the release's own (+deb13: trixie), else this Debian host's, else bookworm
+    backports: bool = False  # Debian's driver packages from DIST-backports too, where newer
     builder_base: str | None = None
     output: str | None = None
     force: bool = False

@@ -205,3 +205,55 @@ def installer_url(installers) -> str:
     return f"{installers['url']}/NVIDIA-Linux-x86_64-{OPEN}.run"
 
 
+
+
+# ---- Debian 13 trixie and NVIDIA's current branches (tests/e2e/test_trixie.py) ------------------------
+# What each build adds to the suite (measured on this machine kind, 2 cores): Debian's 550 for
+# trixie's newest kernel, the five modules, with its boot test (the one full trixie compile, and
+# the one of nvidia-uvm on a 6.12 kernel); 580.142 open from NVIDIA's released sources for the same
+# kernel, without nvidia-uvm and nvidia-peermem (the same open sources' uvm is compiled by no other
+# build; the 550 build covers uvm on 6.12), with its boot test; 595.45.04 for the session's bookworm
+# kernel and tesla-535 and rt builds of nvidia.ko alone (each a path of its own: another branch,
+# another package, another flavour's config), the cloud kernel's nvidia + nvidia-modeset, and the
+# open 550's nvidia.ko, which fails in a few seconds (its sources predate trixie's kernels).
+OPEN_580, OPEN_595 = "580.142", "595.45.04"
+ONLY_580 = ("--only-modules", "nvidia,nvidia-modeset,nvidia-drm")
+
+
+def open_installers(directory: Path) -> None:
+    """NVIDIA-Linux-x86_64-{580.142,595.45.04}.run made from NVIDIA's released open-module sources
+    (../shared/nvidia; scripts/standin-open-installer: src/ compiled once per machine and kept with
+    the stand-ins, kernel-open/ as released, a stand-in userspace), beside the other installers."""
+    import sys
+
+    for version in (OPEN_580, OPEN_595):
+        made = subprocess.run([sys.executable, str(REPO / "scripts" / "standin-open-installer"), version,
+                               str(directory)], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr[-3000:]
+
+
+def trixie_builds(cache: Path, installers: dict, bookworm_release: str) -> dict:
+    """The trixie and current-branch builds, in one cache of their own, one after another."""
+    from tests.helpers import bookworm_archive
+
+    open_installers(installers["dir"])
+    env = {"CUDABUILD_CACHE": str(cache)}
+    archive = bookworm_archive("trixie")
+    latest, cloud, rt = (archive.latest_kernel(f) for f in ("amd64", "cloud-amd64", "rt-amd64"))
+    run_url = f"{installers['url']}/NVIDIA-Linux-x86_64-{{}}.run"
+    done = {"cache": cache, "latest": latest, "cloud": cloud, "rt": rt, "bookworm": bookworm_release,
+            "installer_url": run_url}
+
+    def build(name: str, *args: str) -> None:
+        done[name] = run_cli("modules", *args, "--json", env=env, timeout=1800)
+
+    build("550", "--kernel", "latest", "--distribution", "trixie", "--boot-test")
+    build("580", "--kernel", latest, "--driver-source", "run", "--installer", run_url.format(OPEN_580),
+          *ONLY_580, "--boot-test")
+    build("595 bookworm", "--kernel", bookworm_release, "--driver-source", "run", "--installer",
+          run_url.format(OPEN_595), "--only-modules", "nvidia")
+    build("535", "--kernel", latest, "--driver", "535", "--only-modules", "nvidia")
+    build("550 open", "--kernel", latest, "--flavor", "open", "--backports", "--only-modules", "nvidia")
+    build("cloud", "--kernel", cloud, "--only-modules", "nvidia,nvidia-modeset,nvidia-drm")
+    build("rt", "--kernel", rt, "--only-modules", "nvidia", "--ignore-preempt-rt")
+    return done

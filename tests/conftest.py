@@ -29,7 +29,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # end. The e2e tests that wait for nothing but the session's build then run while the other builds
 # still compile, instead of after them on one core.
 E2E_ORDER = ("test_boot_in_qemu", "test_debian_build", "test_faults", "test_registry", "test_runtime_image",
-             "test_signed_build", "test_one_image_every_kernel", "test_matrix", "test_git_run")
+             "test_signed_build", "test_one_image_every_kernel", "test_matrix", "test_git_run", "test_trixie")
 
 
 def pytest_collection_modifyitems(items):
@@ -231,6 +231,20 @@ def swarm_matrix_started(session_build_started, installers, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trixie_builds_started(installers, tmp_path_factory):
+    """test_trixie.py's builds (tests/background.py trixie_builds), in a cache of their own, started
+    in the background at the session's first test; with them, the installers of 580.142 and
+    595.45.04 made from NVIDIA's released open-module sources (once per machine)."""
+    from tests.background import Started, trixie_builds
+    from tests.helpers import bookworm_archive
+
+    bookworm = bookworm_archive().latest_kernel()
+    started = Started(trixie_builds, new_cache(tmp_path_factory, "trixie-cache"), installers, bookworm)
+    yield started
+    started.executor.shutdown()
+
+
+@pytest.fixture(scope="session")
 def wheel_install_started(tmp_path_factory):
     """test_wheel.py's installed wheel (tests/background.py install_wheel), made in the background."""
     from tests.background import Started, install_wheel
@@ -240,7 +254,8 @@ def wheel_install_started(tmp_path_factory):
     started.executor.shutdown()
 
 
-BACKGROUND = ("wheel_install_started", "session_build_started", "git_builds_started", "swarm_matrix_started")
+BACKGROUND = ("wheel_install_started", "session_build_started", "git_builds_started", "trixie_builds_started",
+              "swarm_matrix_started")
 
 
 @pytest.fixture(scope="session", autouse=True)

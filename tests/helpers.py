@@ -38,7 +38,7 @@ def compile_module(directory, name, *, vermagic=VERMAGIC, version=DRIVER, crcs=N
 
 
 def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, modules=MODULES,
-                  key: str | None = None):
+                  key: str | None = None, flavor: str = "proprietary"):
     """A small, valid artifact directory: gcc-built modules, a stand-in libcuda with its SONAME
     link, nvidia-smi, and the manifest written by cudabuild's own artifact module."""
     from cudabuild.artifact import Manifest, ModuleEntry, describe_userspace
@@ -60,7 +60,7 @@ def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, m
     infos = [read_module(root / "modules" / f"{name}.ko") for name in modules]
     manifest = Manifest(key=key or hashlib.sha256(str(root).encode()).hexdigest(),
                         created="2026-11-22T00:00:00+00:00", kernel_release=release, driver_version=driver,
-                        flavor="proprietary", vermagic=infos[0].vermagic,
+                        flavor=flavor, vermagic=infos[0].vermagic,
                         modules=tuple(ModuleEntry.of(i) for i in infos),
                         userspace=describe_userspace(root / "userspace"))
     manifest.write(root)
@@ -447,9 +447,9 @@ def cdi_validator():
     return validate
 
 
-def bookworm_archive():
-    """Debian bookworm's archive, read with cudabuild's own reader (its index and packages cached
-    with the stand-ins)."""
+def bookworm_archive(distribution: str = "bookworm"):
+    """Debian bookworm's archive (or another suite's), read with cudabuild's own reader (its index
+    and packages cached with the stand-ins)."""
     from cudabuild.cache import Cache
     from cudabuild.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
@@ -458,7 +458,7 @@ def bookworm_archive():
     reporter = Reporter(quiet=True)
     return DebianArchive(cache=Cache(STANDINS / "standin-cache"), fetcher=Fetcher(reporter=reporter),
                          reporter=reporter, mirror="http://deb.debian.org/debian",
-                         security_mirror="http://deb.debian.org/debian-security", distribution="bookworm")
+                         security_mirror="http://deb.debian.org/debian-security", distribution=distribution)
 
 
 def debian_headers_files(release: str, files: dict[str, Path]) -> None:
@@ -559,3 +559,17 @@ def openssl_verifies(module: Path, cert: Path, workdir: Path) -> bool:
                             "-content", str(workdir / "content"), "-certfile", str(cert), "-noverify", "-nointern",
                             "-out", "/dev/null"], capture_output=True, text=True)
     return check.returncode == 0
+
+
+def run_device_query(tag: str) -> tuple[int, str]:
+    """A runtime image's device-query run as a user runs it on a machine without a GPU (no network,
+    the loader skipped): its exit status and output; the container removed."""
+    import docker
+
+    container = docker.from_env().containers.run(tag, detach=True, network_mode="none",
+                                                 environment={"CUDABUILD_LOADER": "skip"})
+    try:
+        code = container.wait()["StatusCode"]
+        return code, container.logs().decode()
+    finally:
+        container.remove(force=True)

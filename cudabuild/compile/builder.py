@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections.abc import Mapping
@@ -121,8 +122,18 @@ def ensure_builder(engine: Engine, builder: BuilderImage, reporter: Reporter, *,
                                 labels={f"{LABEL_PREFIX}.role": "builder", f"{LABEL_PREFIX}.base": builder.base})
 
 
-def _failure_hint(step: str) -> str:
+# What a compiler says when a driver's sources predate an API change of the kernel they are built for.
+_API_CHANGED = re.compile(r"error: (too (few|many) arguments to function|implicit declaration of function|"
+                          r"'[^']+' has no member named|incompatible type for argument) '?([A-Za-z0-9_]*)")
+
+
+def _failure_hint(step: str, tail: list[str] = ()) -> str:
     if step.startswith("make modules"):
+        changed = next((m for line in tail if (m := _API_CHANGED.search(line))), None)
+        if changed is not None:
+            return (f"the driver's sources predate this kernel's API ({changed.group(1)}"
+                    + (f" {changed.group(3)}" if changed.group(3) else "") + "): a newer driver supports it, e.g. "
+                    "NVIDIA's 580 (--driver-source run --driver 580.142), or build for an older kernel")
         return ("read the compiler's lines above: a kernel newer than the driver supports fails here; "
                 "try a newer --driver, or an older kernel")
     if step.startswith(("prepare kernel", "unpack kernel")):
@@ -187,6 +198,7 @@ def run_build(engine: Engine, *, image: str, environment: Mapping[str, str], mou
         raise BuildError(
             f"the build failed in step {current.name!r} (exit code {code})" if current
             else f"the builder exited with code {code}",
-            log_tail="\n".join(tail), log_path=str(log_path), hint=_failure_hint(current.name if current else ""),
+            log_tail="\n".join(tail), log_path=str(log_path),
+            hint=_failure_hint(current.name if current else "", tail),
         )
     finish()

@@ -21,7 +21,7 @@ from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, debian_distribut
                                modules_to_build, require_flavor, validate_release)
 from cudabuild.settings import Settings
 from cudabuild.signing import Certificate, SigningKey, load_signing_key
-from cudabuild.sources.debian import DebianArchive, Package
+from cudabuild.sources.debian import DebianArchive, Package, newer_in_backports
 from cudabuild.sources.git import BASE_BY_GCC, resolve_git_kernel
 from cudabuild.sources.run import RunDriver, resolve_run_driver
 from cudabuild.ui import Reporter
@@ -96,6 +96,11 @@ def plan_debian_driver(archive: DebianArchive, options: BuildOptions, release: s
     # Debian suite has a driver of 560 or later, where NVIDIA's default turns open.
     source, userspace, version = archive.driver_packages(options.driver, options.flavor or "proprietary", release)
     how = "the newest known to support this kernel" if options.driver is None else f"from --driver {options.driver}"
+    if source.suite.endswith("-backports"):
+        how += f", from {source.suite} (--backports)"
+    elif (fixed := newer_in_backports(archive, source)) is not None:
+        how += (f"; {fixed.suite} has a newer packaging of it, {fixed.version}, with Debian's fixes for newer "
+                "kernels: --backports takes it")
     return DriverPlan(
         version=version, downloads=(source, *userspace),
         description=f"{source.name} {source.version}; {how}",
@@ -197,7 +202,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
             reporter.note(f"Debian release: {distribution} ({why}; choose with --distribution)")
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=options.distribution,
-                            refresh=options.refresh_index)
+                            refresh=options.refresh_index, driver_backports=options.backports)
     if release is None:
         release = archive.latest_kernel()
         reporter.note(f"kernel: {release} (the newest headers in Debian {options.distribution}, its updates and "

@@ -120,7 +120,8 @@ _COMPILER_RE = re.compile(r"linux-compiler-gcc-(\d+)-x86|gcc-(\d+)(?:-for-host)?
 
 class DebianArchive:
     def __init__(self, *, cache: Cache, fetcher: Fetcher, reporter: Reporter, mirror: str,
-                 security_mirror: str, distribution: str, refresh: bool = False) -> None:
+                 security_mirror: str, distribution: str, refresh: bool = False,
+                 driver_backports: bool = False) -> None:
         self.cache = cache
         self.fetcher = fetcher
         self.reporter = reporter
@@ -131,6 +132,7 @@ class DebianArchive:
         self.sources = [(mirror, distribution), (mirror, f"{distribution}-updates"),
                         (security_mirror, f"{distribution}-security"), (mirror, f"{distribution}-backports")]
         self.refresh = refresh
+        self.driver_backports = driver_backports  # drivers from DIST-backports too (--backports)
         self._packages: dict[str, list[Package]] | None = None
 
     # ---- the index -------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class DebianArchive:
             m = _SOURCE_RE[flavor].fullmatch(name)
             if m:
                 names = DriverNames(prefix=m.group(1) or "", source=name)
-                found.extend((p, names) for p in self.versions(name))
+                found.extend((p, names) for p in self.versions(name, backports=self.driver_backports))
         return sorted(found, key=cmp_to_key(lambda a, b: version_compare(b[0].version, a[0].version)))
 
     def driver_packages(self, request: str | None, flavor: str, kernel_release: str
@@ -294,7 +296,7 @@ class DebianArchive:
                              hint=NEWER_DRIVER_HINT)
         userspace = []
         for name in names.required_userspace + names.optional_userspace:
-            same = [p for p in self.versions(name) if p.upstream_version == version]
+            same = [p for p in self.versions(name, backports=self.driver_backports) if p.upstream_version == version]
             exact = [p for p in same if p.version == source.version]
             if exact or same:
                 userspace.append((exact or same)[0])
@@ -304,6 +306,16 @@ class DebianArchive:
                                  hint="pick another driver version with --driver; available: "
                                  + ", ".join(available))
         return source, userspace, version
+
+
+def newer_in_backports(archive: "DebianArchive", source: Package) -> Package | None:
+    """A newer packaging of a driver's module source in DIST-backports (Debian's fixes for newer
+    kernels land there first), when the build did not ask for backports."""
+    if archive.driver_backports:
+        return None
+    found = [p for p in archive.versions(source.name, backports=True)
+             if p.suite.endswith("-backports") and version_compare(p.version, source.version) > 0]
+    return found[0] if found else None
 
 
 def _ceiling(driver: str) -> str:

@@ -5,7 +5,7 @@ import json
 import docker
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_device_query
 
 pytestmark = [pytest.mark.engine, pytest.mark.build]
 
@@ -17,11 +17,7 @@ def test_device_query_uses_the_images_own_libcuda(build):
     tag = json.loads(made.stdout)["image"]
     client = docker.from_env()
     try:
-        container = client.containers.run(tag, detach=True, network_mode="none",
-                                          environment={"CUDABUILD_LOADER": "skip"})
-        code = container.wait()["StatusCode"]
-        logs = container.logs().decode()
-        container.remove(force=True)
+        code, logs = run_device_query(tag)
         # No GPU here: libcuda itself answers, with the CUDA error's name and a non-zero exit.
         assert code != 0, logs
         assert f"CUDA driver API {json.loads(made.stdout)['max_cuda']}" in logs

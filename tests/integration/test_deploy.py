@@ -183,7 +183,8 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     node = run_cli("deploy", "systemd", "--registry", NODE_REGISTRY, "--driver", "535", "--cudabuild-path", cudabuild,
                    "--output", str(out))
     assert node.returncode == 0, node.stderr
-    prebuild = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY, "--drivers", "535,470",
+    prebuild = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY, "--drivers",
+                       "550,run:580.142,run:595.45.04",
                        "--cudabuild-path", cudabuild, "--output", str(out))
     assert prebuild.returncode == 0, prebuild.stderr
     files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # and deploy's own record
@@ -205,7 +206,8 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
                     'RUN+="/usr/bin/systemctl --no-block start cudabuild-cdi-refresh.service"']
     only = run_cli("deploy", "systemd", "--cdi-refresh", "--cudabuild-path", cudabuild, "--json")
     assert only.returncode == 0 and sorted(json.loads(only.stdout)) == files[:2]
-    assert f"--kernels-from /etc/cudabuild/kernels --drivers 535,470 --registry {NODE_REGISTRY} --boot-test" in \
+    assert f"--kernels-from /etc/cudabuild/kernels --drivers 550,run:580.142,run:595.45.04 --registry {NODE_REGISTRY} " \
+        "--boot-test" in \
         (out / "cudabuild-prebuild.service").read_text()
     refused = run_cli("deploy", "systemd", "--prebuild", "--registry", NODE_REGISTRY)
     assert refused.returncode == 3 and "--drivers" in refused.stderr
@@ -216,14 +218,18 @@ def test_the_prebuild_cronjob_validates_strictly(images, tmp_path):
 
     out = tmp_path / "k8s"
     result = run_cli("deploy", "kubernetes", "--image", images["any"], "--registry", NODE_REGISTRY, "--prebuild",
-                     "--drivers", "535", "--output", str(out))
+                     "--drivers", "550,run:580.142", "--output", str(out))
     assert result.returncode == 0, result.stderr
     cronjob = out / "cudabuild-prebuild.yaml"
     check = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "-k", "1.30.0", "--strict",
                             str(cronjob)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     pod = yaml.safe_load(cronjob.read_text())["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["containers"][0]["args"][:3] == ["matrix", "--kernels-from", "/etc/cudabuild/kernels"]
+    assert pod["containers"][0]["args"][:5] == ["matrix", "--kernels-from", "/etc/cudabuild/kernels", "--drivers",
+                                                 "550,run:580.142"], "Debian's and NVIDIA's drivers side by side"
+    wrong = run_cli("deploy", "kubernetes", "--image", images["any"], "--registry", NODE_REGISTRY, "--prebuild",
+                    "--drivers", "nvidia:580.142")
+    assert wrong.returncode != 0 and "names no driver source" in wrong.stderr
     assert pod["containers"][0]["image"].startswith(f"{NODE_REGISTRY}/cudabuild:")
     refused = run_cli("deploy", "kubernetes", "--image", images["any"], "--prebuild", "--drivers", "535")
     assert refused.returncode == 3 and "--registry" in refused.stderr

@@ -274,3 +274,50 @@ def test_a_layer_changed_in_the_registry_is_refused_and_nothing_is_staged(tmp_pa
     assert "does not match its digest" in refused.stderr and ref in refused.stderr
     assert staged(host) == {release: []}, "nothing staged, no partial pull left"
     assert not (host / "run/cudabuild/driver/ready").exists()
+
+
+def test_a_trixie_node_with_580_open_stages_its_next_kernels_in_package_order(tmp_path):
+    """Debian 13's kernels with NVIDIA's 580 (open, the default from 560): a node running
+    6.12.107+deb13 installs 580 from the registry; 6.12.117+deb13 and the ABI bump 6.12.115+deb13.1 are
+    installed; the next kernel is 6.12.117 (6.12.115-2 is older than 6.12.117-1, whatever the name's
+    ".1" looks like), staged and gated, the reboot installs it from what was staged; then the boot
+    loader's default names 6.12.115+deb13.1, which becomes the next kernel, staged in turn."""
+    from tests.registry import LocalRegistry
+
+    first, second, bump = "6.12.107+deb13-amd64", "6.12.117+deb13-amd64", "6.12.115+deb13.1-amd64"
+    driver = "580.142"
+    with LocalRegistry(tmp_path / "registry") as trixie:
+        for release in (first, second, bump):
+            manifest = make_artifact(tmp_path / "builds" / release, release=release, driver=driver, flavor="open")
+            tag = image_tag("modules", driver, "open", release).split(":", 1)[1]
+            trixie.push_directory(f"{trixie.repo()}/modules:{tag}", tmp_path / "builds" / release, manifest.labels())
+        host, env = host_for(tmp_path, running=first)
+        env["FAKE_VERSION"] = driver
+        done = install(host, env, "--registry", trixie.repo(), "--driver", "580", "--json")
+        assert done.returncode == 0, done.stderr
+        state = ready_file(host)
+        assert (state["kernel"], state["driver"], state["flavor"]) == (first, driver, "open")
+        for release in (second, bump):
+            (host / "boot" / f"vmlinuz-{release}").write_bytes(b"kernel")
+        gate = run_cli("ready", "--kernel", "next", "--root", str(host), "--json", env=env)
+        assert gate.returncode == 23 and json.loads(gate.stdout)["kernel"] == second, gate.stdout
+        assert run_cli("stage", "--kernel", "next", "--root", str(host), env=env).returncode == 0
+        assert run_cli("ready", "--kernel", "next", "--root", str(host), env=env).returncode == 0
+        assert set(staged(host)) == {first, second}
+
+        after = reboot(host, env, second)
+        again = install(host, after, "--json")
+        assert again.returncode == 0, again.stderr
+        assert (ready_file(host)["kernel"], ready_file(host)["source"]) == (second, "staged")
+        gate = run_cli("ready", "--kernel", "next", "--root", str(host), "--json", env=after)
+        assert gate.returncode == 0, "6.12.115+deb13.1 is older: the running kernel is the next one"
+
+        (host / "boot/loader/entries").mkdir(parents=True)
+        (host / "boot/loader/entries/debian-bump.conf").write_text(f"title Debian\nlinux /vmlinuz-{bump}\n")
+        (host / "boot/loader/loader.conf").write_text("default debian-bump.conf\n")
+        gate = run_cli("ready", "--kernel", "next", "--root", str(host), "--json", env=after)
+        assert gate.returncode == 23 and json.loads(gate.stdout)["kernel"] == bump
+        staging = run_cli("stage", "--kernel", "next", "--root", str(host), "--json", env=after)
+        assert staging.returncode == 0, staging.stderr
+        assert run_cli("ready", "--kernel", "next", "--root", str(host), env=after).returncode == 0
+        assert bump in staged(host)

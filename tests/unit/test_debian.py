@@ -291,3 +291,19 @@ def test_a_kernel_past_what_debians_driver_was_tested_with_is_refused_before_any
             trixie.driver_packages(request, "proprietary", "7.2.13+deb13-amd64")
         text = info.value.render()
         assert "7.2.13+deb13-amd64" in text and "6.15" in text and "--driver-source run --driver 580" in text
+
+
+def test_backports_drivers_are_taken_only_when_asked_and_said_otherwise(tmp_path):
+    from cudabuild.sources.debian import newer_in_backports
+
+    asked = DebianArchive(cache=Cache(tmp_path), fetcher=SuiteFetcher(TRIXIE), reporter=Reporter(quiet=True),
+                          mirror="http://mirror.test/debian", security_mirror="http://mirror.test/security",
+                          distribution="trixie", driver_backports=True)
+    source, _, version = asked.driver_packages(None, "proprietary", "6.12.118+deb13-amd64")
+    assert (source.version, source.suite, version) == ("550.163.01-4~bpo13+1", "trixie-backports", "550.163.01")
+    plain = DebianArchive(cache=Cache(tmp_path / "plain"), fetcher=SuiteFetcher(TRIXIE), reporter=Reporter(quiet=True),
+                          mirror="http://mirror.test/debian", security_mirror="http://mirror.test/security",
+                          distribution="trixie")
+    source, _, _ = plain.driver_packages(None, "proprietary", "6.12.118+deb13-amd64")
+    assert newer_in_backports(plain, source).version == "550.163.01-4~bpo13+1"
+    assert newer_in_backports(asked, source) is None
