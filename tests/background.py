@@ -241,7 +241,7 @@ def trixie_builds(cache: Path, installers: dict, bookworm_release: str) -> dict:
     archive = bookworm_archive("trixie")
     latest, cloud, rt = (archive.latest_kernel(f) for f in ("amd64", "cloud-amd64", "rt-amd64"))
     run_url = f"{installers['url']}/NVIDIA-Linux-x86_64-{{}}.run"
-    done = {"cache": cache, "latest": latest, "cloud": cloud, "rt": rt, "bookworm": bookworm_release,
+    done = {"cache": cache, "latest": latest, "cloud_release": cloud, "rt_release": rt, "bookworm": bookworm_release,
             "installer_url": run_url}
 
     def build(name: str, *args: str) -> None:

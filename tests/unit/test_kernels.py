@@ -96,3 +96,18 @@ def test_trixies_kernels_are_ordered_as_their_packages_are_and_an_abi_bump_is_th
         (tmp_path / "boot" / f"vmlinuz-{release}").unlink()
     (tmp_path / "boot" / "vmlinuz-6.12.95+deb12-amd64").write_bytes(b"")
     assert kernels.next_kernel(host, "6.1.0-57-amd64") == "6.12.95+deb12-amd64"
+
+
+def test_trixies_relative_build_link_leads_to_the_headers_inside_the_host_root(tmp_path):
+    """Trixie links /usr/lib/modules/R/build -> ../../../src/linux-headers-R (bookworm's link was
+    absolute), under a merged /usr (lib -> usr/lib): the node finds the kernel's Module.symvers there."""
+    from cudabuild.deliver.staging import host_symvers
+
+    release = "6.12.118+deb13-amd64"
+    (tmp_path / "usr/src" / f"linux-headers-{release}").mkdir(parents=True)
+    (tmp_path / "usr/src" / f"linux-headers-{release}" / "Module.symvers").write_text("0x1\t_printk\tvmlinux\tEXPORT_SYMBOL\t\n")
+    (tmp_path / "usr/lib/modules" / release).mkdir(parents=True)
+    (tmp_path / "usr/lib/modules" / release / "build").symlink_to(f"../../../src/linux-headers-{release}")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    found = host_symvers(HostRoot(tmp_path), release)
+    assert found is not None and found.resolve() == (tmp_path / "usr/src" / f"linux-headers-{release}" / "Module.symvers")
