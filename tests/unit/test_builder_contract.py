@@ -39,3 +39,14 @@ def test_to_env_gives_every_variable_and_merged_keeps_what_each_part_sets():
 
 def test_the_step_marker_is_the_one_lib_sh_prints():
     assert f'echo "{STEP_MARK}$1"' in (REPO / "builder" / "lib.sh").read_text()
+
+
+def test_a_make_failure_from_a_kernel_api_the_driver_predates_names_it_and_a_driver_that_knows_it():
+    from cudabuild.compile.builder import _failure_hint
+
+    tail = ["/cudabuild/work/driver/modules/nvidia-open-kernel/nvidia/nv-pci.c:237:9: error: too few arguments to "
+            "function 'pci_resize_resource'; expected 4, have 3", "make[4]: *** [...] Error 1"]
+    hint = _failure_hint("make modules", tail)
+    assert "predate this kernel's API (too few arguments to function pci_resize_resource)" in hint
+    assert "--driver-source run --driver 580.142" in hint
+    assert "newer --driver" in _failure_hint("make modules", ["error: something else"])
