@@ -191,7 +191,7 @@ def target_kernel_files(kernel_repo, tmp_path_factory):
     from tests.helpers import bookworm_archive, debian_headers_files
 
     archive = bookworm_archive()
-    release = next(r for r in archive.kernel_releases()
+    release = next(r for r in archive.kernel_releases(backports=False)
                    if r.endswith("-amd64") and r.count("-") == 2
                    and archive.versions(f"linux-headers-{r}")[0].upstream_version == kernel_repo["version"])
     out = tmp_path_factory.mktemp("target")
