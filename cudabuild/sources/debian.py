@@ -203,7 +203,17 @@ class DebianArchive:
                                                or (a > b) - (a < b)))
 
     def latest_kernel(self, flavour: str = "amd64") -> str:
-        """The newest release of a flavour across the suite, its -updates and its -security."""
+        """The newest release of a flavour across the suite, its -updates and its -security, of the
+        distribution's own kernel line: the one its metapackage (linux-headers-amd64, -cloud-amd64,
+        -rt-amd64) depends on in its newest version, as `apt upgrade` gives a host. Bookworm's security
+        suite also carries a second line (linux-6.12, 6.12.x+deb12), which a bookworm host gets only
+        when it asks for it by name; a suite without the metapackage: the newest release of all."""
+        for meta in self.versions(f"{_HEADERS_PREFIX}{flavour}")[:1]:
+            for alternatives in PkgRelation.parse_relations(meta.depends):
+                release = alternatives[0]["name"].removeprefix(_HEADERS_PREFIX)
+                m = DEBIAN_RELEASE_RE.fullmatch(release)
+                if m and m.group("flavour") == flavour and self.versions(f"{_HEADERS_PREFIX}{release}"):
+                    return release
         releases = [r for r in self.kernel_releases(backports=False)
                     if DEBIAN_RELEASE_RE.fullmatch(r).group("flavour") == flavour]
         if not releases:

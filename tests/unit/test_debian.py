@@ -307,3 +307,23 @@ def test_backports_drivers_are_taken_only_when_asked_and_said_otherwise(tmp_path
     source, _, _ = plain.driver_packages(None, "proprietary", "6.12.118+deb13-amd64")
     assert newer_in_backports(plain, source).version == "550.163.01-4~bpo13+1"
     assert newer_in_backports(asked, source) is None
+
+
+def test_latest_follows_the_distributions_own_kernel_line_not_a_second_one(tmp_path):
+    """Bookworm's security suite carries linux-6.12 (6.12.x+deb12) beside its own 6.1 line; a
+    bookworm host's apt upgrade follows linux-headers-amd64, and so does latest."""
+    second = _headers("6.12.57+deb12-amd64", "6.12.57-1~deb12u1", "6.12.57+deb12-common", compiler="gcc-12")
+    meta = """
+Package: linux-headers-amd64
+Architecture: amd64
+Version: 6.1.192-2
+Depends: linux-headers-6.1.0-56-amd64 (= 6.1.192-2)
+Filename: pool/main/l/linux-signed-amd64/linux-headers-amd64_6.1.192-2_amd64.deb
+Size: 10
+SHA256: {s}
+""".format(s="1" * 64)
+    archive = make_archive(tmp_path, INDEX + USERSPACE + second + meta)
+    assert archive.kernel_releases(backports=False)[0] == "6.12.57+deb12-amd64"
+    assert archive.latest_kernel() == "6.1.0-56-amd64"
+    # without the metapackage (a mirror that filters it), the newest of all
+    assert make_archive(tmp_path / "bare", INDEX + USERSPACE + second).latest_kernel() == "6.12.57+deb12-amd64"
