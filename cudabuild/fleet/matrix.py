@@ -190,7 +190,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                                                          log_tail=[f"fix: {exc.hint}"] if exc.hint else [])
                 continue
             if plan.key in planned:
-                reporter.note(f"{kernel} x {driver} {flavor} is the cell {planned[plan.key]}: planned once")
+                reporter.note(f"{kernel} x {driver} {plan.spec.flavor} is the cell {planned[plan.key]}: planned once")
                 continue
             planned[plan.key] = f"{kernel} x {plan.spec.driver_version} {plan.spec.flavor}"
             asked[plan.key] = (kernel, driver, flavor)
