@@ -213,8 +213,8 @@ def installer_url(installers) -> str:
 # the one of Debian's nvidia-uvm on a 6.12 kernel), about 2.5 min; 580.142 open from NVIDIA's released
 # sources for the same kernel, the five modules (the open nvidia-uvm is compiled by no other build),
 # with its boot test, about 2 min; 595.45.04 for the session's bookworm
-# kernel and tesla-535 and rt builds of nvidia.ko alone (each a path of its own: another branch,
-# another package, another flavour's config), the cloud kernel's nvidia + nvidia-modeset, and the
+# kernel and the rt build of nvidia.ko alone (each a path of its own: another branch, another
+# flavour's config), tesla-535's nvidia + nvidia-modeset for the cloud kernel, and the
 # open 550's nvidia.ko, which fails in a few seconds (its sources predate trixie's kernels): about
 # 40 s each. With test_trixie.py's own commands, about 7 minutes of the suite's two cores.
 OPEN_580, OPEN_595 = "580.142", "595.45.04"
@@ -253,8 +253,8 @@ def trixie_builds(cache: Path, installers: dict, bookworm_release: str) -> dict:
           *ONLY_580, "--boot-test")
     build("595 bookworm", "--kernel", bookworm_release, "--driver-source", "run", "--installer",
           run_url.format(OPEN_595), "--only-modules", "nvidia")
-    build("535", "--kernel", latest, "--driver", "535", "--only-modules", "nvidia")
+    # trixie's tesla-535 for the cloud kernel, which has no DRM: nvidia-drm asked for and left out
+    build("535 cloud", "--kernel", cloud, "--driver", "535", "--only-modules", "nvidia,nvidia-modeset,nvidia-drm")
     build("550 open", "--kernel", latest, "--flavor", "open", "--backports", "--only-modules", "nvidia")
-    build("cloud", "--kernel", cloud, "--only-modules", "nvidia,nvidia-modeset,nvidia-drm")
     build("rt", "--kernel", rt, "--only-modules", "nvidia", "--ignore-preempt-rt")
     return done
