@@ -77,14 +77,22 @@ NEWER_DRIVER_HINT = ("NVIDIA's installer of a current branch supports it: --driv
                      "(R580, long-term support) or --driver 595.45.04")
 
 
+def _known_ceiling(dv: tuple[int, ...]) -> tuple[tuple[int, int] | None, bool]:
+    """The newest kernel (major, minor) the table knows a driver to build for: its branch's, else
+    that of the drivers older than it (None: none is older); and whether its branch is in the table."""
+    same_branch = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version[0] == dv[0]]
+    older = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version < dv]
+    found = same_branch or older
+    return (max(found) if found else None), bool(same_branch)
+
+
 def kernel_supported(driver: str, kernel_release: str) -> bool:
     """Whether a driver is known to build for a kernel; drivers newer than the table are assumed to."""
     dv, kv = version_tuple(driver), version_tuple(kernel_release)[:2]
-    same_branch = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version[0] == dv[0]]
-    if same_branch:
-        return kv <= max(same_branch)
-    older = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version < dv]
-    return not older or kv <= max(older) or dv > max(v for v, _ in DRIVER_KERNEL_CEILING)
+    ceiling, branch_known = _known_ceiling(dv)
+    if branch_known:
+        return kv <= ceiling
+    return ceiling is None or kv <= ceiling or dv > max(v for v, _ in DRIVER_KERNEL_CEILING)
 
 
 @dataclass(frozen=True)
@@ -330,11 +338,8 @@ def newer_in_backports(archive: "DebianArchive", source: Package) -> Package | N
 
 def _ceiling(driver: str) -> str:
     """The newest kernel line a driver is known to build for, as text (6.15)."""
-    dv = version_tuple(driver)
-    same = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version[0] == dv[0]]
-    older = [ceiling for version, ceiling in DRIVER_KERNEL_CEILING if version < dv]
-    found = max(same or older or [(0, 0)])
-    return ".".join(map(str, found))
+    ceiling, _ = _known_ceiling(version_tuple(driver))
+    return ".".join(map(str, ceiling or (0, 0)))
 
 
 def _satisfies(version: str, constraint: tuple[str, str] | None) -> bool:
