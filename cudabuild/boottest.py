@@ -32,10 +32,10 @@ from pathlib import Path, PurePosixPath
 from debian.arfile import ArFile
 
 from cudabuild.artifact import Artifact
-from cudabuild.cache import Cache
-from cudabuild.deliver import devices
-from cudabuild.deliver.devices import FACTS_FILE
-from cudabuild.deliver.loader import SETTINGS, settings
+from cudabuild.store.cache import Cache
+from cudabuild.host import devices
+from cudabuild.host.devices import FACTS_FILE
+from cudabuild.host.loader import SETTINGS, settings
 from cudabuild.digests import sha256_file
 from cudabuild.errors import InputError, VerifyError, shown
 from cudabuild.options import BOOT_APPEND_RE
@@ -417,6 +417,26 @@ class BootTest:
                 "loader": {"exit_code": self.loader_exit, "said": self.loader_said},
                 "modules": [m.to_json() for m in self.modules], "notes": self.notes}
 
+    def text(self) -> str:
+        return "\n".join(lines_of(self.to_json()))
+
+
+def lines_of(result: dict) -> list[str]:
+    """A boot test as people read it: the kernel, each module's verdict with the kernel's own
+    lines, and the real loader's word (from its JSON, as a manifest keeps it)."""
+    lines = [f"boot test: kernel {result['kernel']} ({result['kernel_image']}), QEMU {result['accelerator']}, "
+             f"{result['seconds']:g} s" + (f", appended: {result['append']}" if result["append"] else "")]
+    for m in result["modules"]:
+        lines.append(f"  {m['name'] + '.ko':<20} {m['verdict']:<10} {m['reason']}")
+        lines += [f"  {'':<31}{line}" for line in m["kernel_said"][-4:]]
+    loader = result["loader"]
+    if loader["exit_code"] is not None:
+        said = "; ".join(loader["said"][-2:]) or "nothing"
+        lines.append(f"  the image's loader in the guest: exit {loader['exit_code']}: {said}")
+    lines += [f"  note: {note}" for note in result["notes"]]
+    lines.append(f"verdict: {result['verdict']}")
+    return lines
+
 
 def parse_console(lines: list[str], checked: Artifact, *, image: KernelImage, accel: str, append: str,
                   seconds: float) -> BootTest:
@@ -555,3 +575,4 @@ def refuse_rejected(result: BootTest) -> None:
                       log_tail="\n".join(lines[-30:]),
                       hint="build the modules for this kernel (cudabuild modules --kernel RELEASE), with its own "
                       "Module.symvers; for signature refusals build with a key the host enrolled")
+

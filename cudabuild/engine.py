@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from cudabuild.artifact import LABEL_PREFIX
-from cudabuild.cache import pid_alive, pid_namespace
+from cudabuild.store.cache import pid_alive, pid_namespace
 from cudabuild.errors import LOG_TAIL_LINES, BuildError, EngineError, InputError, RegistryError, shown
 from cudabuild.lazy import lazy_import
 

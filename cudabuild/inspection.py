@@ -9,8 +9,10 @@ import platform
 from pathlib import Path
 
 from cudabuild import artifact
+from cudabuild.ui import Report
 from cudabuild.errors import InputError, VerifyError, shown
-from cudabuild.options import expected_modules, path_kind, validate_image_ref
+from cudabuild.nvidia import expected_modules
+from cudabuild.options import path_kind, validate_image_ref
 from cudabuild.verify import read_module
 
 HINT = "pass a runtime or modules image, the directory `cudabuild modules --output` wrote, or a .ko"
@@ -37,7 +39,7 @@ def inspect(target: str, engine_factory, *, verify: bool = False, cache=None) ->
         from cudabuild.signing import is_signed
 
         report = {"kind": "module", "driver_version": info.version, "kernel_release": info.vermagic.split(" ")[0],
-                  "vermagic": info.vermagic, "modules": [info.as_json()],
+                  "vermagic": info.vermagic, "modules": [info.to_json()],
                   "signed": {"signer": None} if is_signed(path) else None}
     elif kind == "dir":
         manifest = artifact.load(Path(target).expanduser()).manifest
@@ -75,3 +77,29 @@ def inspect(target: str, engine_factory, *, verify: bool = False, cache=None) ->
     report["host_kernel_release"] = host
     report["matches_host"] = report["kernel_release"] == host
     return report
+
+
+def inspected(target: str, services, *, verify: bool = False) -> Report:
+    """`cudabuild inspect`: the report, with the text people read."""
+    report = inspect(target, services.engine, verify=verify, cache=services.cache if verify else None)
+    lines = [f"{target} ({report['kind']})", f"  driver:  {report['driver_version']}",
+             f"  kernel:  {report['kernel_release']} (vermagic {report['vermagic'].strip()})"]
+    match = "yes" if report["matches_host"] else f"no, this host runs {report['host_kernel_release']}"
+    lines.append(f"  matches this host's kernel: {match}")
+    lines.append(f"  boot test: {report.get('boot_test') or 'not run (cudabuild boot-test)'}")
+    signed = report.get("signed")
+    if signed is None:
+        lines.append("  signed:  no (a kernel that enforces signatures refuses these modules)")
+    else:
+        lines.append(f"  signed:  by {signed.get('signer') or 'a key (its signer is not recorded here)'}"
+                     + (f", certificate sha256 {signed['cert_sha256']}" if signed.get("cert_sha256") else ""))
+    if report.get("verified"):
+        where = "" if report["kind"] == "directory" else " (its artifact in the cache)"
+        lines.append(f"  verified: every file's digest{', every signature' if signed else ''}{where}")
+    if report.get("modules_left_out"):
+        lines.append(f"  modules: {', '.join(m['name'] for m in report['modules'])} (built with --only-modules; "
+                     f"not {', '.join(report['modules_left_out'])})")
+    for m in report["modules"]:
+        size = f"{m['size'] / 1024**2:7.1f} MiB  " if "size" in m else ""
+        lines.append(f"  {m['file']:<20} {size}sha256:{m['sha256']}")
+    return Report(report, lines)

@@ -2,7 +2,7 @@
 once. Every string that can reach a shell, a path, an image tag or a container is validated here.
 
 Precedence: the defaults below < `CUDABUILD_*` environment < flags. The environment comes in as the
-command's Settings (`resolve_build_options(flags, settings)`), read once from an explicit mapping, so
+command's Settings (`Settings.build_options(flags)`), read once from an explicit mapping, so
 tests pass `Settings()` or `Settings.from_env({...})`."""
 
 from __future__ import annotations
@@ -13,27 +13,14 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cudabuild.errors import InputError, shown
-from cudabuild.settings import Settings
+from cudabuild.nvidia import (DRIVER_RE, FLAVORS, FULL_DRIVER_RE, PROPRIETARY_UNTIL, RELEASE_RE, modules_to_build,
+                              only_modules, require_flavor, version_tuple)
 
-# ASCII only: Python's \d also matches other scripts' digits (e.g. Arabic-Indic), which no kernel
-# release, driver version or URL contains.
-RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-DRIVER_RE = re.compile(r"[0-9]{3}(\.[0-9]{1,4}){0,2}")
-FULL_DRIVER_RE = re.compile(r"[0-9]{3}\.[0-9]{1,4}(\.[0-9]{1,4})?")
-# Debian's kernel releases (FACTS.md, "Debian 13 trixie"): bookworm's 6.1.0-57-amd64; from trixie on
-# UPSTREAM+debN[.ABI]-FLAVOUR (6.12.117+deb13-amd64, the ABI bump 6.12.115+deb13.1-amd64, bookworm-backports'
-# 6.12.95+deb12-amd64, forky's and sid's 7.2.13+deb14-amd64). Groups: the Debian release (debN), the flavour.
-DEBIAN_RELEASE_RE = re.compile(
-    r"[0-9]+\.[0-9]+\.[0-9]+(?:-[0-9]+|\+deb(?P<deb>[0-9]+)(?:\.[0-9]+)?)-(?P<flavour>amd64|cloud-amd64|rt-amd64)")
-# Debian's releases by number (a +debN release names the Debian release its packages were built for).
-DEBIAN_CODENAMES = {10: "buster", 11: "bullseye", 12: "bookworm", 13: "trixie", 14: "forky"}
-# Bookworm and bullseye named their releases VERSION-ABI-FLAVOUR with the upstream line fixed.
-_CODENAME_BY_LINE = {"6.1.0": "bookworm", "5.10.0": "bullseye", "4.19.0": "buster"}
+# ASCII only (see nvidia.py).
 URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/%@+=,-]+")
 HTTP_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/%@+=,-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -48,49 +35,11 @@ JOBS_MAX = 256
 
 KERNEL_SOURCES = ("debian", "git")
 DRIVER_SOURCES = ("debian", "run")
-FLAVORS = ("proprietary", "open")
 CHECKOUTS = ("sparse", "full")
-OPEN_SINCE = (515,)  # the first branch with open kernel modules
-OPEN_DEFAULT_SINCE = (560,)  # NVIDIA's installers build the open modules by default from here
-PROPRIETARY_UNTIL = (580,)  # the last branch with proprietary modules (Maxwell, Pascal, Volta)
 DEFAULT_KERNEL_REPO = "https://git.kernel.org/pub/scm/linux/kernel/git/stable/linux.git"
 DEFAULT_INSTALLER_URL = "https://download.nvidia.com/XFree86/Linux-x86_64/{version}/NVIDIA-Linux-x86_64-{version}.run"
 DEFAULT_APT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_APT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-DEFAULT_DISTRIBUTION = "bookworm"  # where neither the kernel release nor the host says otherwise
-
-# Which modules a driver release builds, by the first release that had them (FACTS.md).
-_MODULES_SINCE = [
-    ("nvidia", (0,)),
-    ("nvidia-uvm", (331, 17)),
-    ("nvidia-modeset", (358, 9)),
-    ("nvidia-drm", (364, 12)),
-    ("nvidia-peermem", (465,)),
-]
-MODULE_NAMES = tuple(name for name, _ in _MODULES_SINCE)
-# The module each one needs loaded before it (FACTS.md, load order): a subset built with
-# --only-modules holds what each of its modules needs.
-MODULE_NEEDS = {"nvidia-uvm": "nvidia", "nvidia-modeset": "nvidia", "nvidia-drm": "nvidia-modeset",
-                "nvidia-peermem": "nvidia"}
-
-
-def only_modules(value: str) -> tuple[str, ...]:
-    """--only-modules NAMES (comma-separated) as module names in load order, checked: NVIDIA's
-    modules only, each with what it needs."""
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MODULE_NAMES]
-    if unknown or not names:
-        raise InputError(f"--only-modules {shown(value)}: " + (f"{', '.join(shown(n) for n in unknown)} "
-                         "is not an NVIDIA module" if unknown else "names no module"),
-                         hint=f"choose from {', '.join(MODULE_NAMES)}, e.g. --only-modules nvidia,nvidia-uvm "
-                              "(a compute-only driver)")
-    lacking = sorted({f"{name} needs {MODULE_NEEDS[name]}" for name in names
-                      if name in MODULE_NEEDS and MODULE_NEEDS[name] not in names})
-    if lacking:
-        raise InputError(f"--only-modules {shown(value)}: {'; '.join(lacking)}",
-                         hint="add the modules they need, e.g. --only-modules nvidia,nvidia-modeset,nvidia-drm")
-    return tuple(name for name in MODULE_NAMES if name in names)
-
 
 def validate_release(value: str, *, what: str = "kernel release") -> str:
     if not RELEASE_RE.fullmatch(value or "") or ".." in value:
@@ -132,81 +81,6 @@ def validate_registry(value: str, what: str = "--registry") -> str:
     return value
 
 
-def debian_distribution(release: str | None, host_codename: str | None) -> tuple[str, str]:
-    """The Debian release whose packages serve a kernel release, and why: the one the release's name
-    says (6.12.117+deb13-amd64: trixie; 6.1.0-57-amd64: bookworm), else this host's own (a Debian
-    host's /etc/os-release), else bookworm."""
-    m = DEBIAN_RELEASE_RE.fullmatch(release or "")
-    if m and m.group("deb") and int(m.group("deb")) in DEBIAN_CODENAMES:
-        return DEBIAN_CODENAMES[int(m.group("deb"))], f"{release} is a Debian {m.group('deb')} kernel"
-    if m and (line := release.split("-", 1)[0]) in _CODENAME_BY_LINE:
-        return _CODENAME_BY_LINE[line], f"{release} is a {_CODENAME_BY_LINE[line]} kernel"
-    if host_codename:
-        return host_codename, "this host's Debian release (/etc/os-release)"
-    return DEFAULT_DISTRIBUTION, "the default"
-
-
-def require_open_support(version: str) -> None:
-    """Open kernel modules exist from 515 on (FACTS.md)."""
-    if version_tuple(version) < OPEN_SINCE:
-        raise InputError(f"driver {version} has no open kernel modules: they exist from 515 on",
-                         hint="use --flavor proprietary, or a driver of 515 or newer")
-
-
-def default_flavor(version: str) -> str:
-    """The flavour a driver builds when none is asked for: NVIDIA's own default, the open modules
-    from 560 on (FACTS.md, "NVIDIA's current branches"), the proprietary ones before."""
-    return "open" if version_tuple(version) >= OPEN_DEFAULT_SINCE else "proprietary"
-
-
-def require_flavor(version: str, flavor: str) -> None:
-    """A flavour the driver has: open from 515, proprietary up to the 580 branch (from 590 NVIDIA
-    ships only the open modules)."""
-    if flavor == "open":
-        require_open_support(version)
-    elif version_tuple(version)[:1] > PROPRIETARY_UNTIL:
-        raise InputError(f"driver {version} has no proprietary kernel modules: from the 590 branch on NVIDIA "
-                         "ships only the open modules, which need a GPU with a GSP (Turing or newer)",
-                         hint="build the open modules (the default, or --flavor open); Maxwell, Pascal and Volta "
-                              "GPUs need the proprietary modules of 580 or earlier (e.g. --driver 580.142 "
-                              "--flavor proprietary with NVIDIA's 580 installer)")
-
-
-def kernel_tag(release: str) -> tuple[str, str]:
-    """linux-stable's tag for a release, and the rest of the release (the suffix):
-    4.3.6-coreos -> (v4.3.6, -coreos); 6.1.0-foo -> (v6.1, -foo)."""
-    m = re.fullmatch(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?(.*)", release)
-    if not m:
-        raise InputError(f"kernel release {shown(release)} does not start with a kernel version (like 6.1.192)",
-                         hint="pass the `uname -r` of the target, e.g. --kernel 4.3.6-coreos")
-    major, minor, sub, suffix = m.groups()
-    tag = f"v{major}.{minor}" + (f".{sub}" if sub and sub != "0" else "")
-    return tag, suffix
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"[0-9]+", version))
-
-
-def expected_modules(driver_version: str) -> list[str]:
-    """The modules a driver of this version builds for x86_64."""
-    v = version_tuple(driver_version)
-    return [name for name, since in _MODULES_SINCE if v >= since]
-
-
-def modules_to_build(driver_version: str, only: str | None) -> tuple[str, ...]:
-    """The modules a build makes: all the driver has, or the --only-modules subset of them."""
-    has = expected_modules(driver_version)
-    if only is None:
-        return tuple(has)
-    chosen = only_modules(only)
-    lacking = [name for name in chosen if name not in has]
-    if lacking:
-        raise InputError(f"--only-modules: NVIDIA {driver_version} has no {', '.join(lacking)}",
-                         hint=f"choose from what it has: {', '.join(has)}")
-    return chosen
-
-
 # ---- paths the user names ----------------------------------------------------------------------
 _PATH_REASONS = {
     errno.ENOENT: "no such file or directory",
@@ -246,6 +120,18 @@ def path_kind(value: str, flag: str, hint: str) -> str | None:
     if st is None:
         return None
     return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+def check_boot_append(value: str, flag: str) -> None:
+    """Kernel parameters for a boot test's guest (`modules --boot-append`, `boot-test --append`)."""
+    if not BOOT_APPEND_RE.fullmatch(value):
+        raise InputError(f"{flag} {shown(value)} is not a list of kernel parameters",
+                         hint=f"pass e.g. {flag} module.sig_enforce=1 (letters, digits, _ . , = : / + -)")
+
+
+def check_boot_timeout(value: float, flag: str) -> None:
+    if not 10 <= value <= 3600:
+        raise InputError(f"{flag} {value:g} is out of range", hint="pass 10 to 3600 seconds")
 
 
 # ---- cudabuild modules (and every command that builds) -----------------------------------------
@@ -353,9 +239,7 @@ class BuildOptions:
             existing_file(self.symvers, "--symvers", "the target kernel's Module.symvers")
         if self.kernel_image is not None:
             existing_file(self.kernel_image, "--kernel-image", "the target's vmlinuz or a linux-image .deb")
-        if not BOOT_APPEND_RE.fullmatch(self.boot_append):
-            raise InputError(f"--boot-append {shown(self.boot_append)} is not a list of kernel parameters",
-                             hint="pass e.g. --boot-append module.sig_enforce=1 (letters, digits, _ . , = : / + -)")
+        check_boot_append(self.boot_append, "--boot-append")
         if self.registry is not None:
             validate_registry(self.registry)
         if self.sign_key is not None:
@@ -367,8 +251,7 @@ class BuildOptions:
                              " (only with --no-build does a certificate alone name the signed modules to take)"),
                              hint="pass both, e.g. --sign-key ./key.pem --sign-cert ./cert.pem (or "
                                   "CUDABUILD_SIGN_KEY and CUDABUILD_SIGN_CERT)")
-        if not 10 <= self.boot_timeout <= 3600:
-            raise InputError(f"--boot-timeout {self.boot_timeout:g} is out of range", hint="pass 10 to 3600 seconds")
+        check_boot_timeout(self.boot_timeout, "--boot-timeout")
 
     def local_files(self) -> list[tuple[str, str]]:
         """(flag, path) of each file on this machine the options name: a build elsewhere cannot read them."""
@@ -407,29 +290,6 @@ def default_of(name: str):
     """The default of a BuildOptions field (for --help texts)."""
     f = next(f for f in fields(BuildOptions) if f.name == name)
     return None if f.default is dataclasses.MISSING else f.default
-
-
-def resolve_build_options(flags: Mapping[str, object], settings: Settings) -> BuildOptions:
-    """Defaults, then the environment (as the settings read it), then the flags that were given
-    (None: not given)."""
-    known = {f.name for f in fields(BuildOptions)}
-    unknown = set(flags) - known
-    if unknown:
-        raise TypeError(f"not build options: {sorted(unknown)}")
-    values: dict[str, object] = dict(settings.option_values)
-    from_env = dict(settings.option_variables)
-    for name, value in flags.items():
-        if value is not None:
-            values[name] = value
-            from_env.pop(name, None)
-    try:
-        return BuildOptions(**values)
-    except InputError as exc:
-        for name, variable in from_env.items():
-            if f"--{name.replace('_', '-')} " in exc.message or (name == "installer_url" and "template" in exc.message):
-                exc.message += f" (set by the environment variable {variable})"
-                exc.args = (exc.message,)
-        raise
 
 
 def options_to_json(options: BuildOptions) -> str:

@@ -4,7 +4,7 @@ receives this one frozen value; no other module reads `os.environ`.
 
 What is here:
 - the option defaults set by `CUDABUILD_*` variables (the flag of the same name wins; see
-  options.ENVIRONMENT and options.resolve_build_options),
+  options.ENVIRONMENT and Settings.build_options),
 - where things are: the cache (CUDABUILD_CACHE), Docker's client configuration (DOCKER_CONFIG),
 - the compile cache's bound (CUDABUILD_COMPILE_CACHE_SIZE),
 - how to reach and wait for the engine (DOCKER_HOST and the SDK's own variables, passed to it as
@@ -25,13 +25,14 @@ import os
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 
 import platformdirs
 
 from cudabuild.errors import InputError, shown
+from cudabuild.options import ENVIRONMENT, BuildOptions, environment_value
 
 # How long to wait for the engine to answer its first request, in seconds (CUDABUILD_ENGINE_TIMEOUT).
 ENGINE_ANSWER_TIMEOUT = 20.0
@@ -82,8 +83,6 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
-        from cudabuild.options import ENVIRONMENT, environment_value
-
         env = MappingProxyType(dict(env))
         values, variables = {}, {}
         for name, variable in ENVIRONMENT.items():
@@ -130,6 +129,28 @@ class Settings:
             no_color="NO_COLOR" in env,
         )
 
+    def build_options(self, flags: Mapping[str, object]) -> BuildOptions:
+        """Defaults, then the environment (as the settings read it), then the flags that were given
+        (None: not given)."""
+        known = {f.name for f in fields(BuildOptions)}
+        unknown = set(flags) - known
+        if unknown:
+            raise TypeError(f"not build options: {sorted(unknown)}")
+        values: dict[str, object] = dict(self.option_values)
+        from_env = dict(self.option_variables)
+        for name, value in flags.items():
+            if value is not None:
+                values[name] = value
+                from_env.pop(name, None)
+        try:
+            return BuildOptions(**values)
+        except InputError as exc:
+            for name, variable in from_env.items():
+                if f"--{name.replace('_', '-')} " in exc.message or (name == "installer_url" and "template" in exc.message):
+                    exc.message += f" (set by the environment variable {variable})"
+                    exc.args = (exc.message,)
+            raise
+
     def reporter(self, **kwargs):
         """A Reporter that talks to people as these settings say (no bars under CI, no colour with
         NO_COLOR)."""
@@ -157,7 +178,7 @@ class Settings:
 
     def fetcher(self, reporter):
         """The downloader, retrying as CUDABUILD_DOWNLOAD_RETRIES says."""
-        from cudabuild.fetch import Fetcher
+        from cudabuild.store.fetch import Fetcher
 
         if self.download_retries_invalid is not None:
             raise InputError(f"CUDABUILD_DOWNLOAD_RETRIES {shown(self.download_retries_invalid)} is not a number "
@@ -165,7 +186,7 @@ class Settings:
         return Fetcher(reporter=reporter, retries=self.download_retries)
 
     def cache(self):
-        from cudabuild.cache import Cache
+        from cudabuild.store.cache import Cache
 
         return Cache(self.cache_dir)
 
@@ -176,3 +197,51 @@ class Settings:
         from cudabuild.registry import Registry
 
         return Registry(repo, docker_config=self.docker_config)
+
+    def registry_repo(self, flag: str | None) -> str | None:
+        """The registry a command uses: its --registry flag, else CUDABUILD_REGISTRY (None: neither)."""
+        return flag or self.option_values.get("registry") or None
+
+
+class Services:
+    """What one command works with, made once when it starts and passed down: the reporter, the
+    cache, the downloader, the engine (connected when first asked for, so that bad input is refused
+    before any engine is needed, and then the same one), and registries by repository."""
+
+    def __init__(self, settings: Settings, *, reporter=None, engine=None) -> None:
+        self.settings = settings
+        self.reporter = reporter if reporter is not None else settings.reporter()
+        self._engine = engine
+        self._cache = None
+        self._fetcher = None
+
+    def engine(self):
+        """The engine, connected on first use."""
+        if self._engine is None:
+            self._engine = self.settings.engine()
+        return self._engine
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            self._cache = self.settings.cache()
+        return self._cache
+
+    @property
+    def fetcher(self):
+        if self._fetcher is None:
+            self._fetcher = self.settings.fetcher(self.reporter)
+        return self._fetcher
+
+    def registry(self, repo: str | None = None):
+        """The Registry of `repo`, else of CUDABUILD_REGISTRY; None for neither."""
+        return self.settings.registry(self.settings.registry_repo(repo))
+
+    def quiet(self) -> "Services":
+        """The same services for work whose progress is not shown (a matrix plans each cell): the
+        same settings, cache and engine (connected now), a reporter that says nothing."""
+        from cudabuild.ui import Reporter
+
+        twin = Services(self.settings, reporter=Reporter(quiet=True), engine=self.engine())
+        twin._cache = self.cache
+        return twin

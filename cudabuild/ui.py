@@ -88,3 +88,26 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.1f}s"
     minutes, rest = divmod(int(round(seconds)), 60)
     return f"{minutes}m{rest:02d}s"
+
+
+@dataclass
+class Report:
+    """A command's result as the library made it: its data (what --json prints) and its text (what
+    people read), written side by side where the result is made. `error`, when set, is raised once
+    the result has been shown (a gate that answers no, a stale spec, a refused boot test); `exit_code`
+    ends the command with that code without an error's message (a matrix with failed cells);
+    `to_stderr`: the text is a note about what was written elsewhere; `notes`: lines for stderr
+    beside a text that is data (a matrix's summary beside its Kubernetes Jobs)."""
+
+    data: object
+    lines: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    exit_code: int = 0
+    to_stderr: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> object:
+        return self.data
+
+    def text(self) -> str:
+        return "\n".join(self.lines)

@@ -35,18 +35,23 @@ def _malformed() -> tuple[type[BaseException], ...]:
 
 
 @dataclass(frozen=True)
-class ModuleInfo:
+class ModuleEntry:
+    """One kernel module as read from its ELF file, and as the manifest lists it (artifact.Manifest
+    .modules): the same type for both. `path` (where it was read) and `crcs` (the symbol versions it
+    imports) are what reading it learned beside the entry; they take no part in comparing entries."""
+
     name: str
-    path: Path
+    file: str
     size: int
     sha256: str
     vermagic: str
     version: str | None
-    depends: tuple[str, ...]
+    depends: tuple[str, ...] = ()
+    path: Path | None = field(default=None, compare=False, repr=False)
     crcs: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
-    def as_json(self) -> dict:
-        return {"name": self.name, "file": self.path.name, "size": self.size, "sha256": self.sha256,
+    def to_json(self) -> dict:
+        return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256,
                 "vermagic": self.vermagic, "version": self.version, "depends": list(self.depends)}
 
 
@@ -63,7 +68,7 @@ def _section_bytes(elf, name: str, *, file_size: int, limit: int, path: Path) ->
     return section.data()
 
 
-def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> ModuleInfo:
+def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> ModuleEntry:
     """Read a kernel module's .modinfo and (with `crcs`) __versions sections, with bounds."""
     try:
         size = path.stat().st_size
@@ -101,7 +106,7 @@ def read_module(path: Path, *, digest: bool = True, crcs: bool = True) -> Module
     if not vermagic:
         raise VerifyError(f"{path} has no vermagic in its .modinfo: it is not a kernel module")
     depends = tuple(d for d in fields.get("depends", "").split(",") if d)
-    return ModuleInfo(name=fields.get("name", path.stem).replace("_", "-"), path=path, size=size,
+    return ModuleEntry(name=fields.get("name", path.stem).replace("_", "-"), file=path.name, path=path, size=size,
                       sha256=sha256_file(path) if digest else "", vermagic=vermagic, version=fields.get("version"),
                       depends=depends, crcs=imports)
 
@@ -131,10 +136,10 @@ def config_enabled(config: Path, option: str) -> bool:
 
 
 def verify_modules(directory: Path, *, release: str, driver_version: str, expected: list[str],
-                   symvers: Path | None, modversions: bool) -> list[ModuleInfo]:
+                   symvers: Path | None, modversions: bool) -> list[ModuleEntry]:
     """Check every expected module; raise VerifyError naming every problem found."""
     problems: list[str] = []
-    infos: list[ModuleInfo] = []
+    infos: list[ModuleEntry] = []
     kernel_crcs = read_symvers(symvers) if symvers else {}
     for name in expected:
         path = directory / f"{name}.ko"

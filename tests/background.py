@@ -138,7 +138,6 @@ def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:
 
     from cudabuild.compile.plan import plan_modules
     from cudabuild.compile.steps import prepare_kernel
-    from cudabuild.options import resolve_build_options
     from cudabuild.settings import Settings
     from cudabuild.ui import Reporter
 
@@ -150,7 +149,7 @@ def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:
     reporter = Reporter(quiet=True)
     trees = {}
     for checkout in ("sparse", "full"):
-        plan = plan_modules(resolve_build_options({**flags, "kernel_checkout": checkout}, settings),
+        plan = plan_modules(settings.build_options({**flags, "kernel_checkout": checkout}),
                             settings=settings, reporter=reporter)
         trees[checkout] = (cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
     return trees

@@ -42,7 +42,7 @@ def write_artifact(root: Path, *, modules=(("nvidia", "drm"), ("nvidia-uvm", "nv
                    driver: str = DRIVER) -> Path:
     """A valid artifact directory whose modules are written byte by byte: (name, depends) pairs,
     a stand-in libcuda with its SONAME link chain, and the manifest by cudabuild's own module."""
-    from cudabuild.artifact import Manifest, ModuleEntry, describe_userspace
+    from cudabuild.artifact import Manifest, describe_userspace
     from cudabuild.verify import read_module
 
     vermagic = f"{release} SMP preempt mod_unload modversions "
@@ -58,6 +58,6 @@ def write_artifact(root: Path, *, modules=(("nvidia", "drm"), ("nvidia-uvm", "nv
     (lib / "libcuda.so").symlink_to("libcuda.so.1")  # a chain, as Debian's packages ship it
     infos = [read_module(root / "modules" / f"{name}.ko") for name, _ in modules]
     Manifest(key="a" * 64, created="2026-11-22T00:00:00+00:00", kernel_release=release, driver_version=driver,
-             flavor="proprietary", vermagic=vermagic, modules=tuple(ModuleEntry.of(i) for i in infos),
+             flavor="proprietary", vermagic=vermagic, modules=tuple(infos),
              userspace=describe_userspace(root / "userspace")).write(root)
     return root

@@ -41,7 +41,7 @@ def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, m
                   key: str | None = None, flavor: str = "proprietary"):
     """A small, valid artifact directory: gcc-built modules, a stand-in libcuda with its SONAME
     link, nvidia-smi, and the manifest written by cudabuild's own artifact module."""
-    from cudabuild.artifact import Manifest, ModuleEntry, describe_userspace
+    from cudabuild.artifact import Manifest, describe_userspace
     from cudabuild.verify import read_module
 
     root = Path(root)
@@ -61,7 +61,7 @@ def make_artifact(root: Path, *, release: str = RELEASE, driver: str = DRIVER, m
     manifest = Manifest(key=key or hashlib.sha256(str(root).encode()).hexdigest(),
                         created="2026-11-22T00:00:00+00:00", kernel_release=release, driver_version=driver,
                         flavor=flavor, vermagic=infos[0].vermagic,
-                        modules=tuple(ModuleEntry.of(i) for i in infos),
+                        modules=tuple(infos),
                         userspace=describe_userspace(root / "userspace"))
     manifest.write(root)
     return manifest
@@ -450,8 +450,8 @@ def cdi_validator():
 def bookworm_archive(distribution: str = "bookworm"):
     """Debian bookworm's archive (or another suite's), read with cudabuild's own reader (its index
     and packages cached with the stand-ins)."""
-    from cudabuild.cache import Cache
-    from cudabuild.fetch import Fetcher
+    from cudabuild.store.cache import Cache
+    from cudabuild.store.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
     from cudabuild.ui import Reporter
 
@@ -483,8 +483,8 @@ def debian_headers_files(release: str, files: dict[str, Path]) -> None:
 def debian_debs(names: list[str], version: str) -> list[Path]:
     """Debian's .debs of these packages at `version` (upstream), fetched once into the shared
     stand-ins cache and checked against the archive's index."""
-    from cudabuild.cache import Cache
-    from cudabuild.fetch import Fetcher
+    from cudabuild.store.cache import Cache
+    from cudabuild.store.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
     from cudabuild.ui import Reporter
 

@@ -5,7 +5,6 @@ image, --output, and the registry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +13,16 @@ from cudabuild.artifact import Artifact, Manifest
 from cudabuild.compile import steps
 from cudabuild.compile.plan import plan_modules
 from cudabuild.compile.publish import check_output, publish_image, write_output
-from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, RegistryError
 from cudabuild.options import BuildOptions
-from cudabuild.settings import Settings
-from cudabuild.ui import Reporter
+from cudabuild import boottest
+from cudabuild.nvidia import debian_distribution
+from cudabuild.options import check_boot_append, check_boot_timeout
+from cudabuild.compile.intake import find_modules
+from cudabuild.settings import Services
+from cudabuild.sources.debian import DebianArchive
+from cudabuild.ui import Report, format_seconds
+from cudabuild.errors import VerifyError
 
 
 @dataclass
@@ -38,7 +42,7 @@ class ModulesResult:
     def manifest(self) -> Manifest:
         return self.artifact.manifest
 
-    def as_json(self) -> dict:
+    def to_json(self) -> dict:
         m = self.manifest
         return {
             "kernel_release": m.kernel_release,
@@ -57,13 +61,35 @@ class ModulesResult:
             "steps": [{"name": s.name, "seconds": s.seconds, "status": s.status} for s in self.steps],
         }
 
+    def text(self) -> str:
+        m = self.manifest
+        origin = {"cached": "from the cache", "pulled": f"pulled from {self.registry_ref} and verified",
+                  "built": "built and verified"}[self.origin]
+        lines = [f"NVIDIA {m.driver_version} ({m.flavor}) for Linux {m.kernel_release}: {origin}"]
+        lines += [f"  {e.file:<20} {e.size / 1024**2:7.1f} MiB  version {e.version or '-':<12} vermagic {e.vermagic}"
+                  for e in m.modules]
+        if m.signature:
+            lines.append(f"signed by:     {m.signature['signer']} (key {m.signature['key_id']}, "
+                         f"{m.signature['hash']}; certificate sha256 {m.signature['cert_sha256'][:16]}...)")
+        lines.append(f"modules image: {self.modules_image}")
+        lines.append(f"cache:         {self.artifact.root}")
+        if self.output_dir:
+            lines.append(f"output:        {self.output_dir}")
+        if self.registry_ref:
+            lines.append(f"registry:      {self.registry_ref} ({'pushed' if self.pushed else 'already there'})")
+        if self.origin == "built" and m.build_seconds is not None:
+            lines.append(f"build time:    {format_seconds(m.build_seconds)}")
+        if self.boot_tested and m.boot_test:
+            lines += boottest.lines_of(m.boot_test)
+        return "\n".join(lines)
 
-def build_modules(options: BuildOptions, *, settings: Settings, reporter: Reporter,
-                  engine_factory: Callable[[], Engine] | None = None) -> ModulesResult:
+
+def build_modules(options: BuildOptions, services: Services) -> ModulesResult:
+    reporter = services.reporter
     output = check_output(options.output, force=options.force) if options.output else None
-    plan = plan_modules(options, settings=settings, reporter=reporter, engine_factory=engine_factory)
+    plan = plan_modules(options, services)
     cache, key, tag, engine = plan.cache, plan.key, plan.tag, plan.engine
-    registry = settings.registry(options.registry)
+    registry = services.registry(options.registry)
     remote = registry.ref(tag) if registry else None
     in_registry: bool | None = None  # whether the registry has this key (None: not asked)
     registry_down: RegistryError | None = None
@@ -147,3 +173,40 @@ def build_modules(options: BuildOptions, *, settings: Settings, reporter: Report
     return ModulesResult(cache_hit=origin == "cached", origin=origin, artifact=checked, modules_image=tag,
                          output_dir=output, steps=list(reporter.steps), boot_tested=options.boot_test,
                          registry_ref=remote, pushed=pushed, compile_cache=compile_cache)
+
+
+def boot_test_command(modules_ref: str | None, *, kernel_image: str | None, append: str | None,
+                      timeout: float | None, distribution: str | None, apt_mirror: str | None,
+                      apt_security_mirror: str | None, services) -> Report:
+    """`cudabuild boot-test`: the modules found (an image, a directory, the newest build), their
+    kernel booted with them; the verdict kept in the cached artifact's manifest; a refusal is the
+    result's error (exit 7), raised once the result is shown."""
+    if append is not None:
+        check_boot_append(append, "--append")
+    if timeout is not None:
+        check_boot_timeout(timeout, "--timeout")
+    settings, reporter, cache = services.settings, services.reporter, services.cache
+    options = settings.build_options({"distribution": distribution, "apt_mirror": apt_mirror,
+                                      "apt_security_mirror": apt_security_mirror, "kernel_image": kernel_image,
+                                      "boot_append": append, "boot_timeout": timeout})
+    checked = find_modules(modules_ref, services)
+
+    def archive() -> DebianArchive:
+        codename = options.distribution or debian_distribution(checked.manifest.kernel_release,
+                                                               settings.host_codename)[0]
+        return DebianArchive(cache=cache, fetcher=services.fetcher, reporter=reporter, mirror=options.apt_mirror,
+                             security_mirror=options.apt_security_mirror, distribution=codename)
+
+    result = boottest.run_for(checked, kernel_image=options.kernel_image, append=options.boot_append,
+                     timeout=options.boot_timeout, archive=archive, cache=cache, fetcher=services.fetcher,
+                     reporter=reporter)
+    if result is None:
+        return Report({"verdict": "skipped", "kernel": checked.manifest.kernel_release})
+    if checked.root.resolve() == cache.result_dir(checked.manifest.key).resolve():
+        boottest.record(checked, result)  # the cached artifact keeps its verdict; a directory elsewhere is not changed
+    try:
+        boottest.refuse_rejected(result)
+        error = None
+    except VerifyError as exc:
+        error = exc
+    return Report(result.to_json(), boottest.lines_of(result.to_json()), error=error)

@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import MODULES_REPOSITORY, image_tag
-from cudabuild.cache import Cache, key_of
+from cudabuild.store.cache import Cache, key_of
 from cudabuild.compile.builder import plan_builder
 from cudabuild.compile.contract import DRIVER, INPUTS, KERNELS, BuilderEnv
 from cudabuild.compile.spec import BuildSpec
 from cudabuild.engine import Engine
 from cudabuild.errors import InputError
-from cudabuild.fetch import Fetcher
-from cudabuild.options import (DEBIAN_RELEASE_RE, BuildOptions, debian_distribution, default_flavor,
-                               modules_to_build, require_flavor, validate_release)
-from cudabuild.settings import Settings
+from cudabuild.store.fetch import Fetcher
+from cudabuild.nvidia import (DEBIAN_RELEASE_RE, debian_distribution, default_flavor, modules_to_build,
+    require_flavor)
+from cudabuild.options import BuildOptions, validate_release
+from cudabuild.settings import Services
 from cudabuild.signing import Certificate, SigningKey, load_signing_key
 from cudabuild.sources.debian import DebianArchive, Package, newer_in_backports
 from cudabuild.sources.git import BASE_BY_GCC, resolve_git_kernel
@@ -175,9 +176,10 @@ class ModulesPlan:
         return found + ([self.driver.run.sha256] if self.driver.run is not None else [])
 
 
-def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporter,
-                 engine_factory: Callable[[], Engine] | None = None) -> ModulesPlan:
-    """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing."""
+def plan_modules(options: BuildOptions, services: Services) -> ModulesPlan:
+    """Resolve what to build (kernel, driver, builder) into its spec and cache key; builds nothing.
+    The engine is asked for only once every input has been checked."""
+    settings, reporter = services.settings, services.reporter
     if options.jobs is None:
         options = dataclasses.replace(options, jobs=settings.cpu_count)
     signing, certificate = None, None
@@ -187,8 +189,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
     elif options.sign_cert is not None:
         certificate = Certificate.load(Path(options.sign_cert))
     compile_cache_size = settings.compile_cache_bound() if options.compile_cache else None
-    cache = settings.cache()
-    fetcher = settings.fetcher(reporter)
+    cache, fetcher = services.cache, services.fetcher
     release = None
     if options.kernel is None:
         release = validate_release(settings.host_release, what="this host's kernel release")
@@ -242,7 +243,7 @@ def plan_modules(options: BuildOptions, *, settings: Settings, reporter: Reporte
                          hint="pass --builder-base IMAGE naming an image whose gcc has that major version")
     why = "--builder-base" if options.builder_base else f"gcc {kernel.gcc_major}, the kernel's own compiler"
     reporter.note(f"builder base: {base} ({why})")
-    engine = (engine_factory or settings.engine)()  # every input was checked before this
+    engine = services.engine()  # every input was checked before this
     builder = plan_builder(engine, base=base, distribution=base.split(":", 1)[-1], gcc_major=kernel.gcc_major,
                            mirror=options.apt_mirror, security_mirror=options.apt_security_mirror)
     if kernel.clone is not None:  # a git tree is prepared by this builder: named after both

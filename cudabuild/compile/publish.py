@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, PARTS, Artifact, walk, read_manifest
 from cudabuild.compile.builder import tar_context
-from cudabuild.cache import Cache, key_of
+from cudabuild.store.cache import Cache, key_of
 from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
 from cudabuild.ui import Reporter

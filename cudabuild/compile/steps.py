@@ -25,16 +25,19 @@ from pathlib import Path
 
 import cudabuild
 from cudabuild import artifact
-from cudabuild.artifact import Artifact, ImageLabels, Manifest, ModuleEntry, describe_userspace, unpack_image
-from cudabuild.cache import Cache, key_of
+from cudabuild.artifact import (Artifact, ImageLabels, Manifest, describe_userspace, read_labels,
+                                unpack_image)
+from cudabuild.artifact.admit import Intake, admit
+from cudabuild.store.cache import Cache, key_of
 from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
 from cudabuild.compile.contract import COMPILE_CACHE, DRIVER, INPUTS, KERNELS, KEY, WORK, BuilderEnv
 from cudabuild.compile.plan import ModulesPlan
 from cudabuild.engine import Engine, Mount
-from cudabuild.errors import ArtifactError, InputError, VerifyError
-from cudabuild.fetch import Fetcher
-from cudabuild.options import DEBIAN_RELEASE_RE, BuildOptions, debian_distribution
-from cudabuild.settings import Settings
+from cudabuild.errors import InputError, VerifyError
+from cudabuild.store.fetch import Fetcher
+from cudabuild.nvidia import DEBIAN_RELEASE_RE, debian_distribution
+from cudabuild.options import BuildOptions
+from cudabuild.settings import Services
 from cudabuild.signing import verify_signature
 from cudabuild.sources.debian import DebianArchive, headers_files
 from cudabuild.sources.run import RunDriver, driver_subdir, extract_installer
@@ -51,95 +54,96 @@ def publish_checked(cache: Cache, checked: artifact.Artifact, key: str) -> None:
 
 
 def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
-    """The registry's modules image into the cache, verified on this host as a build would be:
-    every file's digest against its manifest, the key, vermagic, version and symbol CRCs against
-    this kernel's Module.symvers. A refusal leaves nothing in the cache."""
-    spec, cache = plan.spec, plan.cache
-    work = cache.workdir(f"pull-{plan.key[:12]}")
-    try:
-        with reporter.step(f"pull {remote} (the registry has this build)"):
-            plan.engine.pull_or_fail(remote)
-            _unpack_from_engine(plan.engine, remote, work)
-        with reporter.step("verify pulled modules (digests, vermagic, version, symbol CRCs)"):
-            try:
-                made = artifact.load(work / "out")
-                m = made.manifest
-                if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
-                                                                              spec.driver_version, spec.flavor):
-                    raise VerifyError(f"its manifest describes another build (key {m.key[:16]}..., "
-                                      f"{m.driver_version} {m.flavor} for {m.kernel_release})")
-                verify(plan, work / "out" / "modules", work)
-            except (ArtifactError, VerifyError) as exc:
-                raise VerifyError(f"refused the registry's {remote}: {exc.message}",
-                                  hint=f"nothing was put in the cache; build and push it again: cudabuild modules "
-                                       f"--kernel {spec.kernel_release} --driver {spec.driver_version} --no-cache "
-                                       "--registry REPO") from exc
+    """The registry's modules image into the cache, verified on this host as a build would be
+    (artifact.admit): every file's digest against its manifest, its labels, the key, vermagic,
+    version and symbol CRCs against this kernel's Module.symvers. A refusal leaves nothing in the cache."""
+    spec, cache, engine = plan.spec, plan.cache, plan.engine
+
+    def unpack(out: Path) -> ImageLabels | None:
+        engine.pull_or_fail(remote)
+        _unpack_from_engine(engine, remote, out)
+        return read_labels(engine.image(remote)["Config"].get("Labels"), remote)
+
+    def expect(m: Manifest) -> None:
+        if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
+                                                                      spec.driver_version, spec.flavor):
+            raise VerifyError(f"its manifest describes another build (key {m.key[:16]}..., "
+                              f"{m.driver_version} {m.flavor} for {m.kernel_release})")
+
+    def keep(made: Artifact) -> Artifact:
         publish_checked(cache, made, plan.key)
-        plan.engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
+        engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
+        return made
+
+    intake = Intake(ref=remote, fetch_step=f"pull {remote} (the registry has this build)",
+                    verify_step="verify pulled modules (digests, vermagic, version, symbol CRCs)",
+                    refused_as=f"the registry's {remote}",
+                    hint=f"nothing was put in the cache; build and push it again: cudabuild modules --kernel "
+                         f"{spec.kernel_release} --driver {spec.driver_version} --no-cache --registry REPO")
+    try:
+        admit(intake, cache.workdir(f"pull-{plan.key[:12]}"), unpack=unpack, reporter=reporter, keep=keep,
+              discard=cache.discard, expect=expect, check=lambda made, work: verify(plan, made.root / "modules", work))
     finally:
-        cache.discard(work)
-        plan.engine.untag(remote)
+        engine.untag(remote)
 
 
-def _unpack_from_engine(engine: Engine, ref: str, work: Path) -> None:
-    """The modules image `ref`'s one layer, saved from the engine, into work/out."""
-    saved = work / "image.tar"
-    with open(saved, "wb") as out:
+def _unpack_from_engine(engine: Engine, ref: str, out: Path) -> None:
+    """The modules image `ref`'s one layer, saved from the engine, into `out`."""
+    saved = out.parent / "image.tar"
+    with open(saved, "wb") as tar:
         for chunk in engine.save(ref):
-            out.write(chunk)
-    unpack_image(saved, work / "out")
+            tar.write(chunk)
+    unpack_image(saved, out)
     saved.unlink()
 
 
-def import_image(reference: str, labels: ImageLabels, *, cache: Cache, engine: Engine, settings: Settings,
-                 reporter: Reporter) -> Artifact:
+def import_image(reference: str, labels: ImageLabels, services: Services) -> Artifact:
     """A modules image that was not built with this cache (`docker pull`ed, or made on another
-    machine), read from the engine and checked as a registry pull is: one layer of modules/,
-    userspace/ and the manifest, every digest, the driver's own file names, vermagic and version,
-    the labels against the manifest, and the symbol CRCs against the kernel's Module.symvers where
-    Debian has that kernel. Then it is put in the cache; a refusal leaves nothing there."""
-    work = cache.workdir(f"import-{labels.key[:12]}")
-    try:
-        with reporter.step(f"read {reference} (it was not built with this cache)"):
-            _unpack_from_engine(engine, reference, work)
-        with reporter.step("verify its modules (digests, vermagic, version, symbol CRCs)"):
-            try:
-                made = artifact.load(work / "out")
-                m = made.manifest
-                if m.key != labels.key or tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
-                    raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., "
-                                      f"the manifest's {m.key[:16]}...)")
-                symvers = _debian_symvers(m.kernel_release, work, cache=cache, settings=settings, reporter=reporter)
-                if symvers is not None:
-                    modversions = config_enabled(symvers[1], "CONFIG_MODVERSIONS")
-                    verify_modules(work / "out" / "modules", release=m.kernel_release, driver_version=m.driver_version,
-                                   expected=[e.name for e in m.modules], symvers=symvers[0] if modversions else None,
-                                   modversions=modversions)
-            except (ArtifactError, VerifyError) as exc:
-                raise VerifyError(f"refused {reference}: {exc.message}",
-                                  hint="nothing was put in the cache; use an unchanged image cudabuild made, or build "
-                                       "the modules here: cudabuild modules --kernel RELEASE --driver VERSION") from exc
+    machine), read from the engine and admitted as a registry pull is (artifact.admit): one layer of
+    modules/, userspace/ and the manifest, every digest, the driver's own file names, vermagic and
+    version, the labels against the manifest, and the symbol CRCs against the kernel's
+    Module.symvers where Debian has that kernel. Then it is put in the cache; a refusal leaves
+    nothing there."""
+    cache, reporter = services.cache, services.reporter
+
+    def unpack(out: Path) -> ImageLabels:
+        _unpack_from_engine(services.engine(), reference, out)
+        return labels
+
+    def check(made: Artifact, work: Path) -> None:
+        m = made.manifest
+        symvers = _debian_symvers(m.kernel_release, work, services)
+        if symvers is not None:
+            modversions = config_enabled(symvers[1], "CONFIG_MODVERSIONS")
+            verify_modules(made.root / "modules", release=m.kernel_release, driver_version=m.driver_version,
+                           expected=[e.name for e in m.modules], symvers=symvers[0] if modversions else None,
+                           modversions=modversions)
+
+    def keep(made: Artifact) -> Artifact:
         publish_checked(cache, made, labels.key)
-    finally:
-        cache.discard(work)
-    return artifact.load(cache.result_dir(labels.key))
+        return artifact.load(cache.result_dir(labels.key))
+
+    intake = Intake(ref=reference, fetch_step=f"read {reference} (it was not built with this cache)",
+                    verify_step="verify its modules (digests, vermagic, version, symbol CRCs)", refused_as=reference,
+                    hint="nothing was put in the cache; use an unchanged image cudabuild made, or build the modules "
+                         "here: cudabuild modules --kernel RELEASE --driver VERSION")
+    return admit(intake, cache.workdir(f"import-{labels.key[:12]}"), unpack=unpack, reporter=reporter, keep=keep,
+                 discard=cache.discard, check=check)
 
 
-def _debian_symvers(release: str, work: Path, *, cache: Cache, settings: Settings,
-                    reporter: Reporter) -> tuple[Path, Path] | None:
+def _debian_symvers(release: str, work: Path, services: Services) -> tuple[Path, Path] | None:
     """Module.symvers and .config of a Debian kernel release, from its headers package; None (said)
     when Debian has no such kernel or its archive cannot be read."""
     from cudabuild.errors import FetchError
 
+    settings, cache, fetcher, reporter = services.settings, services.cache, services.fetcher, services.reporter
     if not DEBIAN_RELEASE_RE.fullmatch(release):
         reporter.note(f"symbol CRCs not checked: {release} is not a Debian kernel, and only Debian's "
                       "Module.symvers can be fetched here")
         return None
-    from cudabuild.options import resolve_build_options
 
-    options = resolve_build_options({}, settings)
+    options = settings.build_options({})
     distribution = options.distribution or debian_distribution(release, settings.host_codename)[0]
-    fetcher = settings.fetcher(reporter)
     archive = DebianArchive(cache=cache, fetcher=fetcher, reporter=reporter, mirror=options.apt_mirror,
                             security_mirror=options.apt_security_mirror, distribution=distribution)
     try:
@@ -344,7 +348,7 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
         manifest = Manifest(
             key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             kernel_release=spec.kernel_release, driver_version=spec.driver_version, flavor=spec.flavor,
-            vermagic=infos[0].vermagic, modules=tuple(ModuleEntry.of(i) for i in infos),
+            vermagic=infos[0].vermagic, modules=tuple(infos),
             userspace=describe_userspace(out / "userspace"), modversions=modversions,
             cudabuild_version=cudabuild.__version__, build_seconds=round(time.monotonic() - shop.started, 1),
             kernel_source=spec.kernel, driver_source=spec.driver,
@@ -472,7 +476,7 @@ def sign(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
                       for name in plan.spec.modules}
         manifest = dataclasses.replace(
             source.manifest, key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            modules=tuple(ModuleEntry.of(i) for i in infos), signature=signing.certificate.record(hashes.pop()),
+            modules=tuple(infos), signature=signing.certificate.record(hashes.pop()),
             build_seconds=round(time.monotonic() - started, 1))
         manifest.write(out)
         made = artifact.load(out)  # every reader's check, signatures included

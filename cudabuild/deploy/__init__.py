@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import LABEL_PREFIX, read_labels, read_node_labels
-from cudabuild.deliver import devices
-from cudabuild.deliver.layout import READY_FILE as _READY
+from cudabuild.host import devices
+from cudabuild.host.layout import READY_FILE as _READY
 from cudabuild.errors import InputError
 from cudabuild.options import validate_image_ref
 
@@ -100,8 +100,8 @@ def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -
                              "an image of its own", hint=f"make one per kernel: cudabuild image {kind} --modules "
                                                          "IMAGE|DIR")
         if node is not None:
-            from cudabuild.deliver.image import node_command
-            from cudabuild.deliver.staging import NodeConfig
+            from cudabuild.bake.image import node_command
+            from cudabuild.node.config import NodeConfig
 
             driver, node_registry = node
             config = NodeConfig(driver=None if driver == "any" else driver, registry=node_registry)
@@ -134,7 +134,7 @@ def write(files: list[File], output: Path | None) -> str:
     """Write one file per object into `output`, or return them all for stdout. A file already in
     `output` that an earlier `deploy` did not write is never replaced: refused, naming it. Each
     file is written whole (a new temporary name, never through a link planted there)."""
-    from cudabuild.hostfs import HostRoot
+    from cudabuild.host.root import HostRoot
 
     if output is None:
         return "".join(f"# ---- {f.name} ----\n{f.text()}\n" for f in files)

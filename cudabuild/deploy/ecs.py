@@ -7,7 +7,7 @@ Field names: aws/amazon-ecs-agent and botocore's ECS model, which the tests vali
 from __future__ import annotations
 
 from cudabuild.deploy import EXAMPLE_IMAGE, DriverImage, File, HostFacts
-from cudabuild.deliver.layout import driver_dir
+from cudabuild.host.layout import driver_dir
 from cudabuild.errors import InputError
 
 NODE_DRIVER = "/usr/local/nvidia"  # where the seed's shape mounts the driver in the container

@@ -97,7 +97,7 @@ def files(images: list[DriverImage], *, kmm: bool) -> list[File]:
 def _kmm_loading_order() -> list[str]:
     """KMM's modulesLoadingOrder: the top module first, down to nvidia (the load order reversed,
     in the kernel's names); images/nvidia-devices.conf is where the order is written."""
-    from cudabuild.deliver.devices import facts
+    from cudabuild.host.devices import facts
 
     return [m.replace("-", "_") for m in reversed(facts().load_order)]
 

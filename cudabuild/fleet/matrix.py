@@ -20,8 +20,10 @@ from cudabuild.compile import backends
 from cudabuild.compile.backends import Outcome
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import MATRIX_FAILED, CudabuildError, InputError, RegistryError, shown
-from cudabuild.options import DEBIAN_RELEASE_RE, DRIVER_SOURCES, FLAVORS, BuildOptions, options_to_json, validate_driver, validate_release
-from cudabuild.settings import Settings
+from cudabuild.nvidia import DEBIAN_RELEASE_RE, FLAVORS
+from cudabuild.options import (DRIVER_SOURCES, BuildOptions, options_to_json, validate_driver, validate_image_ref,
+                               validate_release)
+from cudabuild.settings import Services
 from cudabuild.ui import Reporter
 
 BACKENDS = ("local", "swarm", "kubernetes")
@@ -112,7 +114,7 @@ class MatrixResult:
     def exit_code(self) -> int:
         return MATRIX_FAILED if self.failed else 0
 
-    def as_json(self) -> dict:
+    def to_json(self) -> dict:
         cells = []
         for o in self.outcomes:
             result = o.result or {}
@@ -127,6 +129,18 @@ class MatrixResult:
                 **({"jobs": self.manifests} if self.backend == "kubernetes" else {})}
 
 
+    def text(self) -> str:
+        if self.backend == "kubernetes":  # the Jobs are the result; the summary goes beside them (notes)
+            import yaml
+
+            return yaml.safe_dump_all(self.manifests, sort_keys=False)
+        return "\n".join(summary_lines(self))
+
+    @property
+    def notes(self) -> list[str]:
+        return summary_lines(self) if self.backend == "kubernetes" else []
+
+
 def _boot_summary(boot_test) -> str | None:
     """Whether the real kernel accepted a cell's modules in its boot test ("accepted by RELEASE
     (tcg)"): from a build's result, or an image's label (already a line); None when not tested."""
@@ -135,15 +149,14 @@ def _boot_summary(boot_test) -> str | None:
     return boot_test if isinstance(boot_test, str) else None
 
 
-def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Settings, reporter: Reporter,
-               engine_factory) -> MatrixResult:
+def run_matrix(request: MatrixRequest, options: BuildOptions, services: Services) -> MatrixResult:
     """Every cell planned here; each cell's build gets its resolved options as data (`cudabuild
     modules --options-json`), run by the backend the request names."""
     from cudabuild.compile.plan import plan_modules
     from cudabuild.sources.debian import DebianArchive
 
-    cache = settings.cache()
-    registry = settings.registry(options.registry)
+    settings, reporter, cache = services.settings, services.reporter, services.cache
+    registry = services.registry(options.registry)
     local_files = options.local_files()
     if request.backend != "local" and local_files:
         named = ", ".join(f"{flag} {path}" for flag, path in local_files)
@@ -155,11 +168,11 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                          "CUDABUILD_REGISTRY)")
 
     def archive_for(codename: str) -> DebianArchive:
-        return DebianArchive(cache=cache, fetcher=settings.fetcher(reporter), reporter=reporter,
+        return DebianArchive(cache=cache, fetcher=services.fetcher, reporter=reporter,
                              mirror=options.apt_mirror, security_mirror=options.apt_security_mirror,
                              distribution=codename, refresh=options.refresh_index)
 
-    engine = engine_factory()
+    engine = services.engine()
     if request.backend == "swarm":
         backends.swarm_manager(engine)  # before anything is planned
     kernels = expand_kernels(",".join(request.kernels), archive_for)
@@ -173,6 +186,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
 
     # ---- plan every cell here; the registry's cells are done -------------------------------------
     jobs: list[BuildJob] = []
+    quiet = services.quiet()
     done: dict[tuple, Outcome] = {}
     planned: dict[str, str] = {}  # cache key -> the cell planned with it (535 and 535.309.01 are one cell)
     asked: dict[str, tuple] = {}  # cache key -> the cell as asked (its flavor may be the driver's default)
@@ -183,8 +197,7 @@ def run_matrix(request: MatrixRequest, options: BuildOptions, *, settings: Setti
                 source, version = driver_cell(driver)
                 cell_options = dataclasses.replace(options, kernel=kernel, driver=version, flavor=flavor, output=None,
                                                    force=False, driver_source=source or options.driver_source)
-                plan = plan_modules(cell_options, settings=settings, reporter=Reporter(quiet=True),
-                                    engine_factory=lambda: engine)
+                plan = plan_modules(cell_options, quiet)
             except CudabuildError as exc:
                 done[(kernel, driver, flavor)] = Outcome(job, "failed", error=f"could not be planned: {exc.message}",
                                                          log_tail=[f"fix: {exc.hint}"] if exc.hint else [])
@@ -253,7 +266,7 @@ def _say(reporter: Reporter, job: BuildJob, state: str, detail: str) -> None:
 
 
 def _tool_image_ref(registry) -> str:
-    from cudabuild.deliver.toolimage import tool_tag
+    from cudabuild.fleet.toolimage import tool_tag
 
     version = cudabuild.__version__
     return f"{registry.repo}/cudabuild:{version}" if registry else tool_tag(version)
@@ -262,7 +275,7 @@ def _tool_image_ref(registry) -> str:
 def _ensure_tool_image(engine, registry, image: str | None, reporter: Reporter) -> str:
     """cudabuild's own image in the registry, where every node pulls it from: pushed from this
     engine when the registry lacks it; `cudabuild image tool` makes it."""
-    from cudabuild.deliver.toolimage import tool_tag
+    from cudabuild.fleet.toolimage import tool_tag
 
     if image is not None:
         return image
@@ -311,6 +324,8 @@ def driver_cell(item: str) -> tuple[str | None, str]:
 
 
 def parse_request(*, kernels: str, drivers: str, flavors: str | None, flavor: str | None, **rest) -> MatrixRequest:
+    if rest.get("image") is not None:
+        validate_image_ref(rest["image"], "--image")
     return MatrixRequest(kernels=split_list(kernels, "--kernels"), drivers=split_list(drivers, "--drivers"),
                          flavors=split_list(flavors, "--flavors") if flavors else [flavor], **rest)
 

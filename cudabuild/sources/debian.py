@@ -18,10 +18,10 @@ from functools import cmp_to_key
 from debian.deb822 import Packages, PkgRelation
 from debian.debian_support import version_compare
 
-from cudabuild.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
+from cudabuild.store.cache import WRITE_MARGIN_BYTES, Cache, key_of, require_space, writing
 from cudabuild.errors import FetchError, InputError, VerifyError
-from cudabuild.fetch import Fetcher
-from cudabuild.options import DEBIAN_RELEASE_RE, version_tuple
+from cudabuild.store.fetch import Fetcher
+from cudabuild.nvidia import DEBIAN_RELEASE_RE, version_tuple
 from cudabuild.ui import Reporter
 
 @dataclass(frozen=True, kw_only=True)

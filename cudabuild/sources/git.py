@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.fetch import store_local
+from cudabuild.store.fetch import store_local
 from cudabuild.errors import FetchError, InputError, VerifyError, shown
-from cudabuild.options import existing_file, kernel_tag, version_tuple
+from cudabuild.options import existing_file
+from cudabuild.nvidia import kernel_tag, version_tuple
 from cudabuild.verify import read_symvers
 
 # A builder base image with each gcc major; kernels before 5.8 name no compiler in their config,

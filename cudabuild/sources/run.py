@@ -22,10 +22,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from cudabuild.fetch import Fetcher, store_local
+from cudabuild.store.fetch import Fetcher, store_local
 from cudabuild.digests import sha256_file
 from cudabuild.errors import InputError, shown
-from cudabuild.options import FULL_DRIVER_RE, existing_file
+from cudabuild.nvidia import FULL_DRIVER_RE
+from cudabuild.options import existing_file
 
 HEADER_BYTES = 64 * 1024  # the assignments are in the first lines of the stub
 _ASSIGNMENT = re.compile(rb'([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"\n]*)"|([^\s"]*))\s*')

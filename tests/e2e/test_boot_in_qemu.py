@@ -33,8 +33,8 @@ def before_modules():
 @pytest.fixture(scope="module")
 def other_kernel_deb(tmp_path_factory) -> Path:
     """Debian's linux-image package of another ABI (6.1.0-47) than the modules were built for."""
-    from cudabuild.cache import Cache
-    from cudabuild.fetch import Fetcher
+    from cudabuild.store.cache import Cache
+    from cudabuild.store.fetch import Fetcher
     from cudabuild.sources.debian import DebianArchive
     from cudabuild.ui import Reporter
 

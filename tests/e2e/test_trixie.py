@@ -144,7 +144,6 @@ def test_a_bookworm_host_running_a_backports_kernel_finds_its_headers_in_backpor
     import os
 
     from cudabuild.compile.plan import plan_modules
-    from cudabuild.options import resolve_build_options
     from cudabuild.settings import Settings
     from cudabuild.ui import Reporter
 
@@ -152,7 +151,7 @@ def test_a_bookworm_host_running_a_backports_kernel_finds_its_headers_in_backpor
     backports = next(r for r in archive.kernel_releases() if r.endswith("+deb12-amd64")
                      and r not in archive.kernel_releases(backports=False))
     settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(STANDINS / "standin-cache")})
-    plan = plan_modules(resolve_build_options({"kernel": backports}, settings), settings=settings,
+    plan = plan_modules(settings.build_options({"kernel": backports}), settings=settings,
                         reporter=Reporter(quiet=True))
     assert plan.options.distribution == "bookworm"
     assert {p.suite for p in plan.kernel.downloads} == {"bookworm-backports"}

@@ -236,7 +236,7 @@ def test_the_prebuild_cronjob_validates_strictly(images, tmp_path):
 
 
 def test_systemd_units_take_no_injected_lines_and_escape_what_systemd_expands():
-    from cudabuild.deliver.staging import NodeConfig
+    from cudabuild.node.config import NodeConfig
     from cudabuild.deploy import systemd
     from cudabuild.errors import InputError
 

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from cudabuild.errors import FetchError
-from cudabuild.fetch import Fetcher
+from cudabuild.store.fetch import Fetcher
 from cudabuild.ui import Reporter
 
 DATA = bytes(range(256)) * 4096  # 1 MiB

@@ -294,9 +294,9 @@ SELECTIONS = [
 
 @pytest.mark.parametrize("env,expected", SELECTIONS)
 def test_the_loader_and_the_python_side_select_the_same_gpus(fake, env, expected):
-    """One selection: the loader (shell) and cudabuild.deliver.devices (run, the runtime) agree,
+    """One selection: the loader (shell) and cudabuild.host.devices (run, the runtime) agree,
     from the same facts (which variables, in which order)."""
-    from cudabuild.deliver import devices
+    from cudabuild.host import devices
     from cudabuild.errors import InputError
 
     result = run_loader(fake, "true", gpus=4, env=env)

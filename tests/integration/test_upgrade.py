@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cudabuild.deliver.holders import POD_NAME, POD_NAMESPACE
+from cudabuild.host.holders import POD_NAME, POD_NAMESPACE
 from tests.helpers import DRIVER, cdi_validator, fake_host, make_artifact, run_cli, start_cli, wait_for_line
 
 NEW = "550.127.05"
@@ -245,7 +245,7 @@ def test_check_fails_when_a_gpu_is_gone_and_passes_once_the_spec_is_rewritten(ho
 def test_a_spec_is_never_seen_half_written(host):
     """A reader in a loop while the spec is rewritten 300 times, alternating between 3 GPUs and 2:
     every read is a whole spec of one or the other."""
-    from cudabuild.deliver import cdi
+    from cudabuild.cdi import spec as cdi
 
     root, _ = host
     spec_path = root / "run/cdi/cudabuild-nvidia.json"

@@ -28,7 +28,7 @@ def test_wheel_ships_the_builder_scripts_templates_and_profiles(installed):
     runtime = subprocess.run([str(venv / "bin" / "cudabuild-runtime"), "--cdi-spec-dir", "/nowhere", "--version"],
                              cwd=away, capture_output=True, text=True)
     assert runtime.returncode == 0 and "runc version" in runtime.stdout, "the runtime passes what it need not change"
-    python_side = subprocess.run([str(venv / "bin" / "python"), "-m", "cudabuild.deliver.runtime", "--version"],
+    python_side = subprocess.run([str(venv / "bin" / "python"), "-m", "cudabuild.cdi.runtime", "--version"],
                                  cwd=away, capture_output=True, text=True)
     assert python_side.returncode == 0 and "runc version" in python_side.stdout
     probe = ("from cudabuild.resources import resource_dir\n"
@@ -63,7 +63,7 @@ def test_image_tool_makes_the_tool_image_without_a_checkout(wheel, docker_client
     assert f"cudabuild, version {cudabuild.__version__}" in ran
     runtime = docker_client.containers.run(tag, remove=True, network_mode="none", entrypoint=["sh", "-c"],
                                            command=["command -v cudabuild-runtime && python3 -c "
-                                                    "'import cudabuild.deliver.toolimage'"]).decode()
+                                                    "'import cudabuild.fleet.toolimage'"]).decode()
     assert "cudabuild-runtime" in runtime
 
     # The checkout's own cudabuild (an editable install: its wheel built by pip from the source)

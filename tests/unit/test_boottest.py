@@ -81,7 +81,7 @@ def test_the_release_is_read_from_a_bzimage(tmp_path):
     import pytest
 
     from cudabuild.boottest import kernel_image_from_file
-    from cudabuild.cache import Cache
+    from cudabuild.store.cache import Cache
     from cudabuild.errors import InputError
     from cudabuild.ui import Reporter
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cudabuild.deliver import cdi
-from cudabuild.deliver.run import docker_arguments
+from cudabuild.cdi import spec as cdi
+from cudabuild.cdi.run import docker_arguments
 from cudabuild.errors import InputError
 
 SPEC = {

@@ -4,7 +4,7 @@ import lzma
 
 import pytest
 
-from cudabuild.cache import Cache
+from cudabuild.store.cache import Cache
 from cudabuild.sources.debian import DebianArchive, kernel_supported
 from cudabuild.errors import InputError
 from cudabuild.ui import Reporter

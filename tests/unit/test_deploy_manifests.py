@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cudabuild.deliver.devices import Gpu
+from cudabuild.host.devices import Gpu
 from cudabuild.deploy import DriverImage, HostFacts, as_pulled, ecs, kubernetes, swarm
 
 IMAGES = [DriverImage(ref="registry.example:5000/cudabuild/driver:535.309.01-6.1.0-56-amd64",

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 
 from cudabuild.compile import backends
-from cudabuild.cache import pid_alive, pid_namespace
+from cudabuild.store.cache import pid_alive, pid_namespace
 from cudabuild.engine import Engine
 from cudabuild.compile.job import BuildJob
 from cudabuild.errors import InputError, VerifyError
@@ -111,7 +111,7 @@ def test_the_report_says_per_cell_whether_the_kernel_accepted_its_modules():
     built = Outcome(JOB, "built", result={"driver_version": "535.261.03", "boot_test": verdict})
     held = Outcome(JOB, "in-registry", result={"boot_test": "rejected by 6.1.0-56-amd64 (tcg)"})
     untested = Outcome(JOB, "cached", result={"driver_version": "535.261.03", "boot_test": None})
-    cells = MatrixResult(backend="local", registry=None, outcomes=[built, held, untested]).as_json()["cells"]
+    cells = MatrixResult(backend="local", registry=None, outcomes=[built, held, untested]).to_json()["cells"]
     assert [c["boot_test"] for c in cells] == ["accepted by 6.1.0-56-amd64 (tcg)", "rejected by 6.1.0-56-amd64 (tcg)",
                                                None]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cudabuild.deliver import holders
+from cudabuild.host import holders
 
 ID = "3f4e" + "a" * 60
 

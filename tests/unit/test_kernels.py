@@ -1,9 +1,10 @@
 """Which kernel a host boots next: /boot/vmlinuz-RELEASE (Debian) and Boot Loader Specification
 entries (ostree hosts such as Fedora CoreOS), releases ordered as dpkg orders versions."""
 
-from cudabuild.deliver import kernels
-from cudabuild.deliver.staging import NodeConfig, registry_candidates
-from cudabuild.hostfs import HostRoot
+from cudabuild.host import kernels
+from cudabuild.node.config import NodeConfig
+from cudabuild.node.staging import registry_candidates
+from cudabuild.host.root import HostRoot
 
 
 def test_the_newest_installed_kernel_newer_than_the_running_one_is_next(tmp_path):
@@ -101,7 +102,7 @@ def test_trixies_kernels_are_ordered_as_their_packages_are_and_an_abi_bump_is_th
 def test_trixies_relative_build_link_leads_to_the_headers_inside_the_host_root(tmp_path):
     """Trixie links /usr/lib/modules/R/build -> ../../../src/linux-headers-R (bookworm's link was
     absolute), under a merged /usr (lib -> usr/lib): the node finds the kernel's Module.symvers there."""
-    from cudabuild.deliver.staging import host_symvers
+    from cudabuild.node.staging import host_symvers
 
     release = "6.12.118+deb13-amd64"
     (tmp_path / "usr/src" / f"linux-headers-{release}").mkdir(parents=True)

@@ -1,7 +1,8 @@
 import pytest
 
 from cudabuild.errors import InputError
-from cudabuild.options import BuildOptions, expected_modules, validate_driver, validate_release
+from cudabuild.options import BuildOptions, validate_driver, validate_release
+from cudabuild.nvidia import expected_modules
 
 
 @pytest.mark.parametrize("release", ["6.1.0-56-amd64", "4.3.6-coreos", "5.15.0+", "6.12.117+deb13-amd64"])
@@ -52,7 +53,7 @@ def test_module_set_follows_the_driver_release():
     (" nvidia , nvidia-modeset,nvidia-drm ", ("nvidia", "nvidia-modeset", "nvidia-drm")),
 ])
 def test_only_modules_builds_the_subset_in_load_order(value, built):
-    from cudabuild.options import modules_to_build
+    from cudabuild.nvidia import modules_to_build
 
     assert BuildOptions(only_modules=value).only_modules == value
     assert modules_to_build("535.309.01", value) == built
@@ -93,7 +94,7 @@ def test_a_build_of_fewer_modules_has_its_own_tag():
     ("6.12.117+deb13-rt-amd64", "trixie"), ("6.12.95+deb12-amd64", "bookworm"), ("7.2.13+deb14-amd64", "forky"),
     ("6.1.0-57-amd64", "bookworm"), ("5.10.0-30-amd64", "bullseye")])
 def test_a_debian_release_names_its_own_distribution_whatever_the_host_runs(release, distribution):
-    from cudabuild.options import DEBIAN_RELEASE_RE, debian_distribution
+    from cudabuild.nvidia import DEBIAN_RELEASE_RE, debian_distribution
 
     assert DEBIAN_RELEASE_RE.fullmatch(release)
     assert debian_distribution(release, "trixie")[0] == distribution
@@ -101,7 +102,7 @@ def test_a_debian_release_names_its_own_distribution_whatever_the_host_runs(rele
 
 
 def test_other_releases_take_the_hosts_debian_then_bookworm():
-    from cudabuild.options import DEBIAN_RELEASE_RE, debian_distribution
+    from cudabuild.nvidia import DEBIAN_RELEASE_RE, debian_distribution
 
     for release in ("4.3.6-coreos", "6.12.60-flatcar", "6.12.117+deb13-arm64", None):
         assert release is None or not DEBIAN_RELEASE_RE.fullmatch(release)
@@ -110,7 +111,7 @@ def test_other_releases_take_the_hosts_debian_then_bookworm():
 
 
 def test_open_modules_are_the_default_from_560_and_the_only_ones_from_590():
-    from cudabuild.options import default_flavor, require_flavor
+    from cudabuild.nvidia import default_flavor, require_flavor
 
     assert [default_flavor(v) for v in ("535.309.01", "550.163.01", "560.28.03", "580.142", "595.45.04")] == \
         ["proprietary", "proprietary", "open", "open", "open"]

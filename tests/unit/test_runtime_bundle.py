@@ -3,7 +3,7 @@ its shell front end (bin/cudabuild-runtime) knows the same options."""
 
 import re
 
-from cudabuild.deliver.runtime import OUR_OPTIONS, apply_edits, bundle_of, command_of, split
+from cudabuild.cdi.runtime import OUR_OPTIONS, apply_edits, bundle_of, command_of, split
 from tests.helpers import REPO
 
 SHIM = ["--root", "/run/docker/runtime-runc/moby", "--log", "/run/x/log.json", "--log-format", "json", "create",

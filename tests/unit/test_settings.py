@@ -9,7 +9,6 @@ import pytest
 
 import cudabuild
 from cudabuild.errors import InputError
-from cudabuild.options import resolve_build_options
 from cudabuild.settings import DOWNLOAD_RETRIES, ENGINE_ANSWER_TIMEOUT, Settings
 
 PACKAGE = Path(cudabuild.__file__).parent
@@ -68,9 +67,9 @@ def test_download_retries_that_are_not_a_count_are_refused_when_a_download_is_as
 def test_flags_win_over_the_environment_and_a_bad_variable_is_named():
     settings = Settings.from_env({"CUDABUILD_DISTRIBUTION": "trixie", "CUDABUILD_APT_MIRROR": "ftp://mirror"})
     with pytest.raises(InputError) as refused:
-        resolve_build_options({}, settings)
+        settings.build_options({})
     assert "CUDABUILD_APT_MIRROR" in refused.value.message
-    options = resolve_build_options({"apt_mirror": "http://mirror.example/debian"}, settings)
+    options = settings.build_options({"apt_mirror": "http://mirror.example/debian"})
     assert options.distribution == "trixie" and options.apt_mirror == "http://mirror.example/debian"
     assert options.jobs is None, "the CPU count is the building machine's, decided when the build is planned"
 
@@ -86,8 +85,8 @@ def test_only_the_entries_read_the_process_environment():
     """cli.invoke (and the group, when called without it) and the OCI runtime's own entry; every
     other module gets the settings."""
     readers = {str(p.relative_to(PACKAGE)): lines for p in PACKAGE.rglob("*.py") if (lines := _reads_environ(p))}
-    assert set(readers) == {"cli.py", "deliver/runtime.py"}, readers
-    assert len(readers["cli.py"]) == 2 and len(readers["deliver/runtime.py"]) == 1, readers
+    assert set(readers) == {"cli/main.py", "cdi/runtime.py"}, readers
+    assert len(readers["cli/main.py"]) == 2 and len(readers["cdi/runtime.py"]) == 1, readers
 
 
 @pytest.mark.parametrize("value,bound", [("", "4G"), ("500M", "500M"), ("1.5G", "1.5G"), ("2Gi", "2Gi")])
@@ -104,12 +103,11 @@ def test_a_compile_cache_bound_that_is_not_a_size_is_refused_when_a_build_asks_f
 
 
 def test_the_compile_cache_is_on_unless_turned_off_by_flag_or_environment():
-    from cudabuild.options import resolve_build_options
 
-    assert resolve_build_options({}, Settings.from_env({})).compile_cache is True
-    assert resolve_build_options({}, Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})).compile_cache is False
+    assert Settings.from_env({}).build_options({}).compile_cache is True
+    assert Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"}).build_options({}).compile_cache is False
     on = Settings.from_env({"CUDABUILD_COMPILE_CACHE": "0"})
-    assert resolve_build_options({"compile_cache": True}, on).compile_cache is True  # the flag wins
+    assert on.build_options({"compile_cache": True}).compile_cache is True  # the flag wins
 
 
 def test_a_debian_hosts_codename_is_read_under_cudabuild_root(tmp_path):

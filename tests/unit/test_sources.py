@@ -2,9 +2,10 @@ import pytest
 
 from cudabuild.sources.run import version_from_name
 from cudabuild.errors import InputError
-from cudabuild.deliver.image import check_cuda, load_profile, max_cuda, profiles
+from cudabuild.bake.image import check_cuda, load_profile, max_cuda, profiles
 from cudabuild.sources.git import gcc_of
-from cudabuild.options import BuildOptions, kernel_tag
+from cudabuild.options import BuildOptions
+from cudabuild.nvidia import kernel_tag
 
 
 @pytest.mark.parametrize("release,tag,suffix", [

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cudabuild.artifact import BINARIES, OPTIONAL_LIBRARIES, REQUIRED_LIBRARIES, library_name_ok
-from cudabuild.deliver import devices
-from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
-from cudabuild.deliver.layout import driver_dir
+from cudabuild.host import devices
+from cudabuild.cdi.paths import MOUNT_OPTIONS, SPEC_DIRS
+from cudabuild.host.layout import driver_dir
 from cudabuild.errors import InputError, printable, shown
-from cudabuild.hostfs import HostRoot
+from cudabuild.host.root import HostRoot
 
 KIND = "nvidia.com/gpu"
 SPEC_FILE = "cudabuild-nvidia.json"

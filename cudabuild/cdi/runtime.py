@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 import sys
 
-from cudabuild.deliver.cdi_paths import MOUNT_OPTIONS, SPEC_DIRS
+from cudabuild.cdi.paths import MOUNT_OPTIONS, SPEC_DIRS
 
 OUR_OPTIONS = ("--cdi-spec-dir", "--runtime-path", "--runtime-log")
 # runc's global options that take a value (`runc [global options] command ...`).
@@ -189,7 +189,8 @@ def _edit_bundle(bundle: str, spec_dirs: list) -> None:
     """Apply the CDI edits for the GPUs the container's environment names to config.json."""
     import json
 
-    from cudabuild.deliver import cdi, devices
+    from cudabuild.cdi import spec as cdi
+    from cudabuild.host import devices
     from cudabuild.errors import CudabuildError
 
     path = os.path.join(bundle, "config.json")

@@ -22,129 +22,29 @@ without following a link (hostfs.owned_directory)."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, read_labels
+from cudabuild.artifact.admit import Intake, admit
 from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError, printable, shown
-from cudabuild.hostfs import HostPathError, HostRoot
-from cudabuild.options import FLAVORS, FULL_DRIVER_RE, RELEASE_RE, validate_driver
+from cudabuild.host.root import HostPathError, HostRoot
+from cudabuild.node.config import NodeConfig
+from cudabuild.nvidia import FULL_DRIVER_RE, RELEASE_RE
 from cudabuild.ui import Reporter
 
 STAGED = "var/lib/cudabuild/staged"
-NODE_CONFIG = "var/lib/cudabuild/node.json"
-CONFIG_LIMIT = 64 << 10  # node.json is a few hundred bytes
 STAGE_LOCK = "var/lib/cudabuild/.stage.lock"  # one stage or pull at a time on a node
 LEFTOVER_PREFIXES = (".pull-", ".staging-", ".broken-")  # a stage's work directories: stale under the lock
 MODULES_REPOSITORY = "modules"  # REPO/modules:TAG, as `cudabuild modules --registry REPO` pushes
 # Where a host keeps its kernel's Module.symvers (Debian: the headers package, linked from build/).
 SYMVERS_PLACES = ("lib/modules/{release}/build/Module.symvers", "usr/src/linux-headers-{release}/Module.symvers",
                   "usr/lib/modules/{release}/build/Module.symvers")
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """What a node's driver is: a driver version or branch ("535", "535.309.01"; None: the newest
-    there is), its flavour (open or proprietary; None: either), the registry it comes from, whether
-    another version may stand in, and the exact driver it last installed (what a node configured
-    for "any" driver keeps across a reboot: `ready` answers for that one)."""
-
-    driver: str | None = None
-    registry: str | None = None
-    fallback: bool = True
-    flavor: str | None = None
-    installed: str | None = None  # the exact driver version the node installed last
-
-    def __post_init__(self) -> None:
-        if self.driver is not None:
-            validate_driver(self.driver)
-        if self.flavor is not None and self.flavor not in FLAVORS:
-            raise InputError(f"flavor {shown(self.flavor)} is not one of {', '.join(FLAVORS)}",
-                             hint="pass --flavor open or --flavor proprietary")
-
-    @property
-    def shown_driver(self) -> str:
-        """The driver as a flag takes it (a version, a branch, or any)."""
-        return self.driver or "any"
-
-    @property
-    def described(self) -> str:
-        """The driver and flavour, as a message says them."""
-        return self.shown_driver + (f" ({self.flavor})" if self.flavor else "")
-
-    def wants(self, version: str, flavor: str | None = None) -> bool:
-        """Whether a build of driver `version` (and `flavor`, when given) is this node's."""
-        if self.flavor is not None and flavor is not None and flavor != self.flavor:
-            return False
-        return self.driver is None or version == self.driver or version.startswith(self.driver + ".")
-
-    def wants_build(self, checked: Artifact) -> bool:
-        return self.wants(checked.manifest.driver_version, checked.manifest.flavor)
-
-    def kept(self) -> "NodeConfig":
-        """This configuration as a node answers for it: configured for any driver, it keeps the exact
-        one it installed (a reboot does not change the driver unasked)."""
-        return self if self.driver or not self.installed else replace(self, driver=self.installed)
-
-    def args(self) -> list[str]:
-        """The flags that name this driver and registry to `install` and `stage`: --registry R [--driver D]."""
-        return [*(["--registry", self.registry] if self.registry else []),
-                *(["--driver", self.driver] if self.driver else []),
-                *(["--flavor", self.flavor] if self.flavor else [])]
-
-    def to_json(self) -> dict:
-        return {"driver": self.driver, "flavor": self.flavor, "registry": self.registry, "fallback": self.fallback,
-                "installed": self.installed}
-
-    def save(self, host: HostRoot) -> None:
-        host.owned_path(str(PurePosixPath(NODE_CONFIG).parent), create=True)
-        host.write_atomic(NODE_CONFIG, (json.dumps(self.to_json(), indent=2) + "\n").encode())
-
-    @classmethod
-    def load(cls, host: HostRoot) -> "NodeConfig | None":
-        """The node's configuration; None when it has none. A file that is there but malformed is
-        an InputError naming it (never taken as "any driver")."""
-        where = host.show(NODE_CONFIG)
-        fix = "remove it and configure the node again: cudabuild install --registry REPO --driver BRANCH"
-        try:
-            text = host.read_text(NODE_CONFIG, limit=CONFIG_LIMIT)
-        except HostPathError as exc:
-            if not host.exists(NODE_CONFIG):
-                return None
-            raise InputError(exc.message, hint=fix) from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise InputError(f"{where} is not the node's configuration (not JSON: {shown(str(exc)[:80])})",
-                             hint=fix) from None
-        if not isinstance(data, dict):
-            raise InputError(f"{where} is a JSON {type(data).__name__}, not the node's configuration (an object)",
-                             hint=fix)
-
-        def field_(name: str, kind, check=None):
-            value = data.get(name)
-            if value is None:
-                return None
-            if not isinstance(value, kind) or (check is not None and not check(value)):
-                raise InputError(f"{where}: {name} {shown(str(value)[:80])} is not valid", hint=fix)
-            return value
-
-        driver = field_("driver", str)  # checked as --driver is, by __post_init__
-        registry = field_("registry", str, lambda v: len(v) < 512)
-        flavor = field_("flavor", str)  # checked by __post_init__
-        installed = field_("installed", str, FULL_DRIVER_RE.fullmatch)
-        fallback = field_("fallback", bool)
-        try:
-            return cls(driver=driver, registry=registry, fallback=fallback is not False, flavor=flavor,
-                       installed=installed)
-        except InputError as exc:
-            raise InputError(f"{where}: {exc.message}", hint=fix) from None
 
 
 @dataclass(frozen=True)
@@ -291,7 +191,7 @@ def prune(host: HostRoot, keep: set[str], *, reporter: Reporter | None = None) -
 # ---- looking for a build ------------------------------------------------------------------------------
 def _best(builds: list[Artifact], *, enforcing: bool = False) -> Artifact | None:
     """The newest driver version; of one version, the build with the most modules."""
-    from cudabuild.options import version_tuple
+    from cudabuild.nvidia import version_tuple
 
     usable = [b for b in builds if boot_verdict(b, enforcing=enforcing) is None]
     usable.sort(key=lambda b: (version_tuple(b.manifest.driver_version), len(b.manifest.modules)), reverse=True)
@@ -301,7 +201,7 @@ def _best(builds: list[Artifact], *, enforcing: bool = False) -> Artifact | None
 def registry_candidates(registry, release: str) -> list[tuple[str, str]]:
     """(tag, driver version) of the registry's modules images for `release`, newest driver first,
     full module sets before subsets."""
-    from cudabuild.options import version_tuple
+    from cudabuild.nvidia import version_tuple
 
     suffix = "-" + release.replace("+", "_")
     found = []
@@ -371,25 +271,23 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         except (ArtifactError, VerifyError) as exc:
             raise refused(exc) from exc
 
+    def unpack(out: Path):
+        return read_labels(registry.pull_layer(ref, out, accept=accept), ref)
+
+    def check(checked: Artifact, work: Path) -> None:
+        m = checked.manifest
+        asked(m.driver_version, m.flavor, m.kernel_release)
+        check_for_host(host, checked, release, reporter=reporter)
+
+    intake = Intake(ref=ref, fetch_step=f"pull {ref} (the registry's HTTP API)",
+                    verify_step="verify it (digests, labels, vermagic, version, symbol CRCs when the host has them)",
+                    refused_as=f"the registry's {ref}",
+                    hint=f"nothing was staged; push an unchanged build: cudabuild modules --kernel {release} "
+                         "--registry REPO")
     parent = host.owned_path(f"{STAGED}/{release}", create=True)
-    work = Path(tempfile.mkdtemp(prefix=".pull-", dir=parent))
-    try:
-        with reporter.step(f"pull {ref} (the registry's HTTP API)"):
-            labels = read_labels(registry.pull_layer(ref, work, accept=accept), ref)
-        with reporter.step("verify it (digests, labels, vermagic, version, symbol CRCs when the host has them)"):
-            try:
-                checked = artifact.load(work)
-                m = checked.manifest
-                if labels is None or labels.key != m.key or \
-                        tuple((e.file, e.sha256) for e in m.modules) != labels.modules:
-                    raise VerifyError("its labels describe another build than its manifest")
-                asked(m.driver_version, m.flavor, m.kernel_release)
-                check_for_host(host, checked, release, reporter=reporter)
-            except (ArtifactError, VerifyError) as exc:
-                raise refused(exc) from exc
-        return artifact.load(stage(host, checked))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return admit(intake, Path(tempfile.mkdtemp(prefix=".pull-", dir=parent)), unpack=unpack, reporter=reporter,
+                 keep=lambda checked: artifact.load(stage(host, checked)),
+                 discard=lambda work: shutil.rmtree(work, ignore_errors=True), check=check)
 
 
 def refusal(host: HostRoot, checked: Artifact, release: str) -> str | None:

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, Artifact
-from cudabuild.deliver import cdi, devices, upgrade
-from cudabuild.deliver.installed import changed_files, place_of, restore_loader
-from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE
-from cudabuild.deliver.loader import run_loader
+from cudabuild.cdi import spec as cdi
+from cudabuild.host import devices
+from cudabuild.install import upgrade
+from cudabuild.install.installed import changed_files, place_of, restore_loader
+from cudabuild.host.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE
+from cudabuild.host.loader import run_loader
 from cudabuild.errors import InputError
-from cudabuild.hostfs import HostPathError, HostRoot
+from cudabuild.host.root import HostPathError, HostRoot
 from cudabuild.ui import Reporter
 
 
@@ -57,6 +59,21 @@ class Installed:
                 "ready": self.ready, "gpus": self.gpus, "loaded": self.loaded, "files_changed": self.files_changed,
                 "spec_changed": self.spec_changed, "changed": self.changed, "upgraded_from": self.upgraded_from,
                 "drained": self.drained}
+
+    def text(self) -> str:
+        what = "installed" if self.changed else "already installed: nothing changed"
+        if self.upgraded_from:
+            what = f"installed, replacing {self.upgraded_from}"
+        lines = [f"NVIDIA {self.driver_version} {what}"]
+        if self.drained:
+            lines.append(f"  drained:   {', '.join(self.drained)} (stopped, then started again)")
+        lines += [f"  driver:    {self.driver_dir}" + (" (copied)" if self.files_changed else ""),
+                  f"  loaded:    {', '.join(self.loaded) or 'nothing (already loaded)'}",
+                  "  GPUs:      " + (", ".join(f"{g['index']} {g['uuid']}" for g in self.gpus) or "none"),
+                  f"  CDI spec:  {self.spec}" + (" (written)" if self.spec_changed else " (unchanged)"),
+                  f"  ready:     {self.ready}",
+                  "  use it:    podman run --device nvidia.com/gpu=all IMAGE | cudabuild run --gpus all IMAGE"]
+        return "\n".join(lines)
 
 
 def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:

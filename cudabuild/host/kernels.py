@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from cudabuild.errors import NoBuildError
-from cudabuild.hostfs import HostPathError, HostRoot, NotThereError, read_regular
-from cudabuild.options import RELEASE_RE
+from cudabuild.host.root import HostPathError, HostRoot, NotThereError, read_regular
+from cudabuild.nvidia import RELEASE_RE
 
 BOOT = "boot"
 FLATCAR = "boot/flatcar"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cudabuild.errors import printable
-from cudabuild.hostfs import HostPathError, HostRoot, read_regular
+from cudabuild.host.root import HostPathError, HostRoot, read_regular
 
 # /dev/nvidia0..254, nvidiactl, nvidia-uvm, nvidia-uvm-tools, nvidia-modeset, nvidia-caps/*
 _DEVICE_RE = re.compile(r"/dev/nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools|-modeset|-caps/[A-Za-z0-9_-]+)")

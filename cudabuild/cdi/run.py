@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from cudabuild.deliver import cdi, devices
+from cudabuild.cdi import spec as cdi
+from cudabuild.host import devices
 from cudabuild.errors import InputError
 
 DEFAULT_DIRS = tuple(Path("/") / d for d in cdi.SPEC_DIRS)
@@ -43,3 +44,22 @@ def command(docker_args: list[str], *, gpus: str | None, cdi_dirs: list[Path], e
         return ["docker", "run", *docker_args]
     edits = cdi.edits_for(cdi_dirs, cdi.device_names(chosen))
     return ["docker", "run", *docker_arguments(edits), *docker_args]
+
+
+def run_docker(line: list[str], *, dry_run: bool):
+    """`docker run` with the GPUs: the command itself with `dry_run` (a Report to show), else this
+    process becomes it (never returns)."""
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    from cudabuild.ui import Report
+
+    if dry_run:
+        return Report(line, [shlex.join(line)])
+    docker = shutil.which("docker")
+    if docker is None:
+        raise InputError("the docker command is not installed", hint="install the docker CLI, or use --dry-run")
+    sys.stdout.flush()
+    os.execv(docker, line)

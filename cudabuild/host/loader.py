@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cudabuild.artifact import Manifest
-from cudabuild.deliver import devices
+from cudabuild.host import devices
 from cudabuild.errors import InputError, LoaderError
-from cudabuild.hostfs import HostRoot
+from cudabuild.host.root import HostRoot
 
 SETTINGS = "loader.conf"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.errors import InputError, shown
-from cudabuild.hostfs import HostPathError, HostRoot
+from cudabuild.host.root import HostPathError, HostRoot
 from cudabuild.resources import resource_dir
 
 FACTS_FILE = "nvidia-devices.conf"

@@ -12,12 +12,13 @@ from pathlib import Path
 from cudabuild import artifact
 from cudabuild.artifact import LABEL_PREFIX, Artifact, image_tag
 from cudabuild.compile.builder import render_template, tar_context
-from cudabuild.cache import Cache
+from cudabuild.store.cache import Cache
 from cudabuild.engine import Engine
-from cudabuild.deliver.devices import FACTS_FILE
-from cudabuild.deliver.loader import SETTINGS, settings
+from cudabuild.host.devices import FACTS_FILE
+from cudabuild.host.loader import SETTINGS, settings
 from cudabuild.errors import InputError, VerifyError, shown
-from cudabuild.options import validate_image_ref, version_tuple
+from cudabuild.options import validate_image_ref
+from cudabuild.nvidia import version_tuple
 from cudabuild.resources import resource_dir
 from cudabuild.ui import Reporter
 
@@ -201,7 +202,7 @@ def build_node_driver_image(*, profile: Profile, registry: str, driver: str | No
     """The kernel-agnostic driver container: no modules; at start it finds the running kernel's
     verified build (staged on the host, else REGISTRY over its HTTP API) and installs it, then waits
     and stages the next kernel (`cudabuild install --registry REGISTRY [--driver DRIVER] --wait`)."""
-    from cudabuild.deliver.staging import NodeConfig
+    from cudabuild.node.config import NodeConfig
 
     config = NodeConfig(driver=driver, registry=registry)
     tag = tag or f"cudabuild/driver:{config.shown_driver}"

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, Artifact, read_manifest
-from cudabuild.deliver import devices
-from cudabuild.deliver.loader import SETTINGS, settings
+from cudabuild.host import devices
+from cudabuild.host.loader import SETTINGS, settings
 from cudabuild.digests import sha256_files
 from cudabuild.errors import ArtifactError
 from cudabuild.resources import resource_dir

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cudabuild.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
+from cudabuild.store.cache import WRITE_MARGIN_BYTES, require_space, write_failure, writing
 from cudabuild.digests import sha256_file
 from cudabuild.errors import FetchError, InputError, shown
 from cudabuild.lazy import lazy_import

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cudabuild.deliver import cdi, holders
-from cudabuild.deliver.holders import Held, Holder
-from cudabuild.deliver.installed import verify_installed
-from cudabuild.deliver.layout import DRIVER_DIR, INSTALL_LOCK, READY, READY_FILE, driver_dir
-from cudabuild.deliver import devices
-from cudabuild.deliver.loader import UnloadError, refuse_half_substituted, run_loader, unload
+from cudabuild.cdi import spec as cdi
+from cudabuild.host import holders
+from cudabuild.host.holders import Held, Holder
+from cudabuild.install.installed import verify_installed
+from cudabuild.host.layout import DRIVER_DIR, INSTALL_LOCK, READY, READY_FILE, driver_dir
+from cudabuild.host import devices
+from cudabuild.host.loader import UnloadError, refuse_half_substituted, run_loader, unload
 from cudabuild.errors import CudabuildError, EngineError, HeldError, LoaderError, RolledBackError
-from cudabuild.hostfs import HostPathError, HostRoot
-from cudabuild.options import FULL_DRIVER_RE
+from cudabuild.host.root import HostPathError, HostRoot
+from cudabuild.nvidia import FULL_DRIVER_RE
 from cudabuild.ui import Reporter
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
     GPU; the CDI spec first (no new container gets the GPU), then the modules unloaded (a driver
     cudabuild did not install is left loaded), the device nodes, the userspace directories, and the
     ready file last."""
-    from cudabuild.deliver import devices
+    from cudabuild.host import devices
 
     host = HostRoot(root)
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):

@@ -18,12 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
-from cudabuild.deliver import kernels, staging
-from cudabuild.deliver.install import Installed, install
-from cudabuild.deliver.layout import READY_FILE
-from cudabuild.deliver.staging import Found, NodeConfig
+from cudabuild.host import kernels
+from cudabuild.node import staging
+from cudabuild.install.install import Installed, install
+from cudabuild.host.layout import READY_FILE
+from cudabuild.node.config import NodeConfig
+from cudabuild.node.staging import Found
 from cudabuild.errors import CudabuildError, InputError, NoBuildError, RegistryError
-from cudabuild.hostfs import HostRoot
+from cudabuild.host.root import HostRoot
 from cudabuild.ui import Reporter
 
 HOOK = "etc/kernel/postinst.d/cudabuild"

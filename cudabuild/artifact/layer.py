@@ -1,0 +1,65 @@
+"""A modules image's layer unpacked, bounded, only what an artifact holds (modules/, userspace/, the
+manifest): from a `docker save` archive or a registry's blob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+from cudabuild.errors import VerifyError, shown
+
+
+# ---- a saved modules image ---------------------------------------------------------------------
+def unpack_image(saved_path: Path, into: Path) -> None:
+    """The one layer of a saved modules image (`docker save`) into `into`: only modules/,
+    userspace/ and manifest.json, regular files, directories and links inside their directory."""
+    import tarfile  # only to pull: a cache hit reads no tar
+
+    with tarfile.open(saved_path) as saved:
+        try:
+            index = json.load(saved.extractfile("manifest.json"))
+            layers = index[0]["Layers"]
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
+            raise VerifyError("the pulled image is not a saved image cudabuild can read",
+                              hint="use images `cudabuild modules --registry` pushed") from exc
+        if len(layers) != 1:
+            raise VerifyError(f"the pulled modules image has {len(layers)} layers, not one: cudabuild did not "
+                              "make it", hint="use images `cudabuild modules --registry` pushed")
+        extract_layer(saved.extractfile(layers[0]), into)
+
+
+MAX_UNPACKED = 16 << 30  # bytes a modules image's layer may unpack to: a driver's is under 1 GB
+
+
+def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_UNPACKED) -> None:
+    """A modules image's layer (a tar file or file object; gzip-compressed when `compression` is
+    "gz") into `into`: only modules/, userspace/ and manifest.json, regular files, directories and
+    links inside their directory, at most `limit` bytes (each member's size counted before it is
+    written)."""
+    import tarfile
+
+    mode = f"r:{compression}" if compression else "r:"
+    opened = tarfile.open(layer, mode) if isinstance(layer, (str, Path)) else tarfile.open(fileobj=layer, mode=mode)
+    unpacked = 0
+    try:
+        with opened:
+            for member in opened:
+                unpacked += member.size
+                if unpacked > limit:  # checked before the member is written
+                    raise VerifyError(f"the modules image unpacks to more than {limit >> 20} MiB, far more than "
+                                      "its layer's size allows for a driver's files (a compression bomb?)",
+                                      hint="use images `cudabuild modules --registry` pushed")
+                name = PurePosixPath(member.name.removeprefix("./"))
+                if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
+                    continue
+                outward = member.issym() and (member.linkname.startswith("/") or ".." in member.linkname.split("/"))
+                if ".." in name.parts or not (member.isfile() or member.isdir() or member.issym()) or outward:
+                    raise VerifyError(f"the modules image holds {shown(member.name)}, which cudabuild never writes",
+                                      hint="use images `cudabuild modules --registry` pushed")
+                member.name = str(name)
+                opened.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the disk's, not the layer's (gzip's has none)
+            raise
+        raise VerifyError(f"the modules image's layer is not a tar file cudabuild can read ({exc})",
+                          hint="use images `cudabuild modules --registry` pushed") from exc

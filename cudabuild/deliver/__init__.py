@@ -1,1 +1,0 @@
-"""Getting a built driver to containers: runtime images."""

@@ -1,0 +1,1 @@
+"""Content-addressed storage every layer uses: the cache (entries, locks, space) and downloads."""

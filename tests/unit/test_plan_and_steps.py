@@ -1,0 +1,111 @@
+"""compile/plan.py and compile/steps.py against a fake engine (tests/unit/fake_engine.py) and a
+fake Debian archive: what the plan resolves and says, when it asks for the engine, and how an
+outside build is taken in (artifact.admit) or refused with nothing left behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from cudabuild.artifact import LABEL_PREFIX
+from cudabuild.compile import plan as plan_module
+from cudabuild.compile import steps
+from cudabuild.errors import InputError, VerifyError
+from cudabuild.settings import Services, Settings
+from cudabuild.sources.debian import Package
+from cudabuild.ui import Reporter
+from tests.elf import write_artifact
+from tests.unit.fake_engine import FakeEngine
+
+TRIXIE = "6.12.117+deb13-amd64"
+
+
+def _pkg(name: str, version: str = "1") -> Package:
+    return Package(name=name, version=version, filename=f"pool/{name}_{version}.deb", sha256=f"{abs(hash(name)):064x}"[:64],
+                   size=1, base_url="http://deb.example/debian", suite="trixie")
+
+
+class FakeArchive:
+    """The two questions a plan asks Debian's archive, answered from a table."""
+
+    driver_backports = False
+
+    def __init__(self, *, gcc: int | None = 14, **_) -> None:
+        self.gcc = gcc
+
+    def latest_kernel(self, flavour: str = "amd64") -> str:
+        return TRIXIE
+
+    def kernel_packages(self, release: str):
+        return [_pkg(f"linux-headers-{release}"), _pkg("linux-kbuild-6.12")], self.gcc
+
+    def driver_packages(self, request, flavor, release):
+        return _pkg("nvidia-kernel-source", "550.163.01-2"), [_pkg("libcuda1", "550.163.01-2")], "550.163.01"
+
+    def versions(self, name, backports=False):
+        return []
+
+
+@pytest.fixture
+def services(tmp_path, monkeypatch):
+    def make(*, gcc: int | None = 14):
+        monkeypatch.setattr(plan_module, "DebianArchive", lambda **kw: FakeArchive(gcc=gcc))
+        settings = Settings(cache_dir=tmp_path / "cache", cpu_count=2, host_release="6.1.0-56-amd64")
+        engine = FakeEngine()
+        return Services(settings, reporter=Reporter(quiet=True), engine=engine), engine
+    return make
+
+
+def test_a_plan_resolves_the_distribution_flavour_and_builder_from_the_release(services):
+    made, engine = services()
+    plan = plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE}), made)
+    assert plan.options.distribution == "trixie"  # +deb13: the release says so
+    assert plan.spec.flavor == "proprietary"  # 550: the default before 560
+    assert plan.spec.driver_version == "550.163.01"
+    assert plan.builder.base == "debian:trixie"  # gcc 14, the kernel's own compiler
+    assert plan.tag == "cudabuild/modules:550.163.01-6.12.117_deb13-amd64"
+    assert ("ensure_image", "debian:trixie") in engine.calls
+    again = plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE}), made)
+    assert again.key == plan.key, "the same inputs plan the same key"
+    fewer = plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE, "only_modules": "nvidia"}), made)
+    assert fewer.key != plan.key and fewer.spec.modules == ("nvidia",)
+
+
+def test_a_plan_refuses_a_kernel_without_a_known_compiler_before_asking_for_the_engine(services):
+    made, engine = services(gcc=99)
+    with pytest.raises(InputError, match="gcc 99"):
+        plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE}), made)
+    assert engine.calls == [], "the engine is asked for only once every input has been checked"
+
+
+def _outside_image(tmp_path, engine: FakeEngine, *, key_label: str | None = None):
+    """A modules image made elsewhere, as the engine holds it, with the labels its manifest gives."""
+    from cudabuild.artifact import load
+
+    root = write_artifact(tmp_path / "made-elsewhere", release="4.3.6-coreos")
+    manifest = load(root).manifest
+    labels = manifest.labels()
+    if key_label is not None:
+        labels[f"{LABEL_PREFIX}.key"] = key_label
+    engine.add("team/modules:elsewhere", labels=labels, layer=root)
+    from cudabuild.artifact import read_labels
+
+    return read_labels(labels, "team/modules:elsewhere"), manifest
+
+
+def test_an_outside_image_is_admitted_into_the_cache(tmp_path, services):
+    made, engine = services()
+    labels, manifest = _outside_image(tmp_path, engine)
+    checked = steps.import_image("team/modules:elsewhere", labels, made)
+    assert checked.root == made.cache.result_dir(manifest.key)
+    assert checked.manifest.modules == manifest.modules
+    assert ("save", "team/modules:elsewhere") in engine.calls
+    assert list((made.cache.root / "tmp").glob("import-*")) == [], "the work directory is removed"
+
+
+def test_an_outside_image_whose_labels_name_another_build_is_refused_and_nothing_is_kept(tmp_path, services):
+    made, engine = services()
+    labels, manifest = _outside_image(tmp_path, engine, key_label="b" * 64)
+    with pytest.raises(VerifyError, match="refused team/modules:elsewhere: its labels describe another build"):
+        steps.import_image("team/modules:elsewhere", labels, made)
+    assert made.cache.result(manifest.key) is None and made.cache.result("b" * 64) is None
+    assert list((made.cache.root / "tmp").glob("import-*")) == []
