@@ -16,10 +16,10 @@ def generate(host: HostRoot, *, cdi_host_root: str, output: str | None, check: b
     """Write the loaded driver's spec to `output` (a file, "-" for the result itself, None for the
     host's own place), or with `check` compare the one on disk: a stale spec is the result's error
     (exit 26), naming each difference."""
-    base, root = host.given, str(host.given)
+    root = str(host.given)
     if output == "-" and check:
         raise InputError("--check compares a file on disk with the loaded driver", hint="leave out --output -")
-    spec = specs.for_loaded(base, host_root=cdi_host_root)
+    spec = specs.for_loaded(host, host_root=cdi_host_root)
     if spec is None and not check:  # --check: no driver and a spec on disk is a stale spec
         if not if_loaded:
             raise InputError(f"no NVIDIA driver is loaded under {root} (no proc/driver/nvidia/version, no "
@@ -31,7 +31,7 @@ def generate(host: HostRoot, *, cdi_host_root: str, output: str | None, check: b
                          hint=f"pass a file, e.g. --output {target / specs.SPEC_FILE}")
     if check:
         current = specs.read_spec(target) if target.exists() else None
-        said = specs.differences(current, spec, root=base, host_root=cdi_host_root)
+        said = specs.differences(current, spec, host=host, host_root=cdi_host_root)
         error = None
         if said:
             error = StaleSpecError(printable(f"the CDI spec {target} is stale: {'; '.join(said)}"),
@@ -44,7 +44,7 @@ def generate(host: HostRoot, *, cdi_host_root: str, output: str | None, check: b
     if output:
         HostRoot("/").write_atomic(str(target), specs.encode(spec))
     else:
-        target, _ = specs.write(spec, base)  # resolved inside the root
+        target, _ = specs.write(spec, host)  # resolved inside the root
     return Report({"written": str(output or target), "devices": len(spec["devices"]),
                    "driver": specs.driver_version_of(spec)},
                   [f"wrote {output or target}: {len(spec['devices'])} devices, driver {specs.driver_version_of(spec)}"],

@@ -58,11 +58,10 @@ class Userspace:
     binaries: tuple[Path, ...]
 
 
-def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = (), required: bool = True) -> Userspace:
+def find_userspace(host: HostRoot, version: str, *, extra_dirs: tuple[str, ...] = (), required: bool = True) -> Userspace:
     """The libraries of exactly `version` in the host's library directories (host paths, each
-    resolved inside `root`; `extra_dirs` first); unless not `required`, InputError naming what is
+    resolved inside the host's root; `extra_dirs` first); unless not `required`, InputError naming what is
     missing (a 535 module with 470 libraries fails with "Driver/library version mismatch")."""
-    host = HostRoot(root)
     alternatives = "usr/lib/x86_64-linux-gnu/nvidia"
     names = [*extra_dirs, *LIBRARY_DIRS, *(f"{alternatives}/{d}" for d in host.listdir(alternatives))]
     dirs = list(dict.fromkeys(host.resolve(d) for d in names))
@@ -95,16 +94,15 @@ def find_userspace(root: Path, version: str, *, extra_dirs: tuple[str, ...] = ()
 
 
 # ---- the spec ------------------------------------------------------------------------------------
-def host_path(path: Path, *, root: Path, host_root: str) -> str:
+def host_path(path: Path, *, host: HostRoot, host_root: str) -> str:
     """Where the host sees `path` (a path under `root` as this process sees it, resolved inside it)."""
-    host = HostRoot(root)
     return host.host_path(host.resolve(host.host_path(path)), host_root)
 
 
-def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
+def generate(host: HostRoot, *, host_root: str, userspace: Userspace) -> dict:
     """The spec of the GPUs `root`'s driver reports and the given userspace driver."""
     f = devices.facts()
-    gpus = devices.gpus(root)
+    gpus = devices.gpus(host)
 
     def node(path: str, major: int, minor: int) -> dict:
         # No fileMode (a Go os.FileMode, not st_mode) or permissions: consumers apply their defaults.
@@ -115,18 +113,18 @@ def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
         return entry
 
     shared = [node("/dev/nvidiactl", f.gpu_major, f.ctl_minor)]
-    uvm = devices.uvm_major(root)
+    uvm = devices.uvm_major(host)
     if uvm is not None:
         shared += [node("/dev/nvidia-uvm", uvm, f.uvm_minor), node("/dev/nvidia-uvm-tools", uvm, f.uvm_tools_minor)]
-    if devices.modeset_loaded(root):
+    if devices.modeset_loaded(host):
         shared.append(node("/dev/nvidia-modeset", f.gpu_major, f.modeset_minor))
     mounts = []
     for library in userspace.libraries:
         for name in names_of(library):
-            mounts.append({"hostPath": host_path(library, root=root, host_root=host_root),
+            mounts.append({"hostPath": host_path(library, host=host, host_root=host_root),
                            "containerPath": f"{CONTAINER_LIBS}/{name}", "options": list(MOUNT_OPTIONS)})
     for binary in userspace.binaries:
-        mounts.append({"hostPath": host_path(binary, root=root, host_root=host_root),
+        mounts.append({"hostPath": host_path(binary, host=host, host_root=host_root),
                        "containerPath": f"{CONTAINER_BIN}/{binary.name}", "options": list(MOUNT_OPTIONS)})
     gpu_nodes = {g.index: node(f"/dev/nvidia{g.minor}", f.gpu_major, g.minor) for g in gpus}
     device_list = []
@@ -145,49 +143,49 @@ def generate(root: Path, *, host_root: str, userspace: Userspace) -> dict:
     }
 
 
-def for_loaded(root: Path, *, host_root: str) -> dict | None:
+def for_loaded(host: HostRoot, *, host_root: str) -> dict | None:
     """The spec of the driver loaded under `root` now and its GPUs, with the userspace driver of
     exactly that version (the one cudabuild installed first, then the host's library directories);
     None when no NVIDIA driver is loaded."""
-    version = devices.loaded_version(root)
-    return None if version is None else of_version(root, version, host_root=host_root)
+    version = devices.loaded_version(host)
+    return None if version is None else of_version(host, version, host_root=host_root)
 
 
-def of_version(root: Path, version: str, *, host_root: str) -> dict:
+def of_version(host: HostRoot, version: str, *, host_root: str) -> dict:
     """The spec of the GPUs under `root` and the userspace driver of `version`: the copy cudabuild
     installed first, then the host's library directories (install writes this; `--check` and the
     driver container compare against it). With cudabuild's copy there, its libraries suffice."""
     ours = driver_dir(version)
-    installed = HostRoot(root).is_dir(f"{ours}/lib")
-    userspace = find_userspace(root, version, extra_dirs=(f"{ours}/lib", f"{ours}/bin"), required=not installed)
-    return generate(root, host_root=host_root, userspace=userspace)
+    installed = host.is_dir(f"{ours}/lib")
+    userspace = find_userspace(host, version, extra_dirs=(f"{ours}/lib", f"{ours}/bin"), required=not installed)
+    return generate(host, host_root=host_root, userspace=userspace)
 
 
 MAX_HOST_PATH = 4096  # PATH_MAX
 
 
-def refresh(root: Path, *, host_root: str, reporter=None) -> list[str]:
+def refresh(host: HostRoot, *, host_root: str, reporter=None) -> list[str]:
     """Our spec rewritten when it is stale against the loaded driver and GPUs (removed when no
     driver is loaded: it would name devices that are gone); what was stale."""
     try:
-        wanted = for_loaded(root, host_root=host_root)
+        wanted = for_loaded(host, host_root=host_root)
     except InputError as exc:
         if reporter:
             reporter.warn(f"the CDI spec cannot be checked: {exc.message}")
         return []
-    saved = on_disk(root)
+    saved = on_disk(host)
     try:
         current = json.loads(saved) if saved is not None else None
     except (ValueError, RecursionError):
         current = {}
     if current is not None and not isinstance(current, dict):
         current = {}
-    said = differences(current, wanted, root=root, host_root=host_root)
+    said = differences(current, wanted, host=host, host_root=host_root)
     if said:
         if wanted is None:
-            HostRoot(root).remove_file(SPEC)
+            host.remove_file(SPEC)
         else:
-            write(wanted, root)
+            write(wanted, host)
         if reporter:
             reporter.warn(f"the CDI spec was stale ({'; '.join(said)}): "
                           + ("removed" if wanted is None else "rewritten"))
@@ -198,31 +196,30 @@ def encode(spec: dict) -> bytes:
     return (json.dumps(spec, indent=2) + "\n").encode()
 
 
-def write(spec: dict, root: Path) -> tuple[Path, bool]:
+def write(spec: dict, host: HostRoot) -> tuple[Path, bool]:
     """Write the spec to ROOT/var/run/cdi (resolved inside the root: on Debian ROOT/run/cdi), whole
     or not at all (a temporary file beside it, then a rename: an engine never reads half a spec);
     the path written and whether it changed."""
-    return HostRoot(root).write_atomic(SPEC, encode(spec))
+    return host.write_atomic(SPEC, encode(spec))
 
 
-def on_disk(root: Path) -> bytes | None:
+def on_disk(host: HostRoot) -> bytes | None:
     """Our spec's bytes under `root` as they are now (None when there is none)."""
-    host = HostRoot(root)
     try:
         return host.read_bytes(SPEC, limit=MAX_SPEC_BYTES)
     except InputError:
         return None
 
 
-def put_back(root: Path, saved: bytes | None) -> None:
+def put_back(host: HostRoot, saved: bytes | None) -> None:
     """Our spec as it was (`on_disk`'s answer): rewritten whole, or removed when there was none."""
     if saved is None:
-        HostRoot(root).remove_file(SPEC)
+        host.remove_file(SPEC)
     else:
-        HostRoot(root).write_atomic(SPEC, saved)
+        host.write_atomic(SPEC, saved)
 
 
-def differences(current: dict | None, wanted: dict | None, *, root: Path, host_root: str) -> list[str]:
+def differences(current: dict | None, wanted: dict | None, *, host: HostRoot, host_root: str) -> list[str]:
     """What makes the spec `current` (None: there is none) stale against `wanted`, the spec of
     the loaded driver and GPUs (None: no driver is loaded), said for a user; [] when it is not."""
     if current is None:
@@ -236,7 +233,6 @@ def differences(current: dict | None, wanted: dict | None, *, root: Path, host_r
     have, want = _gpu_names(current), _gpu_names(wanted)
     said += [f"GPU {name} is in the spec but gone" for name in sorted(have - want)]
     said += [f"GPU {name} is new: not in the spec" for name in sorted(want - have)]
-    host = HostRoot(root)
     mounts = _edits(current).get("mounts") or []
     if not isinstance(mounts, list):
         said.append(f"its mounts are a JSON {type(mounts).__name__}, not a list")

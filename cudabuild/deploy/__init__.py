@@ -16,6 +16,7 @@ from cudabuild.artifact import LABEL_PREFIX, read_labels, read_node_labels
 from cudabuild.host import devices
 from cudabuild.host.layout import READY_FILE as _READY
 from cudabuild.errors import InputError
+from cudabuild.host.root import HostRoot
 from cudabuild.options import validate_image_ref
 
 # A workload example: an unmodified CUDA image that lists the GPUs.
@@ -117,13 +118,13 @@ def driver_images(engine, refs: list[str], *, kind: str, registry: str | None) -
     return found
 
 
-def host_facts(root: Path) -> HostFacts:
-    return HostFacts(driver_version=devices.loaded_version(root), gpus=tuple(devices.gpus(root)))
+def host_facts(host: HostRoot) -> HostFacts:
+    return HostFacts(driver_version=devices.loaded_version(host), gpus=tuple(devices.gpus(host)))
 
 
-def require_gpus(host: HostFacts, root: Path) -> None:
-    if not host.gpus:
-        raise InputError(f"no GPUs under {root}/proc/driver/nvidia/gpus: the node's GPUs name its resources",
+def require_gpus(facts: HostFacts, host: HostRoot) -> None:
+    if not facts.gpus:
+        raise InputError(f"no GPUs under {host.given}/proc/driver/nvidia/gpus: the node's GPUs name its resources",
                          hint="run it on a node after `cudabuild install` (or the driver container), or pass --root")
 
 

@@ -30,14 +30,14 @@ def _images(services, images, registry, kind):
 
 
 def swarm_files(host: HostRoot, *, images, registry, runtime_path: str, services):
-    facts = host_facts(host.given)
-    require_gpus(facts, host.given)
+    facts = host_facts(host)
+    require_gpus(facts, host)
     return swarm.files(_images(services, images, registry, "driver"), facts, runtime_path=runtime_path)
 
 
 def ecs_files(host: HostRoot, *, images, registry, runtime_path: str, services):
-    facts = host_facts(host.given)
-    require_gpus(facts, host.given)
+    facts = host_facts(host)
+    require_gpus(facts, host)
     return ecs.files(_images(services, images, registry, "driver"), facts, runtime_path=runtime_path)
 
 

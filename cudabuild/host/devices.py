@@ -69,9 +69,8 @@ GPUS_DIR = "proc/driver/nvidia/gpus"
 INFO_LIMIT = 64 * 1024  # a GPU's information file is a few hundred bytes
 
 
-def gpus(root: Path) -> list[Gpu]:
+def gpus(host: HostRoot) -> list[Gpu]:
     """The GPUs in ROOT/proc/driver/nvidia/gpus/*/information (each read at most 64 KiB)."""
-    host = HostRoot(root)
     found = []
     for index, name in enumerate(host.listdir(GPUS_DIR)):
         info = f"{GPUS_DIR}/{name}/information"
@@ -90,37 +89,37 @@ def gpus(root: Path) -> list[Gpu]:
     return found
 
 
-def _read(root: Path, rel: str) -> str | None:
+def _read(host: HostRoot, rel: str) -> str | None:
     try:
-        return HostRoot(root).read_text(rel, limit=INFO_LIMIT)
+        return host.read_text(rel, limit=INFO_LIMIT)
     except HostPathError:
         return None
 
 
-def uvm_major(root: Path) -> int | None:
+def uvm_major(host: HostRoot) -> int | None:
     """nvidia-uvm's major, from ROOT/proc/devices (None when nvidia-uvm is not loaded)."""
-    for line in (_read(root, "proc/devices") or "").splitlines():
+    for line in (_read(host, "proc/devices") or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1] == facts().uvm_device and re.fullmatch(r"[0-9]{1,4}", parts[0]):
             return int(parts[0])
     return None
 
 
-def loaded_version(root: Path) -> str | None:
+def loaded_version(host: HostRoot) -> str | None:
     """The loaded NVIDIA driver's version: /proc/driver/nvidia/version, or /sys/module/nvidia/version."""
-    proc = _read(root, "proc/driver/nvidia/version")
+    proc = _read(host, "proc/driver/nvidia/version")
     if proc:
         m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]{3}\.[0-9]+(?:\.[0-9]+)?)", proc)
         if m:
             return m.group(1)
-    version = (_read(root, "sys/module/nvidia/version") or "").strip()
+    version = (_read(host, "sys/module/nvidia/version") or "").strip()
     if re.fullmatch(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", version):
         return version
     return None
 
 
-def modeset_loaded(root: Path) -> bool:
-    return HostRoot(root).is_dir("sys/module/nvidia_modeset")
+def modeset_loaded(host: HostRoot) -> bool:
+    return host.is_dir("sys/module/nvidia_modeset")
 
 
 # ---- which GPUs a container asked for ----------------------------------------------------------

@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from cudabuild.errors import printable
 from cudabuild.host.root import HostPathError, HostRoot, read_regular
@@ -79,12 +78,11 @@ _SCOPE_RE = re.compile(r"(?:docker|cri-containerd|crio|libpod)-(?P<id>[0-9a-f]{6
 _PLAIN_ID = re.compile(r"(?:libpod-|crio-)?(?P<id>[0-9a-f]{64})")
 
 
-def scan(root: Path) -> list[Holder]:
+def scan(host: HostRoot) -> list[Holder]:
     """Every process under ROOT/proc that holds the GPU or maps the driver (by pid); processes that
     end while they are read are skipped. Only decimal pid directories are read, never through a
     link, each file read non-blocking and bounded (a FIFO or a device where a file belongs is
     skipped)."""
-    host = HostRoot(root)
     found = []
     try:
         with host.directory("proc") as proc:

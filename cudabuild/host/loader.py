@@ -30,18 +30,17 @@ def settings(manifest: Manifest) -> str:
     )
 
 
-def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]:
+def run_loader(target: Path, *, host: HostRoot, env: Mapping[str, str]) -> list[str]:
     """The image loader, loading from `target` into the kernel; the modules it loaded. Its
     refusals become LoaderError with its exit code and words. Its /dev, /proc and /sys are
     ROOT's, resolved inside ROOT here (the loader, in shell, takes them as given)."""
     selection = devices.facts().selection_variables
-    host = HostRoot(root)
     loader_env = {k: v for k, v in env.items() if k not in selection and k != "CUDABUILD_ROOT"}
     loader_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     loader_env.update({"CUDABUILD_HOME": str(target), "CUDABUILD_LDCONFIG": "true",
                        "CUDABUILD_FIRMWARE": host.host_path(target / "firmware"),  # the kernel reads it from the host
                        "NVIDIA_VISIBLE_DEVICES": "all"})  # the host gets a node for every GPU
-    if root != Path("/"):
+    if host.given != Path("/"):
         loader_env["CUDABUILD_ROOT"] = str(host.root)
         loader_env["CUDABUILD_DEV"] = str(host.makedirs("dev"))
         for name in ("proc", "sys"):
@@ -54,10 +53,9 @@ def run_loader(target: Path, *, root: Path, env: Mapping[str, str]) -> list[str]
     return [line.split(" ", 1)[1] for line in said if line.startswith("loaded ")]
 
 
-def loaded_modules(root: Path) -> list[str]:
+def loaded_modules(host: HostRoot) -> list[str]:
     """The NVIDIA modules loaded under ROOT/sys/module, in load order (names as the loader's)."""
     f = devices.facts()
-    host = HostRoot(root)
     return [m for m in (*f.load_order, *f.optional_modules) if host.is_dir(f"sys/module/{m.replace('-', '_')}")]
 
 
@@ -78,13 +76,13 @@ def refuse_half_substituted(env: Mapping[str, str]) -> None:
                          hint="set CUDABUILD_RMMOD beside CUDABUILD_INSMOD, or neither")
 
 
-def unload(root: Path, env: Mapping[str, str]) -> list[str]:
+def unload(host: HostRoot, env: Mapping[str, str]) -> list[str]:
     """Unload every NVIDIA module, the last loaded first; the modules unloaded. UnloadError with the
     kernel's words when one is refused (those unloaded before it stay unloaded: the caller loads
     them again)."""
     rmmod = env.get("CUDABUILD_RMMOD", "rmmod")
     unloaded: list[str] = []
-    for module in reversed(loaded_modules(root)):
+    for module in reversed(loaded_modules(host)):
         name = module.replace("-", "_")
         result = subprocess.run([rmmod, name], env={**env, "PATH": env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
                                 capture_output=True, text=True)

@@ -10,7 +10,7 @@ from cudabuild.ui import Report
 
 def holders_report(host: HostRoot, services) -> Report:
     """Every process that holds the GPU, with its container (named through the engine when one answers)."""
-    found = upgrade.who_holds(host.given, services.engine, services.reporter)
+    found = upgrade.who_holds(host, services.engine, services.reporter)
     if not found:
         return Report([], ["nothing holds the GPU"])
     lines = [f"{'PID':>8}  {'COMMAND':<16} {'CONTAINER':<28} HOLDS"]
@@ -24,7 +24,7 @@ def holders_report(host: HostRoot, services) -> Report:
 
 def uninstall_report(host: HostRoot, cdi_host_root: str, services) -> Report:
     """What `install` put on the host removed, in the safe order (install/upgrade.py uninstall)."""
-    done = upgrade.uninstall(host.given, host_root=cdi_host_root, env=services.settings.environ,
+    done = upgrade.uninstall(host, host_root=cdi_host_root, env=services.settings.environ,
                              engine=services.engine, reporter=services.reporter)
     if done.driver_version and done.unloaded:
         lines = [f"NVIDIA {done.driver_version} uninstalled: unloaded {', '.join(done.unloaded)}"]

@@ -111,18 +111,17 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
     return True
 
 
-def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, str], reporter: Reporter,
+def install(checked: Artifact, *, host: HostRoot, host_root: str, env: Mapping[str, str], reporter: Reporter,
             origin: Mapping[str, object] | None = None, policy: upgrade.Policy = upgrade.Policy()) -> Installed:
     """`origin`: where a node found this build (staging.Found.to_json), written into the ready file.
     Another version loaded is replaced (deliver/upgrade.py: refused while the GPU is held, unless
     `policy` drains; rolled back when the new modules do not load)."""
-    if not root.is_dir():
-        raise InputError(f"--root {root} is not a directory", hint="pass the host's file system, e.g. --root /host")
-    host = HostRoot(root)
+    if not host.given.is_dir():
+        raise InputError(f"--root {host.given} is not a directory", hint="pass the host's file system, e.g. --root /host")
     version = checked.manifest.driver_version
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         target = host.owned_path(DRIVER_DIR, create=True) / version
-        old = devices.loaded_version(root)
+        old = devices.loaded_version(host)
 
         def put() -> bool:
             with reporter.step(f"driver files in {host.host_path(target, host_root)}"):
@@ -133,8 +132,8 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
 
         def load_and_finish(files_changed: bool) -> Installed:
             with reporter.step("load the modules and make the device nodes (the image loader)"):
-                loaded = run_loader(target, root=root, env=env)
-            return _finish(checked, host, root=root, host_root=host_root, target=target, loaded=loaded,
+                loaded = run_loader(target, host=host, env=env)
+            return _finish(checked, host, host_root=host_root, target=target, loaded=loaded,
                            files_changed=files_changed, origin=origin)
 
         if old is None or old == version:
@@ -146,11 +145,11 @@ def install(checked: Artifact, *, root: Path, host_root: str, env: Mapping[str, 
         return result
 
 
-def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, target: Path, loaded: list[str],
+def _finish(checked: Artifact, host: HostRoot, *, host_root: str, target: Path, loaded: list[str],
             files_changed: bool, origin: Mapping[str, object] | None) -> Installed:
     """The CDI spec of what is loaded, then the ready file."""
     version = checked.manifest.driver_version
-    spec, spec_changed = cdi.write(cdi.of_version(root, version, host_root=host_root), root)
+    spec, spec_changed = cdi.write(cdi.of_version(host, version, host_root=host_root), host)
     m = checked.manifest
     state = {"kernel": m.kernel_release, "driver": version, "flavor": m.flavor, "source": "artifact", "ref": None,
              "fallback_from": None, "boot_test": m.boot_summary, **(origin or {}),
@@ -159,10 +158,10 @@ def _finish(checked: Artifact, host: HostRoot, *, root: Path, host_root: str, ta
     ready, _ = host.write_atomic(READY_FILE, text.encode())
     return Installed(driver_version=version, driver_dir=host.host_path(target, host_root),
                      spec=host.host_path(spec, host_root), ready=host.host_path(ready, host_root),
-                     gpus=[{"index": g.index, "minor": g.minor, "uuid": g.uuid} for g in devices.gpus(root)],
+                     gpus=[{"index": g.index, "minor": g.minor, "uuid": g.uuid} for g in devices.gpus(host)],
                      loaded=loaded, files_changed=files_changed, spec_changed=spec_changed)
 
 
-def not_ready(root: Path) -> None:
+def not_ready(host: HostRoot) -> None:
     """Remove the readiness file (the driver container stops)."""
-    HostRoot(root).remove_owned(READY_FILE)
+    host.remove_owned(READY_FILE)

@@ -38,10 +38,10 @@ STOP_GRACE = 10  # seconds a drained container has between SIGTERM and SIGKILL (
 RELEASE_POLL = 0.2
 
 
-def who_holds(root: Path, engine: Callable[[], object] | None, reporter: Reporter | None = None) -> list[Holder]:
+def who_holds(host: HostRoot, engine: Callable[[], object] | None, reporter: Reporter | None = None) -> list[Holder]:
     """The holders of the GPU under `root`, their containers named through the engine when one
     answers (`engine()` makes it; a holder's container stays unnamed when none does)."""
-    found = holders.scan(root)
+    found = holders.scan(host)
     if engine is None or not any(h.in_container for h in found):
         return found
     try:
@@ -96,7 +96,7 @@ def refuse_held(held: Held, *, doing: str, drain_possible: bool) -> HeldError:
                      f"{'es' if len(held.holders) != 1 else ''}: {held.lines()}", hint=hint)
 
 
-def drain(root: Path, held: Held, policy: Policy, reporter: Reporter) -> Drained:
+def drain(host: HostRoot, held: Held, policy: Policy, reporter: Reporter) -> Drained:
     """Stop the containers that hold the GPU and wait until nothing holds it (the kernel closes a
     process's files when it ends); on a timeout they are started again and HeldError says what
     still holds it."""
@@ -113,7 +113,7 @@ def drain(root: Path, held: Held, policy: Policy, reporter: Reporter) -> Drained
             drained.names[h.container_id] = name
         deadline = time.monotonic() + policy.drain_timeout
         while True:
-            left = holders.scan(root)
+            left = holders.scan(host)
             if not left:
                 return drained
             if time.monotonic() > deadline:
@@ -188,7 +188,6 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
     modules are unloaded; the block loads the new ones and writes the spec and ready file. If the
     block fails, the old driver is loaded again, with its spec and ready file, and RolledBackError
     says so. Drained containers start again at the end (unless the policy says not to)."""
-    root = host.given
     doing = f"NVIDIA {old} is loaded and {new} would replace it"
     old_dir = installed_by_us(host, old)
     if old_dir is None:
@@ -199,18 +198,18 @@ def swapping(host: HostRoot, *, old: str, new: str, target: Path, env: Mapping[s
     refuse_half_substituted(env)
     refuse_module_users(host, doing=doing)
     refuse_other_kernel(host, new_modules, env, doing=doing)
-    held = Held(who_holds(root, policy.engine, reporter))
+    held = Held(who_holds(host, policy.engine, reporter))
     drained = Drained()
     if held.holders:
         if not policy.drain or held.outside:
             raise refuse_held(held, doing=doing, drain_possible=True)
-        drained = drain(root, held, policy, reporter)
+        drained = drain(host, held, policy, reporter)
     try:
         files_changed = prepare()
-        saved_spec, saved_ready = cdi.on_disk(root), _read(host, READY_FILE)
+        saved_spec, saved_ready = cdi.on_disk(host), _read(host, READY_FILE)
         host.remove_file(READY_FILE)  # not ready while the driver changes
         try:
-            unloaded = unload(root, env)
+            unloaded = unload(host, env)
         except UnloadError as exc:
             _load_again(host, old, old_dir, env, saved_spec, saved_ready, reporter)
             host.remove_owned(driver_dir(new))
@@ -243,17 +242,16 @@ def _load_again(host: HostRoot, old: str, old_dir: Path, env: Mapping[str, str],
     """The old driver back: what loaded of the new one unloaded, then the old loaded from its
     installed copy (its loader loads what is missing of it, when its unloading stopped half-way),
     its spec and ready file as they were."""
-    root = host.given
     try:
         verify_installed(old_dir)  # what runs and loads is what was installed, checked first
-        if devices.loaded_version(root) not in (None, old):
-            unload(root, env)
-        run_loader(old_dir, root=root, env=env)
+        if devices.loaded_version(host) not in (None, old):
+            unload(host, env)
+        run_loader(old_dir, host=host, env=env)
     except CudabuildError as exc:
         raise LoaderError(f"rolling back failed too: {exc.message}; no NVIDIA driver may be loaded now",
                           exit_code=exc.exit_code if isinstance(exc, LoaderError) else 14,
                           hint=f"load it by hand: sh {old_dir}/loader.sh true") from exc
-    cdi.put_back(root, spec)
+    cdi.put_back(host, spec)
     if ready is not None:
         host.write_atomic(READY_FILE, ready)
     reporter.warn(f"rolled back to the driver in {old_dir}")
@@ -279,7 +277,7 @@ class Uninstalled:
                 "left_loaded": self.left_loaded}
 
 
-def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Callable[[], object] | None,
+def uninstall(host: HostRoot, *, host_root: str, env: Mapping[str, str], engine: Callable[[], object] | None,
               reporter: Reporter) -> Uninstalled:
     """Remove what `install` put on the host, in the safe order: refused while anything holds the
     GPU; the CDI spec first (no new container gets the GPU), then the modules unloaded (a driver
@@ -287,18 +285,17 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
     ready file last."""
     from cudabuild.host import devices
 
-    host = HostRoot(root)
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         host.owned_entries(DRIVER_DIR)  # a link where the drivers are is refused before anything changes
-        version = devices.loaded_version(root)
+        version = devices.loaded_version(host)
         doing = f"NVIDIA {version or '(not loaded)'} cannot be uninstalled now"
         refuse_half_substituted(env)
         refuse_module_users(host, doing=doing)
-        held = Held(who_holds(root, engine, reporter))
+        held = Held(who_holds(host, engine, reporter))
         if held.holders:
             raise refuse_held(held, doing=doing, drain_possible=False)
         done = Uninstalled(driver_version=version)
-        saved = cdi.on_disk(root)
+        saved = cdi.on_disk(host)
         if saved is not None:
             host.remove_file(cdi.SPEC)
             done.removed.append(host.host_path(host.resolve(cdi.SPEC), host_root))
@@ -308,11 +305,11 @@ def uninstall(root: Path, *, host_root: str, env: Mapping[str, str], engine: Cal
             reporter.warn(f"NVIDIA {version} is loaded but was not installed by cudabuild: it stays loaded")
         elif version:
             try:
-                done.unloaded = unload(root, env)
+                done.unloaded = unload(host, env)
             except UnloadError as exc:
                 verify_installed(ours)
-                run_loader(ours, root=root, env=env)
-                cdi.put_back(root, saved)
+                run_loader(ours, host=host, env=env)
+                cdi.put_back(host, saved)
                 raise LoaderError(f"uninstalling NVIDIA {version}: {exc.message}; it is loaded again, with its "
                                   "CDI spec", exit_code=exc.exit_code, hint=exc.hint) from exc
             done.removed += [host.host_path(host.resolve("dev") / name, host_root) for name in remove_nodes(host)]

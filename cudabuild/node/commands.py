@@ -66,7 +66,7 @@ def install_driver(request: InstallRequest, services, *, then) -> None:
                              hint="leave out --flavor, or --modules")
         ref = request.modules_ref
         checked = find_modules(ref, services, use_cache=not (ref and os.path.isdir(ref)))
-        result = installer.install(checked, root=host.given, host_root=request.cdi_host_root,
+        result = installer.install(checked, host=host, host_root=request.cdi_host_root,
                                    env=services.settings.environ, reporter=reporter, policy=policy)
     then(result)
     if not request.wait:
@@ -75,10 +75,10 @@ def install_driver(request: InstallRequest, services, *, then) -> None:
         reporter.note("ready; waiting until stopped (the ready file goes away then)")
     try:
         while not stop.wait(request.cdi_interval):
-            specs.refresh(host.given, host_root=request.cdi_host_root, reporter=reporter)
-        specs.refresh(host.given, host_root=request.cdi_host_root, reporter=reporter)
+            specs.refresh(host, host_root=request.cdi_host_root, reporter=reporter)
+        specs.refresh(host, host_root=request.cdi_host_root, reporter=reporter)
     finally:  # whatever stopped the wait, the node is not said to be ready any more
-        installer.not_ready(host.given)
+        installer.not_ready(host)
     reporter.note("stopped: the ready file is removed; the driver stays loaded and its CDI spec valid")
 
 
@@ -89,7 +89,7 @@ def _install_node(request: InstallRequest, services, *, registry, stop, policy):
     config = node.config_for(host, driver=request.driver, registry=registry, fallback=request.fallback,
                              flavor=request.flavor)
     if request.kernel_hook:
-        node.write_hook(host, str(host.given), request.cdi_host_root, reporter)
+        node.write_hook(host, request.cdi_host_root, reporter)
     serve = functools.partial(node.serve, host, config, running=settings.host_release,
                               registry=services.registry(config.registry) if config.registry else None,
                               host_root=request.cdi_host_root, env=settings.environ, reporter=reporter,

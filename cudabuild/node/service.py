@@ -165,7 +165,7 @@ def serve(host: HostRoot, config: NodeConfig, *, running: str, registry, host_ro
             if found.fallback_from:
                 reporter.warn(f"FALLBACK: no verified build of driver {found.fallback_from} for kernel {running}; "
                               f"installing {found.artifact.manifest.driver_version} instead (from {found.source})")
-            installed = install(found.artifact, root=host.given, host_root=host_root, env=env, reporter=reporter,
+            installed = install(found.artifact, host=host, host_root=host_root, env=env, reporter=reporter,
                                 origin=found.to_json(), **({"policy": policy} if policy else {}))
             m = found.artifact.manifest
             config = replace(config, installed=m.driver_version, flavor=config.flavor or m.flavor)
@@ -239,7 +239,7 @@ def _quote(text: str) -> str:
 HOST_PROGRAMS = ("usr/local/bin/cudabuild", "usr/bin/cudabuild", "opt/cudabuild/bin/cudabuild")
 
 
-def hook_program(host: HostRoot, root_given: str, host_root: str) -> str | None:
+def hook_program(host: HostRoot, host_root: str) -> str | None:
     """The cudabuild the host itself runs, by its absolute path as the host sees it (`host_root`:
     where the host's / is, as for the CDI spec), None when the host has none. Run from the host's
     own root, it is this cudabuild; run in the driver container (--root /host), only a cudabuild on
@@ -248,7 +248,7 @@ def hook_program(host: HostRoot, root_given: str, host_root: str) -> str | None:
     import shutil
     import sys
 
-    if os.path.realpath(root_given) == "/":
+    if host.root == Path("/"):
         found = shutil.which("cudabuild") or sys.argv[0]
         return os.path.abspath(found) if found and os.path.isabs(found) and os.access(found, os.X_OK) else None
     for place in HOST_PROGRAMS:
@@ -261,10 +261,10 @@ def hook_program(host: HostRoot, root_given: str, host_root: str) -> str | None:
     return None
 
 
-def write_hook(host: HostRoot, root_given: str, host_root: str, reporter: Reporter) -> Path | None:
+def write_hook(host: HostRoot, host_root: str, reporter: Reporter) -> Path | None:
     """The kernel hook, calling the host's own cudabuild by its absolute path; none when the host has
     no cudabuild (said: the driver container then stages the next kernel itself while it runs)."""
-    program = hook_program(host, root_given, host_root)
+    program = hook_program(host, host_root)
     if program is None:
         reporter.warn(f"no kernel hook written: the host under {host.root} has no cudabuild to call ("
                       + ", ".join("/" + p for p in HOST_PROGRAMS) + "); the driver container stages the next "

@@ -297,10 +297,11 @@ def test_the_loader_and_the_python_side_select_the_same_gpus(fake, env, expected
     """One selection: the loader (shell) and cudabuild.host.devices (run, the runtime) agree,
     from the same facts (which variables, in which order)."""
     from cudabuild.host import devices
+    from cudabuild.host.root import HostRoot
     from cudabuild.errors import InputError
 
     result = run_loader(fake, "true", gpus=4, env=env)
-    available = devices.gpus(fake["root"])
+    available = devices.gpus(HostRoot(fake["root"]))
     chosen = devices.requested(env)
     try:
         python = devices.select(available, chosen[1] if chosen else "all")

@@ -246,6 +246,7 @@ def test_a_spec_is_never_seen_half_written(host):
     """A reader in a loop while the spec is rewritten 300 times, alternating between 3 GPUs and 2:
     every read is a whole spec of one or the other."""
     from cudabuild.cdi import spec as cdi
+    from cudabuild.host.root import HostRoot
 
     root, _ = host
     spec_path = root / "run/cdi/cudabuild-nvidia.json"
@@ -255,7 +256,7 @@ def test_a_spec_is_never_seen_half_written(host):
     for present in (True, False):
         if not present:
             shutil.rmtree(gpu)
-        specs.append(cdi.encode(cdi.for_loaded(root, host_root=str(root))))
+        specs.append(cdi.encode(cdi.for_loaded(HostRoot(root), host_root=str(root))))
     assert len(specs[0]) != len(specs[1])
     seen, bad, stop = {0: 0, 1: 0}, [], threading.Event()
 
@@ -276,7 +277,7 @@ def test_a_spec_is_never_seen_half_written(host):
             else:
                 gpu.mkdir(exist_ok=True)
                 (gpu / "information").write_text(info)
-            cdi.write(cdi.for_loaded(root, host_root=str(root)), root)
+            cdi.write(cdi.for_loaded(HostRoot(root), host_root=str(root)), HostRoot(root))
     finally:
         stop.set()
         thread.join()

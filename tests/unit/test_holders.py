@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cudabuild.host import holders
+from cudabuild.host.root import HostRoot
 
 ID = "3f4e" + "a" * 60
 
@@ -23,7 +24,7 @@ def test_the_container_id_is_read_from_every_engines_cgroup_path(tmp_path, cgrou
     (place / "fd/5").symlink_to("/dev/nvidia-uvm")
     (place / "cgroup").write_text(cgroup + "\n")
     (place / "comm").write_text("python3\n")
-    [found] = holders.scan(tmp_path)
+    [found] = holders.scan(HostRoot(tmp_path))
     assert found.container_id == ID and found.holds == ("/dev/nvidia-uvm",) and found.command == "python3"
 
 
@@ -33,7 +34,7 @@ def test_a_process_outside_containers_and_one_that_holds_nothing(tmp_path):
         (tmp_path / "proc" / pid / "fd/0").symlink_to(target)
         (tmp_path / "proc" / pid / "cgroup").write_text("0::/user.slice/user-1000.slice/session-2.scope\n")
     (tmp_path / "proc/self").mkdir()
-    found = holders.scan(tmp_path)
+    found = holders.scan(HostRoot(tmp_path))
     assert [(h.pid, h.holds, h.container_id) for h in found] == [(10, ("/dev/nvidiactl",), None),
                                                                  (12, ("/dev/nvidia-caps/nvidia-cap1",), None)]
 
@@ -64,7 +65,7 @@ def holder(tmp_path, pid: str, *, cgroup: str = "0::/\n", target: str = "/dev/nv
 def test_a_64_hex_name_in_a_users_session_is_not_a_container(tmp_path):
     holder(tmp_path, "20", cgroup=f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/{ID}.scope\n")
     holder(tmp_path, "21", cgroup=f"0::/system.slice/{ID}.service\n")
-    assert [(h.pid, h.container_id) for h in holders.scan(tmp_path)] == [(20, None), (21, None)]
+    assert [(h.pid, h.container_id) for h in holders.scan(HostRoot(tmp_path))] == [(20, None), (21, None)]
 
 
 def test_links_fifos_and_odd_names_under_proc_are_never_followed_read_or_crashed_on(tmp_path):
@@ -80,7 +81,7 @@ def test_links_fifos_and_odd_names_under_proc_are_never_followed_read_or_crashed
     os.mkfifo(fifo / "maps")  # reading it would block forever
     holder(tmp_path, "²")  # a digit to str.isdigit, not a pid
     found: list = []
-    reader = threading.Thread(target=lambda: found.extend(holders.scan(tmp_path)), daemon=True)
+    reader = threading.Thread(target=lambda: found.extend(holders.scan(HostRoot(tmp_path))), daemon=True)
     reader.start()
     reader.join(10)
     assert not reader.is_alive(), "scan hung on a FIFO"
@@ -90,6 +91,6 @@ def test_links_fifos_and_odd_names_under_proc_are_never_followed_read_or_crashed
 def test_escape_sequences_in_names_and_paths_reach_no_terminal(tmp_path):
     place = holder(tmp_path, "40", target="/tmp/\x1b[2J\n/libcuda.so.1")
     (place / "comm").write_text("evil\x1b]0;x\x07\n")
-    [found] = holders.scan(tmp_path)
+    [found] = holders.scan(HostRoot(tmp_path))
     said = holders.Held([found]).lines()
     assert "\x1b" not in said and "\n" not in said and "\\x1b" in said
