@@ -1,4 +1,4 @@
-"""One exception hierarchy; each class has its own exit code (listed in the README and --help).
+"""One exception hierarchy; each class has its own exit code (docs/exit-codes.md, made from EXIT_CODES below, and --help).
 
 Every message says what failed, why, and what to do about it.
 """
@@ -157,21 +157,58 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "unexpected error (a bug: please report it with the output)"),
     (2, "usage error (unknown option, missing argument)"),
-    (InputError.exit_code, "bad input: malformed value, unknown kernel release or driver version"),
+    (InputError.exit_code, "bad input: malformed value, unknown kernel release or driver version (the message lists "
+                           "what exists); an artifact, installer or image that is not what it claims (refused, never "
+                           "used)"),
     (EngineError.exit_code, "Docker engine not reachable or failed"),
     (FetchError.exit_code, "download or package index failed"),
-    (BuildError.exit_code, "module build failed (the log's last lines and its path are shown)"),
-    (VerifyError.exit_code, "built modules failed verification"),
+    (BuildError.exit_code, "module build failed (the last lines of the log and the log's path are shown)"),
+    (VerifyError.exit_code, "built modules failed verification (or the kernel refused them in a boot test)"),
     (CacheError.exit_code, "cache unusable (space, permissions, lock)"),
-    (RegistryError.exit_code, "registry unreachable (a result built meanwhile is kept)"),
-    (10, "install: the loader's own refusals, 10-19 (see `cudabuild install --help`)"),
-    (RegistryError.PUSH_REFUSED, "the registry refused a push (the local result is kept)"),
-    (RegistryError.NOT_THERE, "the registry does not have the image asked for (--no-build, a cudabuild image)"),
-    (MATRIX_FAILED, "matrix: one or more cells failed (each is named with its log's last lines)"),
+    (RegistryError.exit_code, "registry unreachable (--registry); a result built meanwhile is kept, and the message "
+                              "says where"),
+    (10, "install: the loader's own refusals, 10-19 (below, and `cudabuild install --help`)"),
+    (RegistryError.PUSH_REFUSED, "the registry refused a push; the local result is kept"),
+    (RegistryError.NOT_THERE, "the registry does not have what was asked for (--no-build, cudabuild's own image for "
+                              "matrix --backend swarm)"),
+    (MATRIX_FAILED, "matrix: one or more cells failed (each is named with its log's last lines; the others finished)"),
     (NoBuildError.exit_code, "no verified build for the kernel and driver, staged or in the registry (stage, ready, "
-                             "install --registry)"),
-    (HeldError.exit_code, "the GPU is in use: its holders are named (install of another version, uninstall)"),
-    (RolledBackError.exit_code, "a driver upgrade failed and the old driver is loaded again, with its CDI spec"),
-    (StaleSpecError.exit_code, "cdi generate --check: the spec on disk does not match the loaded driver and GPUs"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed"),
+                             "install --registry without --wait)"),
+    (HeldError.exit_code, "the GPU is in use: every process that holds it is named (install of another version, "
+                          "uninstall; see cudabuild holders)"),
+    (RolledBackError.exit_code, "a driver upgrade failed and was rolled back: the old driver is loaded again, with "
+                                "its CDI spec and ready file"),
+    (StaleSpecError.exit_code, "cdi generate --check: the spec on disk does not match the loaded driver and GPUs (each "
+                               "difference is named)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed, nothing was published"),
 ]
+
+# The loader's refusals (images/loader.sh), in a runtime image and in `cudabuild install`.
+LOADER_EXIT_CODES: list[tuple[int, str]] = [
+    (10, "no CAP_SYS_MODULE: run it as root, or --privileged in a container"),
+    (11, "the running kernel is not the modules' kernel"),
+    (12, "nouveau holds the GPUs"),
+    (13, "another NVIDIA version is loaded (its holders are named)"),
+    (14, "a module failed to load (the kernel's reason is in dmesg)"),
+    (15, "a runtime image was run without a command (pass one after the image name)"),
+    (16, "the GPUs' information in /proc/driver/nvidia cannot be read"),
+    (17, "the loader's settings are malformed"),
+    (18, "the GPU selection names a GPU that does not exist"),
+    (19, "the kernel enforces module signatures and the modules are unsigned"),
+]
+
+
+def exit_codes_page() -> str:
+    """docs/exit-codes.md, made from the tables above (scripts/exit-codes-page writes it; a test
+    fails when the page and the code differ)."""
+    def table(rows):
+        return "| code | meaning |\n|---|---|\n" + "".join(f"| {code} | {meaning} |\n" for code, meaning in rows)
+
+    return ("# Exit codes\n\n"
+            "<!-- Made by scripts/exit-codes-page from cudabuild/errors.py (EXIT_CODES, LOADER_EXIT_CODES); "
+            "do not edit by hand. -->\n\n"
+            "Every command exits with one of these; the message on stderr says what was wrong and, on a line "
+            "starting `fix:`, what to do.\n\n" + table(EXIT_CODES) +
+            "\n## The loader's refusals (10-19)\n\n"
+            "The loader (`images/loader.sh`) in a runtime image, and `cudabuild install`, which runs the same "
+            "loader:\n\n" + table(LOADER_EXIT_CODES))

@@ -5,19 +5,11 @@ from __future__ import annotations
 import click
 
 from cudabuild.cli.common import EXIT_CODE_HELP, emit, services
+from cudabuild.errors import LOADER_EXIT_CODES
 from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, NODE_FLAVOR, REGISTRY, ROOT
 
-LOADER_EXIT_HELP = """\b
-The loader's refusals, as in a runtime image:
-  10   no CAP_SYS_MODULE: run it as root, or --privileged in a container
-  11   the running kernel is not the modules' kernel
-  12   nouveau holds the GPUs
-  13   another NVIDIA version is loaded (its holders are named)
-  14   a module failed to load (the kernel's reason is in dmesg)
-  16   the GPUs' information in /proc/driver/nvidia cannot be read
-  17   the loader's settings are malformed
-  18   the GPU selection names a GPU that does not exist
-  19   the kernel enforces module signatures and the modules are unsigned"""
+LOADER_EXIT_HELP = "\b\nThe loader's refusals, as in a runtime image:\n" + "\n".join(
+    f"  {code:<4} {meaning}" for code, meaning in LOADER_EXIT_CODES)
 
 
 

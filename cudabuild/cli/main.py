@@ -43,7 +43,7 @@ for _family in (build, host, node, cdi, deploy):
 
 def invoke(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """The command line, in this process, with the settings read once from `env` (default: this
-    process's environment): every error printed as the README says and mapped to its exit code,
+    process's environment): every error printed as docs/exit-codes.md says and mapped to its exit code,
     which is returned (tests call this; `main` exits with it)."""
     try:
         settings = Settings.from_env(os.environ if env is None else env)

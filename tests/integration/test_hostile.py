@@ -1,5 +1,5 @@
 """Hostile input that needs a real file system, a real socket or the real engine: a clear error
-with the README's exit code, nothing written, no image made, never a traceback."""
+with its documented exit code (docs/exit-codes.md), nothing written, no image made, never a traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile and careless input that needs no engine: each gets a clear error with the README's exit
+"""Hostile and careless input that needs no engine: each gets a clear error with its documented exit
 code, in process (this tier runs nothing and reaches no engine), and never a traceback."""
 
 from __future__ import annotations
