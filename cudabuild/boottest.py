@@ -551,7 +551,7 @@ def run_for(checked: Artifact, *, kernel_image: str | None, append: str, timeout
 def record(checked: Artifact, result: BootTest) -> Artifact:
     """The artifact with the boot test in its manifest (rewritten atomically), kept beside the
     verdicts of other kernel command lines: a what-if test (--append module.sig_enforce=1) judges
-    that configuration only (deliver/staging.py boot_verdict)."""
+    that configuration only (node/staging.py boot_verdict)."""
     import dataclasses
 
     from cudabuild.artifact import MAX_BOOT_TESTS

@@ -16,7 +16,7 @@ What is here:
 - how to talk to people (CI, NO_COLOR), and
 - the environment as it was, for the child processes that inherit it (the loader, `docker run`).
 
-The OCI runtime (deliver/runtime.py) is its own program, started by the engine for each container;
+The OCI runtime (cdi/runtime.py) is its own program, started by the engine for each container;
 it reads its one variable, CUDABUILD_RUNTIME_CONFIG, at its own entry."""
 
 from __future__ import annotations

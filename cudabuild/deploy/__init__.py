@@ -22,7 +22,7 @@ from cudabuild.options import validate_image_ref
 # A workload example: an unmodified CUDA image that lists the GPUs.
 EXAMPLE_IMAGE = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 RUNTIME_NAME = "cudabuild"
-READY_FILE = f"/{_READY}"  # where install writes it (cudabuild/deliver/layout.py)
+READY_FILE = f"/{_READY}"  # where install writes it (cudabuild/host/layout.py)
 
 
 @dataclass(frozen=True)

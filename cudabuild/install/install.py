@@ -11,7 +11,7 @@
    `fallback_from` when another driver version stands in) and its boot-test verdict.
 
 ROOT is the host's file system as this process sees it (/host in the driver container); every path
-under it is resolved inside it, as a chroot would (cudabuild/hostfs.py: on Debian /var/run is a link
+under it is resolved inside it, as a chroot would (cudabuild/host/root.py: on Debian /var/run is a link
 to /run). Paths in the spec are written as the host sees them (--cdi-host-root, / by default)."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def put_driver(checked: Artifact, target: Path, *, note=None) -> bool:
 def install(checked: Artifact, *, host: HostRoot, host_root: str, env: Mapping[str, str], reporter: Reporter,
             origin: Mapping[str, object] | None = None, policy: upgrade.Policy = upgrade.Policy()) -> Installed:
     """`origin`: where a node found this build (staging.Found.to_json), written into the ready file.
-    Another version loaded is replaced (deliver/upgrade.py: refused while the GPU is held, unless
+    Another version loaded is replaced (install/upgrade.py: refused while the GPU is held, unless
     `policy` drains; rolled back when the new modules do not load)."""
     if not host.given.is_dir():
         raise InputError(f"--root {host.given} is not a directory", hint="pass the host's file system, e.g. --root /host")

@@ -1,7 +1,7 @@
 """A node's driver across kernel updates: the commands `install --registry` (the kernel-agnostic
 driver container), `stage`, `ready`, `status`, and Debian's kernel hook.
 
-- The driver container finds the running kernel's verified build (deliver/staging.py: staged,
+- The driver container finds the running kernel's verified build (node/staging.py: staged,
   the registry, the fallback), installs it as `cudabuild install` does, and, with --wait, stays:
   it retries with backoff while no build exists (not ready, saying which kernel and driver it
   waits for and where it looked), and stages the kernel the host boots next whenever one appears,

@@ -18,7 +18,7 @@ enforcement as the node reports it) is never used. What a node was configured wi
 flavour, registry, fallback, the driver it installed) is kept in ROOT/var/lib/cudabuild/node.json,
 so that `cudabuild ready`, `stage` and the kernel hook answer for the same driver as the driver
 container. Everything here lives under cudabuild's own directories and is written and removed
-without following a link (hostfs.owned_directory)."""
+without following a link (host.root.owned_directory)."""
 
 from __future__ import annotations
 
