@@ -384,6 +384,24 @@ def fake_host(root: Path, *, gpus: int = 3) -> dict:
             "CUDABUILD_KERNEL_RELEASE": RELEASE, "FAKE_ROOT": str(root), "FAKE_GPUS": str(gpus), "FAKE_VERSION": DRIVER}
 
 
+def install_modules(root: Path, env: dict, modules: Path, *extra: str, env_extra: dict | None = None):
+    """`cudabuild install --modules MODULES` on a fake host, the CDI spec's paths under the same root."""
+    return run_cli("install", "--modules", str(modules), "--root", str(root), "--cdi-host-root", str(root), *extra,
+                   env={**env, **(env_extra or {})})
+
+
+def host_with_artifact(base: Path, *, gpus: int = 3, installed: bool = False) -> tuple[Path, dict, Path]:
+    """The fixture of a host-side test: a fake host under BASE/host with GPUS GPUs, a small valid
+    artifact in BASE/artifact, and, with `installed`, that artifact installed there. (root, env, artifact)."""
+    root, art = base / "host", base / "artifact"
+    env = fake_host(root, gpus=gpus)
+    make_artifact(art)
+    if installed:
+        done = install_modules(root, env, art)
+        assert done.returncode == 0, done.stderr
+    return root, env, art
+
+
 def reboot_fake_host(root: Path) -> None:
     """What a reboot clears on a fake_host root: the loaded modules, /run, the device nodes, the
     stub insmod's log. What is on disk (/var/lib, /boot, /etc) stays."""

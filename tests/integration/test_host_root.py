@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DRIVER, fake_host, make_artifact, run_cli
+from tests.helpers import DRIVER, fake_host, host_with_artifact, run_cli
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -34,10 +34,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def host(tmp_path):
-    root = tmp_path / "host"
-    env = fake_host(root, gpus=2)
-    art = tmp_path / "artifact"
-    make_artifact(art)
+    root, env, art = host_with_artifact(tmp_path, gpus=2)
     outside = tmp_path / "outside"
     (outside / "dir").mkdir(parents=True)
     (outside / "victim").write_text("a file outside the root\n")

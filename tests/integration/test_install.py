@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DRIVER, cdi_validator, fake_host, make_artifact, run_cli
+from tests.helpers import DRIVER, cdi_validator, fake_host, host_with_artifact, install_modules, make_artifact, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +20,12 @@ def validate():
 
 @pytest.fixture
 def host(tmp_path):
-    root = tmp_path / "host"
-    env = fake_host(root, gpus=3)
-    art = tmp_path / "artifact"
-    make_artifact(art)
-    return root, env, art
+    return host_with_artifact(tmp_path, gpus=3)
 
 
 def install(host, *extra, env_extra=None):
     root, env, art = host
-    return run_cli("install", "--modules", str(art), "--root", str(root), "--cdi-host-root", str(root), *extra,
-                   env={**env, **(env_extra or {})})
+    return install_modules(root, env, art, *extra, env_extra=env_extra)
 
 
 def char_device(path: Path) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DRIVER, fake_host, make_artifact, run_cli
+from tests.helpers import DRIVER, fake_host, host_with_artifact, make_artifact, run_cli
 from tests.integration.test_kernel_updates import NEXT, RUNNING, host_for, install, registry  # noqa: F401
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")  # systemd-boot-efi (scripts/setup)
@@ -146,13 +146,8 @@ def test_a_staged_kernel_that_is_a_link_to_the_root_is_never_pruned(tmp_path, re
 @pytest.fixture
 def installed(tmp_path):
     """A host with 535 installed by cudabuild and loaded (the stub), and a second driver's build."""
-    root = tmp_path / "host"
-    env = fake_host(root, gpus=2)
-    make_artifact(tmp_path / "old")
+    root, env, _ = host_with_artifact(tmp_path, gpus=2, installed=True)
     make_artifact(tmp_path / "new", driver="550.127.05")
-    done = run_cli("install", "--modules", str(tmp_path / "old"), "--root", str(root), "--cdi-host-root", str(root),
-                   env=env)
-    assert done.returncode == 0, done.stderr
     return root, env, tmp_path
 
 

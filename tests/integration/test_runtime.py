@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dockerd import SecondEngine
-from tests.helpers import fake_host, make_artifact, run_cli
+from tests.helpers import host_with_artifact, run_cli
 
 IMAGE = "python:3.11-slim-bookworm"
 RUNTIME = str(Path(sys.executable).parent / "cudabuild-runtime")
@@ -21,12 +21,7 @@ LOOK = "env | grep ^DOCKER_RESOURCE_GPU= > /out/env; ls -l /dev > /out/dev; ls /
 
 @pytest.fixture(scope="module")
 def gpu_host(tmp_path_factory, docker_client):
-    base = tmp_path_factory.mktemp("gpuhost")
-    root, art = base / "host", base / "artifact"
-    env = fake_host(root, gpus=3)
-    make_artifact(art)
-    result = run_cli("install", "--modules", str(art), "--root", str(root), "--cdi-host-root", str(root), env=env)
-    assert result.returncode == 0, result.stderr
+    root, env, art = host_with_artifact(tmp_path_factory.mktemp("gpuhost"), gpus=3, installed=True)
     made = run_cli("image", "driver", "--modules", str(art), "--tag", "cudabuild-test/runtime-driver:1", "--json")
     assert made.returncode == 0, made.stderr
     yield root

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, fake_host, make_artifact, run_cli
+from tests.helpers import REPO, host_with_artifact, run_cli
 
 RUNTIME = str(Path(sys.executable).parent / "cudabuild-runtime")
 
@@ -21,11 +21,7 @@ RUNTIME = str(Path(sys.executable).parent / "cudabuild-runtime")
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     base = tmp_path_factory.mktemp("runtime-hostile")
-    root, art = base / "host", base / "artifact"
-    env = fake_host(root, gpus=2)
-    make_artifact(art)
-    result = run_cli("install", "--modules", str(art), "--root", str(root), "--cdi-host-root", str(root), env=env)
-    assert result.returncode == 0, result.stderr
+    root, env, art = host_with_artifact(base, gpus=2, installed=True)
     runc = base / "runc"
     runc.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/runc.log"\n')
     runc.chmod(0o755)
