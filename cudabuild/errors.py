@@ -167,7 +167,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (CacheError.exit_code, "cache unusable (space, permissions, lock)"),
     (RegistryError.exit_code, "registry unreachable (--registry); a result built meanwhile is kept, and the message "
                               "says where"),
-    (10, "install: the loader's own refusals, 10-19 (below, and `cudabuild install --help`)"),
+    (10, "install: the loader's own refusals, 10-19 (the table below; `cudabuild install --help`)"),
     (RegistryError.PUSH_REFUSED, "the registry refused a push; the local result is kept"),
     (RegistryError.NOT_THERE, "the registry does not have what was asked for (--no-build, cudabuild's own image for "
                               "matrix --backend swarm)"),

@@ -4,13 +4,21 @@ made once for the command, and `emit`, the one way a result reaches stdout."""
 from __future__ import annotations
 
 import json
+import textwrap
 
 import click
 
 from cudabuild.errors import EXIT_CODES
 from cudabuild.settings import Services, Settings
 
-EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
+def code_table(title: str, rows) -> str:
+    """An exit-code table for an epilog, as printed (click keeps a \\b paragraph's lines as they are)."""
+    lines = [textwrap.fill(meaning, width=96, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+             for code, meaning in rows]
+    return "\b\n" + title + "\n" + "\n".join(lines)
+
+
+EXIT_CODE_HELP = code_table("Exit codes:", EXIT_CODES)
 
 
 def settings() -> Settings:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cudabuild.errors import InputError
 from cudabuild.host.root import HostRoot
 from cudabuild.nvidia import FLAVORS
 from cudabuild.options import CHECKOUTS, DRIVER_SOURCES, ENVIRONMENT, KERNEL_SOURCES, default_of
@@ -30,8 +31,6 @@ class _HostRootType(click.ParamType):
         if isinstance(value, HostRoot):
             return value
         if not Path(value).is_dir():
-            from cudabuild.errors import InputError
-
             raise InputError(f"--root {value} is not a directory", hint="pass the host's file system, e.g. --root /host")
         return HostRoot(value)
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from cudabuild.cli.common import EXIT_CODE_HELP, emit, services
+from cudabuild.cli.common import EXIT_CODE_HELP, code_table, emit, services
 from cudabuild.errors import LOADER_EXIT_CODES
 from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, NODE_FLAVOR, REGISTRY, ROOT
 
-LOADER_EXIT_HELP = "\b\nThe loader's refusals, as in a runtime image:\n" + "\n".join(
-    f"  {code:<4} {meaning}" for code, meaning in LOADER_EXIT_CODES)
+LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", LOADER_EXIT_CODES)
 
 
 

@@ -31,7 +31,6 @@ from cudabuild.install import upgrade
 from cudabuild.install.installed import changed_files, place_of, restore_loader
 from cudabuild.host.layout import DRIVER_DIR, INSTALL_LOCK, READY_FILE
 from cudabuild.host.loader import run_loader
-from cudabuild.errors import InputError
 from cudabuild.host.root import HostPathError, HostRoot
 from cudabuild.ui import Reporter
 
@@ -116,8 +115,6 @@ def install(checked: Artifact, *, host: HostRoot, host_root: str, env: Mapping[s
     """`origin`: where a node found this build (staging.Found.to_json), written into the ready file.
     Another version loaded is replaced (install/upgrade.py: refused while the GPU is held, unless
     `policy` drains; rolled back when the new modules do not load)."""
-    if not host.given.is_dir():
-        raise InputError(f"--root {host.given} is not a directory", hint="pass the host's file system, e.g. --root /host")
     version = checked.manifest.driver_version
     with host.lock(INSTALL_LOCK, waiting=lambda: reporter.note("waiting for another install")):
         target = host.owned_path(DRIVER_DIR, create=True) / version

@@ -109,3 +109,18 @@ def test_an_outside_image_whose_labels_name_another_build_is_refused_and_nothing
         steps.import_image("team/modules:elsewhere", labels, made)
     assert made.cache.result(manifest.key) is None and made.cache.result("b" * 64) is None
     assert list((made.cache.root / "tmp").glob("import-*")) == []
+
+
+def test_a_registry_image_of_another_build_is_refused_untagged_and_nothing_is_kept(tmp_path, services):
+    """The registry answered for this plan's key with an image whose manifest is another build:
+    refused by artifact.admit's `expect`, before any symbol is read; the pulled tag is removed."""
+    made, engine = services()
+    plan = plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE}), made)
+    _, manifest = _outside_image(tmp_path, engine)
+    remote = "registry.example/gpu/modules:x"
+    engine.images[remote] = engine.images["team/modules:elsewhere"]
+    with pytest.raises(VerifyError, match=f"refused the registry's {remote}: its manifest describes another build"):
+        steps.pull_verified(plan, remote, reporter=made.reporter)
+    assert made.cache.result(plan.key) is None and made.cache.result(manifest.key) is None
+    assert remote not in engine.images and plan.tag not in engine.images
+    assert list((made.cache.root / "tmp").glob("pull-*")) == []
