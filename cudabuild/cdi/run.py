@@ -46,9 +46,10 @@ def command(docker_args: list[str], *, gpus: str | None, cdi_dirs: list[Path], e
     return ["docker", "run", *docker_arguments(edits), *docker_args]
 
 
-def run_docker(line: list[str], *, dry_run: bool):
-    """`docker run` with the GPUs: the command itself with `dry_run` (a Report to show), else this
-    process becomes it (never returns)."""
+def run_docker(docker_args: list[str], *, gpus: str | None, cdi_dirs: list[Path], env: Mapping[str, str],
+               dry_run: bool):
+    """`cudabuild run`: `docker run` with the GPUs the CDI spec describes. With `dry_run` the
+    command itself (a Report to show); else this process becomes it (never returns)."""
     import os
     import shlex
     import shutil
@@ -56,6 +57,7 @@ def run_docker(line: list[str], *, dry_run: bool):
 
     from cudabuild.ui import Report
 
+    line = command(docker_args, gpus=gpus, cdi_dirs=cdi_dirs or list(DEFAULT_DIRS), env=env)
     if dry_run:
         return Report(line, [shlex.join(line)])
     docker = shutil.which("docker")

@@ -81,11 +81,10 @@ def run(gpus, cdi_dirs, dry_run, docker_args) -> None:
     """
     from pathlib import Path
 
-    from cudabuild.cdi.run import DEFAULT_DIRS, command, run_docker
+    from cudabuild.cdi.run import run_docker
 
-    line = command(list(docker_args), gpus=gpus, cdi_dirs=[Path(d) for d in cdi_dirs] or list(DEFAULT_DIRS),
-                   env=settings().environ)
-    emit(run_docker(line, dry_run=dry_run))
+    emit(run_docker(list(docker_args), gpus=gpus, cdi_dirs=[Path(d) for d in cdi_dirs], env=settings().environ,
+                    dry_run=dry_run))
 
 
 COMMANDS = [cdi, run]
