@@ -138,7 +138,7 @@ def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:
 
     from cudabuild.compile.plan import plan_modules
     from cudabuild.compile.steps import prepare_kernel
-    from cudabuild.settings import Settings
+    from cudabuild.settings import Services, Settings
     from cudabuild.ui import Reporter
 
     settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(cache)})
@@ -147,10 +147,10 @@ def prepared_checkouts(cache, kernel_repo, files, installers) -> dict:
              "symvers": str(files["symvers"]), "driver_source": "run",
              "installer": f"{installers['url']}/independent/NVIDIA-Linux-x86_64-535.309.01.run"}
     reporter = Reporter(quiet=True)
+    services = Services(settings, reporter=reporter)
     trees = {}
     for checkout in ("sparse", "full"):
-        plan = plan_modules(settings.build_options({**flags, "kernel_checkout": checkout}),
-                            settings=settings, reporter=reporter)
+        plan = plan_modules(settings.build_options({**flags, "kernel_checkout": checkout}), services)
         trees[checkout] = (cache / "kernels" / plan.kernel.clone["dir"], prepare_kernel(plan, reporter=reporter))
     return trees
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact.labels import ImageLabels
+from cudabuild.artifact.manifest import LABEL_PREFIX
 from cudabuild.artifact.manifest import Manifest
 from cudabuild.artifact.tree import Artifact, load
 from cudabuild.errors import ArtifactError, VerifyError
@@ -39,10 +40,19 @@ class Intake:
 def labels_match(labels: ImageLabels | None, manifest: Manifest) -> None:
     """The labels an image carries describe the build in its layer: the same key, the same modules
     with the same digests. An image without cudabuild's labels is refused."""
-    if labels is None or labels.key != manifest.key or \
-            tuple((e.file, e.sha256) for e in manifest.modules) != labels.modules:
-        raise VerifyError("its labels describe another build than its manifest"
-                          + (f" (key {labels.key[:16]}..., the manifest's {manifest.key[:16]}...)" if labels else ""))
+    if labels is None:
+        raise VerifyError(f"it has no {LABEL_PREFIX} labels: its labels describe another build than its manifest")
+    if labels.key != manifest.key:
+        raise VerifyError(f"its labels describe another build than its manifest (key {labels.key[:16]}..., the "
+                          f"manifest's {manifest.key[:16]}...)")
+    listed = tuple((e.file, e.sha256) for e in manifest.modules)
+    if listed != labels.modules:
+        said, theirs = dict(labels.modules), dict(listed)
+        differ = sorted({f for f in said.keys() | theirs.keys() if said.get(f) != theirs.get(f)})
+        raise VerifyError("its labels describe another build than its manifest: "
+                          + ", ".join(f"{f}'s sha256 differs" if f in said and f in theirs else
+                                      f"{f} is in {'the labels' if f in said else 'the manifest'} only"
+                                      for f in differ))
 
 
 def admit(intake: Intake, work: Path, *, unpack: Callable[[Path], ImageLabels | None], reporter,

@@ -144,15 +144,14 @@ def test_a_bookworm_host_running_a_backports_kernel_finds_its_headers_in_backpor
     import os
 
     from cudabuild.compile.plan import plan_modules
-    from cudabuild.settings import Settings
+    from cudabuild.settings import Services, Settings
     from cudabuild.ui import Reporter
 
     archive = bookworm_archive()  # a release only bookworm-backports has (bookworm-security carries some 6.12 too)
     backports = next(r for r in archive.kernel_releases() if r.endswith("+deb12-amd64")
                      and r not in archive.kernel_releases(backports=False))
     settings = Settings.from_env({**os.environ, "CUDABUILD_CACHE": str(STANDINS / "standin-cache")})
-    plan = plan_modules(settings.build_options({"kernel": backports}), settings=settings,
-                        reporter=Reporter(quiet=True))
+    plan = plan_modules(settings.build_options({"kernel": backports}), Services(settings, reporter=Reporter(quiet=True)))
     assert plan.options.distribution == "bookworm"
     assert {p.suite for p in plan.kernel.downloads} == {"bookworm-backports"}
     assert plan.kernel.gcc_major == 12 and plan.builder.base == "debian:bookworm"

@@ -124,3 +124,18 @@ def test_a_registry_image_of_another_build_is_refused_untagged_and_nothing_is_ke
     assert made.cache.result(plan.key) is None and made.cache.result(manifest.key) is None
     assert remote not in engine.images and plan.tag not in engine.images
     assert list((made.cache.root / "tmp").glob("pull-*")) == []
+
+
+def test_labels_that_name_another_digest_for_a_module_are_refused_naming_it(tmp_path):
+    from cudabuild.artifact import load, read_labels
+    from cudabuild.artifact.admit import labels_match
+
+    manifest = load(write_artifact(tmp_path / "a", release="4.3.6-coreos")).manifest
+    raw = manifest.labels()
+    assert labels_match(read_labels(raw, "x"), manifest) is None
+    raw[f"{LABEL_PREFIX}.modules"] = ",".join(f"{item.split('@')[0]}@sha256:{'f' * 64}" if item.startswith("nvidia.ko@")
+                                             else item for item in raw[f"{LABEL_PREFIX}.modules"].split(","))
+    with pytest.raises(VerifyError, match="nvidia.ko's sha256 differs"):
+        labels_match(read_labels(raw, "x"), manifest)
+    with pytest.raises(VerifyError, match="has no io.cudabuild labels"):
+        labels_match(None, manifest)
