@@ -233,9 +233,10 @@ class Services:
             self._fetcher = self.settings.fetcher(self.reporter)
         return self._fetcher
 
-    def registry(self, repo: str | None = None):
-        """The Registry of `repo`, else of CUDABUILD_REGISTRY; None for neither."""
-        return self.settings.registry(self.settings.registry_repo(repo))
+    def registry(self, repo: str | None):
+        """The Registry at `repo` (None: none). A flag's value that falls back to CUDABUILD_REGISTRY
+        goes through Settings.registry_repo first; resolved options carry theirs already."""
+        return self.settings.registry(repo)
 
     def quiet(self) -> "Services":
         """The same services for work whose progress is not shown (a matrix plans each cell): the

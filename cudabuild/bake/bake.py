@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from cudabuild.bake import image as images
 from cudabuild.compile.intake import find_modules
 from cudabuild.compile.modules import build_modules
-from cudabuild.errors import InputError
 from cudabuild.node.config import NodeConfig
 from cudabuild.options import BuildOptions, validate_image_ref
 from cudabuild.settings import Services
@@ -28,7 +27,6 @@ class BakeRequest:
     registry: str | None = None  # --registry (else CUDABUILD_REGISTRY)
     driver: str | None = None  # the kernel-agnostic driver image's driver
     build: BuildOptions | None = None  # --kernel/--driver given: build (or find) the modules first
-    tool_refused: tuple[str, ...] = ()  # flags the tool image does not take, as given
     rebuild: bool = False  # --no-cache
 
 
@@ -39,9 +37,8 @@ def list_profiles() -> Report:
 
 
 def bake(request: BakeRequest, services: Services) -> Report:
-    if request.profile is None and request.base is None:
-        raise InputError("name a PROFILE (cuda, tensorflow, torch, device-query) or pass --base IMAGE",
-                         hint="cudabuild image --list shows the profiles")
+    """The request's image (its flags were checked together by the command line: a profile or a
+    base; --modules or a build, not both; the tool image with --registry and --no-cache only)."""
     if request.profile == "tool":
         return _tool_image(request, services)
     chosen = images.load_profile(request.profile, request.base)
@@ -51,9 +48,7 @@ def bake(request: BakeRequest, services: Services) -> Report:
     if chosen.kind == "driver" and request.modules_ref is None and (request.build is None or request.build.kernel is None) \
             and repo:
         return _node_driver_image(chosen, repo, request, services)
-    if request.build is not None and request.modules_ref is not None:
-        raise InputError("pass either --modules or --kernel/--driver, not both", hint="leave out one of them")
-    registry = services.registry(request.build.registry if request.build else request.registry)
+    registry = services.registry(request.build.registry if request.build else repo)
     if request.dry_run:
         return Report({"dockerfile": images.render_runtime(chosen)}, [images.render_runtime(chosen)])
     reporter = services.reporter
@@ -111,14 +106,7 @@ def _tool_image(request: BakeRequest, services: Services) -> Report:
     """cudabuild's own image, from the installed cudabuild."""
     from cudabuild.fleet.toolimage import make_tool_image
 
-    given = [name for name, value in (("--base", request.base), ("--modules", request.modules_ref),
-                                      ("--tag", request.tag), ("--dry-run", request.dry_run or None))
-             if value is not None]
-    given += list(request.tool_refused)
-    if given:
-        raise InputError(f"the tool image takes --registry, --no-cache and --json only, not {', '.join(given)}",
-                         hint="cudabuild image tool [--registry REPO]")
-    report = make_tool_image(services.engine(), registry=services.registry(request.registry),
-                             reporter=services.reporter, rebuild=request.rebuild)
+    registry = services.registry(services.settings.registry_repo(request.registry))
+    report = make_tool_image(services.engine(), registry=registry, reporter=services.reporter, rebuild=request.rebuild)
     return Report(report, [report["image"] + (" (made earlier from the same wheel)" if report["reused"] else "")
                            + (f" (pushed as {report['registry_ref']})" if report["registry_ref"] else "")])

@@ -101,13 +101,22 @@ def image(profile, base, modules_ref, tag, dry_run, no_push, list_profiles, as_j
     if list_profiles:
         emit(profiles(), as_json)
         return
+    if profile is None and base is None:
+        raise click.UsageError("name a PROFILE (cuda, tensorflow, torch, device-query) or pass --base IMAGE")
+    if profile == "tool":
+        given = [name for name, value in (("--base", base), ("--modules", modules_ref), ("--tag", tag),
+                                          ("--dry-run", dry_run or None)) if value is not None]
+        given += [f"--{k.replace('_', '-')}" for k, v in flags.items()
+                  if v not in (None, False, ()) and k not in ("registry", "no_cache")]
+        if given:
+            raise click.UsageError(f"the tool image takes --registry, --no-cache and --json only, not {', '.join(given)}")
     building = profile != "tool" and (flags.get("kernel") is not None or flags.get("driver") is not None)
-    refused = tuple(f"--{k.replace('_', '-')}" for k, v in flags.items()
-                    if v not in (None, False, ()) and k not in ("registry", "no_cache"))
+    if building and modules_ref is not None:
+        raise click.UsageError("pass either --modules or --kernel/--driver, not both")
     request = BakeRequest(profile=profile, base=base, modules_ref=modules_ref, tag=tag, dry_run=dry_run,
                           push=not no_push, registry=flags.get("registry"), driver=flags.get("driver"),
                           build=settings().build_options(build_flag_values(flags)) if building else None,
-                          tool_refused=refused, rebuild=bool(flags.get("no_cache")))
+                          rebuild=bool(flags.get("no_cache")))
     emit(bake(request, services()), as_json)
 
 

@@ -91,7 +91,7 @@ def _install_node(request: InstallRequest, services, *, registry, stop, policy):
     if request.kernel_hook:
         node.write_hook(host, request.cdi_host_root, reporter)
     serve = functools.partial(node.serve, host, config, running=settings.host_release,
-                              registry=services.registry(config.registry) if config.registry else None,
+                              registry=services.registry(config.registry),
                               host_root=request.cdi_host_root, env=settings.environ, reporter=reporter,
                               poll=request.poll, stop=stop, policy=policy)
     if not request.wait:
@@ -130,7 +130,7 @@ def stage_report(host: HostRoot, *, kernel: str | None, flavor: str | None, regi
     if saved is None:  # a node set up by staging first: `ready` answers for the same driver
         config.save(host)
     found = node.stage_kernel(host, release, config, running=settings.host_release,
-                              registry=services.registry(config.registry) if config.registry else None,
+                              registry=services.registry(config.registry),
                               reporter=reporter)
     if saved is not None and (driver or flavor) and (saved.driver, saved.flavor) != (config.driver, config.flavor):
         config.save(host)  # the operator changed the node's driver or flavour: its next boot takes that one
