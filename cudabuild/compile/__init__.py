@@ -1,3 +1,3 @@
-"""Building modules (phase 1): the builder image and container, the plan and the build, publishing,
-and the backends that run a build elsewhere. The cache, downloads and the engine are below it:
-cudabuild/store/cache.py, fetch.py and engine.py."""
+"""Building modules (phase 1): the plan, the steps and the builder container, publishing, the
+modules a command names (intake), and the backends that run a build elsewhere. The cache and
+downloads (store/), the engine and the registry are below it."""
