@@ -25,7 +25,7 @@ def cdi() -> None:
 @click.option("--if-loaded", is_flag=True,
               help="When no NVIDIA driver is loaded, do nothing and exit 0 (a boot-time unit: the driver may load "
                    "later, and its udev event runs this again).")
-@click.option("--json", "as_json", is_flag=True, help="With --check: print {stale, differences, spec} as JSON.")
+@JSON
 def cdi_generate(host, cdi_host_root, output, check, if_loaded, as_json) -> None:
     """Write the CDI spec of the driver loaded on a host and its GPUs: whatever installed it
     (cudabuild install, distribution packages, NVIDIA's installer). The loaded driver's version

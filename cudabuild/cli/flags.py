@@ -55,13 +55,17 @@ REGISTRY = click.option("--registry", metavar="HOST[:PORT]/PATH",
                              "is pushed there as PATH/modules:TAG, and nodes take their builds from it. "
                              + _env_help("registry"))
 DRIVER = click.option("--driver", "driver", metavar="VERSION|BRANCH",
-                      help="The driver (e.g. 535 or 535.309.01). Default: the node's.")
+                      help="The NVIDIA driver: a version (535.309.01) or a branch (535: its newest release). "
+                           "Default: for a build, the newest driver known to support the kernel; on a node, the "
+                           "node's (remembered from its first install).")
 MODULES = click.option("--modules", "modules_ref", metavar="IMAGE|DIR",
                        help="The modules: a cudabuild/modules:... image or an --output directory. Default: the most "
                             "recent build in the cache.")
-NODE_FLAVOR = click.option("--flavor", type=click.Choice(FLAVORS), default=None,
-                           help="The node's module flavour (default: the node's, recorded at its first install; a "
-                                "build of the other flavour never counts).")
+FLAVOR = click.option("--flavor", type=click.Choice(FLAVORS), default=None,
+                      help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open). "
+                           "Default: for a build, the driver's own, open from 560 on (580, 595), proprietary before "
+                           "(535, 550), and from 590 on there are only the open modules; on a node, the node's "
+                           "(recorded at its first install; a build of the other flavour never counts).")
 NODE_KERNEL = click.option("--kernel", "kernel", metavar="RELEASE|next",
                            help="The kernel: a release, or `next` (the kernel the boot loader boots next: its default "
                                 "entry where known, else the newest installed kernel of the running one's flavour; "
@@ -74,7 +78,7 @@ APT_SECURITY_MIRROR = click.option("--apt-security-mirror", metavar="URL",
                                    help="Debian security mirror. " + _env_help("apt_security_mirror"))
 OUTPUT_DIR = click.option("--output", metavar="DIR", help="Write one file per object into DIR instead of stdout.")
 
-node_flags = _group(NODE_FLAVOR, ROOT, NODE_KERNEL)
+node_flags = _group(FLAVOR, ROOT, NODE_KERNEL)
 
 
 # Every option that decides or steers a build, shared by each command that builds (modules, image).
@@ -83,9 +87,7 @@ BUILD_FLAGS = [
     click.option("--kernel", metavar="RELEASE",
                  help="The target kernel's `uname -r` (e.g. 6.1.0-56-amd64), or `latest` for the newest the "
                       "kernel source has. Default: this host's release."),
-    click.option("--driver", metavar="VERSION",
-                 help="NVIDIA driver version (535.309.01) or branch (535: its newest release). Default: the "
-                      "newest driver known to support the kernel."),
+    DRIVER,
     click.option("--kernel-source", type=click.Choice(KERNEL_SOURCES),
                  help="Where the kernel comes from. debian: the linux-headers-RELEASE packages (e.g. --kernel "
                       "6.1.0-56-amd64). git: the release's tag of --kernel-repo (4.3.6-coreos -> v4.3.6), prepared "
@@ -113,10 +115,7 @@ BUILD_FLAGS = [
                       "--driver, or CUDABUILD_INSTALLER_URL."),
     click.option("--installer-url", "installer_url", hidden=True),
     click.option("--sha256", metavar="HEX", help="Expected sha256 of the installer; a mismatch deletes the download."),
-    click.option("--flavor", type=click.Choice(FLAVORS),
-                 help="Proprietary modules, or the open modules (Turing and newer GPUs; e.g. --flavor open). "
-                      "Default: the driver's own, open from 560 on (580, 595), proprietary before (535, 550); "
-                      "from 590 on there are only the open modules. " + _env_help("flavor")),
+    FLAVOR,
     click.option("--ignore-preempt-rt", "ignore_preempt_rt", is_flag=True, default=None,
                  help="Build for a PREEMPT_RT kernel (Debian's rt-amd64) although NVIDIA's build refuses it "
                       "(IGNORE_PREEMPT_RT_PRESENCE=1; NVIDIA does not support it)."),

@@ -6,7 +6,7 @@ import click
 
 from cudabuild.cli.common import EXIT_CODE_HELP, code_table, emit, services
 from cudabuild.errors import LOADER_EXIT_CODES
-from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, NODE_FLAVOR, REGISTRY, ROOT
+from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, FLAVOR, REGISTRY, ROOT
 
 LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", LOADER_EXIT_CODES)
 
@@ -22,7 +22,7 @@ LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", L
 @DRIVER
 @click.option("--no-fallback", is_flag=True, default=None,
               help="Never install another driver version when the configured one has no build for the kernel.")
-@NODE_FLAVOR
+@FLAVOR
 @click.option("--poll", type=click.FloatRange(1, 86400), default=300, show_default=True, metavar="SECONDS",
               help="With --wait and --registry: how often to look for the next kernel (and, at most, between "
                    "retries while no build exists).")
