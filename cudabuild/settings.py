@@ -26,6 +26,7 @@ import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
@@ -212,8 +213,6 @@ class Services:
         self.settings = settings
         self.reporter = reporter if reporter is not None else settings.reporter()
         self._engine = engine
-        self._cache = None
-        self._fetcher = None
 
     def engine(self):
         """The engine, connected on first use."""
@@ -221,17 +220,13 @@ class Services:
             self._engine = self.settings.engine()
         return self._engine
 
-    @property
+    @cached_property
     def cache(self):
-        if self._cache is None:
-            self._cache = self.settings.cache()
-        return self._cache
+        return self.settings.cache()
 
-    @property
+    @cached_property
     def fetcher(self):
-        if self._fetcher is None:
-            self._fetcher = self.settings.fetcher(self.reporter)
-        return self._fetcher
+        return self.settings.fetcher(self.reporter)
 
     def registry(self, repo: str | None):
         """The Registry at `repo` (None: none). A flag's value that falls back to CUDABUILD_REGISTRY
@@ -244,5 +239,5 @@ class Services:
         from cudabuild.ui import Reporter
 
         twin = Services(self.settings, reporter=Reporter(quiet=True), engine=self.engine())
-        twin._cache = self.cache
+        twin.cache = self.cache  # the cached property's value, set: one Cache for both
         return twin

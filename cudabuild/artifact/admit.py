@@ -36,6 +36,10 @@ class Intake:
     refused_as: str  # e.g. "the registry's REF": "refused the registry's REF: ..."
     hint: str  # what to do after a refusal
 
+    def refuse(self, exc: ArtifactError | VerifyError) -> VerifyError:
+        """The refusal of this build for `exc`'s reason (exit 7)."""
+        return VerifyError(f"refused {self.refused_as}: {exc.message}", hint=self.hint)
+
 
 def labels_match(labels: ImageLabels | None, manifest: Manifest) -> None:
     """The labels an image carries describe the build in its layer: the same key, the same modules
@@ -76,7 +80,7 @@ def admit(intake: Intake, work: Path, *, unpack: Callable[[Path], ImageLabels | 
                 if check is not None:
                     check(made, work)
             except (ArtifactError, VerifyError) as exc:
-                raise VerifyError(f"refused {intake.refused_as}: {exc.message}", hint=intake.hint) from exc
+                raise intake.refuse(exc) from exc
         return keep(made)
     finally:
         discard(work)

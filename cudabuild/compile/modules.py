@@ -15,7 +15,6 @@ from cudabuild.compile.plan import plan_modules
 from cudabuild.compile.publish import check_output, publish_image, write_output
 from cudabuild.errors import ArtifactError, RegistryError
 from cudabuild.options import BuildOptions
-from cudabuild import boottest
 from cudabuild.nvidia import debian_distribution
 from cudabuild.options import check_boot_append, check_boot_timeout
 from cudabuild.compile.intake import find_modules
@@ -80,7 +79,9 @@ class ModulesResult:
         if self.origin == "built" and m.build_seconds is not None:
             lines.append(f"build time:    {format_seconds(m.build_seconds)}")
         if self.boot_tested and m.boot_test:
-            lines += boottest.lines_of(m.boot_test)
+            from cudabuild.boottest import lines_of  # only here: a cache hit does not import the boot test
+
+            lines += lines_of(m.boot_test)
         return "\n".join(lines)
 
 
@@ -181,6 +182,8 @@ def boot_test_command(modules_ref: str | None, *, kernel_image: str | None, appe
     """`cudabuild boot-test`: the modules found (an image, a directory, the newest build), their
     kernel booted with them; the verdict kept in the cached artifact's manifest; a refusal is the
     result's error (exit 7), raised once the result is shown."""
+    from cudabuild import boottest
+
     if append is not None:
         check_boot_append(append, "--append")
     if timeout is not None:

@@ -258,10 +258,11 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         if config is not None and not config.wants(version, flavor):
             raise VerifyError(f"it is driver {version} ({flavor}), not the node's {config.described}")
 
-    def refused(exc) -> VerifyError:
-        return VerifyError(f"refused the registry's {ref}: {exc.message}",
-                           hint=f"nothing was staged; push an unchanged build: cudabuild modules --kernel {release} "
-                                "--registry REPO")
+    intake = Intake(ref=ref, fetch_step=f"pull {ref} (the registry's HTTP API)",
+                    verify_step="verify it (digests, labels, vermagic, version, symbol CRCs when the host has them)",
+                    refused_as=f"the registry's {ref}",
+                    hint=f"nothing was staged; push an unchanged build: cudabuild modules --kernel {release} "
+                         "--registry REPO")
 
     def accept(raw: dict[str, str]) -> None:  # before the layer is downloaded: its labels say what it is
         try:
@@ -269,7 +270,7 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
             if said is not None:
                 asked(said.driver_version, said.flavor, said.kernel_release)
         except (ArtifactError, VerifyError) as exc:
-            raise refused(exc) from exc
+            raise intake.refuse(exc) from exc
 
     def unpack(out: Path):
         return read_labels(registry.pull_layer(ref, out, accept=accept), ref)
@@ -279,11 +280,6 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         asked(m.driver_version, m.flavor, m.kernel_release)
         check_for_host(host, checked, release, reporter=reporter)
 
-    intake = Intake(ref=ref, fetch_step=f"pull {ref} (the registry's HTTP API)",
-                    verify_step="verify it (digests, labels, vermagic, version, symbol CRCs when the host has them)",
-                    refused_as=f"the registry's {ref}",
-                    hint=f"nothing was staged; push an unchanged build: cudabuild modules --kernel {release} "
-                         "--registry REPO")
     parent = host.owned_path(f"{STAGED}/{release}", create=True)
     return admit(intake, Path(tempfile.mkdtemp(prefix=".pull-", dir=parent)), unpack=unpack, reporter=reporter,
                  keep=lambda checked: artifact.load(stage(host, checked)),
