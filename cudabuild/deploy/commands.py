@@ -29,16 +29,19 @@ def _images(services, images, registry, kind):
     return driver_images(services.engine(), list(images), kind=kind, registry=registry)
 
 
-def swarm_files(host: HostRoot, *, images, registry, runtime_path: str, services):
+def _node_files(orchestrator, host: HostRoot, *, images, registry, runtime_path: str, services):
+    """Swarm's or ECS's files: both name the node's GPUs (read under --root) and its driver images."""
     facts = host_facts(host)
     require_gpus(facts, host)
-    return swarm.files(_images(services, images, registry, "driver"), facts, runtime_path=runtime_path)
+    return orchestrator.files(_images(services, images, registry, "driver"), facts, runtime_path=runtime_path)
 
 
-def ecs_files(host: HostRoot, *, images, registry, runtime_path: str, services):
-    facts = host_facts(host)
-    require_gpus(facts, host)
-    return ecs.files(_images(services, images, registry, "driver"), facts, runtime_path=runtime_path)
+def swarm_files(host: HostRoot, **given):
+    return _node_files(swarm, host, **given)
+
+
+def ecs_files(host: HostRoot, **given):
+    return _node_files(ecs, host, **given)
 
 
 def kubernetes_files(*, images, registry, kmm: bool, prebuild: bool, drivers: str | None, schedule: str, services):
