@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from cudabuild.artifact import LABEL_PREFIX
@@ -218,21 +219,18 @@ class Engine:
             self._remove_if_dangling(previous)
         return image_id
 
-    def import_layer(self, *, layer: IO[bytes], tag: str, labels: Mapping[str, str]) -> str:
-        """An image of one layer, `layer` (a tar) as it is, with `labels`: what `FROM scratch` and
-        one COPY give, without a build (the context is not copied once more, no container commits).
-        The image the tag named before, when this leaves it without a tag, is removed."""
+    def load(self, archive: Path, *, tag: str) -> str:
+        """`docker load` of an image archive made by cudabuild (artifact/image.py) naming `tag`; the
+        image the tag named before, when this leaves it without a tag, is removed."""
         previous = self.image_id(tag)
-        repository, _, name = tag.rpartition(":")
-        changes = [f"LABEL {json.dumps(key)}={json.dumps(value)}" for key, value in labels.items()]
         try:
-            # a file object with a length: sent with Content-Length (the SDK's "from stream" says
-            # chunked but sends the bytes as they are, which the engine refuses)
-            self.client.api.import_image(src=layer, repository=repository, tag=name, changes=changes)
+            with open(archive, "rb") as data:
+                for _ in self.client.api.load_image(data, quiet=True):
+                    pass
         except docker.errors.APIError as exc:
-            raise EngineError(f"the engine refused to import {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
+            raise EngineError(f"the engine refused to load {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
         except requests.RequestException as exc:
-            raise EngineError(f"lost the engine while importing {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
+            raise EngineError(f"lost the engine while loading {tag}: {_short(exc)}", hint=ENGINE_HINT) from exc
         image_id = self.image(tag)["Id"]
         if previous and previous != image_id:
             self._remove_if_dangling(previous)

@@ -144,6 +144,13 @@ class StaleSpecError(CudabuildError):
     exit_code = 26
 
 
+class TrustError(CudabuildError):
+    """An image is refused by its signature or attestations (--verify-key): unsigned, signed by
+    another key, or its provenance names other inputs than its labels. Nothing of it was unpacked."""
+
+    exit_code = 27
+
+
 class CacheError(CudabuildError):
     """The cache cannot be used (no space, not writable, lock not obtained)."""
 
@@ -180,6 +187,8 @@ EXIT_CODES: list[tuple[int, str]] = [
                                 "its CDI spec and ready file"),
     (StaleSpecError.exit_code, "cdi generate --check: the spec on disk does not match the loaded driver and GPUs (each "
                                "difference is named)"),
+    (TrustError.exit_code, "--verify-key: the image is unsigned, signed by another key, or its provenance names other "
+                           "inputs than its labels; nothing of it was unpacked"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); the builder container was removed, nothing was published"),
 ]
 

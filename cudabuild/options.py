@@ -71,8 +71,12 @@ def validate_image_ref(value: str, what: str) -> str:
 
 
 def validate_registry(value: str, what: str = "--registry") -> str:
-    """A repository in a registry, HOST[:PORT]/PATH without a tag: cudabuild adds modules:TAG."""
-    hint = "pass HOST[:PORT]/PATH, e.g. --registry 127.0.0.1:5055/cudabuild or registry.example/team/cudabuild"
+    """A repository in a registry, HOST[:PORT]/PATH without a tag (cudabuild adds modules:TAG), or
+    oci:DIR, a bundle (an OCI image layout) on disk."""
+    hint = ("pass HOST[:PORT]/PATH, e.g. --registry 127.0.0.1:5055/cudabuild or registry.example/team/cudabuild, "
+            "or a bundle: oci:/path/to/bundle")
+    if value.startswith("oci:") and len(value) > 4 and "\n" not in value:
+        return value
     if not value or "@" in value or not IMAGE_REF_RE.fullmatch(value) or ":" in value.rpartition("/")[2]:
         raise InputError(f"{what} {shown(value)} is not a registry repository (HOST[:PORT]/PATH: a lower-case path, no tag)", hint=hint)
     host = value.split("/", 1)[0]
@@ -174,6 +178,8 @@ class BuildOptions:
     no_build: bool = False  # take the result from the cache or the registry, never compile
     sign_key: str | None = None  # a PEM private key: the modules are signed with it (Secure Boot)
     sign_cert: str | None = None  # its X.509 certificate (PEM or DER)
+    sign_image: str | None = None  # a PEM ECDSA P-256 key: each pushed image gets a cosign signature and attestations
+    verify_key: str | None = None  # a PEM public key: a registry's image is used only when signed by it
 
     def __post_init__(self) -> None:
         if self.kernel not in (None, "latest"):
@@ -251,6 +257,10 @@ class BuildOptions:
                              " (only with --no-build does a certificate alone name the signed modules to take)"),
                              hint="pass both, e.g. --sign-key ./key.pem --sign-cert ./cert.pem (or "
                                   "CUDABUILD_SIGN_KEY and CUDABUILD_SIGN_CERT)")
+        if self.sign_image is not None:
+            existing_file(self.sign_image, "--sign-image", "the PEM private key to sign pushed images with")
+        if self.verify_key is not None:
+            existing_file(self.verify_key, "--verify-key", "the PEM public key images must be signed by")
         check_boot_timeout(self.boot_timeout, "--boot-timeout")
 
     def local_files(self) -> list[tuple[str, str]]:
@@ -260,7 +270,8 @@ class BuildOptions:
 
 
 # The options that may name a file on this machine.
-LOCAL_FILE_OPTIONS = ("kernel_config", "symvers", "installer", "kernel_image", "sign_key", "sign_cert")
+LOCAL_FILE_OPTIONS = ("kernel_config", "symvers", "installer", "kernel_image", "sign_key", "sign_cert", "sign_image",
+                      "verify_key")
 
 
 # Which environment variable sets which option; the flag of the same name wins over it.
@@ -277,6 +288,8 @@ ENVIRONMENT = {
     "registry": "CUDABUILD_REGISTRY",
     "sign_key": "CUDABUILD_SIGN_KEY",
     "sign_cert": "CUDABUILD_SIGN_CERT",
+    "sign_image": "CUDABUILD_IMAGE_KEY",
+    "verify_key": "CUDABUILD_VERIFY_KEY",
 }
 _BOOLEAN = {"keep_builder", "compile_cache"}
 

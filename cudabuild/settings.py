@@ -192,12 +192,13 @@ class Settings:
         return Cache(self.cache_dir)
 
     def registry(self, repo: str | None):
-        """The Registry at repo (HOST[:PORT]/PATH) with Docker's credentials for it; None for none."""
+        """The store at repo: a registry (HOST[:PORT]/PATH, with Docker's credentials for it) or a
+        bundle (oci:DIR); None for none."""
         if not repo:
             return None
-        from cudabuild.registry import Registry
+        from cudabuild.registry import open_store
 
-        return Registry(repo, docker_config=self.docker_config)
+        return open_store(repo, docker_config=self.docker_config)
 
     def registry_repo(self, flag: str | None) -> str | None:
         """The registry a command uses: its --registry flag, else CUDABUILD_REGISTRY (None: neither)."""

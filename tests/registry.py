@@ -3,19 +3,15 @@ own storage directory, stopped by its own pid (FACTS.md)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import socket
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-from cudabuild.digests import sha256_file
 
 
 def free_port() -> int:
@@ -75,40 +71,24 @@ class LocalRegistry:
 
         return Registry(ref.rsplit("/", 1)[0]).labels(ref)
 
-    def push_directory(self, ref: str, directory: Path, labels: dict[str, str]) -> None:
-        """DIRECTORY as a one-layer image under REF (HOST/NAME:TAG), as `COPY payload/ /` on scratch
-        makes it, pushed straight over the registry's HTTP API: an OCI image whose layer is an
-        uncompressed tar (application/vnd.oci.image.layer.v1.tar), which any engine pulls. What a
-        hostile registry serves need not come from `docker push`; this spares compressing it."""
-        name, _, tag = ref[len(self.host) + 1:].rpartition(":")
-        with tempfile.TemporaryDirectory() as work:  # not beside DIRECTORY: it may be a cache's result
-            layer = Path(work) / "layer.tar"
-            with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
-                for path in sorted(directory.rglob("*")):
-                    tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-            layer_size = layer.stat().st_size
-            with open(layer, "rb") as body:
-                layer_digest = self._upload(name, body, f"sha256:{sha256_file(layer)}")
-        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": labels},
-                             "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).encode()
-        config_digest = self._upload(name, config, f"sha256:{hashlib.sha256(config).hexdigest()}")
-        config_size = len(config)
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
-                               "size": config_size},
-                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
-                                "size": layer_size}]}
-        put = requests.put(f"http://{self.host}/v2/{name}/manifests/{tag}", data=json.dumps(manifest).encode(),
-                           headers={"Content-Type": manifest["mediaType"]}, timeout=60)
-        assert put.status_code == 201, put.text
+    def push_directory(self, ref: str, directory: Path, labels: dict[str, str], *, one_layer: bool = False) -> str:
+        """DIRECTORY as a modules image under REF (HOST/NAME:TAG), pushed by cudabuild's own client
+        as `cudabuild modules --registry` pushes: the userspace layer, then the modules and the
+        manifest, gzip-compressed; or, `one_layer`, everything in one uncompressed layer, as images
+        of the format before were. Whatever the directory holds is pushed as it is (a hostile
+        registry's image need not be a sound artifact); its digest."""
+        from cudabuild.artifact.image import LAYER_TAR, MODULES_LAYER, USERSPACE_LAYER, Blob, compress, config_of, write_layer
+        from cudabuild.registry import Registry
 
-    def _upload(self, name: str, body, digest: str) -> str:
-        """A blob (bytes or an open file) with its digest, uploaded in one request; the digest."""
-        started = requests.post(f"http://{self.host}/v2/{name}/blobs/uploads/", timeout=60)
-        assert started.status_code == 202, started.text
-        location = started.headers["Location"]
-        location = location if location.startswith("http") else f"http://{self.host}{location}"
-        done = requests.put(location, params={"digest": digest}, data=body,
-                            headers={"Content-Type": "application/octet-stream"}, timeout=600)
-        assert done.status_code == 201, done.text
-        return digest
+        names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir() or p.is_symlink())
+        parts = [("all", names)] if one_layer else [
+            (USERSPACE_LAYER, [n for n in names if n.startswith("userspace/")]),
+            (MODULES_LAYER, [n for n in names if not n.startswith("userspace/")])]
+        with tempfile.TemporaryDirectory() as work:  # not beside DIRECTORY: it may be a cache's result
+            blobs, diff_ids = [], []
+            for part, members in parts:
+                layer = write_layer(directory, members, Path(work) / f"{part}.tar", part)
+                diff_ids.append(layer.diff_id)
+                blobs.append(Blob(layer.diff_id, layer.size, LAYER_TAR, path=layer.path) if one_layer
+                             else compress(layer, Path(work) / f"{part}.gz"))
+            return Registry(ref.split("/", 1)[0] + "/x").push(ref, config_of(labels, diff_ids), blobs)

@@ -1,5 +1,7 @@
-"""A modules image's layer unpacked, bounded, only what an artifact holds (modules/, userspace/, the
-manifest): from a `docker save` archive or a registry's blob."""
+"""A modules image's layers unpacked, bounded, only what an artifact holds (modules/, userspace/, the
+manifest): from a `docker save` archive or a registry's blobs. An image has two layers (the
+userspace, then the modules and the manifest: artifact/image.py) or, in the format before them,
+one; both are read (the one-layer format until cudabuild 1.0)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from cudabuild.errors import VerifyError, shown
 
 # ---- a saved modules image ---------------------------------------------------------------------
 def unpack_image(saved_path: Path, into: Path) -> None:
-    """The one layer of a saved modules image (`docker save`) into `into`: only modules/,
+    """The layers of a saved modules image (`docker save`) into `into`, in order: only modules/,
     userspace/ and manifest.json, regular files, directories and links inside their directory."""
     import tarfile  # only to pull: a cache hit reads no tar
 
@@ -22,24 +24,43 @@ def unpack_image(saved_path: Path, into: Path) -> None:
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise VerifyError("the pulled image is not a saved image cudabuild can read",
                               hint="use images `cudabuild modules --registry` pushed") from exc
-        if len(layers) != 1:
-            raise VerifyError(f"the pulled modules image has {len(layers)} layers, not one: cudabuild did not "
-                              "make it", hint="use images `cudabuild modules --registry` pushed")
-        extract_layer(saved.extractfile(layers[0]), into)
+        if not isinstance(layers, list) or len(layers) not in MODULES_LAYERS:
+            raise VerifyError(f"the pulled modules image has {len(layers)} layers, not two (or one, as before): "
+                              "cudabuild did not make it", hint="use images `cudabuild modules --registry` pushed")
+        for layer in layers:
+            extract_layer(saved.extractfile(layer), into, compression=_compression_of(saved.extractfile(layer)))
+
+
+MODULES_LAYERS = (1, 2)  # how many layers a modules image has: two, or one in the format before
+
+
+def _compression_of(head) -> str:
+    """A layer file's compression told from its first bytes ("gz", "zst" or "" for a plain tar)."""
+    magic = head.read(4)
+    return "gz" if magic[:2] == b"\x1f\x8b" else "zst" if magic == b"\x28\xb5\x2f\xfd" else ""
 
 
 MAX_UNPACKED = 16 << 30  # bytes a modules image's layer may unpack to: a driver's is under 1 GB
 
 
 def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_UNPACKED) -> None:
-    """A modules image's layer (a tar file or file object; gzip-compressed when `compression` is
-    "gz") into `into`: only modules/, userspace/ and manifest.json, regular files, directories and
-    links inside their directory, at most `limit` bytes (each member's size counted before it is
-    written)."""
+    """A modules image's layer (a tar file or file object; compressed when `compression` is "gz"
+    or "zst") into `into`: only modules/, userspace/ and manifest.json, regular files, directories
+    and links inside their directory, at most `limit` bytes (each member's size counted before it
+    is written)."""
     import tarfile
 
-    mode = f"r:{compression}" if compression else "r:"
-    opened = tarfile.open(layer, mode) if isinstance(layer, (str, Path)) else tarfile.open(fileobj=layer, mode=mode)
+    unreadable: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, OSError)
+    if compression == "zst":
+        import zstandard
+
+        unreadable += (zstandard.ZstdError,)
+        source = open(layer, "rb") if isinstance(layer, (str, Path)) else layer
+        opened = tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(source, closefd=source is not layer),
+                              mode="r|")
+    else:
+        mode = f"r:{compression}" if compression else "r:"
+        opened = tarfile.open(layer, mode) if isinstance(layer, (str, Path)) else tarfile.open(fileobj=layer, mode=mode)
     unpacked = 0
     try:
         with opened:
@@ -58,7 +79,7 @@ def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_
                                       hint="use images `cudabuild modules --registry` pushed")
                 member.name = str(name)
                 opened.extract(member, into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except unreadable as exc:
         if isinstance(exc, OSError) and exc.errno is not None:  # the disk's, not the layer's (gzip's has none)
             raise
         raise VerifyError(f"the modules image's layer is not a tar file cudabuild can read ({exc})",

@@ -28,6 +28,8 @@ class BakeRequest:
     driver: str | None = None  # the kernel-agnostic driver image's driver
     build: BuildOptions | None = None  # --kernel/--driver given: build (or find) the modules first
     rebuild: bool = False  # --no-cache
+    sign_image: str | None = None  # --sign-image: the pushed image is signed and attested
+    verify_key: str | None = None  # --verify-key: --modules IMAGE is used only when signed by it
 
 
 def list_profiles() -> Report:
@@ -55,7 +57,7 @@ def bake(request: BakeRequest, services: Services) -> Report:
     if request.build is not None:
         checked = build_modules(request.build, services).artifact
     else:
-        checked = find_modules(request.modules_ref, services)
+        checked = find_modules(request.modules_ref, services, verify_key=request.verify_key)
     reporter.note(f"modules: {checked.root}")
     engine = services.engine()
     report = images.build_image(profile=chosen, checked=checked, engine=engine, cache=services.cache,
@@ -63,6 +65,7 @@ def bake(request: BakeRequest, services: Services) -> Report:
     if registry and request.push:
         report["registry_ref"] = registry.ref(report["image"])
         _push(services, report["image"], report["registry_ref"])
+        report["signed"] = _sign(services, registry, report["registry_ref"], checked, request)
     lines = [f"{report['image']}: {report['profile']} on {report['base']}, one layer added",
              f"  NVIDIA {report['driver_version']} for Linux {report['kernel_release']}"
              + (f"; base CUDA {report['base_cuda']} (driver supports up to {report['max_cuda']})"
@@ -79,6 +82,20 @@ def bake(request: BakeRequest, services: Services) -> Report:
 def _push(services: Services, image: str, ref: str) -> None:
     with services.reporter.step(f"push {ref}"):
         services.engine().push(image, ref)
+
+
+def _sign(services: Services, registry, ref: str, checked, request: BakeRequest) -> list[str]:
+    """With --sign-image: the pushed image's signature, and the provenance and SBOM of the driver
+    it carries, beside it in the registry."""
+    if not request.sign_image:
+        return []
+    from cudabuild.compile.publish import sign_pushed
+    from cudabuild.registry.trust import PASSPHRASE_ENV
+
+    found = registry.resolve(ref)
+    options = request.build or services.settings.build_options({"sign_image": request.sign_image})
+    return sign_pushed(registry, ref, found.digest, checked, options=options, reporter=services.reporter,
+                       passphrase=services.settings.environ.get(PASSPHRASE_ENV))
 
 
 def _node_driver_image(chosen, repo: str, request: BakeRequest, services: Services) -> Report:

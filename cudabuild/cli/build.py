@@ -95,6 +95,7 @@ def image(profile, base, modules_ref, tag, dry_run, no_push, list_profiles, as_j
       cudabuild image driver --modules cudabuild/modules:535.309.01-6.1.0-56-amd64 \\
           --registry registry.example/gpu     # pushed as registry.example/gpu/driver:TAG
       cudabuild image driver --registry registry.example/gpu --driver 535   # every kernel
+      cudabuild image device-query --modules registry.example/gpu/modules:TAG --verify-key image.pub
     """
     from cudabuild.bake.bake import BakeRequest, bake, list_profiles as profiles
 
@@ -113,10 +114,11 @@ def image(profile, base, modules_ref, tag, dry_run, no_push, list_profiles, as_j
     building = profile != "tool" and (flags.get("kernel") is not None or flags.get("driver") is not None)
     if building and modules_ref is not None:
         raise click.UsageError("pass either --modules or --kernel/--driver, not both")
+    options = settings().build_options(build_flag_values(flags))
     request = BakeRequest(profile=profile, base=base, modules_ref=modules_ref, tag=tag, dry_run=dry_run,
                           push=not no_push, registry=flags.get("registry"), driver=flags.get("driver"),
-                          build=settings().build_options(build_flag_values(flags)) if building else None,
-                          rebuild=bool(flags.get("no_cache")))
+                          build=options if building else None, rebuild=bool(flags.get("no_cache")),
+                          sign_image=options.sign_image, verify_key=options.verify_key)
     emit(bake(request, services()), as_json)
 
 

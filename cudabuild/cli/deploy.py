@@ -123,4 +123,38 @@ def deploy_systemd(registry, driver, prebuild, cdi_refresh, drivers, schedule, c
     emit(deliver(files, output, as_json), as_json)
 
 
-COMMANDS = [deploy]
+@click.command(epilog=EXIT_CODE_HELP)
+@REGISTRY
+@click.option("--kernels", metavar="LIST", help="Kernel releases, comma-separated (default: every kernel the registry "
+                                                "has a modules image for).")
+@click.option("--drivers", metavar="LIST", help="Driver versions or branches, comma-separated (default: every driver).")
+@click.option("--output", required=True, metavar="DIR", help="The bundle's directory: new, or an earlier bundle to "
+                                                             "bring up to date.")
+@JSON
+def bundle(registry, kernels, drivers, output, as_json) -> None:
+    """Copy a registry's modules images, with their signatures and attestations, into one
+    directory (an OCI image layout: oci-layout, index.json, blobs/sha256/) for a site with no
+    network. There, --registry oci:DIR reads it wherever a registry is read: install, stage,
+    the driver container (mount the directory into it), a build's pull. Every blob is checked
+    against its digest on the way; blobs an earlier bundle holds are not copied again.
+
+    \b
+    Examples:
+      cudabuild bundle --registry registry.example:5000/gpu --drivers 535 --output /media/usb/gpu-bundle
+      cudabuild bundle --registry registry.example:5000/gpu --kernels 6.1.0-57-amd64,6.1.0-58-amd64 --output ./b
+      skopeo inspect oci:/media/usb/gpu-bundle:modules:535.309.01-6.1.0-57-amd64
+      cudabuild install --registry oci:/media/usb/gpu-bundle --driver 535
+    """
+    from cudabuild.fleet.bundle import BundleRequest, bundle as write_bundle
+
+    made = services()
+    settings = made.settings
+    repo = settings.registry_repo(registry)
+    if not repo:
+        raise click.UsageError("name the registry to copy from: --registry HOST[:PORT]/PATH (or CUDABUILD_REGISTRY)")
+    split = lambda text: tuple(x.strip() for x in (text or "").split(",") if x.strip())  # noqa: E731
+    request = BundleRequest(registry=repo, output=output, kernels=split(kernels), drivers=split(drivers))
+    emit(write_bundle(request, made.registry(repo), reporter=made.reporter), as_json)
+
+
+COMMANDS = [deploy, bundle]

@@ -52,8 +52,14 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as
 REGISTRY = click.option("--registry", metavar="HOST[:PORT]/PATH",
                         help="An OCI registry as the fleet's shared cache (e.g. 127.0.0.1:5055/cudabuild): a build "
                              "found there with the same key is pulled and verified here instead of compiled, a result "
-                             "is pushed there as PATH/modules:TAG, and nodes take their builds from it. "
+                             "is pushed there as PATH/modules:TAG, and nodes take their builds from it. A bundle "
+                             "(`cudabuild bundle`) is read as oci:DIR. "
                              + _env_help("registry"))
+VERIFY_KEY = click.option("--verify-key", metavar="PUB",
+                          help="Take an image from the registry only when it is signed by this PEM public key (as "
+                               "`cosign sign` or `--sign-image` signs) and its signed provenance names the build its "
+                               "labels say; refused before anything is unpacked (exit 27). On a node, remembered as "
+                               "its policy. Env: CUDABUILD_VERIFY_KEY.")
 DRIVER = click.option("--driver", "driver", metavar="VERSION|BRANCH",
                       help="The NVIDIA driver: a version (535.309.01) or a branch (535: its newest release). "
                            "Default: for a build, the newest driver known to support the kernel; on a node, the "
@@ -166,6 +172,12 @@ BUILD_FLAGS = [
     click.option("--sign-cert", metavar="FILE",
                  help="The key's X.509 certificate (PEM or DER): each signature is checked against it, and the "
                       "manifest records it. Env: CUDABUILD_SIGN_CERT."),
+    click.option("--sign-image", metavar="KEY",
+                 help="Sign each image pushed to --registry with this PEM ECDSA P-256 key, as cosign does (a "
+                      "sha256-DIGEST.sig tag), and attest its SLSA provenance and SPDX SBOM (sha256-DIGEST.att); "
+                      "`cosign verify --key KEY.pub` checks them. An encrypted key's passphrase comes from "
+                      "CUDABUILD_IMAGE_KEY_PASSWORD. Env: CUDABUILD_IMAGE_KEY."),
+    VERIFY_KEY,
     click.option("--no-build", "no_build", is_flag=True, default=None,
                  help="Never compile: take the modules from the cache or the registry, or fail (exit 21)."),
 ]

@@ -6,7 +6,7 @@ import click
 
 from cudabuild.cli.common import EXIT_CODE_HELP, code_table, emit, services
 from cudabuild.errors import LOADER_EXIT_CODES
-from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, FLAVOR, REGISTRY, ROOT
+from cudabuild.cli.flags import CDI_HOST_ROOT, DRIVER, JSON, MODULES, FLAVOR, REGISTRY, ROOT, VERIFY_KEY
 
 LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", LOADER_EXIT_CODES)
 
@@ -19,6 +19,7 @@ LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", L
 @click.option("--wait", is_flag=True, help="Stay running until stopped (a DaemonSet's container), then remove the "
                                            "ready file. With --registry: wait for a build, and stage the next kernel's.")
 @REGISTRY
+@VERIFY_KEY
 @DRIVER
 @click.option("--no-fallback", is_flag=True, default=None,
               help="Never install another driver version when the configured one has no build for the kernel.")
@@ -41,7 +42,7 @@ LOADER_EXIT_HELP = code_table("The loader's refusals, as in a runtime image:", L
               help="With --wait: how often to check the CDI spec against the loaded driver and GPUs, and rewrite "
                    "it when it is stale.")
 @JSON
-def install(modules_ref, host, cdi_host_root, wait, registry, driver, no_fallback, flavor, poll, kernel_hook, drain,
+def install(modules_ref, host, cdi_host_root, wait, registry, verify_key, driver, no_fallback, flavor, poll, kernel_hook, drain,
             drain_timeout, no_restart, cdi_interval, as_json) -> None:
     """Install a built driver on this host, once, for every container.
 
@@ -76,13 +77,16 @@ def install(modules_ref, host, cdi_host_root, wait, registry, driver, no_fallbac
       sudo cudabuild install --modules cudabuild/modules:550.127.05-6.1.0-56-amd64 --drain
       cudabuild install --registry registry.example:5000/gpu --driver 535 --root /host --wait
       sudo cudabuild install --registry registry.example:5000/gpu --driver 535 --kernel-hook
+      cudabuild install --registry registry.example:5000/gpu --driver 535 --verify-key image.pub --root /host
+      cudabuild install --registry oci:/media/bundle --driver 535    (an air-gapped site's bundle)
     """
     from cudabuild.node.commands import InstallRequest, install_driver
 
     request = InstallRequest(host=host, cdi_host_root=cdi_host_root, modules_ref=modules_ref, wait=wait,
                              registry=registry, driver=driver, fallback=None if no_fallback is None else False,
                              flavor=flavor, poll=poll, kernel_hook=kernel_hook, drain=drain,
-                             drain_timeout=drain_timeout, restart=not no_restart, cdi_interval=cdi_interval)
+                             drain_timeout=drain_timeout, restart=not no_restart, cdi_interval=cdi_interval,
+                             verify_key=verify_key)
     install_driver(request, services(), then=lambda result: emit(result, as_json))
 
 

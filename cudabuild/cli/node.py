@@ -5,15 +5,16 @@ from __future__ import annotations
 import click
 
 from cudabuild.cli.common import EXIT_CODE_HELP, emit, services
-from cudabuild.cli.flags import DRIVER, JSON, REGISTRY, ROOT, node_flags
+from cudabuild.cli.flags import DRIVER, JSON, REGISTRY, ROOT, VERIFY_KEY, node_flags
 
 
 @click.command(epilog=EXIT_CODE_HELP)
 @node_flags
 @REGISTRY
+@VERIFY_KEY
 @DRIVER
 @JSON
-def stage(host, kernel, flavor, registry, driver, as_json) -> None:
+def stage(host, kernel, flavor, registry, verify_key, driver, as_json) -> None:
     """Stage the verified build for a kernel the host has not booted yet, so that its next boot
     needs no network.
 
@@ -35,8 +36,8 @@ def stage(host, kernel, flavor, registry, driver, as_json) -> None:
     """
     from cudabuild.node.commands import stage_report
 
-    emit(stage_report(host, kernel=kernel, flavor=flavor, registry=registry, driver=driver, services=services()),
-         as_json)
+    emit(stage_report(host, kernel=kernel, flavor=flavor, registry=registry, driver=driver, services=services(),
+                      verify_key=verify_key), as_json)
 
 
 @click.command(epilog=EXIT_CODE_HELP)

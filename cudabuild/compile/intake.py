@@ -10,11 +10,17 @@ from cudabuild.artifact import Artifact
 from cudabuild.settings import Services
 
 
-def find_modules(reference: str | None, services: Services, *, use_cache: bool = True) -> Artifact:
+def find_modules(reference: str | None, services: Services, *, use_cache: bool = True,
+                 verify_key: str | None = None) -> Artifact:
     """The checked artifact a command names with --modules: a modules image (its build in the
     cache, else read from the engine and admitted: compile/steps.import_image), an --output
     directory, or the newest build in the cache. `use_cache=False`: a directory is read where it
-    is and an image must be in the cache already."""
+    is and an image must be in the cache already. With `verify_key` (a PEM file), the image is
+    read from its registry or bundle and used only when signed by that key (steps.pull_signed)."""
+    if verify_key:
+        from cudabuild.compile import steps
+
+        return steps.pull_signed(reference, services, verify_key)
     cache = services.cache if use_cache else None
     return artifact.find(reference, cache, services.engine,
                          import_image=(lambda ref, labels: _import_image(ref, labels, services))

@@ -12,7 +12,8 @@ from cudabuild import artifact
 from cudabuild.artifact import Artifact, Manifest
 from cudabuild.compile import steps
 from cudabuild.compile.plan import plan_modules
-from cudabuild.compile.publish import check_output, publish_image, write_output
+from cudabuild.registry.trust import PASSPHRASE_ENV
+from cudabuild.compile.publish import Pushed, check_output, publish_image, push_modules, sign_pushed, write_output
 from cudabuild.errors import ArtifactError, RegistryError
 from cudabuild.options import BuildOptions
 from cudabuild.nvidia import debian_distribution
@@ -36,6 +37,7 @@ class ModulesResult:
     registry_ref: str | None = None  # where the registry keeps it, with --registry
     pushed: bool = False  # whether this run pushed it there
     compile_cache: dict | None = None  # {"hits", "misses"} of the compile cache, when this run compiled with it
+    push: object | None = None  # publish.Pushed: the digest, the bytes sent, the signature's tags
 
     @property
     def manifest(self) -> Manifest:
@@ -49,7 +51,9 @@ class ModulesResult:
             "flavor": m.flavor,
             "cache_hit": self.cache_hit,
             "origin": self.origin,
-            "registry": {"ref": self.registry_ref, "pushed": self.pushed} if self.registry_ref else None,
+            "registry": {"ref": self.registry_ref, "pushed": self.pushed,
+                         **({"digest": self.push.digest, "bytes_sent": self.push.bytes_sent,
+                             "signed": list(self.push.signed)} if self.push else {})} if self.registry_ref else None,
             "modules_image": self.modules_image,
             "output_dir": str(self.output_dir) if self.output_dir else None,
             "cache_dir": str(self.artifact.root),
@@ -76,6 +80,10 @@ class ModulesResult:
             lines.append(f"output:        {self.output_dir}")
         if self.registry_ref:
             lines.append(f"registry:      {self.registry_ref} ({'pushed' if self.pushed else 'already there'})")
+            if self.push is not None:
+                lines.append(f"               {self.push.digest}" + (f", {self.push.bytes_sent / 1e6:.1f} MB sent"
+                                                                    if self.pushed else ""))
+                lines += [f"signed:        {tag}" for tag in self.push.signed]
         if self.origin == "built" and m.build_seconds is not None:
             lines.append(f"build time:    {format_seconds(m.build_seconds)}")
         if self.boot_tested and m.boot_test:
@@ -112,7 +120,7 @@ def build_modules(options: BuildOptions, services: Services) -> ModulesResult:
                         registry_down = exc
                         reporter.warn(f"{exc.message}; {'nothing is pulled' if options.no_build else 'building here'}")
                     if in_registry:
-                        steps.pull_verified(plan, remote, reporter=reporter)
+                        steps.pull_verified(plan, registry, remote, reporter=reporter, verify_key=options.verify_key)
                         origin = "pulled"
                 if origin is None and options.no_build and registry_down is not None:
                     raise RegistryError(f"--no-build: the cache ({cache.root}) does not have it, and "
@@ -151,11 +159,11 @@ def build_modules(options: BuildOptions, services: Services) -> ModulesResult:
                                       fetcher=plan.fetcher, reporter=reporter)
 
     # ---- publish ---------------------------------------------------------------------------
-    publish_image(engine, checked, tag=tag, reporter=reporter)
+    publish_image(engine, checked, tag=tag, reporter=reporter, work=cache.workdir(f"publish-{key[:12]}"))
     if output:
         write_output(checked, output, cache=cache)
         reporter.note(f"copied the modules, userspace and manifest to {output}")
-    pushed = False
+    pushed, push = False, None
     if registry is not None:
         kept = f"the modules are kept here: {result_dir} and the image {tag}"
         try:
@@ -164,16 +172,21 @@ def build_modules(options: BuildOptions, services: Services) -> ModulesResult:
             if in_registry is None:
                 in_registry = registry.has(remote, key, note=reporter.note)
             if not in_registry:
-                with reporter.step(f"push {remote}"):
-                    engine.push(tag, remote)
+                push = push_modules(registry, checked, remote, cache=cache, reporter=reporter, options=options,
+                                    passphrase=services.settings.environ.get(PASSPHRASE_ENV))
                 pushed = True
+            elif options.sign_image:  # already there: signed now (a signature is cheap; the image is not sent)
+                found = registry.resolve(remote)
+                push = Pushed(found.digest, 0, tuple(sign_pushed(
+                    registry, remote, found.digest, checked, options=options, reporter=reporter,
+                    passphrase=services.settings.environ.get(PASSPHRASE_ENV))))
         except RegistryError as exc:
             exc.message = f"{exc.message}; {kept}"
             exc.args = (exc.message,)
             raise
     return ModulesResult(cache_hit=origin == "cached", origin=origin, artifact=checked, modules_image=tag,
                          output_dir=output, steps=list(reporter.steps), boot_tested=options.boot_test,
-                         registry_ref=remote, pushed=pushed, compile_cache=compile_cache)
+                         registry_ref=remote, pushed=pushed, compile_cache=compile_cache, push=push)
 
 
 def boot_test_command(modules_ref: str | None, *, kernel_image: str | None, append: str | None,

@@ -1,4 +1,4 @@
-"""Publishing a checked artifact: as the one-layer modules image, and into an `--output` directory.
+"""Publishing a checked artifact: as the two-layer modules image, and into an `--output` directory.
 
 The output directory is checked before anything is built: never the file system's root or a
 system directory, never a non-empty directory that is not an earlier cudabuild output (unless
@@ -7,14 +7,17 @@ itself under a unique name, so renames stay on one file system and two runs do n
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact import MANIFEST, PARTS, Artifact, walk, read_manifest
-from cudabuild.compile.builder import tar_context
+from cudabuild.artifact.image import (COMPRESSIONS, DEFAULT_COMPRESSION, MODULES_LAYER, USERSPACE_LAYER, config_of,
+                                      docker_archive, layers_of)
 from cudabuild.store.cache import Cache, key_of
 from cudabuild.engine import Engine
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
@@ -28,30 +31,140 @@ _SYSTEM_TREES = {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32",
 
 
 # ---- the modules image -------------------------------------------------------------------------
-def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Reporter) -> None:
-    """The modules image: one layer holding modules/, userspace/ and manifest.json as the manifest
-    lists them, and nothing else (imported as a layer: FROM scratch and one COPY, without a build)."""
+def publish_image(engine: Engine, artifact: Artifact, *, tag: str, reporter: Reporter, work: Path) -> None:
+    """The modules image in the engine: two layers, the userspace and then the modules with the
+    manifest (artifact/image.py), loaded as they are, without a build; `work` is removed after."""
     manifest = artifact.manifest
-    labels = manifest.labels()
+    labels = image_labels(manifest)
     found = engine.inspect_image(tag)
     if found:
         existing = found["Config"].get("Labels") or {}
-        if all(existing.get(k) == v for k, v in labels.items()):  # the same build, nothing new to say
-            reporter.cached("modules image", tag)
+        if all(existing.get(k) == v for k, v in labels.items()) and len(found["RootFS"]["Layers"]) == 2:
+            reporter.cached("modules image", tag)  # the same build, nothing new to say
             return
-    labels.update({
-        "org.opencontainers.image.title": "NVIDIA kernel modules",
-        "org.opencontainers.image.description":
-            f"NVIDIA {manifest.driver_version} modules for Linux {manifest.kernel_release}, built by cudabuild",
-    })
-    payload = [(rel, artifact.root / rel) for rel, _ in artifact.files()]
-    payload.append((MANIFEST, artifact.root / MANIFEST))
     with reporter.step(f"publish modules image {tag}"):
-        with tar_context({}, payload) as layer:
-            engine.import_layer(layer=layer, tag=tag, labels=labels)
-        layers = engine.image(tag)["RootFS"]["Layers"]
-        if len(layers) != 1:
-            raise VerifyError(f"the modules image {tag} has {len(layers)} layers instead of one")
+        try:
+            layers = layers_of(artifact, work)
+            docker_archive(layers, config_of(labels, [layer.diff_id for layer in layers]), tag, work / "image.tar")
+            engine.load(work / "image.tar", tag=tag)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if engine.image(tag)["RootFS"]["Layers"] != [layer.diff_id for layer in layers]:
+            raise VerifyError(f"the modules image {tag} does not hold the two layers cudabuild made")
+
+
+def image_labels(manifest) -> dict[str, str]:
+    """The modules image's labels: the artifact's, a title and a description."""
+    return {**manifest.labels(), "org.opencontainers.image.title": "NVIDIA kernel modules",
+            "org.opencontainers.image.description":
+                f"NVIDIA {manifest.driver_version} modules for Linux {manifest.kernel_release}, built by cudabuild"}
+
+
+# ---- the registry ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pushed:
+    digest: str  # the image's manifest digest in the registry
+    bytes_sent: int  # what the push sent: the layers the registry lacked, the config and the manifest
+    signed: tuple[str, ...] = ()  # the signature's and attestations' tags, with --sign-image
+
+
+def push_modules(store, checked: Artifact, remote: str, *, cache: Cache, reporter: Reporter,
+                 options=None, compression: str = DEFAULT_COMPRESSION, passphrase: str | None = None) -> Pushed:
+    """The modules image pushed over the store's own API: each layer compressed once for its
+    content (kept in the cache's blobs/, so the next kernel of the driver reuses the userspace's),
+    sent only when the registry lacks it; then signed, with --sign-image."""
+    sent: list[int] = []
+    with reporter.step(f"push {remote}"):
+        work = cache.workdir(f"push-{checked.manifest.key[:12]}")
+        try:
+            blobs = [_compressed(cache, checked, part, work, compression) for part in (USERSPACE_LAYER, MODULES_LAYER)]
+            config = config_of(image_labels(checked.manifest), [diff for _, diff in blobs])
+            digest = store.push(remote, config, [blob for blob, _ in blobs], counted=sent)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    signed = sign_pushed(store, remote, digest, checked, options=options, reporter=reporter, passphrase=passphrase)
+    return Pushed(digest, sum(sent), tuple(signed))
+
+
+def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compression: str):
+    """(the compressed blob, its diff ID) of one layer of the artifact, made once per content: the
+    layer's files by digest, mode and link name name it."""
+    import json
+
+    from cudabuild.artifact.image import Blob, LAYER_TITLE, compress, write_layer
+
+    names = sorted([rel for rel, _ in checked.files() if rel.startswith(f"{part}/")] +
+                   ([MANIFEST] if part == MODULES_LAYER else []))
+    listed = {rel: entry.sha256 for rel, entry in checked.files()}
+    described = []
+    for rel in names:
+        path = checked.root / rel
+        described.append([rel, path.lstat().st_mode,
+                          os.readlink(path) if path.is_symlink() else listed.get(rel) or _sha256(path)])
+    content = key_of(json.dumps([compression, described]))
+    store = cache.root / "blobs"
+    memo = store / "layers" / f"{content}.json"
+    try:
+        known = json.loads(memo.read_text())
+        blob = Blob(known["digest"], known["size"], COMPRESSIONS[compression][1],
+                    path=store / "sha256" / known["digest"].split(":", 1)[1], annotations={LAYER_TITLE: part})
+        if blob.path.stat().st_size == blob.size:
+            return blob, known["diff_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    layer = write_layer(checked.root, names, work / f"{part}.tar", part)
+    (store / "sha256").mkdir(parents=True, exist_ok=True)
+    (store / "layers").mkdir(parents=True, exist_ok=True)
+    blob = compress(layer, work / f"{part}.blob", compression)
+    kept = store / "sha256" / blob.digest.split(":", 1)[1]
+    os.replace(blob.path, kept)
+    layer.path.unlink()
+    tmp = memo.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"digest": blob.digest, "size": blob.size, "diff_id": layer.diff_id}))
+    os.replace(tmp, memo)
+    return dataclasses.replace(blob, path=kept), layer.diff_id
+
+
+def _sha256(path: Path) -> str:
+    from cudabuild.digests import sha256_file
+
+    return sha256_file(path)
+
+
+def sign_pushed(store, ref: str, digest: str, checked: Artifact, *, options=None, reporter: Reporter,
+                passphrase: str | None = None) -> list[str]:
+    """With --sign-image: the signature of the pushed image `ref` (`digest`) and its provenance and
+    SBOM attestations, pushed beside it; the tags written ([] without a key). `passphrase` opens an
+    encrypted key (CUDABUILD_IMAGE_KEY_PASSWORD, from the settings)."""
+    key_path = getattr(options, "sign_image", None)
+    if not key_path:
+        return []
+    import dataclasses as dc
+
+    from cudabuild.registry import trust
+
+    key = trust.load_signing_key(key_path, passphrase=passphrase)
+    with reporter.step(f"sign {ref} (cosign signature, SLSA provenance, SPDX SBOM)"):
+        said = {k: v for k, v in dc.asdict(options).items()
+                if k in _PROVENANCE_OPTIONS and v not in (None, False, "") and v != options_default(k)}
+        name = ref.rsplit(":", 1)[0]
+        statements = [trust.statement(digest, name, trust.PROVENANCE,
+                                      trust.provenance(checked.manifest, options=said, started=None,
+                                                       finished=checked.manifest.created)),
+                      trust.statement(digest, name, trust.SPDX, trust.sbom(checked, name=f"{name}@{digest}"))]
+        return trust.sign_image(store, ref, digest, key, statements)
+
+
+# The build options a provenance records (not where files are, nor how the output is shown).
+_PROVENANCE_OPTIONS = ("kernel_source", "driver_source", "flavor", "only_modules", "kernel_repo", "kernel_checkout",
+                       "installer_url", "distribution", "backports", "builder_base", "boot_test", "boot_append",
+                       "compile_cache", "ignore_preempt_rt")
+
+
+def options_default(name: str):
+    from cudabuild.options import default_of
+
+    return default_of(name)
 
 
 # ---- --output DIR ------------------------------------------------------------------------------

@@ -53,16 +53,21 @@ def publish_checked(cache: Cache, checked: artifact.Artifact, key: str) -> None:
     cache.record_checked(key, stats)
 
 
-def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None:
-    """The registry's modules image into the cache, verified on this host as a build would be
-    (artifact.admit): every file's digest against its manifest, its labels, the key, vermagic,
-    version and symbol CRCs against this kernel's Module.symvers. A refusal leaves nothing in the cache."""
-    spec, cache, engine = plan.spec, plan.cache, plan.engine
+def pull_verified(plan: ModulesPlan, store, remote: str, *, reporter: Reporter, verify_key: str | None = None) -> None:
+    """The registry's modules image into the cache, over the store's own API (the userspace layer
+    the cache already holds is not fetched again), verified on this host as a build would be
+    (artifact.admit): with `verify_key`, its signature and provenance before any layer is fetched;
+    every file's digest against its manifest, its labels, the key, vermagic, version and symbol
+    CRCs against this kernel's Module.symvers. A refusal leaves nothing in the cache."""
+    from cudabuild.registry import LayerStore
+    from cudabuild.registry.trust import load_verify_key, require_signed
+
+    spec, cache = plan.spec, plan.cache
+    signed = require_signed(store, load_verify_key(verify_key) if verify_key else None)
 
     def unpack(out: Path) -> ImageLabels | None:
-        engine.pull_or_fail(remote)
-        _unpack_from_engine(engine, remote, out)
-        return read_labels(engine.image(remote)["Config"].get("Labels"), remote)
+        raw = store.pull(remote, out, accept=signed, layers=LayerStore(cache.root / "layers"))
+        return read_labels(raw, remote)
 
     def expect(m: Manifest) -> None:
         if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
@@ -72,7 +77,6 @@ def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None
 
     def keep(made: Artifact) -> Artifact:
         publish_checked(cache, made, plan.key)
-        engine.retag(remote, plan.tag)  # the pulled image is the modules image: nothing to build again
         return made
 
     intake = Intake(ref=remote, fetch_step=f"pull {remote} (the registry has this build)",
@@ -80,11 +84,8 @@ def pull_verified(plan: ModulesPlan, remote: str, *, reporter: Reporter) -> None
                     refused_as=f"the registry's {remote}",
                     hint=f"nothing was put in the cache; build and push it again: cudabuild modules --kernel "
                          f"{spec.kernel_release} --driver {spec.driver_version} --no-cache --registry REPO")
-    try:
-        admit(intake, cache.workdir(f"pull-{plan.key[:12]}"), unpack=unpack, reporter=reporter, keep=keep,
-              discard=cache.discard, expect=expect, check=lambda made, work: verify(plan, made.root / "modules", work))
-    finally:
-        engine.untag(remote)
+    admit(intake, cache.workdir(f"pull-{plan.key[:12]}"), unpack=unpack, reporter=reporter, keep=keep,
+          discard=cache.discard, expect=expect, check=lambda made, work: verify(plan, made.root / "modules", work))
 
 
 def _unpack_from_engine(engine: Engine, ref: str, out: Path) -> None:
@@ -97,16 +98,16 @@ def _unpack_from_engine(engine: Engine, ref: str, out: Path) -> None:
     saved.unlink()
 
 
-def import_image(reference: str, labels: ImageLabels, services: Services) -> Artifact:
+def import_image(reference: str, labels: ImageLabels, services: Services, *, unpack=None) -> Artifact:
     """A modules image that was not built with this cache (`docker pull`ed, or made on another
-    machine), read from the engine and admitted as a registry pull is (artifact.admit): one layer of
-    modules/, userspace/ and the manifest, every digest, the driver's own file names, vermagic and
-    version, the labels against the manifest, and the symbol CRCs against the kernel's
-    Module.symvers where Debian has that kernel. Then it is put in the cache; a refusal leaves
-    nothing there."""
+    machine), read from the engine (or by `unpack`) and admitted as a registry pull is
+    (artifact.admit): its layers of modules/, userspace/ and the manifest, every digest, the
+    driver's own file names, vermagic and version, the labels against the manifest, and the symbol
+    CRCs against the kernel's Module.symvers where Debian has that kernel. Then it is put in the
+    cache; a refusal leaves nothing there."""
     cache, reporter = services.cache, services.reporter
 
-    def unpack(out: Path) -> ImageLabels:
+    def from_engine(out: Path) -> ImageLabels:
         _unpack_from_engine(services.engine(), reference, out)
         return labels
 
@@ -127,8 +128,50 @@ def import_image(reference: str, labels: ImageLabels, services: Services) -> Art
                     verify_step="verify its modules (digests, vermagic, version, symbol CRCs)", refused_as=reference,
                     hint="nothing was put in the cache; use an unchanged image cudabuild made, or build the modules "
                          "here: cudabuild modules --kernel RELEASE --driver VERSION")
-    return admit(intake, cache.workdir(f"import-{labels.key[:12]}"), unpack=unpack, reporter=reporter, keep=keep,
-                 discard=cache.discard, check=check)
+    return admit(intake, cache.workdir(f"import-{labels.key[:12]}"), unpack=unpack or from_engine, reporter=reporter,
+                 keep=keep, discard=cache.discard, check=check)
+
+
+def pull_signed(reference: str | None, services: Services, verify_key: str) -> Artifact:
+    """The modules image `reference` (REPO/NAME:TAG in a registry, or oci:DIR/NAME:TAG in a
+    bundle), used only when signed by the public key in the file `verify_key` and its signed
+    provenance names the build its labels say: checked before anything is fetched, on a cache hit
+    too. Its build in the cache is used when there; else it is pulled and admitted as an outside
+    image is."""
+    from cudabuild.errors import RegistryError
+    from cudabuild.registry import LayerStore, open_store
+    from cudabuild.registry.trust import load_verify_key, require_signed
+
+    if not reference or "/" not in reference or ":" not in reference.rsplit("/", 1)[1]:
+        raise InputError(f"--verify-key checks an image in a registry or bundle, and --modules {reference!r} "
+                         "names none", hint="pass --modules REGISTRY/PATH/modules:TAG or oci:DIR/modules:TAG")
+    signed = require_signed(store := open_store(reference.rsplit("/", 1)[0],
+                                                docker_config=services.settings.docker_config),
+                            load_verify_key(verify_key))
+    with store._answers(reference):
+        found = store.resolve(reference)
+    if found is None:
+        raise RegistryError(f"{store.host} has no {reference}", hint="check the tag",
+                            exit_code=RegistryError.NOT_THERE)
+    with services.reporter.step(f"verify the signature of {reference} ({found.digest[:19]}...)"):
+        with store._answers(reference):
+            signed(found)
+    labels = read_labels(found.labels, reference)
+    if labels is None:
+        raise InputError(f"{reference} has no cudabuild labels: it is not a modules image", hint="pass a modules "
+                         "image `cudabuild modules --registry` pushed")
+    cache = services.cache
+    if cache.result(labels.key):
+        return artifact.load(cache.result_dir(labels.key), unchanged_since=cache.checked_stats(labels.key))
+
+    def unpack(out: Path) -> ImageLabels:
+        def same(again) -> None:
+            if again.digest != found.digest:
+                raise VerifyError(f"{reference} changed while it was read ({found.digest[:19]}... was verified)")
+        store.pull(reference, out, accept=same, layers=LayerStore(cache.root / "layers"))
+        return labels
+
+    return import_image(reference, labels, services, unpack=unpack)
 
 
 def _debian_symvers(release: str, work: Path, services: Services) -> tuple[Path, Path] | None:

@@ -37,6 +37,17 @@ class InstallRequest:
     drain_timeout: float = 60
     restart: bool = True
     cdi_interval: float = 30
+    verify_key: str | None = None  # a PEM public key file: builds are taken only when signed by it
+
+
+def node_verify_key(settings, flag: str | None) -> str | None:
+    """The PEM text of --verify-key (else CUDABUILD_VERIFY_KEY), checked; None for neither."""
+    path = flag or settings.option_values.get("verify_key")
+    if not path:
+        return None
+    from cudabuild.registry.trust import load_verify_key
+
+    return load_verify_key(path)
 
 
 def install_driver(request: InstallRequest, services, *, then) -> None:
@@ -65,7 +76,8 @@ def install_driver(request: InstallRequest, services, *, then) -> None:
             raise InputError("--flavor chooses the node's builds from a registry; --modules names one build",
                              hint="leave out --flavor, or --modules")
         ref = request.modules_ref
-        checked = find_modules(ref, services, use_cache=not (ref and os.path.isdir(ref)))
+        checked = find_modules(ref, services, use_cache=not (ref and os.path.isdir(ref)),
+                               verify_key=request.verify_key or services.settings.option_values.get("verify_key"))
         result = installer.install(checked, host=host, host_root=request.cdi_host_root,
                                    env=services.settings.environ, reporter=reporter, policy=policy)
     then(result)
@@ -87,7 +99,7 @@ def _install_node(request: InstallRequest, services, *, registry, stop, policy):
     waits (in a thread here, so that the result is shown once installed)."""
     settings, reporter, host = services.settings, services.reporter, request.host
     config = node.config_for(host, driver=request.driver, registry=registry, fallback=request.fallback,
-                             flavor=request.flavor)
+                             flavor=request.flavor, verify_key=node_verify_key(settings, request.verify_key))
     if request.kernel_hook:
         node.write_hook(host, request.cdi_host_root, reporter)
     serve = functools.partial(node.serve, host, config, running=settings.host_release,
@@ -120,11 +132,11 @@ def _install_node(request: InstallRequest, services, *, registry, stop, policy):
 
 
 def stage_report(host: HostRoot, *, kernel: str | None, flavor: str | None, registry: str | None,
-                 driver: str | None, services) -> Report:
+                 driver: str | None, services, verify_key: str | None = None) -> Report:
     """The verified build for a kernel staged; --driver or --flavor, once staged, become the node's."""
     settings, reporter = services.settings, services.reporter
     config = node.config_for(host, driver=driver, registry=settings.registry_repo(registry), fallback=None,
-                             flavor=flavor)
+                             flavor=flavor, verify_key=node_verify_key(settings, verify_key))
     saved = NodeConfig.load(host)
     release = node.resolve_kernel(kernel, host, settings.host_release)
     if saved is None:  # a node set up by staging first: `ready` answers for the same driver
@@ -132,7 +144,10 @@ def stage_report(host: HostRoot, *, kernel: str | None, flavor: str | None, regi
     found = node.stage_kernel(host, release, config, running=settings.host_release,
                               registry=services.registry(config.registry),
                               reporter=reporter)
-    if saved is not None and (driver or flavor) and (saved.driver, saved.flavor) != (config.driver, config.flavor):
+    if saved is not None and config.verify_key != saved.verify_key:
+        config.save(host)  # a verification key given: from now on the node's policy
+        reporter.note("the node now takes only builds signed by the key given (--verify-key)")
+    elif saved is not None and (driver or flavor) and (saved.driver, saved.flavor) != (config.driver, config.flavor):
         config.save(host)  # the operator changed the node's driver or flavour: its next boot takes that one
         reporter.warn(f"the node's driver is now {config.described} (it was {saved.described}); "
                       "its next boot installs that one")

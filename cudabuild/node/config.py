@@ -31,6 +31,7 @@ class NodeConfig:
     fallback: bool = True
     flavor: str | None = None
     installed: str | None = None  # the exact driver version the node installed last
+    verify_key: str | None = None  # the node's policy: the PEM public key its builds must be signed by
 
     def __post_init__(self) -> None:
         if self.driver is not None:
@@ -71,7 +72,7 @@ class NodeConfig:
 
     def to_json(self) -> dict:
         return {"driver": self.driver, "flavor": self.flavor, "registry": self.registry, "fallback": self.fallback,
-                "installed": self.installed}
+                "installed": self.installed, **({"verify_key": self.verify_key} if self.verify_key else {})}
 
     def save(self, host: HostRoot) -> None:
         host.owned_path(str(PurePosixPath(NODE_CONFIG).parent), create=True)
@@ -111,8 +112,9 @@ class NodeConfig:
         flavor = field_("flavor", str)  # checked by __post_init__
         installed = field_("installed", str, FULL_DRIVER_RE.fullmatch)
         fallback = field_("fallback", bool)
+        verify_key = field_("verify_key", str, lambda v: len(v) < 4096 and "PUBLIC KEY" in v)
         try:
             return cls(driver=driver, registry=registry, fallback=fallback is not False, flavor=flavor,
-                       installed=installed)
+                       installed=installed, verify_key=verify_key)
         except InputError as exc:
             raise InputError(f"{where}: {exc.message}", hint=fix) from None

@@ -46,10 +46,11 @@ def resolve_kernel(choice: str | None, host: HostRoot, running: str) -> str:
 
 
 def config_for(host: HostRoot, *, driver: str | None, registry: str | None, fallback: bool | None,
-               flavor: str | None = None) -> NodeConfig:
+               flavor: str | None = None, verify_key: str | None = None) -> NodeConfig:
     """The node's configuration: the flags given, else what the node was configured with. A node
     configured for any driver keeps the exact one it installed (a reboot does not change the driver
-    unasked: `ready`, `stage` and `install` answer for it); --driver changes it."""
+    unasked: `ready`, `stage` and `install` answer for it); --driver changes it. A verification key
+    (PEM text), once given, stays the node's policy."""
     saved = NodeConfig.load(host)
     if driver and saved and saved.driver != driver:
         saved = replace(saved, installed=None)  # another driver asked for: the last installed says nothing of it
@@ -57,7 +58,8 @@ def config_for(host: HostRoot, *, driver: str | None, registry: str | None, fall
                       registry=registry if registry is not None else (saved.registry if saved else None),
                       fallback=fallback if fallback is not None else (saved.fallback if saved else True),
                       flavor=flavor or (saved.flavor if saved else None),
-                      installed=saved.installed if saved else None).kept()
+                      installed=saved.installed if saved else None,
+                      verify_key=verify_key or (saved.verify_key if saved else None)).kept()
 
 
 def stage_kernel(host: HostRoot, release: str, config: NodeConfig, *, running: str, registry,

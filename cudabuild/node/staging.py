@@ -36,9 +36,12 @@ from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyErr
 from cudabuild.host.root import HostPathError, HostRoot
 from cudabuild.node.config import NodeConfig
 from cudabuild.nvidia import FULL_DRIVER_RE, RELEASE_RE
+from cudabuild.registry import LayerStore
+from cudabuild.registry.trust import require_signed
 from cudabuild.ui import Reporter
 
 STAGED = "var/lib/cudabuild/staged"
+LAYERS = "var/lib/cudabuild/layers"  # userspace layers pulled, by digest: the next kernel's pull links them
 STAGE_LOCK = "var/lib/cudabuild/.stage.lock"  # one stage or pull at a time on a node
 LEFTOVER_PREFIXES = (".pull-", ".staging-", ".broken-")  # a stage's work directories: stale under the lock
 MODULES_REPOSITORY = "modules"  # REPO/modules:TAG, as `cudabuild modules --registry REPO` pushes
@@ -272,8 +275,16 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         except (ArtifactError, VerifyError) as exc:
             raise intake.refuse(exc) from exc
 
+    signed = require_signed(registry, config.verify_key if config is not None else None)
+
     def unpack(out: Path):
-        return read_labels(registry.pull_layer(ref, out, accept=accept), ref)
+        def before_layers(found) -> None:  # the signature first, then what the labels say
+            if signed is not None:
+                signed(found)
+            accept(found.labels)
+
+        layers = LayerStore(host.owned_path(LAYERS, create=True))
+        return read_labels(registry.pull(ref, out, accept=before_layers, layers=layers), ref)
 
     def check(checked: Artifact, work: Path) -> None:
         m = checked.manifest

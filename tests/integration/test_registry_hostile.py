@@ -6,6 +6,7 @@ with --no-build. Each ends in a clear RegistryError, bounded in time and memory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -19,7 +20,8 @@ from cudabuild.registry import Registry
 from cudabuild.settings import Settings
 from tests.helpers import run_cli
 
-CONFIG_DIGEST = "sha256:" + "a" * 64
+EMPTY_CONFIG = json.dumps({"config": {"Labels": {}}}).encode()
+CONFIG_DIGEST = "sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest()  # a config is checked against its digest
 
 
 class Server:
@@ -164,11 +166,13 @@ def test_credentials_go_to_the_registrys_own_token_realm_on_loopback(server, log
 @pytest.mark.parametrize("labels", [[1, 2], {"io.cudabuild.key": {"nested": "json"}}, "a string"],
                          ids=["a-list", "nested", "a-string"])
 def test_labels_that_are_not_strings_are_refused(server, labels):
+    config = json.dumps({"config": {"Labels": labels}}).encode()
+
     def answer(h):
         if "/manifests/" in h.path:
-            send(h, 200, json.dumps({"config": {"digest": CONFIG_DIGEST}}).encode())
+            send(h, 200, json.dumps({"config": {"digest": "sha256:" + hashlib.sha256(config).hexdigest()}}).encode())
         else:
-            send(h, 200, json.dumps({"config": {"Labels": labels}}).encode())
+            send(h, 200, config)
 
     s = server(answer)
     with pytest.raises(RegistryError, match="cannot read"):
@@ -186,8 +190,6 @@ def test_an_unreachable_registry_with_no_build_says_unreachable(tmp_path):
 def layer_registry(server, layer: bytes, *, blob_answer=None, media="application/vnd.oci.image.layer.v1.tar+gzip"):
     """A registry serving one modules image whose only layer is `layer` (its manifest says its true
     size and digest); `blob_answer(h)` answers the layer's GET instead when given."""
-    import hashlib
-
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     manifest = {"schemaVersion": 2, "config": {"digest": CONFIG_DIGEST},
                 "layers": [{"mediaType": media, "digest": digest, "size": len(layer)}]}
@@ -196,7 +198,7 @@ def layer_registry(server, layer: bytes, *, blob_answer=None, media="application
         if "/manifests/" in h.path:
             send(h, 200, json.dumps(manifest).encode())
         elif h.path.endswith(CONFIG_DIGEST):
-            send(h, 200, json.dumps({"config": {"Labels": {}}}).encode())
+            send(h, 200, EMPTY_CONFIG)
         elif blob_answer is not None:
             blob_answer(h)
         else:
@@ -210,7 +212,7 @@ def test_a_redirect_to_another_host_over_plain_http_is_refused_and_never_followe
     elsewhere = f"http://127.0.0.2:{other.httpd.server_address[1]}/latest/meta-data"
     s = layer_registry(server, b"layer", blob_answer=lambda h: send(h, 307, b"", Location=elsewhere))
     with pytest.raises(RegistryError, match="redirected a layer to another host over plain 'http'"):
-        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+        Registry(f"{s.host}/cudabuild").pull(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
     assert other.requests == [], "the redirect was not followed"
 
 
@@ -233,7 +235,7 @@ def test_a_redirect_on_the_registrys_own_host_is_followed(server, tmp_path):
             send(h, 307, b"", Location="/storage/layer")
 
     s = layer_registry(server, layer, blob_answer=blob, media="application/vnd.oci.image.layer.v1.tar")
-    Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+    Registry(f"{s.host}/cudabuild").pull(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
     assert (tmp_path / "into/manifest.json").read_text() == "{}"
 
 
@@ -251,17 +253,17 @@ def test_a_compression_bomb_is_refused_by_its_layers_size_before_it_is_written(s
     assert len(layer) < 1 << 20
     s = layer_registry(server, layer)
     with pytest.raises(VerifyError, match="compression bomb"):
-        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+        Registry(f"{s.host}/cudabuild").pull(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
     written = sum(p.stat().st_size for p in (tmp_path / "into").rglob("*") if p.is_file())
     assert written == 0, "nothing of it was unpacked"
 
 
 def test_a_layer_that_trickles_is_stopped_at_its_deadline(server, tmp_path, monkeypatch):
-    import cudabuild.registry as registry_module
+    import cudabuild.registry.client as registry_module
 
     monkeypatch.setattr(registry_module, "LAYER_DEADLINE", 2.0)  # the deadline's floor, shortened for the test
     s = layer_registry(server, b"x" * 1000, blob_answer=trickle(b"x"))
     started = time.monotonic()
     with pytest.raises(RegistryError, match="too slowly"):
-        Registry(f"{s.host}/cudabuild").pull_layer(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
+        Registry(f"{s.host}/cudabuild").pull(f"{s.host}/cudabuild/modules:x", tmp_path / "into")
     assert time.monotonic() - started < 15

@@ -111,18 +111,26 @@ def test_an_outside_image_whose_labels_name_another_build_is_refused_and_nothing
     assert list((made.cache.root / "tmp").glob("import-*")) == []
 
 
-def test_a_registry_image_of_another_build_is_refused_untagged_and_nothing_is_kept(tmp_path, services):
-    """The registry answered for this plan's key with an image whose manifest is another build:
-    refused by artifact.admit's `expect`, before any symbol is read; the pulled tag is removed."""
+def test_a_registry_image_of_another_build_is_refused_and_nothing_is_kept(tmp_path, services):
+    """The registry (here a bundle on disk, read by the same code) answered for this plan's key with
+    an image whose manifest is another build: refused by artifact.admit's `expect`, before any
+    symbol is read; nothing is kept in the cache, and the engine is not asked."""
+    from cudabuild.artifact import load
+    from cudabuild.compile.publish import push_modules
+    from cudabuild.registry import OciLayout
+
     made, engine = services()
     plan = plan_module.plan_modules(Settings().build_options({"kernel": TRIXIE}), made)
-    _, manifest = _outside_image(tmp_path, engine)
-    remote = "registry.example/gpu/modules:x"
-    engine.images[remote] = engine.images["team/modules:elsewhere"]
-    with pytest.raises(VerifyError, match=f"refused the registry's {remote}: its manifest describes another build"):
-        steps.pull_verified(plan, remote, reporter=made.reporter)
-    assert made.cache.result(plan.key) is None and made.cache.result(manifest.key) is None
-    assert remote not in engine.images and plan.tag not in engine.images
+    elsewhere = load(write_artifact(tmp_path / "made-elsewhere", release="4.3.6-coreos"))
+    store = OciLayout(f"oci:{tmp_path / 'bundle'}", create=True)
+    remote = f"{store.repo}/modules:x"
+    pushed = push_modules(store, elsewhere, remote, cache=made.cache, reporter=made.reporter)
+    assert store.resolve(remote).digest == pushed.digest
+    calls = list(engine.calls)
+    with pytest.raises(VerifyError, match="refused the registry's .*modules:x: its manifest describes another build"):
+        steps.pull_verified(plan, store, remote, reporter=made.reporter)
+    assert made.cache.result(plan.key) is None and made.cache.result(elsewhere.manifest.key) is None
+    assert engine.calls == calls, "a pull goes over the store's API, not through the engine"
     assert list((made.cache.root / "tmp").glob("pull-*")) == []
 
 

@@ -1,13 +1,13 @@
-"""An OCI registry as the fleet's shared cache (KMM's "skip when the image exists"): before a build
-the registry is asked for the modules image of the same key; a build pushes its result.
+"""An OCI registry over HTTP, the fleet's shared cache (KMM's "skip when the image exists"): before
+a build the registry is asked for the modules image of the same key; a build pushes its result.
 
 The registry is asked over its v2 HTTP API for a tag's labels (its manifest, then its config) and
 for the tags it holds: plain HTTP for 127.0.0.1 and localhost, as the Docker engine allows, HTTPS
-elsewhere, with the anonymous or `docker login` token a registry asks for. A build's pushes and
-pulls go through the engine; a node (the driver container, which has no engine: Kubernetes nodes
-run containerd) pulls a modules image's one layer over the same API (`pull_layer`), each blob
-checked against its digest. What is pulled is an artifact like any other: its files are checked
-against their manifest and the modules verified against the kernel before they are used."""
+elsewhere, with the anonymous or `docker login` token a registry asks for. Everything goes over
+this API, no engine: a build's push and pull, and a node's (the driver container has no engine:
+Kubernetes nodes run containerd), each blob checked against its digest (store.py). What is pulled
+is an artifact like any other: its files are checked against their manifest and the modules
+verified against the kernel before they are used."""
 
 from __future__ import annotations
 
@@ -18,27 +18,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cudabuild.artifact.image import Blob
 from cudabuild.errors import RegistryError, VerifyError, shown
 from cudabuild.lazy import lazy_import
 from cudabuild.options import validate_registry
+from cudabuild.registry.store import READABLE, ImageStore
 
 requests = lazy_import("requests")  # at the first request: most commands that read this module make none
 
-MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
-                            "application/vnd.oci.image.manifest.v1+json"])
+MANIFEST_TYPES = ", ".join(READABLE)
 TIMEOUT = 20  # seconds for a connection or one read
 DEADLINE = 60.0  # seconds for a whole answer, however it trickles in
 MAX_ANSWER = 4 << 20  # bytes of a manifest, a config or a token: a real one is a few kB
-MAX_LAYER = 8 << 30  # bytes of a modules image's layer: a driver's is a few hundred MB
-# What a layer may unpack to, from its size in the manifest: kernel modules and the userspace driver
-# compress by 3-5x with gzip; more than this many times is no driver's layer.
-MAX_RATIO = 16
 LAYER_RATE = 256 << 10  # bytes per second a layer must at least arrive at, over the whole pull ...
 LAYER_DEADLINE = 120.0  # ... plus this many seconds; a trickle is stopped at its deadline
 MAX_REDIRECTS = 5
-LAYER_TYPES = {"application/vnd.docker.image.rootfs.diff.tar.gzip": "gz",
-               "application/vnd.oci.image.layer.v1.tar+gzip": "gz",
-               "application/vnd.oci.image.layer.v1.tar": ""}
 
 
 class _TooSlow(Exception):
@@ -46,7 +40,7 @@ class _TooSlow(Exception):
 
 
 @dataclass(frozen=True)
-class Registry:
+class Registry(ImageStore):
     repo: str  # HOST[:PORT]/PATH, e.g. 127.0.0.1:5055/cudabuild
     deadline: float = DEADLINE
     docker_config: Path | None = None  # where `docker login` keeps credentials (Settings.docker_config)
@@ -73,10 +67,6 @@ class Registry:
     @property
     def base_url(self) -> str:
         return f"{'http' if self.loopback else 'https'}://{self.host}"
-
-    def ref(self, local: str) -> str:
-        """The registry's name for a local image: cudabuild/modules:TAG -> REPO/modules:TAG."""
-        return f"{self.repo}/{local.rsplit('/', 1)[-1]}"
 
     def _fetch(self, url: str, *, params=None, auth=None, **headers) -> tuple[int, dict, bytes]:
         """One GET, bounded: TIMEOUT per read, `deadline` for the whole answer, MAX_ANSWER bytes."""
@@ -128,14 +118,14 @@ class Registry:
         status, _, body = self._fetch(url, **headers, Authorization=f"Bearer {bearer}")
         return status, body
 
-    def _token(self, challenge: str, name: str) -> str | None:
+    def _token(self, challenge: str, name: str, *, actions: str = "pull") -> str | None:
         """The bearer token a 401's challenge asks for; None when the token server refuses."""
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         realm = fields.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise RegistryError(f"the registry {self.host} asks for a token from {shown(realm)}, which is not a URL",
                                 hint="check --registry")
-        params = {"service": fields.get("service", ""), "scope": fields.get("scope", f"repository:{name}:pull")}
+        params = {"service": fields.get("service", ""), "scope": fields.get("scope", f"repository:{name}:{actions}")}
         status, _, token = self._fetch(realm, params=params, auth=self._credentials_for(realm))
         if status != 200:
             return None
@@ -144,30 +134,6 @@ class Registry:
         if not isinstance(bearer, str):
             raise ValueError("the token server's answer has no token")
         return bearer
-
-    def has(self, ref: str, key: str, *, note=lambda message: None) -> bool:
-        """Whether the registry holds `ref` as a modules image of the build `key` (another build
-        under that tag is said through `note`, and is not it)."""
-        return self.held(ref, key, note=note) is not None
-
-    def held(self, ref: str, key: str, *, note=lambda message: None):
-        """The artifact labels (artifact.ImageLabels) of `ref` when the registry holds it as a
-        modules image of the build `key`; None otherwise (another build is said through `note`)."""
-        from cudabuild.artifact import read_labels
-
-        labels = read_labels(self.labels(ref), ref)
-        if labels is None:
-            return None
-        if labels.key != key:
-            note(f"{ref} in the registry is another build (key {labels.key[:16]}..., ours {key[:16]}...)")
-            return None
-        return labels
-
-    def labels(self, ref: str) -> dict[str, str] | None:
-        """The labels of `ref` in the registry, or None when it has no such tag."""
-        with self._answers(ref):
-            found = self._manifest(ref)
-            return None if found is None else found[1]
 
     def tags(self, repository: str) -> list[str]:
         """The tags of REPO/`repository` (e.g. "modules"); [] when it has none."""
@@ -185,45 +151,83 @@ class Registry:
                 raise ValueError("its tag list is not a list of names")
             return tags
 
-    def pull_layer(self, ref: str, into: Path, *, accept=None) -> dict[str, str]:
-        """The one layer of the modules image `ref`, fetched over the API (no engine) and checked
-        against its digest, unpacked into `into` as artifact.extract_layer does; its labels.
-        `accept(labels)`, when given, is asked before the layer is downloaded (it raises to refuse)."""
-        from cudabuild.artifact import extract_layer
+    # ---- the primitives of an ImageStore -----------------------------------------------------
+    def _manifest_bytes(self, name: str, reference: str) -> bytes | None:
+        status, raw = self._get(f"{self.base_url}/v2/{name}/manifests/{reference}", name, Accept=MANIFEST_TYPES)
+        if status == 404:
+            return None
+        self._refused(status, f"{self.host}/{name}:{reference}")
+        if status != 200:
+            raise ValueError(f"HTTP {status} for the manifest")
+        return raw
 
-        with self._answers(ref):
-            found = self._manifest(ref)
-            if found is None:
-                raise RegistryError(f"the registry {self.host} has no {ref}", hint="check the tag; `cudabuild "
-                                    "modules --registry` pushes it")
-            manifest, labels = found
-            if accept is not None:
-                accept(labels)
-            layers = manifest.get("layers")
-            if not isinstance(layers, list) or len(layers) != 1:
-                raise VerifyError(f"{ref} has {len(layers) if isinstance(layers, list) else 'no'} layers, not "
-                                  "one: cudabuild did not make it", hint="use images `cudabuild modules --registry` "
-                                                                         "pushed")
-            layer = layers[0]
-            digest, size, media = layer.get("digest"), layer.get("size"), layer.get("mediaType")
-            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) \
-                    or not isinstance(size, int) or not 0 < size <= MAX_LAYER or media not in LAYER_TYPES:
-                raise VerifyError(f"{ref}'s layer is not one cudabuild can read ({shown(media)}, {shown(size)} bytes)",
-                                  hint="use images `cudabuild modules --registry` pushed")
-            name, _ = self._name_and_tag(ref)
-            blob = into / ".layer"
-            into.mkdir(parents=True, exist_ok=True)
-            if self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, blob, size=size) != digest:
-                blob.unlink()
-                raise VerifyError(f"{ref}'s layer does not match its digest {digest[:19]}...: it changed on the "
-                                  "way or in the registry", hint="nothing was used; push the build again")
-            compressed = bool(LAYER_TYPES[media])
-            limit = min(size * MAX_RATIO + (1 << 20), MAX_LAYER * 2) if compressed else size
-            try:
-                extract_layer(blob, into, compression=LAYER_TYPES[media], limit=limit)
-            finally:
-                blob.unlink()
-            return labels
+    def _blob_bytes(self, name: str, digest: str) -> bytes:
+        import hashlib
+
+        status, data = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
+        if status != 200:
+            raise ValueError(f"HTTP {status} for the blob {digest[:19]}")
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise VerifyError(f"the registry {self.host} sent a blob that does not match its digest {digest[:19]}...",
+                              hint="nothing was used; check the registry")
+        return data
+
+    def _blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
+        return self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, dest, size=size)
+
+    def _has_blob(self, name: str, digest: str) -> bool:
+        status, _ = self._send("HEAD", f"{self.base_url}/v2/{name}/blobs/{digest}", name)
+        return status == 200
+
+    def _put_blob(self, name: str, blob: Blob) -> None:
+        """A blob in one upload (POST, then PUT with its digest), its bytes from memory or its file."""
+        from urllib.parse import urljoin
+
+        status, headers = self._send("POST", f"{self.base_url}/v2/{name}/blobs/uploads/", name)
+        if status != 202 or "Location" not in headers:
+            raise self._push_refused(name, f"HTTP {status} to start an upload")
+        location = urljoin(f"{self.base_url}/", headers["Location"])
+        if blob.data is not None:
+            status, _ = self._send("PUT", location, name, params={"digest": blob.digest}, data=blob.data)
+        else:
+            with open(blob.path, "rb") as body:
+                status, _ = self._send("PUT", location, name, params={"digest": blob.digest}, data=body,
+                                       headers={"Content-Length": str(blob.size)})
+        if status != 201:
+            raise self._push_refused(name, f"HTTP {status} for the blob {blob.digest[:19]}")
+
+    def _put_manifest(self, name: str, tag: str, raw: bytes, media_type: str) -> None:
+        status, _ = self._send("PUT", f"{self.base_url}/v2/{name}/manifests/{tag}", name, data=raw,
+                               headers={"Content-Type": media_type})
+        if status != 201:
+            raise self._push_refused(name, f"HTTP {status} for the manifest of {tag}")
+
+    def _push_refused(self, name: str, why: str) -> RegistryError:
+        return RegistryError(f"the registry {self.host} refused the push to {name}: {why}",
+                             hint="check that the registry runs and accepts pushes (`docker login` for one that asks)",
+                             exit_code=RegistryError.PUSH_REFUSED)
+
+    def _send(self, method: str, url: str, name: str, *, params=None, data=None, headers=None) -> tuple[int, dict]:
+        """A request that changes or asks about the registry (HEAD, POST, PUT), with the token a 401
+        asks for (pull and push); its status and headers."""
+        headers = dict(headers or {})
+        for attempt in (1, 2):
+            answer = requests.request(method, url, params=params, data=data, headers=headers, timeout=TIMEOUT * 15,
+                                      allow_redirects=False)
+            challenge = answer.headers.get("WWW-Authenticate", "")
+            if answer.status_code == 401 and challenge.lower().startswith("bearer ") and attempt == 1:
+                bearer = self._token(challenge, name, actions="pull,push")
+                if bearer is None:
+                    break
+                headers["Authorization"] = f"Bearer {bearer}"
+                if hasattr(data, "seek"):
+                    data.seek(0)
+                continue
+            if answer.status_code in (401, 403):
+                break
+            return answer.status_code, dict(answer.headers)
+        raise RegistryError(f"the registry {self.host} refuses pushes to {name} (HTTP {answer.status_code})",
+                            hint=f"log in first: docker login {self.host}", exit_code=RegistryError.PUSH_REFUSED)
 
     def _download(self, url: str, name: str, dest: Path, *, size: int) -> str:
         """A blob into `dest`: at most `size` bytes, TIMEOUT per read and a deadline for the whole
@@ -309,30 +313,6 @@ class Registry:
         """HOST/NAME:TAG -> (NAME, TAG)."""
         name, _, tag = ref[len(self.host) + 1:].rpartition(":")
         return name, tag
-
-    def _manifest(self, ref: str) -> tuple[dict, dict[str, str]] | None:
-        """The manifest of `ref` and its config's labels; None when the registry has no such tag."""
-        name, tag = self._name_and_tag(ref)
-        status, manifest = self._get(f"{self.base_url}/v2/{name}/manifests/{tag}", name, Accept=MANIFEST_TYPES)
-        if status == 404:
-            return None
-        self._refused(status, ref)
-        if status != 200:
-            raise ValueError(f"HTTP {status} for the manifest")
-        manifest = json.loads(manifest)
-        digest = manifest["config"]["digest"]
-        if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            raise ValueError(f"the manifest's config digest {shown(digest)} is not a sha256 digest")
-        status, config = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
-        if status != 200:
-            raise ValueError(f"HTTP {status} for the image's config")
-        data = json.loads(config)
-        labels = (data.get("config") or {}).get("Labels") if isinstance(data, dict) else None
-        labels = labels or {}
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in labels.items()):
-            raise ValueError("its labels are not a mapping of strings to strings")
-        return manifest, labels
 
     @contextmanager
     def _answers(self, ref: str):
