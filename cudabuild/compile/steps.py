@@ -64,10 +64,10 @@ def pull_verified(plan: ModulesPlan, store, remote: str, *, reporter: Reporter, 
 
     spec, cache = plan.spec, plan.cache
     signed = require_signed(store, load_verify_key(verify_key) if verify_key else None)
+    layers = LayerStore(cache.root / "layers")
 
     def unpack(out: Path) -> ImageLabels | None:
-        raw = store.pull(remote, out, accept=signed, layers=LayerStore(cache.root / "layers"))
-        return read_labels(raw, remote)
+        return read_labels(store.pull(remote, out, accept=signed, layers=layers), remote)
 
     def expect(m: Manifest) -> None:
         if (m.key, m.kernel_release, m.driver_version, m.flavor) != (plan.key, spec.kernel_release,
@@ -76,6 +76,7 @@ def pull_verified(plan: ModulesPlan, store, remote: str, *, reporter: Reporter, 
                               f"{m.driver_version} {m.flavor} for {m.kernel_release})")
 
     def keep(made: Artifact) -> Artifact:
+        layers.adopt()
         publish_checked(cache, made, plan.key)
         return made
 
@@ -98,13 +99,14 @@ def _unpack_from_engine(engine: Engine, ref: str, out: Path) -> None:
     saved.unlink()
 
 
-def import_image(reference: str, labels: ImageLabels, services: Services, *, unpack=None) -> Artifact:
+def import_image(reference: str, labels: ImageLabels, services: Services, *, unpack=None,
+                 layers=None) -> Artifact:
     """A modules image that was not built with this cache (`docker pull`ed, or made on another
     machine), read from the engine (or by `unpack`) and admitted as a registry pull is
     (artifact.admit): its layers of modules/, userspace/ and the manifest, every digest, the
     driver's own file names, vermagic and version, the labels against the manifest, and the symbol
     CRCs against the kernel's Module.symvers where Debian has that kernel. Then it is put in the
-    cache; a refusal leaves nothing there."""
+    cache (and the userspace layer it brought into `layers`); a refusal leaves nothing there."""
     cache, reporter = services.cache, services.reporter
 
     def from_engine(out: Path) -> ImageLabels:
@@ -121,6 +123,8 @@ def import_image(reference: str, labels: ImageLabels, services: Services, *, unp
                            modversions=modversions)
 
     def keep(made: Artifact) -> Artifact:
+        if layers is not None:
+            layers.adopt()
         publish_checked(cache, made, labels.key)
         return artifact.load(cache.result_dir(labels.key))
 
@@ -164,14 +168,16 @@ def pull_signed(reference: str | None, services: Services, verify_key: str) -> A
     if cache.result(labels.key):
         return artifact.load(cache.result_dir(labels.key), unchanged_since=cache.checked_stats(labels.key))
 
+    layers = LayerStore(cache.root / "layers")
+
     def unpack(out: Path) -> ImageLabels:
         def same(again) -> None:
             if again.digest != found.digest:
                 raise VerifyError(f"{reference} changed while it was read ({found.digest[:19]}... was verified)")
-        store.pull(reference, out, accept=same, layers=LayerStore(cache.root / "layers"))
+        store.pull(reference, out, accept=same, layers=layers)
         return labels
 
-    return import_image(reference, labels, services, unpack=unpack)
+    return import_image(reference, labels, services, unpack=unpack, layers=layers)
 
 
 def _debian_symvers(release: str, work: Path, services: Services) -> tuple[Path, Path] | None:

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cudabuild.artifact import MODULES_REPOSITORY
+from cudabuild.node.staging import MODULES_REPOSITORY
 from cudabuild.artifact.image import Blob
 from cudabuild.errors import InputError, RegistryError, shown
 from cudabuild.nvidia import version_tuple

@@ -32,7 +32,7 @@ from pathlib import Path
 from cudabuild import artifact
 from cudabuild.artifact import Artifact, read_labels
 from cudabuild.artifact.admit import Intake, admit
-from cudabuild.errors import ArtifactError, InputError, RegistryError, VerifyError, printable, shown
+from cudabuild.errors import ArtifactError, InputError, RegistryError, TrustError, VerifyError, printable, shown
 from cudabuild.host.root import HostPathError, HostRoot
 from cudabuild.node.config import NodeConfig
 from cudabuild.nvidia import FULL_DRIVER_RE, RELEASE_RE
@@ -141,10 +141,11 @@ def _name(checked: Artifact) -> str:
     return f"{m.driver_version}-{m.flavor}-{m.key[:12]}"
 
 
-def stage(host: HostRoot, checked: Artifact) -> Path:
-    """A copy of a checked artifact, staged for its kernel (a copy beside it, renamed into place).
-    A staged copy of the same build that is whole is kept; one that is not is replaced. Nothing is
-    written or removed through a link (NotOursError)."""
+def stage(host: HostRoot, checked: Artifact, *, move: bool = False) -> Path:
+    """A copy of a checked artifact, staged for its kernel (a copy beside it, renamed into place;
+    with `move`, a pull's own directory beside it is renamed, its files, linked from the node's
+    userspace layers, kept as they are). A staged copy of the same build that is whole is kept; one
+    that is not is replaced. Nothing is written or removed through a link (NotOursError)."""
     release = checked.manifest.kernel_release
     rel = f"{STAGED}/{release}/{_name(checked)}"
     parent = host.owned_path(f"{STAGED}/{release}", create=True)
@@ -157,6 +158,10 @@ def stage(host: HostRoot, checked: Artifact) -> Path:
             return target
         except (ArtifactError, VerifyError):
             host.remove_owned(rel)
+    if move and checked.root.parent.parent == parent:  # a pull's work directory, on the same file system
+        checked.root.chmod(0o755)
+        checked.root.rename(target)
+        return target
     work = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
         checked.copy_to(lambda rel: work / rel, manifest=work / artifact.MANIFEST)
@@ -276,6 +281,7 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
             raise intake.refuse(exc) from exc
 
     signed = require_signed(registry, config.verify_key if config is not None else None)
+    layers = LayerStore(host.owned_path(LAYERS, create=True))
 
     def unpack(out: Path):
         def before_layers(found) -> None:  # the signature first, then what the labels say
@@ -283,8 +289,11 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
                 signed(found)
             accept(found.labels)
 
-        layers = LayerStore(host.owned_path(LAYERS, create=True))
         return read_labels(registry.pull(ref, out, accept=before_layers, layers=layers), ref)
+
+    def keep(checked: Artifact) -> Artifact:
+        layers.adopt()
+        return Artifact(stage(host, checked, move=True), checked.manifest)
 
     def check(checked: Artifact, work: Path) -> None:
         m = checked.manifest
@@ -293,7 +302,7 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
 
     parent = host.owned_path(f"{STAGED}/{release}", create=True)
     return admit(intake, Path(tempfile.mkdtemp(prefix=".pull-", dir=parent)), unpack=unpack, reporter=reporter,
-                 keep=lambda checked: artifact.load(stage(host, checked)),
+                 keep=keep,
                  discard=lambda work: shutil.rmtree(work, ignore_errors=True), check=check)
 
 
@@ -356,7 +365,7 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
                 try:
                     pulled = pull_checked(host, registry, ref, release, reporter=reporter, driver=driver,
                                           config=config if wanted else stand_in)
-                except (VerifyError, RegistryError, ArtifactError) as exc:
+                except (VerifyError, RegistryError, ArtifactError, TrustError) as exc:
                     reporter.note(f"{exc.message}; trying the next")
                     refused.append(exc)
                     continue
@@ -367,8 +376,9 @@ def find_build(host: HostRoot, release: str, config: NodeConfig, *, registry, re
                 return Found(pulled, "registry", ref=ref, fallback_from=None if wanted else config.shown_driver)
         if unreachable is not None:
             raise unreachable
-        if refused and all(isinstance(exc, RegistryError) for exc in refused):
-            raise refused[-1]
+        for kind in (RegistryError, TrustError):  # every candidate failed the same way: that is the answer
+            if refused and all(isinstance(exc, kind) for exc in refused):
+                raise refused[-1]
         return None
 
 

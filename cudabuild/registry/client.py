@@ -203,7 +203,7 @@ class Registry(ImageStore):
             raise self._push_refused(name, f"HTTP {status} for the manifest of {tag}")
 
     def _push_refused(self, name: str, why: str) -> RegistryError:
-        return RegistryError(f"the registry {self.host} refused the push to {name}: {why}",
+        return RegistryError(f"the registry {self.host} refused the push of {self.host}/{name}: {why}",
                              hint="check that the registry runs and accepts pushes (`docker login` for one that asks)",
                              exit_code=RegistryError.PUSH_REFUSED)
 

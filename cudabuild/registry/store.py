@@ -42,26 +42,33 @@ class Resolved:
 
 
 class LayerStore:
-    """Userspace layers already unpacked, by their digest (DIR/sha256/HEX/), so the next kernel's
-    image of the same driver links its files instead of downloading them again. A layer is put
-    here whole (unpacked beside it, then renamed) or not at all; its files are checked against the
-    artifact's manifest each time they are used, as every file of a pull is."""
+    """Userspace layers of builds already admitted, by their digest (DIR/sha256/HEX/), so the next
+    kernel's image of the same driver links their files instead of downloading them again. A layer
+    a pull fetched is only pending until its build is admitted (`adopt`, called by the admission's
+    keep): a refused image leaves nothing here. Every file linked from here is checked against the
+    artifact's manifest, as every file of a pull is."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.pending: dict[str, Path] = {}  # digest -> the pull's directory that holds its files
 
     def held(self, digest: str) -> Path | None:
         path = self.root / "sha256" / digest.split(":", 1)[1]
         return path if path.is_dir() and not path.is_symlink() else None
 
-    def keep(self, digest: str, unpacked: Path) -> Path:
-        target = self.root / "sha256" / digest.split(":", 1)[1]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(unpacked, target)
-        except OSError:  # another pull kept it first
-            shutil.rmtree(unpacked, ignore_errors=True)
-        return target
+    def adopt(self) -> None:
+        """The pending layers' files (their userspace/) kept, linked from the admitted build."""
+        for digest, unpacked in self.pending.items():
+            if self.held(digest) or not (unpacked / "userspace").is_dir():
+                continue
+            (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+            made = Path(tempfile.mkdtemp(prefix=".layer-", dir=self.root))
+            try:
+                link_tree(unpacked / "userspace", made / "userspace")
+                os.rename(made, self.root / "sha256" / digest.split(":", 1)[1])
+            except OSError:  # another pull kept it first, or the disk is full: the build is kept all the same
+                shutil.rmtree(made, ignore_errors=True)
+        self.pending.clear()
 
 
 def link_tree(source: Path, into: Path) -> None:
@@ -207,9 +214,6 @@ class ImageStore:
         if shared and layers.held(digest):
             link_tree(layers.held(digest), into)
             return
-        if shared:
-            layers.root.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix=".layer-", dir=layers.root)) if shared else into
         blob = into / f".blob-{digest[7:19]}"
         try:
             arrived = self._blob_to(name, digest, size, blob)
@@ -220,15 +224,11 @@ class ImageStore:
                                   "or in the registry", hint="nothing was used; push the build again")
             compression = LAYER_TYPES[media]
             limit = min(size * MAX_RATIO + (1 << 20), MAX_LAYER * 2) if compression else size
-            extract_layer(blob, target, compression=compression, limit=limit)
-        except BaseException:
-            if shared:
-                shutil.rmtree(target, ignore_errors=True)
-            raise
+            extract_layer(blob, into, compression=compression, limit=limit)
         finally:
             blob.unlink(missing_ok=True)
         if shared:
-            link_tree(layers.keep(digest, target), into)
+            layers.pending[digest] = into
 
     # ---- writing -----------------------------------------------------------------------------
     def push(self, ref: str, config: bytes, layers: list[Blob], *, counted: list[int] | None = None) -> str:
