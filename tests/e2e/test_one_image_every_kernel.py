@@ -173,6 +173,23 @@ def test_another_driver_stands_in_when_the_configured_one_has_no_build(fleet, dr
     assert not (strict_host / "run/cudabuild/driver/ready").exists()
 
 
+def test_a_bundle_serves_the_driver_container_with_no_network(fleet, driver_image, tmp_path):
+    """An air-gapped node: the registry's build for its kernel copied into a bundle on the host
+    (`cudabuild bundle`), and the driver container, with no network at all, installs from it."""
+    registry = fleet[0]
+    host, env = node(tmp_path, OLDER, OPEN)
+    bundle = host / "var/lib/cudabuild/bundle"
+    made = run_cli("bundle", "--registry", registry.repo(), "--kernels", OLDER, "--output", str(bundle), "--json")
+    assert made.returncode == 0, made.stderr
+    assert [i["tag"] for i in json.loads(made.stdout)["images"]] == [f"{OPEN}-open-{OLDER}"]
+    code, logs = run_driver(host, env, "--registry", "oci:/host/var/lib/cudabuild/bundle", "--driver", "535",
+                            network="none")
+    assert code == 0, logs
+    state = ready_file(host)
+    assert (state["kernel"], state["driver"], state["source"]) == (OLDER, OPEN, "registry")
+    assert state["ref"] == f"oci:/host/var/lib/cudabuild/bundle/modules:{OPEN}-open-{OLDER}"
+
+
 def test_a_next_kernel_the_registry_lost_is_not_ready_and_says_what_is_missing(fleet, tmp_path):
     registry, newest, _ = fleet
     host, env = node(tmp_path, OLDER, OPEN)

@@ -16,11 +16,24 @@ pytestmark = [pytest.mark.engine, pytest.mark.build]
 
 
 @pytest.fixture(scope="module")
-def pushed(build, registry):
-    """The run's build, pushed by the same command with --registry."""
+def image_key(tmp_path_factory):
+    """An ECDSA P-256 key pair for --sign-image, as openssl makes one."""
+    import subprocess
+
+    base = tmp_path_factory.mktemp("image-key")
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(base / "k")], check=True)
+    subprocess.run(["openssl", "ec", "-in", str(base / "k"), "-pubout", "-out", str(base / "k.pub")], check=True,
+                   capture_output=True)
+    return base / "k", base / "k.pub"
+
+
+@pytest.fixture(scope="module")
+def pushed(build, registry, image_key):
+    """The run's build, pushed and signed by the same command with --registry and --sign-image."""
     data, _, cache, _ = build
     result = run_cli("modules", "--kernel", data["kernel_release"], "--driver", data["driver_version"],
-                     "--registry", registry.repo(), "--json", env={"CUDABUILD_CACHE": str(cache)})
+                     "--registry", registry.repo(), "--sign-image", str(image_key[0]), "--json",
+                     env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -40,12 +53,34 @@ def args_of(data: dict, repo: str) -> list[str]:
 
 def test_a_build_with_registry_pushes_its_modules_image(build, registry, pushed):
     data = build[0]
-    assert pushed["registry"] == {"ref": f"{registry.repo()}/modules:{data['modules_image'].split(':', 1)[1]}",
-                                  "pushed": True}
-    labels = registry.labels(pushed["registry"]["ref"])
+    said = pushed["registry"]
+    assert (said["ref"], said["pushed"]) == (f"{registry.repo()}/modules:{data['modules_image'].split(':', 1)[1]}", True)
+    digest = said["digest"]
+    assert said["signed"] == [f"{registry.repo()}/modules:{digest.replace(':', '-')}.{kind}" for kind in ("sig", "att")]
+    assert 0 < said["bytes_sent"] < sum(m["size"] for m in data["modules"]) + 300e6
+    labels = registry.labels(said["ref"])
     manifest = json.loads((Path(data["cache_dir"]) / "manifest.json").read_text())
     assert labels["io.cudabuild.key"] == manifest["key"]
     assert labels["io.cudabuild.kernel-release"] == data["kernel_release"]
+
+
+@pytest.mark.skipif(shutil.which("cosign") is None, reason="bash scripts/setup installs Debian trixie's cosign")
+def test_cosign_verifies_the_real_build_and_its_sbom_names_each_module(build, pushed, image_key):
+    import base64
+    import subprocess
+
+    data = build[0]
+    image = f"{pushed['registry']['ref'].rsplit(':', 1)[0]}@{pushed['registry']['digest']}"
+    flags = ["--insecure-ignore-tlog", "--allow-http-registry", "--key", str(image_key[1])]
+    signed = subprocess.run(["cosign", "verify", *flags, image], capture_output=True, text=True, timeout=120)
+    assert signed.returncode == 0, signed.stderr
+    sbom = subprocess.run(["cosign", "verify-attestation", *flags, "--type", "spdxjson", image], capture_output=True,
+                          text=True, timeout=120)
+    assert sbom.returncode == 0, sbom.stderr
+    document = json.loads(base64.b64decode(json.loads(sbom.stdout.splitlines()[0])["payload"]))["predicate"]
+    listed = {f["fileName"]: f["checksums"][0]["checksumValue"] for f in document["files"]}
+    assert {f"./modules/{m['name']}.ko": m["sha256"] for m in data["modules"]}.items() <= listed.items()
+    assert any(p["name"].startswith("nvidia") for p in document["packages"])
 
 
 def test_an_empty_cache_pulls_and_verifies_instead_of_building(build, registry, pushed, tmp_path):
@@ -161,8 +196,8 @@ def test_a_refused_push_keeps_the_local_result(build, tmp_path):
         result = run_cli(*args_of(data, readonly.repo()), env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 20, result.stderr
     ref = f"{readonly.repo()}/modules:{data['modules_image'].rsplit(':', 1)[1]}"
-    assert f"error: the registry refused the push of {ref}" in result.stderr \
-        or f"error: pushing {ref} failed" in result.stderr, result.stderr  # the error line, not the progress line
+    assert f"error: the registry {readonly.host} refused the push of {ref.rsplit(':', 1)[0]}" in result.stderr, \
+        result.stderr
     assert "the modules are kept here" in result.stderr
     assert (Path(data["cache_dir"]) / "manifest.json").is_file()
 
