@@ -152,13 +152,13 @@ def pull_signed(reference: str | None, services: Services, verify_key: str) -> A
     signed = require_signed(store := open_store(reference.rsplit("/", 1)[0],
                                                 docker_config=services.settings.docker_config),
                             load_verify_key(verify_key))
-    with store._answers(reference):
+    with store.answers(reference):
         found = store.resolve(reference)
     if found is None:
         raise RegistryError(f"{store.host} has no {reference}", hint="check the tag",
                             exit_code=RegistryError.NOT_THERE)
     with services.reporter.step(f"verify the signature of {reference} ({found.digest[:19]}...)"):
-        with store._answers(reference):
+        with store.answers(reference):
             signed(found)
     labels = read_labels(found.labels, reference)
     if labels is None:

@@ -59,8 +59,8 @@ def bundle(request: BundleRequest, source: ImageStore, *, reporter: Reporter) ->
             extra = []
             for kind in ("sig", "att"):
                 side = f"{source.repo}/{MODULES_REPOSITORY}:{digest.replace(':', '-')}.{kind}"
-                with source._answers(side):
-                    there = source._manifest_bytes(*source._name_and_tag(side)) is not None
+                with source.answers(side):
+                    there = source.manifest_bytes(*source.name_and_tag(side)) is not None
                 if there:
                     _copy(source, layout, side, f"{layout.repo}/{MODULES_REPOSITORY}:{side.rsplit(':', 1)[1]}",
                           Path(work))
@@ -77,8 +77,8 @@ def bundle(request: BundleRequest, source: ImageStore, *, reporter: Reporter) ->
 
 def _copy(source: ImageStore, layout: OciLayout, ref: str, target: str, work: Path) -> str:
     """One manifest and its blobs from `source` into `layout`, each checked against its digest; its digest."""
-    name, _ = source._name_and_tag(ref)
-    with source._answers(ref):
+    name, _ = source.name_and_tag(ref)
+    with source.answers(ref):
         found = source.resolve(ref)
         if found is None:
             raise RegistryError(f"{ref} went away while the bundle was written", hint="run cudabuild bundle again")
@@ -86,11 +86,11 @@ def _copy(source: ImageStore, layout: OciLayout, ref: str, target: str, work: Pa
         blobs = []
         for d in descriptors:
             digest, size = d["digest"], d["size"]
-            if layout._has_blob("", digest):
-                blobs.append(Blob(digest, size, d["mediaType"], path=layout._path(digest)))
+            if layout.has_blob("", digest):
+                blobs.append(Blob(digest, size, d["mediaType"], path=layout.blob_path(digest)))
                 continue
             dest = work / digest.split(":", 1)[1]
-            if source._blob_to(name, digest, size, dest) != digest:
+            if source.blob_to(name, digest, size, dest) != digest:
                 raise RegistryError(f"a blob of {ref} did not match its digest {digest[:19]}...",
                                     hint="nothing was kept of it; run cudabuild bundle again")
             blobs.append(Blob(digest, size, d["mediaType"], path=dest))

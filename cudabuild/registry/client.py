@@ -139,7 +139,7 @@ class Registry(ImageStore):
         """The tags of REPO/`repository` (e.g. "modules"); [] when it has none."""
         name = f"{self.repo.split('/', 1)[1]}/{repository}" if "/" in self.repo else repository
         ref = f"{self.host}/{name}"
-        with self._answers(ref):
+        with self.answers(ref):
             status, body = self._get(f"{self.base_url}/v2/{name}/tags/list", name)  # all of them, unpaged
             if status == 404:
                 return []
@@ -152,7 +152,7 @@ class Registry(ImageStore):
             return tags
 
     # ---- the primitives of an ImageStore -----------------------------------------------------
-    def _manifest_bytes(self, name: str, reference: str) -> bytes | None:
+    def manifest_bytes(self, name: str, reference: str) -> bytes | None:
         status, raw = self._get(f"{self.base_url}/v2/{name}/manifests/{reference}", name, Accept=MANIFEST_TYPES)
         if status == 404:
             return None
@@ -161,7 +161,7 @@ class Registry(ImageStore):
             raise ValueError(f"HTTP {status} for the manifest")
         return raw
 
-    def _blob_bytes(self, name: str, digest: str) -> bytes:
+    def blob_bytes(self, name: str, digest: str) -> bytes:
         import hashlib
 
         status, data = self._get(f"{self.base_url}/v2/{name}/blobs/{digest}", name)
@@ -172,10 +172,10 @@ class Registry(ImageStore):
                               hint="nothing was used; check the registry")
         return data
 
-    def _blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
+    def blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
         return self._download(f"{self.base_url}/v2/{name}/blobs/{digest}", name, dest, size=size)
 
-    def _has_blob(self, name: str, digest: str) -> bool:
+    def has_blob(self, name: str, digest: str) -> bool:
         status, _ = self._send("HEAD", f"{self.base_url}/v2/{name}/blobs/{digest}", name)
         return status == 200
 
@@ -309,13 +309,13 @@ class Registry(ImageStore):
         return RegistryError(f"the registry {self.host} refuses to show {ref} (HTTP {status})",
                              hint=f"log in first: docker login {self.host}")
 
-    def _name_and_tag(self, ref: str) -> tuple[str, str]:
+    def name_and_tag(self, ref: str) -> tuple[str, str]:
         """HOST/NAME:TAG -> (NAME, TAG)."""
         name, _, tag = ref[len(self.host) + 1:].rpartition(":")
         return name, tag
 
     @contextmanager
-    def _answers(self, ref: str):
+    def answers(self, ref: str):
         """The registry's failures, said as RegistryError naming `ref`."""
         try:
             yield

@@ -63,7 +63,7 @@ class OciLayout(ImageStore):
         index = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests}
         _write(self.dir / "index.json", json.dumps(index, indent=1).encode())
 
-    def _name_and_tag(self, ref: str) -> tuple[str, str]:
+    def name_and_tag(self, ref: str) -> tuple[str, str]:
         """oci:DIR/NAME:TAG -> (NAME, TAG)."""
         name, _, tag = ref[len(self.repo) + 1:].rpartition(":")
         return name, tag
@@ -73,18 +73,18 @@ class OciLayout(ImageStore):
         return sorted(n.split(":", 1)[1] for n in names if n.startswith(f"{repository}:"))
 
     # ---- the primitives of an ImageStore -----------------------------------------------------
-    def _path(self, digest: str) -> Path:
+    def blob_path(self, digest: str) -> Path:
         if not DIGEST_RE.fullmatch(digest):
             raise ValueError(f"{shown(digest)} is not a sha256 digest")
         return self.dir / "blobs" / "sha256" / digest.split(":", 1)[1]
 
-    def _manifest_bytes(self, name: str, reference: str) -> bytes | None:
+    def manifest_bytes(self, name: str, reference: str) -> bytes | None:
         if not DIGEST_RE.fullmatch(reference):
             found = [m for m in self._index() if (m.get("annotations") or {}).get(REF_NAME) == f"{name}:{reference}"]
             if not found:
                 return None
             reference = found[-1].get("digest", "")
-        path = self._path(reference)
+        path = self.blob_path(reference)
         if not path.is_file():
             return None
         return self._checked(path, reference, MAX_MANIFEST)
@@ -96,14 +96,14 @@ class OciLayout(ImageStore):
                               hint="nothing was used; write the bundle again")
         return data
 
-    def _blob_bytes(self, name: str, digest: str) -> bytes:
-        path = self._path(digest)
+    def blob_bytes(self, name: str, digest: str) -> bytes:
+        path = self.blob_path(digest)
         if not path.is_file():
             raise ValueError(f"the blob {digest[:19]} is missing")
         return self._checked(path, digest, MAX_MANIFEST)
 
-    def _blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
-        path = self._path(digest)
+    def blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
+        path = self.blob_path(digest)
         if not path.is_file() or path.stat().st_size != size:
             raise VerifyError(f"the bundle {self.dir} lacks the layer {digest[:19]}... (or it has another size)",
                               hint="write the bundle again: cudabuild bundle --output DIR")
@@ -114,29 +114,29 @@ class OciLayout(ImageStore):
                 out.write(chunk)
         return f"sha256:{made.hexdigest()}"
 
-    def _has_blob(self, name: str, digest: str) -> bool:
-        return self._path(digest).is_file()
+    def has_blob(self, name: str, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
 
     def _put_blob(self, name: str, blob: Blob) -> None:
         if blob.data is not None:
-            _write(self._path(blob.digest), blob.data)
+            _write(self.blob_path(blob.digest), blob.data)
             return
-        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=self._path(blob.digest).parent)
+        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=self.blob_path(blob.digest).parent)
         with os.fdopen(fd, "wb") as out, open(blob.path, "rb") as source:
             for chunk in iter(lambda: source.read(1 << 20), b""):
                 out.write(chunk)
-        os.rename(tmp, self._path(blob.digest))
+        os.rename(tmp, self.blob_path(blob.digest))
 
     def _put_manifest(self, name: str, tag: str, raw: bytes, media_type: str) -> None:
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
-        _write(self._path(digest), raw)
+        _write(self.blob_path(digest), raw)
         ref_name = f"{name}:{tag}"
         kept = [m for m in self._index() if (m.get("annotations") or {}).get(REF_NAME) != ref_name]
         self._write_index([*kept, {"mediaType": media_type or MANIFEST_TYPE, "digest": digest, "size": len(raw),
                                    "annotations": {REF_NAME: ref_name}}])
 
     @contextmanager
-    def _answers(self, ref: str):
+    def answers(self, ref: str):
         try:
             yield
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -98,22 +98,22 @@ class ImageStore:
     def tags(self, repository: str) -> list[str]:
         raise NotImplementedError
 
-    def _name_and_tag(self, ref: str) -> tuple[str, str]:
+    def name_and_tag(self, ref: str) -> tuple[str, str]:
         raise NotImplementedError
 
-    def _manifest_bytes(self, name: str, reference: str) -> bytes | None:
+    def manifest_bytes(self, name: str, reference: str) -> bytes | None:
         """The manifest under a tag or digest, as stored; None when there is none."""
         raise NotImplementedError
 
-    def _blob_bytes(self, name: str, digest: str) -> bytes:
+    def blob_bytes(self, name: str, digest: str) -> bytes:
         """A small blob (a config, a signature's payload), checked against its digest."""
         raise NotImplementedError
 
-    def _blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
+    def blob_to(self, name: str, digest: str, size: int, dest: Path) -> str:
         """A layer's blob written to `dest` (at most `size` bytes); the digest of what arrived."""
         raise NotImplementedError
 
-    def _has_blob(self, name: str, digest: str) -> bool:
+    def has_blob(self, name: str, digest: str) -> bool:
         raise NotImplementedError
 
     def _put_blob(self, name: str, blob: Blob) -> None:
@@ -122,7 +122,7 @@ class ImageStore:
     def _put_manifest(self, name: str, tag: str, raw: bytes, media_type: str) -> None:
         raise NotImplementedError
 
-    def _answers(self, ref: str):
+    def answers(self, ref: str):
         raise NotImplementedError
 
     def ref(self, local: str) -> str:
@@ -133,8 +133,8 @@ class ImageStore:
     def resolve(self, ref: str, *, digest: str | None = None) -> Resolved | None:
         """The manifest of `ref` (its tag, or `digest` when given) and its config's labels; None
         when the store has no such tag."""
-        name, tag = self._name_and_tag(ref)
-        raw = self._manifest_bytes(name, digest or tag)
+        name, tag = self.name_and_tag(ref)
+        raw = self.manifest_bytes(name, digest or tag)
         if raw is None:
             return None
         found = f"sha256:{hashlib.sha256(raw).hexdigest()}"
@@ -145,7 +145,7 @@ class ImageStore:
         config = manifest["config"]["digest"]
         if not isinstance(config, str) or not DIGEST_RE.fullmatch(config):
             raise ValueError(f"the manifest's config digest {shown(config)} is not a sha256 digest")
-        data = json.loads(self._blob_bytes(name, config))
+        data = json.loads(self.blob_bytes(name, config))
         labels = (data.get("config") or {}).get("Labels") if isinstance(data, dict) else None
         labels = labels or {}
         if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -155,7 +155,7 @@ class ImageStore:
 
     def labels(self, ref: str) -> dict[str, str] | None:
         """The labels of `ref` in the store, or None when it has no such tag."""
-        with self._answers(ref):
+        with self.answers(ref):
             found = self.resolve(ref)
             return None if found is None else found.labels
 
@@ -184,7 +184,7 @@ class ImageStore:
         fetched (it raises to refuse: a label, a signature). A userspace layer `layers` already
         holds is linked from there, not fetched; one fetched is kept there. `counted` gets the
         bytes fetched added."""
-        with self._answers(ref):
+        with self.answers(ref):
             found = self.resolve(ref)
             if found is None:
                 raise RegistryError(f"the registry {self.host} has no {ref}", hint="check the tag; `cudabuild "
@@ -195,7 +195,7 @@ class ImageStore:
             if not isinstance(described, list) or len(described) not in MODULES_LAYERS:
                 raise VerifyError(f"{ref} has {len(described) if isinstance(described, list) else 'no'} layers, "
                                   "not two (or one, as before): cudabuild did not make it", hint=HINT)
-            name, _ = self._name_and_tag(ref)
+            name, _ = self.name_and_tag(ref)
             into.mkdir(parents=True, exist_ok=True)
             for layer in described:
                 self._unpack_layer(ref, name, layer, into, layers, counted)
@@ -216,7 +216,7 @@ class ImageStore:
             return
         blob = into / f".blob-{digest[7:19]}"
         try:
-            arrived = self._blob_to(name, digest, size, blob)
+            arrived = self.blob_to(name, digest, size, blob)
             if counted is not None:
                 counted.append(size)
             if arrived != digest:
@@ -236,10 +236,10 @@ class ImageStore:
         it, then its manifest; its digest. `counted` gets the bytes sent added."""
         from cudabuild.artifact.image import manifest_of
 
-        name, tag = self._name_and_tag(ref)
+        name, tag = self.name_and_tag(ref)
         config_blob = Blob.of(config, CONFIG_TYPE)
         raw = manifest_of(config_blob, layers)
-        with self._answers(ref):
+        with self.answers(ref):
             for blob in [*layers, config_blob]:
                 self.put_blob(name, blob, counted=counted)
             self._put_manifest(name, tag, raw, MANIFEST_TYPE)
@@ -248,7 +248,7 @@ class ImageStore:
         return f"sha256:{hashlib.sha256(raw).hexdigest()}"
 
     def put_blob(self, name: str, blob: Blob, *, counted: list[int] | None = None) -> None:
-        if self._has_blob(name, blob.digest):
+        if self.has_blob(name, blob.digest):
             return
         self._put_blob(name, blob)
         if counted is not None:
@@ -257,9 +257,9 @@ class ImageStore:
     def put_artifact(self, ref_tag: str, manifest: bytes, blobs: list[Blob]) -> None:
         """A manifest made elsewhere (a signature's, an attestation's) and its blobs, under a tag of
         the repository that `ref_tag` (REPO/NAME:TAG) names."""
-        name, tag = self._name_and_tag(ref_tag)
+        name, tag = self.name_and_tag(ref_tag)
         media_type = json.loads(manifest).get("mediaType") or MANIFEST_TYPE
-        with self._answers(ref_tag):
+        with self.answers(ref_tag):
             for blob in blobs:
                 self.put_blob(name, blob)
             self._put_manifest(name, tag, manifest, media_type)

@@ -189,13 +189,13 @@ def verify_image(store: ImageStore, found: Resolved, public) -> Verified:
     if sig is None:
         raise TrustError(f"{found.ref} is not signed: the registry has no signature for {found.digest[:19]}...",
                          hint=hint)
-    name, _ = store._name_and_tag(found.ref)
+    name, _ = store.name_and_tag(found.ref)
     signed = False
     for layer in sig.manifest.get("layers") or []:
         annotation = (layer.get("annotations") or {}).get(SIGNATURE_ANNOTATION)
         if layer.get("mediaType") != SIGNATURE_TYPE or not isinstance(annotation, str) or layer.get("size", 0) > 1 << 16:
             continue
-        payload = store._blob_bytes(name, layer["digest"])
+        payload = store.blob_bytes(name, layer["digest"])
         if not _valid(public, payload, annotation):
             continue
         try:
@@ -222,7 +222,7 @@ def _provenance(store: ImageStore, name: str, repository: str, found: Resolved, 
         if layer.get("mediaType") != DSSE_TYPE or (layer.get("annotations") or {}).get("predicateType") != PROVENANCE:
             continue
         try:
-            envelope = json.loads(store._blob_bytes(name, layer["digest"]))
+            envelope = json.loads(store.blob_bytes(name, layer["digest"]))
             body = base64.b64decode(envelope["payload"], validate=True)
             ok = envelope.get("payloadType") == IN_TOTO and any(
                 _valid(public, _pae(IN_TOTO, body), s.get("sig", "")) for s in envelope.get("signatures") or [])
@@ -258,6 +258,10 @@ def provenance(manifest, *, options: dict, started: str | None, finished: str | 
     deps = [{"name": p["name"], "digest": {"sha256": p["sha256"]},
              "annotations": {"version": p.get("version", ""), "role": role}}
             for role, p in _packages(manifest) if p.get("sha256")]
+    kernel = manifest.kernel_source or {}
+    if kernel.get("kind") == "git" and kernel.get("commit"):
+        deps.append({"name": kernel.get("tag", "kernel"), "uri": kernel.get("repo", ""),
+                     "digest": {"gitCommit": kernel["commit"]}, "annotations": {"role": "kernel"}})
     builder = manifest.builder_image or {}
     if builder.get("id"):
         deps.append({"name": builder.get("tag", "builder"), "digest": {"sha256": builder["id"].split(":", 1)[-1]},
@@ -304,6 +308,30 @@ def _licence(role: str, name: str, flavor: str) -> str:
     return _NVIDIA
 
 
+def _came_from(rel: str, inputs: list[tuple[str, dict]]) -> int | None:
+    """The index in `inputs` of the package a file of the artifact came from: a module from the
+    driver's source (package or installer); a userspace file from the one userspace package its
+    name gives (libNAME.so.* from libNAME or libNAME + its SONAME digits, bin/NAME from NAME,
+    firmware from the firmware package), else from the installer; None when none is told."""
+    import re
+
+    driver = [n for n, (role, _) in enumerate(inputs) if role == "driver"]
+    if rel.startswith("modules/"):
+        return driver[0] if driver else None
+    userspace = [(n, p["name"]) for n, (role, p) in enumerate(inputs) if role == "userspace"]
+    if not userspace:  # an installer: every file comes from it
+        return driver[-1] if driver else None
+    name = rel.rsplit("/", 1)[-1]
+    if rel.startswith("userspace/firmware/"):
+        found = [n for n, package in userspace if "firmware" in package]
+    elif rel.startswith("userspace/bin/"):
+        found = [n for n, package in userspace if package == name]
+    else:
+        stem = name.split(".so", 1)[0]
+        found = [n for n, package in userspace if re.fullmatch(re.escape(stem) + r"[0-9]*", package)]
+    return found[0] if len(found) == 1 else None
+
+
 def sbom(artifact, *, name: str) -> dict:
     """An SPDX 2.3 document of what the image carries: each module and userspace file with its
     SHA-256 (and SHA-1, which SPDX asks of a file), the packages they came from, their licences."""
@@ -319,7 +347,7 @@ def sbom(artifact, *, name: str) -> dict:
                             if p.get("sha256") else {})})
         relationships.append({"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
                               "relatedSpdxElement": spdx_id})
-    roles = {role: f"SPDXRef-Package-{n}" for n, (role, _) in reversed(list(enumerate(_packages(m))))}
+    inputs = _packages(m)
     files = []
     for n, (rel, entry) in enumerate(artifact.files()):
         path = artifact.root / rel
@@ -330,15 +358,15 @@ def sbom(artifact, *, name: str) -> dict:
             for chunk in iter(lambda: data.read(1 << 20), b""):
                 sha1.update(chunk)
         spdx_id = f"SPDXRef-File-{n}"
-        role = "driver" if rel.startswith("modules/") else "userspace"
         files.append({"SPDXID": spdx_id, "fileName": f"./{rel}",
                       "checksums": [{"algorithm": "SHA256", "checksumValue": entry.sha256},
                                     {"algorithm": "SHA1", "checksumValue": sha1.hexdigest()}],
                       "licenseConcluded": "NOASSERTION", "copyrightText": "NOASSERTION"})
-        source = roles.get(role) or roles.get("driver")
-        if source:
+        source = _came_from(rel, inputs)
+        if source is not None:
             relationships.append({"spdxElementId": spdx_id, "relationshipType": "GENERATED_FROM"
-                                  if role == "driver" else "CONTAINED_BY", "relatedSpdxElement": source})
+                                  if rel.startswith("modules/") else "CONTAINED_BY",
+                                  "relatedSpdxElement": f"SPDXRef-Package-{source}"})
     return {"spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT", "name": name,
             "documentNamespace": f"urn:cudabuild:spdx:{m.key}",
             "creationInfo": {"created": m.created.replace("+00:00", "Z"), "creators": ["Tool: cudabuild"]},
