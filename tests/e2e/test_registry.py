@@ -212,13 +212,27 @@ def test_no_build_with_a_tag_the_registry_lacks_exits_21(build, registry, tmp_pa
     assert list((cache / "results").iterdir()) == []
 
 
-def test_runtime_images_are_pushed_the_same_way(build, registry, pushed):
+def test_runtime_images_are_pushed_the_same_way_and_signed(build, registry, pushed, image_key):
+    import subprocess
+
     data, _, cache, _ = build
     result = run_cli("image", "device-query", "--modules", data["modules_image"], "--registry", registry.repo(),
-                     "--json", env={"CUDABUILD_CACHE": str(cache)})
+                     "--sign-image", str(image_key[0]), "--json", env={"CUDABUILD_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     name, tag = report["registry_ref"].rsplit(":", 1)
     assert name == f"{registry.repo()}/device-query"
     assert tag in registry.tags("cudabuild/device-query")
-
+    assert [t.rsplit(".", 1)[1] for t in report["signed"]] == ["sig", "att"]
+    if shutil.which("cosign"):
+        checked = subprocess.run(["cosign", "verify", "--key", str(image_key[1]), "--insecure-ignore-tlog",
+                                  "--allow-http-registry", report["registry_ref"]], capture_output=True, text=True,
+                                 timeout=120)
+        assert checked.returncode == 0, checked.stderr
+    # The private key is read, never kept: not in the registry's storage, nor where cudabuild writes
+    # its results, logs and blobs.
+    secret = image_key[0].read_bytes().split(b"-----")[2].strip().replace(b"\n", b"")[-40:]
+    for where in (registry.base, *(cache / d for d in ("results", "logs", "blobs", "layers", "tmp"))):
+        for path in where.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 64 << 20:
+                assert secret not in path.read_bytes().replace(b"\n", b""), path

@@ -170,6 +170,19 @@ def test_an_unsigned_image_and_a_contradicting_provenance_are_refused_before_unp
         assert not (tmp_path / "cache" / "layers").exists(), "no layer was fetched"
 
 
+def test_an_image_of_the_one_layer_format_before_is_still_staged(tmp_path):
+    with LocalRegistry(tmp_path / "registry") as registry:
+        make_artifact(tmp_path / "old", release=NEXT)
+        ref = f"{registry.repo()}/{image_tag('modules', DRIVER, 'proprietary', NEXT)}"
+        registry.push_directory(ref, tmp_path / "old", load(tmp_path / "old").manifest.labels(), one_layer=True)
+        assert len(Registry(registry.repo()).resolve(ref).manifest["layers"]) == 1
+        host, env = node(tmp_path)
+        staged = run_cli("stage", "--kernel", NEXT, "--root", str(host), "--registry", registry.repo(), "--driver",
+                         "535", "--json", env=env)
+    assert staged.returncode == 0, staged.stderr
+    assert (Path(json.loads(staged.stdout)["path"]) / "modules/nvidia.ko").is_file()
+
+
 def test_a_bundle_serves_install_and_stage_with_the_registry_stopped_and_skopeo_reads_it(fleet, tmp_path):
     base = fleet["base"]
     bundle = tmp_path / "bundle"

@@ -147,3 +147,55 @@ def test_labels_that_name_another_digest_for_a_module_are_refused_naming_it(tmp_
         labels_match(read_labels(raw, "x"), manifest)
     with pytest.raises(VerifyError, match="has no io.cudabuild labels"):
         labels_match(None, manifest)
+
+
+def test_an_encrypted_image_key_needs_its_passphrase_and_a_wrong_kind_of_key_is_named(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from cudabuild.registry.trust import load_signing_key
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"s3cret")))
+    with pytest.raises(InputError, match="is encrypted: set its passphrase in CUDABUILD_IMAGE_KEY_PASSWORD"):
+        load_signing_key(str(locked))
+    with pytest.raises(InputError, match="passphrase .* is wrong"):
+        load_signing_key(str(locked), passphrase="wrong")
+    assert load_signing_key(str(locked), passphrase="s3cret").private_numbers() == key.private_numbers()
+    other = tmp_path / "rsa.pem"
+    other.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(InputError, match="not an ECDSA P-256 key"):
+        load_signing_key(str(other))
+
+
+def test_a_signature_by_another_key_and_a_provenance_that_contradicts_the_labels_are_refused(tmp_path):
+    """trust.verify_image against a bundle on disk: the signing and checking code, no registry."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from cudabuild.artifact import load
+    from cudabuild.artifact.image import config_of
+    from cudabuild.errors import TrustError
+    from cudabuild.registry import OciLayout
+    from cudabuild.registry.trust import PROVENANCE, provenance, sign_image, statement, verify_image
+
+    checked = load(write_artifact(tmp_path / "a", release="4.3.6-coreos"))
+    store = OciLayout(f"oci:{tmp_path / 'bundle'}", create=True)
+    ref = f"{store.repo}/modules:x"
+    digest = store.push(ref, config_of(checked.manifest.labels(), []), [])
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(TrustError, match="is not signed"):
+        verify_image(store, store.resolve(ref), key.public_key())
+    said = provenance(checked.manifest, options={}, started=None, finished=None)
+    sign_image(store, ref, digest, other, [statement(digest, "x", PROVENANCE, said)])
+    with pytest.raises(TrustError, match="not signed by this key"):
+        verify_image(store, store.resolve(ref), key.public_key())
+    said["buildDefinition"]["externalParameters"]["flavor"] = "open"
+    sign_image(store, ref, digest, key, [statement(digest, "x", PROVENANCE, said)])
+    with pytest.raises(TrustError, match="contradicts its labels: flavor is 'open'"):
+        verify_image(store, store.resolve(ref), key.public_key())
+    said["buildDefinition"]["externalParameters"]["flavor"] = checked.manifest.flavor
+    sign_image(store, ref, digest, key, [statement(digest, "x", PROVENANCE, said)])
+    assert verify_image(store, store.resolve(ref), key.public_key()).digest == digest
