@@ -193,7 +193,21 @@ def prune(host: HostRoot, keep: set[str], *, reporter: Reporter | None = None) -
             continue
         host.remove_owned(f"{STAGED}/{name}")
         removed.append(name)
+    if removed:
+        prune_layers(host)
     return removed
+
+
+def prune_layers(host: HostRoot) -> None:
+    """Remove the userspace layers no staged build links any more (every file's only link is the
+    layer's own): a driver the node moved away from does not stay on its disk."""
+    for name, st in host.owned_entries(f"{LAYERS}/sha256"):
+        if name.startswith(".") or not stat.S_ISDIR(st.st_mode):
+            continue
+        top = host.owned_path(f"{LAYERS}/sha256/{name}")
+        files = [p for p in top.rglob("*") if p.is_file() and not p.is_symlink()]
+        if all(p.stat().st_nlink == 1 for p in files):
+            host.remove_owned(f"{LAYERS}/sha256/{name}")
 
 
 # ---- looking for a build ------------------------------------------------------------------------------

@@ -216,3 +216,20 @@ def test_a_bundle_serves_install_and_stage_with_the_registry_stopped_and_skopeo_
     libs = [Path(p) / f"userspace/lib/libcuda.so.{DRIVER}" for p in (
         json.loads(staged.stdout)["path"], *(str(d) for d in (host / "var/lib/cudabuild/staged" / RUNNING).iterdir()))]
     assert libs[0].stat().st_ino == libs[1].stat().st_ino
+
+
+def test_userspace_layers_no_staged_build_links_are_pruned(tmp_path):
+    import os
+
+    from cudabuild.host.root import HostRoot
+    from cudabuild.node.staging import LAYERS, prune_layers
+
+    layers = tmp_path / LAYERS / "sha256"
+    for name in ("a" * 64, "b" * 64):
+        (layers / name / "userspace/lib").mkdir(parents=True)
+        (layers / name / "userspace/lib/libcuda.so.1").write_bytes(b"x")
+    staged = tmp_path / "var/lib/cudabuild/staged/6.1.0-56-amd64/build/userspace/lib"
+    staged.mkdir(parents=True)
+    os.link(layers / ("b" * 64) / "userspace/lib/libcuda.so.1", staged / "libcuda.so.1")
+    prune_layers(HostRoot(tmp_path))
+    assert sorted(p.name for p in layers.iterdir()) == ["b" * 64], "only the layer a staged build links is kept"
