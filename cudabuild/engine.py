@@ -259,25 +259,6 @@ class Engine:
         finally:
             self.untag(ref)
 
-    def pull_or_fail(self, ref: str) -> str:
-        """Pull `ref`; a RegistryError says why it could not be (9: no answer, 21: no such tag)."""
-        try:
-            self.client.api.pull(ref)
-        except docker.errors.NotFound as exc:
-            raise RegistryError(f"the registry has no {ref}", hint="check --registry and the tag",
-                                exit_code=RegistryError.NOT_THERE) from exc
-        except (docker.errors.APIError, requests.RequestException) as exc:
-            raise RegistryError(f"pulling {ref} failed: {_short(exc)}", hint="check --registry and that the registry "
-                                "runs") from exc
-        return self.image(ref)["Id"]
-
-    def retag(self, source: str, target: str) -> None:
-        repository, _, tag = target.rpartition(":")
-        try:
-            self.client.api.tag(source, repository, tag)
-        except (docker.errors.APIError, requests.RequestException) as exc:
-            raise EngineError(f"cannot tag {source} as {target}: {_short(exc)}", hint=ENGINE_HINT) from exc
-
     def untag(self, ref: str) -> None:
         """Remove the name `ref`, never an image another name still holds."""
         try:

@@ -187,12 +187,14 @@ class Registry(ImageStore):
         if status != 202 or "Location" not in headers:
             raise self._push_refused(name, f"HTTP {status} to start an upload")
         location = urljoin(f"{self.base_url}/", headers["Location"])
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(blob.size)}
         if blob.data is not None:
-            status, _ = self._send("PUT", location, name, params={"digest": blob.digest}, data=blob.data)
+            status, _ = self._send("PUT", location, name, params={"digest": blob.digest}, data=blob.data,
+                                   headers=headers)
         else:
             with open(blob.path, "rb") as body:
                 status, _ = self._send("PUT", location, name, params={"digest": blob.digest}, data=body,
-                                       headers={"Content-Length": str(blob.size)})
+                                       headers=headers)
         if status != 201:
             raise self._push_refused(name, f"HTTP {status} for the blob {blob.digest[:19]}")
 

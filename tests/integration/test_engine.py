@@ -32,34 +32,38 @@ def test_container_is_removed_when_its_block_fails(engine, docker_client, tmp_pa
     assert not docker_client.containers.list(all=True, filters={"name": seen})
 
 
-def test_modules_image_has_exactly_one_layer_the_listed_files_and_the_labels(engine, tmp_path):
+def test_modules_image_has_two_layers_the_listed_files_and_the_labels(engine, tmp_path):
     root = tmp_path / "result"
     manifest = make_artifact(root)
     (root / "build.log").write_text("not shipped\n")
-    tag = "cudabuild/modules:test-one-layer"
+    tag = "cudabuild/modules:test-two-layers"
     try:
-        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True))
+        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True), work=tmp_path / "w1")
         info = engine.image(tag)
-        assert len(info["RootFS"]["Layers"]) == 1
+        assert len(info["RootFS"]["Layers"]) == 2
         labels = info["Config"]["Labels"]
         assert labels["io.cudabuild.kernel-release"] == manifest.kernel_release
         assert labels["org.opencontainers.image.version"] == manifest.driver_version
         assert labels["io.cudabuild.modules"].split(",")[0] == f"nvidia.ko@sha256:{manifest.modules[0].sha256}"
-        files = set()
-        layer_tar = b"".join(engine.save(tag))
-        with tarfile.open(fileobj=io.BytesIO(layer_tar)) as outer:
-            for member in outer.getmembers():
-                if member.name.endswith("layer.tar"):
-                    with tarfile.open(fileobj=outer.extractfile(member)) as layer:
-                        files |= {name for name in layer.getnames() if not name.endswith("/")}
+        layers = []
+        saved = b"".join(engine.save(tag))
+        with tarfile.open(fileobj=io.BytesIO(saved)) as outer:
+            import json
+
+            for name in json.load(outer.extractfile("manifest.json"))[0]["Layers"]:
+                with tarfile.open(fileobj=outer.extractfile(name)) as layer:
+                    layers.append({n for n in layer.getnames() if not n.endswith("/")})
         listed = {"manifest.json"} | {f"modules/{m.file}" for m in manifest.modules} | \
             {f"userspace/{u.path}" for u in manifest.userspace}
-        dirs = {"modules", "userspace", "userspace/lib", "userspace/bin"}
-        assert files - dirs == listed, "the image holds what the manifest lists: no Dockerfile, no build.log"
-        # Publishing the same key again reuses the image.
+        assert layers[0] == {f"userspace/{u.path}" for u in manifest.userspace}, "the first layer: the userspace"
+        assert layers[0] | layers[1] == listed, "the image holds what the manifest lists: no Dockerfile, no build.log"
+        # Publishing the same key again reuses the image; made again from nothing, it is the same image.
         first = engine.image_id(tag)
-        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True))
+        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True), work=tmp_path / "w2")
         assert engine.image_id(tag) == first
+        engine.remove_image(tag)
+        publish_image(engine, artifact.load(root), tag=tag, reporter=Reporter(quiet=True), work=tmp_path / "w3")
+        assert engine.image_id(tag) == first, "the same files give the same image, byte for byte"
     finally:
         engine.remove_image(tag)
 

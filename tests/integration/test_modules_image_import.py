@@ -30,7 +30,8 @@ def modules_image(tmp_path, docker_client):
         tag = f"cudabuild-test/modules-elsewhere:{name}"
         made.append(tag)
         if not hostile:
-            publish_image(Settings.from_env(os.environ).engine(), artifact.load(art), tag=tag, reporter=Reporter(quiet=True))
+            publish_image(Settings.from_env(os.environ).engine(), artifact.load(art), tag=tag, reporter=Reporter(quiet=True),
+                          work=tmp_path / name / "work")
             return tag, ""
         # Changed after cudabuild made it, digests kept true, the labels the same: as the hostile tester did.
         named = make_userspace_hostile(art, hostile)

@@ -36,10 +36,6 @@ class FakeEngine:
             self.add(ref)
         return self.images[ref]
 
-    def pull_or_fail(self, ref: str) -> None:
-        self.calls.append(("pull", ref))
-        assert ref in self.images, f"the fake registry has no {ref}"
-
     def save(self, ref: str):
         """`docker save REF`: manifest.json naming one layer, the layer a tar of the directory."""
         self.calls.append(("save", ref))
@@ -55,10 +51,6 @@ class FakeEngine:
                 tar.addfile(info, io.BytesIO(data))
         data = saved.getvalue()
         yield from (data[i:i + 65536] for i in range(0, len(data), 65536))
-
-    def retag(self, ref: str, tag: str) -> None:
-        self.calls.append(("retag", ref, tag))
-        self.images[tag] = self.images[ref]
 
     def untag(self, ref: str) -> None:
         self.calls.append(("untag", ref))
