@@ -4,6 +4,13 @@
   bytes for every kernel of one driver version and flavour, so a registry and a node keep it once;
 - the **modules layer**: `modules/` and `manifest.json`, the kernel's own part.
 
+Where the driver has kernel-independent objects (the proprietary modules' `nv-kernel.o_binary` and
+`nv-modeset-kernel.o_binary`, which make up most of nvidia.ko), the registry's image carries them
+in the userspace layer under `reference/`, and its modules layer holds each module as a zstd frame
+with those objects as its dictionary (`modules/NAME.ko.zst`): a new kernel's modules layer is a few
+MB instead of tens. Every reader restores the modules (artifact/layer.py, restore_modules) and
+checks them against the manifest as always.
+
 Each layer is a deterministic tar (sorted, owner 0, time 0), so the same files give the same diff
 ID and, compressed the same way, the same digest on any machine. The config carries the artifact's
 labels (artifact/labels.py) and nothing that changes between runs, so the image's ID is the same
@@ -37,6 +44,9 @@ COMPRESSIONS = {"gzip": ("gz", "application/vnd.oci.image.layer.v1.tar+gzip"),
 DEFAULT_COMPRESSION = "gzip"  # every engine and registry reads it; zstd where all of a fleet's engines do
 LAYER_TITLE = "org.opencontainers.image.title"  # a layer descriptor's annotation: which part it is
 USERSPACE_LAYER, MODULES_LAYER = "userspace", "modules"
+REFERENCE = "reference"  # the driver's kernel-independent objects, in the registry's userspace layer
+DELTA = ".zst"  # a module stored as a zstd frame whose dictionary is the reference objects
+DELTA_WINDOW = 27  # log2 of the frames' window: nvidia.ko is under 128 MiB
 
 
 @dataclass(frozen=True)
@@ -82,12 +92,14 @@ def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def write_layer(root: Path, names: Iterable[str], out: Path, part: str) -> Layer:
-    """A deterministic tar of `names` (relative to `root`; links stay links) at `out`."""
+def write_layer(root: Path | None, names: Iterable[str] | Iterable[tuple[str, Path]], out: Path, part: str) -> Layer:
+    """A deterministic tar at `out` of `names`: paths relative to `root`, or (name in the layer,
+    path) pairs; links stay links."""
+    entries = sorted((name, root / name) if isinstance(name, str) else name for name in names)
     with open(out, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name in sorted(names):
-                tar.add(root / name, arcname=name, recursive=False, filter=_normalised)
+            for name, path in entries:
+                tar.add(path, arcname=name, recursive=False, filter=_normalised)
     digest = hashlib.sha256()
     with open(out, "rb") as made:
         for chunk in iter(lambda: made.read(1 << 20), b""):
@@ -103,6 +115,40 @@ def layers_of(artifact: Artifact, work: Path) -> list[Layer]:
     modules = [rel for rel in files if rel.startswith("modules/")] + [MANIFEST]
     return [write_layer(artifact.root, userspace, work / "userspace.tar", USERSPACE_LAYER),
             write_layer(artifact.root, modules, work / "modules.tar", MODULES_LAYER)]
+
+
+def dictionary(references: list[Path]):
+    """The zstd dictionary of the reference objects (their bytes, in the order given), and the
+    parameters the modules are compressed with against it."""
+    import zstandard
+
+    data = b"".join(path.read_bytes() for path in references)
+    params = zstandard.ZstdCompressionParameters.from_level(9, window_log=DELTA_WINDOW, hash_log=25, chain_log=26,
+                                                            enable_ldm=True)
+    return zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT), params
+
+
+def delta_modules(artifact: Artifact, references: list[Path], out: Path) -> list[tuple[str, Path]]:
+    """Each module of `artifact` compressed against `references` into out/modules/NAME.ko.zst, and
+    the manifest beside them: the modules layer's (name, path) entries."""
+    import shutil
+    import zstandard
+
+    table, params = dictionary(references)
+    table.precompute_compress(compression_params=params)
+    compressor = zstandard.ZstdCompressor(dict_data=table, compression_params=params)
+    (out / "modules").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for rel, _ in artifact.files():
+        if not rel.startswith("modules/"):
+            continue
+        target = out / f"{rel}{DELTA}"
+        with open(artifact.root / rel, "rb") as source, open(target, "wb") as sink:
+            compressor.copy_stream(source, sink)
+        shutil.copymode(artifact.root / rel, target)
+        entries.append((f"{rel}{DELTA}", target))
+    shutil.copy2(artifact.root / MANIFEST, out / MANIFEST)
+    return [*entries, (MANIFEST, out / MANIFEST)]
 
 
 def config_of(labels: Mapping[str, str], diff_ids: list[str]) -> bytes:

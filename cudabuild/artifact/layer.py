@@ -29,6 +29,7 @@ def unpack_image(saved_path: Path, into: Path) -> None:
                               "cudabuild did not make it", hint="use images `cudabuild modules --registry` pushed")
         for layer in layers:
             extract_layer(saved.extractfile(layer), into, compression=_compression_of(saved.extractfile(layer)))
+    restore_modules(into)
 
 
 MODULES_LAYERS = (1, 2)  # how many layers a modules image has: two, or one in the format before
@@ -71,7 +72,7 @@ def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_
                                       "its layer's size allows for a driver's files (a compression bomb?)",
                                       hint="use images `cudabuild modules --registry` pushed")
                 name = PurePosixPath(member.name.removeprefix("./"))
-                if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json"):
+                if not name.parts or name.parts[0] not in ("modules", "userspace", "manifest.json", "reference"):
                     continue
                 outward = member.issym() and (member.linkname.startswith("/") or ".." in member.linkname.split("/"))
                 if ".." in name.parts or not (member.isfile() or member.isdir() or member.issym()) or outward:
@@ -84,3 +85,45 @@ def extract_layer(layer, into: Path, *, compression: str = "", limit: int = MAX_
             raise
         raise VerifyError(f"the modules image's layer is not a tar file cudabuild can read ({exc})",
                           hint="use images `cudabuild modules --registry` pushed") from exc
+
+
+def restore_modules(out: Path, *, keep_reference: bool = False) -> None:
+    """The modules an image stores against the driver's reference objects (modules/NAME.ko.zst,
+    artifact/image.py) restored as modules/NAME.ko, each at most MAX_UNPACKED bytes; what they
+    restore to is checked against the manifest as every file is. `out/reference` is removed
+    unless `keep_reference` (a node keeps it with the userspace layer for the next kernel)."""
+    import shutil
+
+    from cudabuild.artifact.image import DELTA, DELTA_WINDOW, REFERENCE, dictionary
+
+    deltas = sorted(p for p in (out / "modules").glob(f"*{DELTA}") if p.is_file() and not p.is_symlink()) \
+        if (out / "modules").is_dir() else []
+    if deltas:
+        import zstandard
+
+        references = sorted(p for p in (out / REFERENCE).iterdir() if p.is_file() and not p.is_symlink()) \
+            if (out / REFERENCE).is_dir() else []
+        if not references:
+            raise VerifyError("the modules image stores its modules against reference objects it does not carry",
+                              hint="use images `cudabuild modules --registry` pushed")
+        table, _ = dictionary(references)
+        reader = zstandard.ZstdDecompressor(dict_data=table, max_window_size=1 << DELTA_WINDOW)
+        for delta in deltas:
+            target = delta.with_name(delta.name[:-len(DELTA)])
+            written = 0
+            try:
+                with open(delta, "rb") as source, open(target, "wb") as sink:
+                    stream = reader.stream_reader(source)
+                    for chunk in iter(lambda: stream.read(1 << 20), b""):
+                        written += len(chunk)
+                        if written > MAX_UNPACKED:
+                            raise VerifyError(f"{delta.name} restores to more than {MAX_UNPACKED >> 20} MiB",
+                                              hint="use images `cudabuild modules --registry` pushed")
+                        sink.write(chunk)
+            except zstandard.ZstdError as exc:
+                raise VerifyError(f"the modules image's {delta.name} cannot be restored ({exc})",
+                                  hint="use images `cudabuild modules --registry` pushed") from exc
+            shutil.copymode(delta, target)
+            delta.unlink()
+    if not keep_reference:
+        shutil.rmtree(out / REFERENCE, ignore_errors=True)

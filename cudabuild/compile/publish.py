@@ -87,12 +87,15 @@ def push_modules(store, checked: Artifact, remote: str, *, cache: Cache, reporte
 
 
 def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compression: str):
-    """(the compressed blob, its diff ID) of one layer of the artifact, made once per content: the
-    layer's files by digest, mode and link name name it."""
+    """(the compressed blob, its diff ID) of one layer of the artifact, made once per content (the
+    layer's files by digest, mode and link name name it). With the driver's reference objects
+    (references_of), the userspace layer carries them and the modules layer holds each module
+    compressed against them (artifact/image.py)."""
     import json
 
-    from cudabuild.artifact.image import Blob, LAYER_TITLE, compress, write_layer
+    from cudabuild.artifact.image import REFERENCE, Blob, LAYER_TITLE, compress, delta_modules, write_layer
 
+    references = references_of(cache, checked.manifest)
     names = sorted([rel for rel, _ in checked.files() if rel.startswith(f"{part}/")] +
                    ([MANIFEST] if part == MODULES_LAYER else []))
     listed = {rel: entry.sha256 for rel, entry in checked.files()}
@@ -101,6 +104,8 @@ def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compress
         path = checked.root / rel
         described.append([rel, path.lstat().st_mode,
                           os.readlink(path) if path.is_symlink() else listed.get(rel) or _sha256(path)])
+    described.append([str(references[0].parent.name) if references else "",
+                      [(p.name, p.stat().st_size) for p in references]])
     content = key_of(json.dumps([compression, described]))
     store = cache.root / "blobs"
     memo = store / "layers" / f"{content}.json"
@@ -112,7 +117,13 @@ def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compress
             return blob, known["diff_id"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    layer = write_layer(checked.root, names, work / f"{part}.tar", part)
+    if part == USERSPACE_LAYER:
+        entries = [(rel, checked.root / rel) for rel in names] + [(f"{REFERENCE}/{p.name}", p) for p in references]
+    elif references:
+        entries = delta_modules(checked, references, work / "delta")
+    else:
+        entries = [(rel, checked.root / rel) for rel in names]
+    layer = write_layer(None, entries, work / f"{part}.tar", part)
     (store / "sha256").mkdir(parents=True, exist_ok=True)
     (store / "layers").mkdir(parents=True, exist_ok=True)
     blob = compress(layer, work / f"{part}.blob", compression)
@@ -123,6 +134,36 @@ def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compress
     tmp.write_text(json.dumps({"digest": blob.digest, "size": blob.size, "diff_id": layer.diff_id}))
     os.replace(tmp, memo)
     return dataclasses.replace(blob, path=kept), layer.diff_id
+
+
+def _references_dir(cache: Cache, manifest) -> Path:
+    import json
+
+    return cache.root / "references" / key_of(json.dumps(manifest.driver_source or {}, sort_keys=True))[:24]
+
+
+def references_of(cache: Cache, manifest) -> list[Path]:
+    """The driver's kernel-independent objects a build of it kept (keep_references), in order;
+    [] where there are none (the open modules, or a build made elsewhere)."""
+    where = _references_dir(cache, manifest)
+    return sorted(p for p in where.iterdir() if p.is_file()) if where.is_dir() else []
+
+
+def keep_references(cache: Cache, manifest, tree: Path) -> None:
+    """The proprietary driver's binary objects (`*.o_binary`: the same for every kernel, most of
+    nvidia.ko), from the driver's tree, kept once per driver source for the registry's images."""
+    where = _references_dir(cache, manifest)
+    found = sorted(tree.rglob("*.o_binary")) if manifest.flavor == "proprietary" else []
+    if not found or where.is_dir() or len({p.name for p in found}) != len(found):
+        return
+    staging = cache.workdir("references")
+    try:
+        for path in found:
+            shutil.copyfile(path, staging / path.name)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, where)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

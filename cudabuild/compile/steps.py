@@ -32,6 +32,7 @@ from cudabuild.store.cache import Cache, key_of
 from cudabuild.compile.builder import builder_scripts, builder_user, ensure_builder, run_build
 from cudabuild.compile.contract import COMPILE_CACHE, DRIVER, INPUTS, KERNELS, KEY, WORK, BuilderEnv
 from cudabuild.compile.plan import ModulesPlan
+from cudabuild.compile.publish import keep_references
 from cudabuild.engine import Engine, Mount
 from cudabuild.errors import InputError, VerifyError
 from cudabuild.store.fetch import Fetcher
@@ -76,7 +77,7 @@ def pull_verified(plan: ModulesPlan, store, remote: str, *, reporter: Reporter, 
                               f"{m.driver_version} {m.flavor} for {m.kernel_release})")
 
     def keep(made: Artifact) -> Artifact:
-        layers.adopt()
+        layers.adopt(made.root)
         publish_checked(cache, made, plan.key)
         return made
 
@@ -124,7 +125,7 @@ def import_image(reference: str, labels: ImageLabels, services: Services, *, unp
 
     def keep(made: Artifact) -> Artifact:
         if layers is not None:
-            layers.adopt()
+            layers.adopt(made.root)
         publish_checked(cache, made, labels.key)
         return artifact.load(cache.result_dir(labels.key))
 
@@ -408,6 +409,7 @@ def build(plan: ModulesPlan, *, reporter: Reporter) -> dict | None:
             boot_test(made, options=options, archive=archive, cache=cache, fetcher=fetcher, reporter=reporter)
         shutil.copy2(shop.log_path, out / "build.log")
         publish_checked(cache, made, key)
+        keep_references(cache, manifest, tree / subdir if subdir else tree)
     finally:
         cache.discard(work)
     return used

@@ -306,7 +306,7 @@ def pull_checked(host: HostRoot, registry, ref: str, release: str, *, reporter: 
         return read_labels(registry.pull(ref, out, accept=before_layers, layers=layers), ref)
 
     def keep(checked: Artifact) -> Artifact:
-        layers.adopt()
+        layers.adopt(checked.root)
         return Artifact(stage(host, checked, move=True), checked.manifest)
 
     def check(checked: Artifact, work: Path) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cudabuild.artifact.image import (CONFIG_TYPE, DOCKER_MANIFEST_TYPE, LAYER_TITLE, LAYER_TYPES, MANIFEST_TYPE,
-                                      USERSPACE_LAYER, Blob)
-from cudabuild.artifact.layer import MODULES_LAYERS, extract_layer
+                                      REFERENCE, USERSPACE_LAYER, Blob)
+from cudabuild.artifact.layer import MODULES_LAYERS, extract_layer, restore_modules
 from cudabuild.errors import RegistryError, VerifyError, shown
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -56,19 +56,23 @@ class LayerStore:
         path = self.root / "sha256" / digest.split(":", 1)[1]
         return path if path.is_dir() and not path.is_symlink() else None
 
-    def adopt(self) -> None:
-        """The pending layers' files (their userspace/) kept, linked from the admitted build."""
+    def adopt(self, root: Path) -> None:
+        """The pending layers' files (their userspace/ and reference/) kept, linked from the admitted
+        build at `root`; then its reference/ (not part of an artifact) removed from it."""
         for digest, unpacked in self.pending.items():
             if self.held(digest) or not (unpacked / "userspace").is_dir():
                 continue
             (self.root / "sha256").mkdir(parents=True, exist_ok=True)
             made = Path(tempfile.mkdtemp(prefix=".layer-", dir=self.root))
             try:
-                link_tree(unpacked / "userspace", made / "userspace")
+                for part in ("userspace", REFERENCE):
+                    if (unpacked / part).is_dir():
+                        link_tree(unpacked / part, made / part)
                 os.rename(made, self.root / "sha256" / digest.split(":", 1)[1])
             except OSError:  # another pull kept it first, or the disk is full: the build is kept all the same
                 shutil.rmtree(made, ignore_errors=True)
         self.pending.clear()
+        shutil.rmtree(root / REFERENCE, ignore_errors=True)
 
 
 def link_tree(source: Path, into: Path) -> None:
@@ -182,8 +186,9 @@ class ImageStore:
         """The modules image `ref` unpacked into `into`, layer after layer, each blob checked
         against its digest; its labels. `accept(resolved)`, when given, is asked before any layer is
         fetched (it raises to refuse: a label, a signature). A userspace layer `layers` already
-        holds is linked from there, not fetched; one fetched is kept there. `counted` gets the
-        bytes fetched added."""
+        holds is linked from there, not fetched; one fetched is kept there once its build is
+        admitted (LayerStore.adopt). Modules stored against the driver's reference objects are
+        restored. `counted` gets the bytes fetched added."""
         with self.answers(ref):
             found = self.resolve(ref)
             if found is None:
@@ -199,6 +204,7 @@ class ImageStore:
             into.mkdir(parents=True, exist_ok=True)
             for layer in described:
                 self._unpack_layer(ref, name, layer, into, layers, counted)
+            restore_modules(into, keep_reference=layers is not None)
             return found.labels
 
     def _unpack_layer(self, ref: str, name: str, layer: object, into: Path, layers: LayerStore | None,

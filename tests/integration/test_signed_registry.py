@@ -21,7 +21,7 @@ import pytest
 
 from cudabuild.artifact import image_tag, load
 from cudabuild.artifact.image import LAYER_TITLE, MODULES_LAYER, USERSPACE_LAYER
-from cudabuild.compile.publish import push_modules
+from cudabuild.compile.publish import keep_references, push_modules
 from cudabuild.registry import Registry
 from cudabuild.registry.trust import PROVENANCE, SPDX, load_signing_key, provenance, sign_image, statement
 from cudabuild.settings import Settings
@@ -51,10 +51,17 @@ def fleet(tmp_path_factory):
     _, other_pub = keypair(base, "other")
     options = Settings().build_options({"sign_image": str(key)})
     cache = Cache(base / "cache")
+    for release in (RUNNING, NEXT):
+        make_artifact(base / release, release=release, driver=DRIVER)
+    # The driver's kernel-independent object, as a build keeps it from the driver's tree: here the
+    # first kernel's nvidia.ko stands in for NVIDIA's nv-kernel.o_binary (most of a real nvidia.ko).
+    tree = base / "driver-tree" / "nvidia"
+    tree.mkdir(parents=True)
+    shutil.copyfile(base / RUNNING / "modules" / "nvidia.ko", tree / "nv-kernel.o_binary")
+    keep_references(cache, load(base / RUNNING).manifest, tree.parent)
     with LocalRegistry(base / "registry") as registry:
         pushed = {}
         for release in (RUNNING, NEXT):
-            make_artifact(base / release, release=release, driver=DRIVER)
             checked = load(base / release)
             ref = f"{registry.repo()}/{image_tag('modules', DRIVER, 'proprietary', release)}"
             pushed[release] = (ref, push_modules(Registry(registry.repo()), checked, ref, cache=cache,
@@ -78,6 +85,18 @@ def test_two_kernels_share_the_userspace_layer_and_the_second_push_sends_only_it
         assert [d["annotations"][LAYER_TITLE] for d in manifest["layers"]] == [USERSPACE_LAYER, MODULES_LAYER]
         assert all(d["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip" for d in manifest["layers"])
     assert layers[RUNNING][USERSPACE_LAYER]["digest"] == layers[NEXT][USERSPACE_LAYER]["digest"]
+    # The modules are stored against the driver's reference object, which the shared layer carries.
+    import gzip
+    import io
+    import tarfile
+
+    def members(digest: str) -> list[str]:
+        blob = store.blob_bytes("cudabuild/modules", digest)
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+            return tar.getnames()
+
+    assert "reference/nv-kernel.o_binary" in members(layers[NEXT][USERSPACE_LAYER]["digest"])
+    assert "modules/nvidia.ko.zst" in members(layers[NEXT][MODULES_LAYER]["digest"])
     assert layers[RUNNING][MODULES_LAYER]["digest"] != layers[NEXT][MODULES_LAYER]["digest"]
     found = store.resolve(second_ref)
     config = found.manifest["config"]["size"]
@@ -216,6 +235,9 @@ def test_a_bundle_serves_install_and_stage_with_the_registry_stopped_and_skopeo_
     libs = [Path(p) / f"userspace/lib/libcuda.so.{DRIVER}" for p in (
         json.loads(staged.stdout)["path"], *(str(d) for d in (host / "var/lib/cudabuild/staged" / RUNNING).iterdir()))]
     assert libs[0].stat().st_ino == libs[1].stat().st_ino
+    assert not (libs[0].parents[2] / "reference").exists(), "the reference objects are not part of a staged build"
+    assert list((host / "var/lib/cudabuild/layers/sha256").glob("*/reference/nv-kernel.o_binary")), \
+        "the node keeps them with the userspace, for the next kernel's modules"
 
 
 def test_userspace_layers_no_staged_build_links_are_pruned(tmp_path):
