@@ -89,15 +89,15 @@ def render_runtime(profile: Profile, node: dict | None = None) -> str:
     return render_template("runtime.Dockerfile.j2", base=profile.base, smoke=list(profile.smoke))
 
 
-# What `cudabuild install` imports, copied from this installation into the driver image (pure
-# Python; no network, no pip in the image build).
-# What `cudabuild install` imports, copied beside it (a signed artifact's signatures are checked
-# with asn1crypto and cryptography, whose compiled parts are for CPython 3.11 on glibc, as the
-# driver profile's base has).
-# The kernel-agnostic driver container also pulls from a registry (requests and what it needs) and
-# orders kernel releases (python-debian).
+# What `cudabuild install` imports, copied from this installation into the driver image (no
+# network, no pip in the image build): a signed artifact's signatures and a signed image's are
+# checked with asn1crypto and cryptography, whose compiled parts are for CPython 3.11 on glibc, as
+# the driver profile's base has. The kernel-agnostic driver container also pulls from a registry
+# (requests and what it needs; zstandard, compiled too, restores the modules an image stores
+# against the driver's objects) and orders kernel releases (python-debian).
 VENDORED = ("cudabuild", "click", "elftools", "platformdirs", "filelock", "yaml", "asn1crypto", "cryptography",
-            "cffi", "_cffi_backend", "requests", "urllib3", "idna", "certifi", "charset_normalizer", "debian")
+            "cffi", "_cffi_backend", "requests", "urllib3", "idna", "certifi", "charset_normalizer", "debian",
+            "zstandard")
 
 
 def stage_kmm(checked: Artifact, into: Path) -> None:
