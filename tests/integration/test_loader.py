@@ -26,7 +26,7 @@ ko=$1
 name=$(basename "$ko" .ko | tr - _)
 echo "$name" >> "$FAKE_ROOT/insmod.log"
 [ "${FAKE_FAIL:-}" = "$name" ] && { echo "insmod: ERROR: could not insert module $ko: Invalid argument" >&2; exit 1; }
-version=$(tr '\000' '\n' 2>/dev/null < "$ko" | sed -n 's/^version=//p' | head -1)
+version=$(LC_ALL=C grep -a -z -m1 '^version=' "$ko" 2>/dev/null | tr -d '\000' | sed 's/^version=//')
 # FAKE_FAIL_VERSION=V: nvidia-uvm of version V does not load (its nvidia.ko has loaded by then)
 [ -z "${FAKE_FAIL_VERSION:-}" ] || [ "$FAKE_FAIL_VERSION" != "$version" ] || [ "$name" != nvidia_uvm ] || {
     echo "insmod: ERROR: could not insert module $ko: Unknown symbol in module" >&2; exit 1; }
