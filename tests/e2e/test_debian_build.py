@@ -119,10 +119,10 @@ def test_output_directory_holds_modules_userspace_and_manifest(build):
     assert (output / "userspace" / "bin" / "nvidia-smi").is_file()
 
 
-def test_modules_image_has_one_layer(build):
+def test_modules_image_has_two_layers(build):
     data, _, _, _ = build
     image = docker.from_env().images.get(data["modules_image"])
-    assert len(image.attrs["RootFS"]["Layers"]) == 1
+    assert len(image.attrs["RootFS"]["Layers"]) == 2  # the userspace, then the modules and manifest
     assert image.labels["io.cudabuild.driver-version"] == data["driver_version"]
     assert image.labels["io.cudabuild.kernel-release"] == data["kernel_release"]
 
