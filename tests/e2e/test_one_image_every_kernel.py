@@ -181,13 +181,14 @@ def test_a_bundle_serves_the_driver_container_with_no_network(fleet, driver_imag
     bundle = host / "var/lib/cudabuild/bundle"
     made = run_cli("bundle", "--registry", registry.repo(), "--kernels", OLDER, "--output", str(bundle), "--json")
     assert made.returncode == 0, made.stderr
-    assert [i["tag"] for i in json.loads(made.stdout)["images"]] == [f"{OPEN}-open-{OLDER}"]
+    [tag] = [i["tag"] for i in json.loads(made.stdout)["images"]]  # the Swarm run's open build for OLDER
+    assert tag.startswith(f"{OPEN}-open") and tag.endswith(f"-{OLDER}")
     code, logs = run_driver(host, env, "--registry", "oci:/host/var/lib/cudabuild/bundle", "--driver", "535",
                             network="none")
     assert code == 0, logs
     state = ready_file(host)
     assert (state["kernel"], state["driver"], state["source"]) == (OLDER, OPEN, "registry")
-    assert state["ref"] == f"oci:/host/var/lib/cudabuild/bundle/modules:{OPEN}-open-{OLDER}"
+    assert state["ref"] == f"oci:/host/var/lib/cudabuild/bundle/modules:{tag}"
 
 
 def test_a_next_kernel_the_registry_lost_is_not_ready_and_says_what_is_missing(fleet, tmp_path):
