@@ -153,9 +153,12 @@ def delta_modules(artifact: Artifact, references: list[Path], out: Path) -> list
 
 
 def config_of(labels: Mapping[str, str], diff_ids: list[str]) -> bytes:
-    """The image's config: the labels and the layers' diff IDs, nothing that changes between runs."""
+    """The image's config: the labels, the layers' diff IDs and, as `created`, the build's own time
+    (its label, when it has one): nothing that changes between runs of the same build."""
     config = {"architecture": "amd64", "os": "linux", "config": {"Labels": dict(sorted(labels.items()))},
               "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}}
+    if labels.get("org.opencontainers.image.created"):
+        config["created"] = labels["org.opencontainers.image.created"]
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
