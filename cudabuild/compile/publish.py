@@ -20,7 +20,9 @@ from cudabuild.artifact.image import (COMPRESSIONS, DEFAULT_COMPRESSION, MODULES
                                       docker_archive, layers_of)
 from cudabuild.store.cache import Cache, key_of
 from cudabuild.engine import Engine
+from cudabuild.digests import sha256_file
 from cudabuild.errors import ArtifactError, InputError, VerifyError, shown
+from cudabuild.options import default_of
 from cudabuild.ui import Reporter
 
 ENTRIES = (*PARTS, MANIFEST)  # what cudabuild writes into an output directory
@@ -103,7 +105,7 @@ def _compressed(cache: Cache, checked: Artifact, part: str, work: Path, compress
     for rel in names:
         path = checked.root / rel
         described.append([rel, path.lstat().st_mode,
-                          os.readlink(path) if path.is_symlink() else listed.get(rel) or _sha256(path)])
+                          os.readlink(path) if path.is_symlink() else listed.get(rel) or sha256_file(path)])
     described.append([str(references[0].parent.name) if references else "",
                       [(p.name, p.stat().st_size) for p in references]])
     content = key_of(json.dumps([compression, described]))
@@ -166,12 +168,6 @@ def keep_references(cache: Cache, manifest, tree: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    from cudabuild.digests import sha256_file
-
-    return sha256_file(path)
-
-
 def sign_pushed(store, ref: str, digest: str, checked: Artifact, *, options=None, reporter: Reporter,
                 passphrase: str | None = None) -> list[str]:
     """With --sign-image: the signature of the pushed image `ref` (`digest`) and its provenance and
@@ -180,14 +176,12 @@ def sign_pushed(store, ref: str, digest: str, checked: Artifact, *, options=None
     key_path = getattr(options, "sign_image", None)
     if not key_path:
         return []
-    import dataclasses as dc
-
     from cudabuild.registry import trust
 
     key = trust.load_signing_key(key_path, passphrase=passphrase)
     with reporter.step(f"sign {ref} (cosign signature, SLSA provenance, SPDX SBOM)"):
-        said = {k: v for k, v in dc.asdict(options).items()
-                if k in _PROVENANCE_OPTIONS and v not in (None, False, "") and v != options_default(k)}
+        said = {k: v for k, v in dataclasses.asdict(options).items()
+                if k in _PROVENANCE_OPTIONS and v not in (None, False, "") and v != default_of(k)}
         name = ref.rsplit(":", 1)[0]
         statements = [trust.statement(digest, name, trust.PROVENANCE,
                                       trust.provenance(checked.manifest, options=said, started=None,
@@ -200,12 +194,6 @@ def sign_pushed(store, ref: str, digest: str, checked: Artifact, *, options=None
 _PROVENANCE_OPTIONS = ("kernel_source", "driver_source", "flavor", "only_modules", "kernel_repo", "kernel_checkout",
                        "installer_url", "distribution", "backports", "builder_base", "boot_test", "boot_append",
                        "compile_cache", "ignore_preempt_rt")
-
-
-def options_default(name: str):
-    from cudabuild.options import default_of
-
-    return default_of(name)
 
 
 # ---- --output DIR ------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from cudabuild.registry.trust import PROVENANCE, SPDX, load_signing_key, provena
 from cudabuild.settings import Settings
 from cudabuild.store.cache import Cache
 from cudabuild.ui import Reporter
-from tests.helpers import DRIVER, fake_host, make_artifact, run_cli
+from tests.helpers import DRIVER, make_artifact, run_cli
+from tests.integration.test_kernel_updates import host_for
 from tests.registry import LocalRegistry
 
 RUNNING = "6.1.0-47-amd64"
@@ -136,15 +137,6 @@ def test_cosign_accepts_the_signature_and_attestations_and_refuses_another_key(f
         assert refused.returncode != 0
 
 
-def node(tmp_path: Path, running: str = RUNNING) -> tuple[Path, dict]:
-    host = tmp_path / "host"
-    env = fake_host(host, gpus=1)
-    env["CUDABUILD_KERNEL_RELEASE"] = running
-    (host / "boot").mkdir()
-    (host / "boot" / f"vmlinuz-{running}").write_bytes(b"kernel")
-    return host, env
-
-
 def pulled_nothing(host: Path) -> bool:
     top = host / "var/lib/cudabuild"
     return not any((top / "layers").rglob("*.so*")) and not any((top / "staged").rglob("*.ko"))
@@ -152,12 +144,12 @@ def pulled_nothing(host: Path) -> bool:
 
 def test_a_node_with_verify_key_takes_a_signed_build_and_refuses_another_keys(fleet, tmp_path):
     repo = fleet["registry"].repo()
-    host, env = node(tmp_path / "refuses")
+    host, env = host_for(tmp_path / "refuses")
     refused = run_cli("install", "--root", str(host), "--registry", repo, "--driver", "535", "--verify-key",
                       str(fleet["other_pub"]), "--no-fallback", env=env)
     assert refused.returncode == 27, refused.stderr  # the only candidate, refused by its signature
     assert "is not signed by this key" in refused.stderr and pulled_nothing(host)
-    host, env = node(tmp_path / "takes")
+    host, env = host_for(tmp_path / "takes")
     taken = run_cli("install", "--root", str(host), "--registry", repo, "--driver", "535", "--verify-key",
                     str(fleet["pub"]), "--json", env=env)
     assert taken.returncode == 0, taken.stderr
@@ -195,7 +187,7 @@ def test_an_image_of_the_one_layer_format_before_is_still_staged(tmp_path):
         ref = f"{registry.repo()}/{image_tag('modules', DRIVER, 'proprietary', NEXT)}"
         registry.push_directory(ref, tmp_path / "old", load(tmp_path / "old").manifest.labels(), one_layer=True)
         assert len(Registry(registry.repo()).resolve(ref).manifest["layers"]) == 1
-        host, env = node(tmp_path)
+        host, env = host_for(tmp_path)
         staged = run_cli("stage", "--kernel", NEXT, "--root", str(host), "--registry", registry.repo(), "--driver",
                          "535", "--json", env=env)
     assert staged.returncode == 0, staged.stderr
@@ -222,7 +214,7 @@ def test_a_bundle_serves_install_and_stage_with_the_registry_stopped_and_skopeo_
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout)["Labels"]["io.cudabuild.kernel-release"] == RUNNING
 
-    host, env = node(tmp_path)
+    host, env = host_for(tmp_path)
     first = run_cli("install", "--root", str(host), "--registry", f"oci:{bundle}", "--driver", "535",
                     "--verify-key", str(fleet["pub"]), "--json", env=env)
     assert first.returncode == 0, first.stderr
